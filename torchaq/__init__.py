@@ -1,9 +1,20 @@
-"""torchaq: anisotropic product quantization and lookup-table scoring for large output layers."""
+"""torchaq: anisotropic product quantization and lookup-table scoring for large output layers.
+
+Public API::
+
+    torchaq.AnisotropicPQ        the quantizer (fit / encode / decode / lut / score)
+    torchaq.eta                  the paper's h_par / h_perp ratio per datapoint
+    torchaq.score_aware_loss     h_par |r_par|^2 + h_perp |r_perp|^2 per row
+    torchaq.ops                  the torch.ops.torchaq.* operators (LUT, pack, scan, top-k)
+"""
 from . import ops
 from ._backends import load_cpu_extension as _load_cpu_extension
 from ._backends import load_triton_kernels as _load_triton_kernels
+from .loss import eta, score_aware_loss
+from .quantizer import AnisotropicPQ
 
 _load_cpu_extension()
 _load_triton_kernels()
 
 __version__ = "0.1.0"
+__all__ = ["AnisotropicPQ", "eta", "score_aware_loss", "ops"]

@@ -40,9 +40,12 @@ _LIB.define(
 # --------------------------------------------------------------------------------------------
 # argument checks, shared by the fake and the reference kernels (C++ / Triton repeat them)
 # --------------------------------------------------------------------------------------------
+BITS_OF_K = {16: 4, 256: 8}  # codewords per subspace -> code width in bits
+
+
 def bits_of_lut(lut: Tensor) -> int:
     """4 for a 16-entry LUT, 8 for a 256-entry one."""
-    return {16: 4, 256: 8}[lut.shape[-1]]
+    return BITS_OF_K[lut.shape[-1]]
 
 
 def packed_width(num_subspaces: int, bits: int) -> int:

@@ -1,0 +1,67 @@
+"""Plain product-quantization k-means: Lloyd's algorithm in every subspace at once.
+
+This is the isotropic starting point of :class:`torchaq.AnisotropicPQ` (and the baseline the
+joint anisotropic codebook update is tested against).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .encode import l2_encode
+
+
+def subspace_means(x: Tensor, codes: Tensor, num_codewords: int, previous: Optional[Tensor] = None) -> Tensor:
+    """Per-subspace centroids ``C_m[j] = mean{x_m[n] : codes[n, m] = j}``.
+
+    This is the minimiser of the L2 loss for fixed codes. A codeword with no point keeps its
+    ``previous`` value (or zero).
+    """
+    n, m = codes.shape
+    dsub = x.shape[1] // m
+    slot = (codes + torch.arange(m, device=codes.device) * num_codewords).reshape(-1)  # (N*M,)
+    sums = torch.zeros(m * num_codewords, dsub, dtype=torch.float32, device=x.device)
+    sums.index_add_(0, slot, x.reshape(n * m, dsub))
+    counts = torch.bincount(slot, minlength=m * num_codewords).to(torch.float32)
+    means = sums / counts.clamp_min(1).unsqueeze(1)
+    if previous is not None:
+        means = torch.where(counts.unsqueeze(1) > 0, means, previous.reshape(-1, dsub))
+    return means.reshape(m, num_codewords, dsub)
+
+
+def subspace_kmeans(
+    x: Tensor,
+    num_subspaces: int,
+    num_codewords: int,
+    iters: int,
+    generator: torch.Generator,
+    callback: Optional[Callable[[], None]] = None,
+) -> Tensor:
+    """Lloyd's k-means in each of the ``M`` subspaces of ``x`` (``(N, M * dsub)``); returns ``(M, K, dsub)``.
+
+    Initialised with ``K`` distinct random rows (seeded by ``generator``, a CPU generator so the
+    result does not depend on the device). An empty cluster is re-seeded with a random point.
+    ``callback`` is called once per iteration (progress bars).
+    """
+    n, dim = x.shape
+    m, k = num_subspaces, num_codewords
+    dsub = dim // m
+    init_rows = torch.randperm(n, generator=generator)[:k].to(x.device)
+    codebooks = x[init_rows].reshape(k, m, dsub).transpose(0, 1).contiguous()
+    for _ in range(iters):
+        codes = l2_encode(x, codebooks)
+        new = subspace_means(x, codes, k)
+        empty = torch.bincount(
+            (codes + torch.arange(m, device=x.device) * k).reshape(-1), minlength=m * k
+        ).reshape(m, k) == 0
+        if bool(empty.any()):
+            # re-seed empty codewords with random points of that subspace
+            sub, word = empty.nonzero(as_tuple=True)
+            rows = torch.randint(0, n, (sub.numel(),), generator=generator).to(x.device)
+            new[sub, word] = x.reshape(n, m, dsub)[rows, sub]
+        codebooks = new
+        if callback is not None:
+            callback()
+    return codebooks

@@ -1,0 +1,364 @@
+"""``torchaq.AnisotropicPQ``: product quantization trained with the score-aware loss."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import ops
+from .calibrate import AnisotropyRule, candidate_rules, retrieval_recall
+from .codebook_update import joint_codebook_update
+from .encode import anisotropic_encode, decode, l2_encode
+from .kmeans import subspace_kmeans
+from .loss import eta as sphere_eta
+from .loss import score_aware_loss
+
+_UNSET = object()
+# held-out queries used for calibration: a selection slice and a disjoint check slice
+CALIBRATION_QUERIES = 1000
+# alternations of (encode, codebook update) each calibration candidate gets from the isotropic fit
+CALIBRATION_ROUNDS = 2
+
+
+class AnisotropicPQ(nn.Module):
+    """Anisotropic product quantizer (Guo et al., ICML 2020, "ScaNN").
+
+    Splits each ``dim``-vector into ``num_subspaces`` (``M``) sub-vectors and quantizes each to
+    one of ``K = 2**bits`` codewords. Codes are chosen, and codebooks trained, to minimise the
+    score-aware loss ``eta |r_par|^2 + |r_perp|^2`` (:func:`torchaq.score_aware_loss`) instead of
+    the reconstruction error, which keeps the inner products that matter -- the large ones --
+    more accurate.
+
+    ``fit`` runs per-subspace k-means, then alternates for ``iters`` rounds
+
+    1. anisotropic encoding by coordinate descent over subspaces (ScaNN's noise-shaped encoder,
+       :func:`torchaq.encode.anisotropic_encode`), and
+    2. the paper's joint codebook update, the exact minimiser of the total loss over all
+       codebooks at once (:func:`torchaq.codebook_update.joint_codebook_update`; ScaNN only
+       runs k-means per block).
+
+    The anisotropy of a row is set by one of
+      * ``threshold=T``: the paper's ``eta(T, dim, |x|)`` per row (queries uniform on the sphere);
+      * ``eta=e``: a constant ``e`` for every row;
+      * ``threshold=None`` (and no ``eta``): isotropic, plain PQ (``eta = 1``).
+    When ``fit`` gets sample ``queries`` it *calibrates* instead: it tries isotropic, the rule
+    above and a grid of constants, keeps the one with the best recall of the exact top-10 on
+    held-out queries, and falls back to isotropic if the final fit loses on a second held-out
+    slice. The choice is in :attr:`rule` and the scores in :attr:`calibration`.
+
+    A ``dim`` that ``M`` does not divide is split into subspaces of ``ceil(dim / M)`` and
+    ``floor(dim / M)`` dimensions; the short ones are padded with one zero internally.
+    All math is float32, on the device of the data. The module's state (codebooks, the chosen
+    rule, calibration scores) round-trips through ``state_dict``.
+
+    Args:
+        dim: input dimension ``d``.
+        num_subspaces: ``M``, between 1 and ``dim``.
+        bits: 4 (16 codewords per subspace) or 8 (256).
+        threshold: the paper's ``T`` (> 0; for unit-norm data < 1), or ``None`` for isotropic.
+        eta: a constant ``h_par / h_perp`` (>= 1) instead of ``threshold``.
+        seed: seeds the k-means initialisation (same seed and data, same codes).
+        kmeans_iters: Lloyd iterations of the isotropic start.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_subspaces: int,
+        bits: int = 4,
+        threshold: Optional[float] = _UNSET,  # type: ignore[assignment]
+        eta: Optional[float] = None,
+        seed: int = 0,
+        kmeans_iters: int = 20,
+    ):
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if not isinstance(num_subspaces, int) or num_subspaces < 1:
+            raise ValueError(f"num_subspaces must be a positive integer, got {num_subspaces!r}")
+        if num_subspaces > dim:
+            raise ValueError(f"num_subspaces={num_subspaces} must be <= dim={dim} (at least one dimension each)")
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+        if not isinstance(kmeans_iters, int) or kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters must be an integer >= 0, got {kmeans_iters!r}")
+        if eta is not None and threshold is not _UNSET and threshold is not None:
+            raise ValueError("give either threshold= or eta=, not both")
+        if eta is not None:
+            if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 1:
+                raise ValueError(f"eta must be a finite number >= 1 (h_par >= h_perp), got {eta!r}")
+            rule = AnisotropyRule("isotropic") if eta == 1 else AnisotropyRule("eta", float(eta))
+        else:
+            threshold = 0.2 if threshold is _UNSET else threshold
+            if threshold is None:
+                rule = AnisotropyRule("isotropic")
+            else:
+                if not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 0:
+                    raise ValueError(f"threshold must be a finite number > 0 or None, got {threshold!r}")
+                rule = AnisotropyRule("threshold", float(threshold))
+        self.dim, self.num_subspaces, self.bits = dim, num_subspaces, bits
+        self.num_codewords = 2**bits
+        self.subspace_dim = -(-dim // num_subspaces)
+        self.seed, self.kmeans_iters = seed, kmeans_iters
+        #: the anisotropy rule used by ``encode`` (set by the constructor, or chosen by calibration)
+        self.rule = rule
+        #: calibration scores ``{rule: recall}`` of the last ``fit`` with queries, else ``None``
+        self.calibration: Optional[Dict[str, float]] = None
+        self._fit_dtype = torch.float32
+        self.register_buffer("codebooks", torch.zeros(num_subspaces, self.num_codewords, self.subspace_dim))
+        self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("pad_index", self._make_pad_index(), persistent=False)
+
+    # ---------------------------------------------------------------------------------------
+    # layout: uneven subspaces as padded even ones
+    # ---------------------------------------------------------------------------------------
+    def _make_pad_index(self) -> Tensor:
+        """Position of each input dimension in the padded ``M * dsub`` vector.
+
+        The first ``dim - M (dsub - 1)`` subspaces take ``dsub`` dimensions, the rest
+        ``dsub - 1`` plus one zero, so no subspace is all padding.
+        """
+        m, dsub = self.num_subspaces, self.subspace_dim
+        full = self.dim - m * (dsub - 1)
+        sizes = [dsub] * full + [dsub - 1] * (m - full)
+        return torch.cat([torch.arange(s) + i * dsub for i, s in enumerate(sizes)])
+
+    @property
+    def padded_dim(self) -> int:
+        return self.num_subspaces * self.subspace_dim
+
+    def pad(self, x: Tensor) -> Tensor:
+        """``(..., dim)`` -> ``(..., M * dsub)`` float32 with zeros in the padding positions."""
+        x = x.float()
+        if self.padded_dim == self.dim:
+            return x
+        out = x.new_zeros(x.shape[:-1] + (self.padded_dim,))
+        out[..., self.pad_index.to(x.device)] = x
+        return out
+
+    def unpad(self, x: Tensor) -> Tensor:
+        if self.padded_dim == self.dim:
+            return x
+        return x[..., self.pad_index.to(x.device)]
+
+    # ---------------------------------------------------------------------------------------
+    # argument checks
+    # ---------------------------------------------------------------------------------------
+    def _check_rows(self, x: Tensor, name: str) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (rows, dim={self.dim}), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.dim:
+            raise ValueError(f"{name} has {x.shape[1]} columns but the quantizer has dim={self.dim}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        bad = ~torch.isfinite(x).all(dim=1)
+        if bool(bad.any()):
+            raise ValueError(f"{name} has NaN or Inf values in row {int(bad.nonzero()[0])} ({int(bad.sum())} rows)")
+
+    def _check_fitted(self) -> None:
+        if not bool(self.fitted):
+            raise RuntimeError("AnisotropicPQ is not fitted: call fit(x) first (or load a state_dict)")
+
+    def _check_codes(self, codes: Tensor) -> Tensor:
+        if not isinstance(codes, Tensor) or codes.dim() != 2 or codes.shape[1] != self.num_subspaces:
+            shape = tuple(codes.shape) if isinstance(codes, Tensor) else type(codes).__name__
+            raise ValueError(f"codes must be (N, num_subspaces={self.num_subspaces}), got {shape}")
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise TypeError(f"codes must be an integer tensor (uint8 from encode), got {codes.dtype}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codewords):
+            raise ValueError(f"codes must be in [0, {self.num_codewords}) for bits={self.bits}")
+        return codes
+
+    # ---------------------------------------------------------------------------------------
+    # anisotropy
+    # ---------------------------------------------------------------------------------------
+    def row_eta(self, x_padded: Tensor, rule: Optional[AnisotropyRule] = None) -> Tensor:
+        """Per-row ``eta`` of ``rule`` (default: :attr:`rule`) for padded float32 rows."""
+        rule = self.rule if rule is None else rule
+        if rule.kind == "threshold":
+            return sphere_eta(rule.value, self.dim, x_padded.norm(dim=1)).to(x_padded.device)
+        value = 1.0 if rule.kind == "isotropic" else rule.value
+        return torch.full((x_padded.shape[0],), value, dtype=torch.float32, device=x_padded.device)
+
+    def _encode_padded(self, x: Tensor, rule: AnisotropyRule, codebooks: Optional[Tensor] = None) -> Tensor:
+        codebooks = self.codebooks if codebooks is None else codebooks
+        if rule.kind == "isotropic":
+            return l2_encode(x, codebooks)
+        return anisotropic_encode(x, codebooks, self.row_eta(x, rule))
+
+    def loss(self, x: Tensor, codes: Optional[Tensor] = None) -> Tensor:
+        """Per-row score-aware loss of ``x`` under the current rule (encoding ``x`` if no codes)."""
+        self._check_fitted()
+        self._check_rows(x, "x")
+        codes = self.encode(x) if codes is None else self._check_codes(codes)
+        xp = self.pad(x)
+        return score_aware_loss(xp, decode(codes.long(), self.codebooks), self.row_eta(xp))
+
+    # ---------------------------------------------------------------------------------------
+    # fit
+    # ---------------------------------------------------------------------------------------
+    def _alternate(self, x: Tensor, rule: AnisotropyRule, codebooks: Tensor, rounds: int, bar) -> Tensor:
+        """``rounds`` of (anisotropic encode, joint codebook update) for ``rule``."""
+        eta_rows = self.row_eta(x, rule)
+        for _ in range(rounds):
+            codes = self._encode_padded(x, rule, codebooks)
+            codebooks = joint_codebook_update(x, codes, eta_rows, codebooks)
+            bar.update(1)
+            bar.set_postfix_str(f"{rule}", refresh=False)
+        return codebooks
+
+    def fit(
+        self,
+        x: Tensor,
+        queries: Optional[Tensor] = None,
+        iters: int = 5,
+        progress: bool = True,
+    ) -> "AnisotropicPQ":
+        """Learn the codebooks from the rows ``x`` (``(N, dim)``, ``N >= 2**bits``); returns ``self``.
+
+        Args:
+            x: the vectors to quantize (e.g. the rows of an output layer's weight).
+            queries: optional ``(B, dim)`` sample queries (e.g. hidden states); enables query
+                calibration of the anisotropy (needs at least 20 rows; up to 1000 are used to
+                select and up to 1000 others to check).
+            iters: alternations of encoding and joint codebook update after k-means.
+            progress: show a tqdm progress bar.
+        """
+        self._check_rows(x, "x")
+        if x.shape[0] < self.num_codewords:
+            raise ValueError(
+                f"x has {x.shape[0]} rows but bits={self.bits} needs at least {self.num_codewords} (one per codeword)"
+            )
+        if not isinstance(iters, int) or iters < 0:
+            raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+        if queries is not None:
+            self._check_rows(queries, "queries")
+            if queries.shape[0] < 20:
+                raise ValueError(f"queries must have at least 20 rows for calibration, got {queries.shape[0]}")
+            if queries.device != x.device:
+                raise ValueError(f"queries are on {queries.device} but x is on {x.device}")
+        xp = self.pad(x)
+        if self.rule.kind == "threshold":
+            max_norm = float(xp.norm(dim=1).max())
+            if self.rule.value >= max_norm * (1 - 1e-5):  # float32 norms of unit rows
+                raise ValueError(
+                    f"threshold={self.rule.value:g} must be below the largest row norm of x ({max_norm:.4g}); "
+                    "for unit-norm data the threshold must lie in (0, 1)"
+                )
+        generator = torch.Generator().manual_seed(self.seed)
+        rules = candidate_rules(self.rule) if queries is not None else [self.rule]
+        calib_rounds = min(CALIBRATION_ROUNDS, iters)
+        total = self.kmeans_iters + (iters if queries is None else iters + (len(rules) - 1) * calib_rounds)
+        with tqdm(total=total, desc="AnisotropicPQ.fit", disable=not progress, leave=False) as bar:
+            bar.set_postfix_str("k-means", refresh=False)
+            start = subspace_kmeans(
+                xp, self.num_subspaces, self.num_codewords, self.kmeans_iters, generator, lambda: bar.update(1)
+            )
+            if queries is None:
+                codebooks = self._alternate(xp, self.rule, start, iters, bar)
+            else:
+                codebooks = self._calibrate(xp, queries, start, rules, iters, calib_rounds, generator, bar)
+        self.codebooks = codebooks.to(self.codebooks.dtype)
+        self.fitted.fill_(True)
+        self._fit_dtype = x.dtype
+        return self
+
+    def _calibrate(self, xp, queries, start, rules, iters, calib_rounds, generator, bar) -> Tensor:
+        """Pick the rule with the best held-out recall; never end worse than isotropic."""
+        qp = self.pad(queries)[torch.randperm(queries.shape[0], generator=generator).to(queries.device)]
+        half = min(CALIBRATION_QUERIES, qp.shape[0] // 2)
+        select, check = qp[:half], qp[half : 2 * half]
+
+        def recall(rule: AnisotropyRule, codebooks: Tensor, q: Tensor) -> float:
+            return retrieval_recall(q, xp, self._encode_padded(xp, rule, codebooks), codebooks)
+
+        isotropic = rules[0]
+        iso_codebooks = self._alternate(xp, isotropic, start, iters, bar)
+        scores = {str(isotropic): recall(isotropic, iso_codebooks, select)}
+        best_rule, best_start = isotropic, iso_codebooks
+        for rule in rules[1:]:
+            codebooks = self._alternate(xp, rule, iso_codebooks, calib_rounds, bar)
+            scores[str(rule)] = recall(rule, codebooks, select)
+            if scores[str(rule)] > scores[str(best_rule)]:
+                best_rule, best_start = rule, codebooks
+        if best_rule is isotropic:
+            final, final_rule = iso_codebooks, isotropic
+        else:
+            final = self._alternate(xp, best_rule, best_start, iters - calib_rounds, bar)
+            final_rule = best_rule
+            # the check slice was not used to choose: fall back if the winner loses there
+            if recall(best_rule, final, check) < recall(isotropic, iso_codebooks, check):
+                final, final_rule = iso_codebooks, isotropic
+        self.rule = final_rule
+        self.calibration = scores
+        return final
+
+    # ---------------------------------------------------------------------------------------
+    # encode / decode / lut / score
+    # ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Anisotropic codes of the rows of ``x`` (``(N, dim)``) -> ``(N, M)`` uint8."""
+        self._check_fitted()
+        self._check_rows(x, "x")
+        xp = self.pad(x).to(self.codebooks.device)
+        return self._encode_padded(xp, self.rule).to(torch.uint8)
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Reconstruction ``x~`` of ``(N, M)`` codes -> ``(N, dim)`` in ``dtype`` (default: the dtype ``fit`` saw)."""
+        self._check_fitted()
+        codes = self._check_codes(codes).to(self.codebooks.device)
+        out = self.unpad(decode(codes.long(), self.codebooks))
+        return out.to(self._fit_dtype if dtype is None else dtype)
+
+    def lut(self, q: Tensor) -> Tensor:
+        """Lookup tables ``LUT[b, m, j] = <q_m, C_m[j]>``: ``(..., dim)`` -> ``(..., M, 2**bits)`` float32."""
+        self._check_fitted()
+        if not isinstance(q, Tensor) or q.dim() < 1 or q.shape[-1] != self.dim:
+            shape = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
+            raise ValueError(f"q must have last dimension dim={self.dim}, got {shape}")
+        if not q.is_floating_point():
+            raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
+        if q.device != self.codebooks.device:
+            raise ValueError(f"q is on {q.device} but the quantizer is on {self.codebooks.device}")
+        lead = q.shape[:-1]
+        lut = ops.compute_lut(self.pad(q.reshape(-1, self.dim)), self.codebooks)
+        return lut.reshape(lead + lut.shape[1:])
+
+    def pack(self, codes: Tensor) -> Tensor:
+        """Codes in the blocked layout of the scan kernels (:func:`torchaq.ops.pack_codes`)."""
+        return ops.pack_codes(self._check_codes(codes).to(torch.uint8).contiguous(), self.bits)
+
+    def score(self, q: Tensor, codes: Tensor) -> Tensor:
+        """Approximate inner products ``sum_m LUT[b, m, codes[n, m]] = <q, decode(codes)[n]>``: ``(B, N)`` float32."""
+        if q.dim() != 2:
+            raise ValueError(f"q must be (B, dim={self.dim}), got shape {tuple(q.shape)}")
+        lut = self.lut(q)
+        return ops.lut_score(lut, self.pack(codes.to(lut.device)), codes.shape[0])
+
+    # ---------------------------------------------------------------------------------------
+    # nn.Module plumbing
+    # ---------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        return {
+            "rule": (self.rule.kind, self.rule.value),
+            "calibration": self.calibration,
+            "fit_dtype": str(self._fit_dtype).replace("torch.", ""),
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        self.rule = AnisotropyRule(*state["rule"])
+        self.calibration = state["calibration"]
+        self._fit_dtype = getattr(torch, state["fit_dtype"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_subspaces={self.num_subspaces}, bits={self.bits}, rule={self.rule}, "
+            f"bits_per_vector={self.num_subspaces * self.bits}, fitted={bool(self.fitted)}"
+        )
