@@ -5,6 +5,8 @@ Public API::
     torchaq.AnisotropicPQ        the quantizer (fit / encode / decode / lut / score)
     torchaq.eta                  the paper's h_par / h_perp ratio per datapoint
     torchaq.score_aware_loss     h_par |r_par|^2 + h_perp |r_perp|^2 per row
+    torchaq.QuantizedSoftmax     drop-in output layer: exact logits, fast topk / log_softmax_topk / sample
+    torchaq.hf                   adapter for Hugging Face generate()
     torchaq.ops                  the torch.ops.torchaq.* operators (LUT, pack, scan, top-k)
 """
 from . import ops
@@ -12,9 +14,11 @@ from ._backends import load_cpu_extension as _load_cpu_extension
 from ._backends import load_triton_kernels as _load_triton_kernels
 from .loss import eta, score_aware_loss
 from .quantizer import AnisotropicPQ
+from .layer import QuantizedSoftmax
+from . import hf
 
 _load_cpu_extension()
 _load_triton_kernels()
 
 __version__ = "0.1.0"
-__all__ = ["AnisotropicPQ", "eta", "score_aware_loss", "ops"]
+__all__ = ["AnisotropicPQ", "QuantizedSoftmax", "eta", "score_aware_loss", "ops", "hf"]

@@ -21,6 +21,9 @@ _UNSET = object()
 CALIBRATION_QUERIES = 1000
 # alternations of (encode, codebook update) each calibration candidate gets from the isotropic fit
 CALIBRATION_ROUNDS = 2
+# k-means only initialises the codebooks: like FAISS (256 points per centroid) it runs on a
+# random sample of the rows; the anisotropic alternations that follow use every row
+KMEANS_POINTS_PER_CODEWORD = 1024
 
 
 class AnisotropicPQ(nn.Module):
@@ -51,7 +54,8 @@ class AnisotropicPQ(nn.Module):
 
     A ``dim`` that ``M`` does not divide is split into subspaces of ``ceil(dim / M)`` and
     ``floor(dim / M)`` dimensions; the short ones are padded with one zero internally.
-    All math is float32, on the device of the data. The module's state (codebooks, the chosen
+    All math is float32, on the device of the data (codebooks stay float32 in use even if the
+    module is cast with ``.to(dtype)``). The module's state (codebooks, the chosen
     rule, calibration scores) round-trips through ``state_dict``.
 
     Args:
@@ -186,7 +190,7 @@ class AnisotropicPQ(nn.Module):
         return torch.full((x_padded.shape[0],), value, dtype=torch.float32, device=x_padded.device)
 
     def _encode_padded(self, x: Tensor, rule: AnisotropyRule, codebooks: Optional[Tensor] = None) -> Tensor:
-        codebooks = self.codebooks if codebooks is None else codebooks
+        codebooks = self.codebooks.float() if codebooks is None else codebooks
         if rule.kind == "isotropic":
             return l2_encode(x, codebooks)
         return anisotropic_encode(x, codebooks, self.row_eta(x, rule))
@@ -197,7 +201,7 @@ class AnisotropicPQ(nn.Module):
         self._check_rows(x, "x")
         codes = self.encode(x) if codes is None else self._check_codes(codes)
         xp = self.pad(x)
-        return score_aware_loss(xp, decode(codes.long(), self.codebooks), self.row_eta(xp))
+        return score_aware_loss(xp, decode(codes.long(), self.codebooks.float()), self.row_eta(xp))
 
     # ---------------------------------------------------------------------------------------
     # fit
@@ -256,14 +260,18 @@ class AnisotropicPQ(nn.Module):
         total = self.kmeans_iters + (iters if queries is None else iters + (len(rules) - 1) * calib_rounds)
         with tqdm(total=total, desc="AnisotropicPQ.fit", disable=not progress, leave=False) as bar:
             bar.set_postfix_str("k-means", refresh=False)
+            sample = xp
+            if xp.shape[0] > KMEANS_POINTS_PER_CODEWORD * self.num_codewords:
+                rows = torch.randperm(xp.shape[0], generator=generator)[: KMEANS_POINTS_PER_CODEWORD * self.num_codewords]
+                sample = xp[rows.to(xp.device)]
             start = subspace_kmeans(
-                xp, self.num_subspaces, self.num_codewords, self.kmeans_iters, generator, lambda: bar.update(1)
+                sample, self.num_subspaces, self.num_codewords, self.kmeans_iters, generator, lambda: bar.update(1)
             )
             if queries is None:
                 codebooks = self._alternate(xp, self.rule, start, iters, bar)
             else:
                 codebooks = self._calibrate(xp, queries, start, rules, iters, calib_rounds, generator, bar)
-        self.codebooks = codebooks.to(self.codebooks.dtype)
+        self.codebooks = codebooks
         self.fitted.fill_(True)
         self._fit_dtype = x.dtype
         return self
@@ -314,7 +322,7 @@ class AnisotropicPQ(nn.Module):
         """Reconstruction ``x~`` of ``(N, M)`` codes -> ``(N, dim)`` in ``dtype`` (default: the dtype ``fit`` saw)."""
         self._check_fitted()
         codes = self._check_codes(codes).to(self.codebooks.device)
-        out = self.unpad(decode(codes.long(), self.codebooks))
+        out = self.unpad(decode(codes.long(), self.codebooks.float()))
         return out.to(self._fit_dtype if dtype is None else dtype)
 
     def lut(self, q: Tensor) -> Tensor:
@@ -328,7 +336,7 @@ class AnisotropicPQ(nn.Module):
         if q.device != self.codebooks.device:
             raise ValueError(f"q is on {q.device} but the quantizer is on {self.codebooks.device}")
         lead = q.shape[:-1]
-        lut = ops.compute_lut(self.pad(q.reshape(-1, self.dim)), self.codebooks)
+        lut = ops.compute_lut(self.pad(q.reshape(-1, self.dim)), self.codebooks.float())
         return lut.reshape(lead + lut.shape[1:])
 
     def pack(self, codes: Tensor) -> Tensor:
