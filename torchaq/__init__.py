@@ -7,6 +7,7 @@ Public API::
     torchaq.score_aware_loss     h_par |r_par|^2 + h_perp |r_perp|^2 per row
     torchaq.QuantizedSoftmax     drop-in output layer: exact logits, fast topk / log_softmax_topk / sample
     torchaq.hf                   adapter for Hugging Face generate()
+    torchaq.CodebookRefresher    keeps the index fresh while the layer trains (sampled softmax)
     torchaq.ops                  the torch.ops.torchaq.* operators (LUT, pack, scan, top-k)
 """
 from . import ops
@@ -16,9 +17,10 @@ from .loss import eta, score_aware_loss
 from .quantizer import AnisotropicPQ
 from .layer import QuantizedSoftmax
 from . import hf
+from .refresher import CodebookRefresher
 
 _load_cpu_extension()
 _load_triton_kernels()
 
 __version__ = "0.1.0"
-__all__ = ["AnisotropicPQ", "QuantizedSoftmax", "eta", "score_aware_loss", "ops", "hf"]
+__all__ = ["AnisotropicPQ", "QuantizedSoftmax", "CodebookRefresher", "eta", "score_aware_loss", "ops", "hf"]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .quantizer import AnisotropicPQ
+from .sampled_softmax import layer_sampled_softmax_loss
 
 # Default number of LUT candidates re-scored exactly, as a function of k: enough that the exact
 # top-k is almost always among them (benchmarks/layer.py measures recall@10 >= 0.99 on real
@@ -252,6 +253,36 @@ class QuantizedSoftmax(nn.Module):
             logits = logits.masked_fill(before >= top_p, -math.inf)  # always keeps the best class
         choice = torch.multinomial(logits.softmax(dim=1), 1, generator=generator)
         return classes.gather(1, choice).reshape(h.shape[:-1])
+
+    def sampled_softmax_loss(
+        self,
+        h: Tensor,
+        target: Tensor,
+        num_sampled: int = 1024,
+        sampler: str = "quantized",
+        remove_accidental_hits: bool = True,
+        reduction: str = "mean",
+        class_counts: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
+
+        ``log Z_hat - logit_target`` where ``Z_hat`` counts the target and (quantized sampler) a
+        hard set of LUT-top classes exactly and estimates the rest from ``num_sampled`` classes
+        drawn from a proposal ``Q`` with the logQ correction, accidental hits removed. ``E[Z_hat]
+        = Z``: the loss converges to the full cross-entropy as ``num_sampled`` grows, and equals
+        it when ``Q`` is the exact softmax. See :mod:`torchaq.sampled_softmax` for the estimator,
+        its cost (``B (|H| + m) d`` instead of ``B V d``) and its memory.
+
+        Args:
+            sampler: ``"quantized"`` (proposal and hard negatives from the LUT scores of the
+                quantized index), ``"uniform"``, or ``"unigram"`` (needs ``class_counts``).
+            reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape of ``target``).
+            generator: a ``torch.Generator`` for reproducible draws.
+        """
+        return layer_sampled_softmax_loss(
+            self, h, target, num_sampled, sampler, remove_accidental_hits, reduction, class_counts, generator
+        )
 
     def extra_repr(self) -> str:
         q = self.quantizer

@@ -257,7 +257,10 @@ class AnisotropicPQ(nn.Module):
         generator = torch.Generator().manual_seed(self.seed)
         rules = candidate_rules(self.rule) if queries is not None else [self.rule]
         calib_rounds = min(CALIBRATION_ROUNDS, iters)
-        total = self.kmeans_iters + (iters if queries is None else iters + (len(rules) - 1) * calib_rounds)
+        # with calibration: the isotropic fit, a few rounds per candidate, then the winner's rest
+        total = self.kmeans_iters + iters
+        if queries is not None:
+            total += (len(rules) - 1) * calib_rounds + iters - calib_rounds
         with tqdm(total=total, desc="AnisotropicPQ.fit", disable=not progress, leave=False) as bar:
             bar.set_postfix_str("k-means", refresh=False)
             sample = xp
@@ -271,6 +274,7 @@ class AnisotropicPQ(nn.Module):
                 codebooks = self._alternate(xp, self.rule, start, iters, bar)
             else:
                 codebooks = self._calibrate(xp, queries, start, rules, iters, calib_rounds, generator, bar)
+                bar.update(bar.total - bar.n)  # isotropic won: the winner's rounds were not needed
         self.codebooks = codebooks
         self.fitted.fill_(True)
         self._fit_dtype = x.dtype

@@ -1,0 +1,198 @@
+"""Sampled softmax cross-entropy with negatives from the quantized index.
+
+The full cross-entropy of a row ``h`` with target ``t`` is ``log Z - l_t`` with
+``Z = sum_c exp(l_c)`` over all ``V`` classes. A sampled softmax replaces ``Z`` by an estimate
+built from a few classes whose logits are computed exactly:
+
+* a **hard set** ``H`` of classes counted exactly (the quantized sampler: the LUT top classes of
+  a subsample of the batch's rows -- the classes that carry most of the mass);
+* the **target** ``t``, always exact;
+* ``m = num_sampled`` classes ``s_j`` drawn with replacement from a proposal ``Q`` with known
+  probabilities, shared by the whole batch, importance-weighted (the logQ correction).
+
+    Z_hat = exp(l_t) + sum_{c in H, c != t} exp(l_c) + (1 / m') sum_{j: s_j not in H u {t}} exp(l_{s_j}) / Q'(s_j)
+
+where a draw that lands in ``H`` or on the target (an *accidental hit*) is dropped, ``m'`` is
+the number of draws kept and ``Q'(c) = Q(c) / (1 - Q(H u {t}))`` the proposal conditioned on
+the rest. Given ``m'``, the kept draws are i.i.d. from ``Q'``, so the last term is an unbiased
+estimate of the mass of the remaining classes: ``E[Z_hat] = Z`` and the loss
+``log Z_hat - l_t`` converges to the full cross-entropy as ``m`` grows (``log`` makes it biased
+low by ``~Var(Z_hat) / 2 Z^2`` for finite ``m``). If ``Q`` is the exact softmax, every kept draw
+contributes exactly the remaining mass, ``Z_hat = Z`` and the loss *is* the full cross-entropy
+for any ``m``. With ``remove_accidental_hits=False`` draws of the target are kept as negatives
+(as in TensorFlow's ``sampled_softmax_loss``), which over-counts ``exp(l_t)`` on average.
+
+Proposals (``sampler``):
+
+* ``"uniform"``: ``Q = 1 / V``.
+* ``"unigram"``: ``Q proportional to class_counts`` (e.g. token frequencies; every count > 0).
+* ``"quantized"``: the mean over a subsample of the batch of the softmax of the rows' LUT scores
+  (``AnisotropicPQ`` codes of the weight), mixed with 10% uniform so that every class keeps a
+  non-zero probability, and ``H`` = the union of those rows' LUT top classes. This is the
+  adaptive-sampler idea (kernel / MIDX samplers) with the proposal read off the index.
+
+Cost per step for ``B`` rows: ``B * (|H| + m + 1) * d`` multiply-adds for the exact logits
+(one matmul against the shared classes), plus for the quantized sampler a LUT scan of
+``subsample`` rows over ``V`` classes, instead of the full softmax's ``B * V * d`` forward and
+twice that backward. Memory: the ``(B, |H| + m)`` logits instead of ``(B, V)`` logits and their
+gradient; the weight's gradient is the dense ``(V, d)`` tensor autograd keeps for an
+``nn.Parameter`` (only the used rows are non-zero).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+SAMPLERS = ("quantized", "uniform", "unigram")
+REDUCTIONS = ("mean", "sum", "none")
+# share of the uniform distribution mixed into the quantized proposal (keeps Q > 0 everywhere)
+UNIFORM_FLOOR = 0.1
+# rows of the batch whose LUT scores build the quantized proposal and the hard set
+PROPOSAL_ROWS = 32
+# LUT top classes per proposal row that go into the hard set
+HARD_PER_ROW = 16
+
+
+def _check(h: Tensor, target: Tensor, num_classes: int, num_sampled: int, sampler: str, reduction: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(num_sampled, int) or isinstance(num_sampled, bool) or not 1 <= num_sampled <= num_classes:
+        raise ValueError(f"num_sampled must be an integer in [1, V={num_classes}], got {num_sampled!r}")
+    if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must be an int64 tensor of class indices, got {getattr(target, 'dtype', type(target))}")
+    if target.shape != h.shape[:-1]:
+        raise ValueError(f"target must have shape {tuple(h.shape[:-1])} (h without its last dim), got {tuple(target.shape)}")
+    if target.device != h.device:
+        raise ValueError(f"target is on {target.device} but h is on {h.device}")
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(f"target values must be in [0, V={num_classes}), got range [{int(target.min())}, {int(target.max())}]")
+
+
+def unigram_proposal(class_counts: Tensor, num_classes: int) -> Tensor:
+    """``Q(c) = counts[c] / sum(counts)`` after checking the counts (float32 ``(V,)``)."""
+    if not isinstance(class_counts, Tensor) or class_counts.shape != (num_classes,):
+        raise ValueError(f"class_counts must be a ({num_classes},) tensor, got {getattr(class_counts, 'shape', class_counts)}")
+    counts = class_counts.double()
+    if not bool(torch.isfinite(counts).all()) or bool((counts <= 0).any()):
+        raise ValueError("class_counts must be finite and > 0 for every class (add-one smoothing helps)")
+    return (counts / counts.sum()).float()
+
+
+def quantized_proposal(lut_scores: Tensor, hard_per_row: int = HARD_PER_ROW):
+    """Proposal and hard set from the LUT scores ``(S, V)`` of a subsample of rows.
+
+    Returns ``(Q, H)``: ``Q = 0.9 * mean_rows softmax(scores) + 0.1 / V`` and the sorted union
+    ``H`` of each row's ``hard_per_row`` best classes.
+    """
+    num_classes = lut_scores.shape[1]
+    q = lut_scores.float().softmax(dim=1).mean(0)
+    q = (1 - UNIFORM_FLOOR) * q + UNIFORM_FLOOR / num_classes
+    hard = lut_scores.topk(min(hard_per_row, num_classes), dim=1).indices.unique()
+    return q, hard
+
+
+def sampled_softmax_loss(
+    h: Tensor,
+    target: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    proposal: Tensor,
+    num_sampled: int,
+    hard: Optional[Tensor] = None,
+    remove_accidental_hits: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Per-row loss ``log Z_hat - l_t`` (module docstring) for rows ``h`` ``(B, d)`` and ``target`` ``(B,)``.
+
+    ``proposal`` is ``Q`` ``(V,)`` (sums to 1), ``hard`` the optional exact set ``H`` (int64,
+    unique). Gradients flow to ``h``, ``weight`` and ``bias`` through the exact logits.
+    """
+    num_classes = weight.shape[0]
+    device = h.device
+    hard = torch.zeros(0, dtype=torch.int64, device=device) if hard is None else hard
+    draw_device = generator.device if generator is not None else device
+    samples = torch.multinomial(proposal.to(draw_device), num_sampled, replacement=True, generator=generator)
+    samples = samples.to(device)
+    shared = torch.cat([hard, samples])  # (n_h + m,)
+    rows = weight[shared]
+    logits = (h @ rows.T.to(h.dtype)).float()  # (B, n_h + m)
+    target_logit = (h * weight[target].to(h.dtype)).sum(-1).float()
+    if bias is not None:
+        logits = logits + bias[shared].float()
+        target_logit = target_logit + bias[target].float()
+
+    n_h = hard.numel()
+    in_hard = torch.zeros(num_classes, dtype=torch.bool, device=device)
+    in_hard[hard] = True
+    is_target = shared.unsqueeze(0) == target.unsqueeze(1)  # (B, n_h + m)
+    # hard classes: exact, except the target (counted once, as the positive)
+    keep_hard = ~is_target[:, :n_h]
+    # draws: dropped if they land in H (counted exactly) or, with hit removal, on the target
+    keep_draw = ~in_hard[samples].unsqueeze(0).expand(h.shape[0], -1)
+    q_excluded = proposal[hard].sum()  # Q(H)
+    if remove_accidental_hits:
+        keep_draw = keep_draw & ~is_target[:, n_h:]
+        q_excluded = q_excluded + torch.where(in_hard[target], 0.0, proposal[target])
+    kept = keep_draw.sum(1, keepdim=True).clamp_min(1)
+    # log of the importance weight 1 / (m' Q'(s)) with Q' = Q / (1 - Q(excluded))
+    remaining = (1 - q_excluded).clamp_min(1e-12)
+    remaining = remaining.unsqueeze(-1) if remaining.dim() else remaining
+    log_weight = torch.log(remaining) - torch.log(kept.float()) - torch.log(proposal[samples]).unsqueeze(0)
+    draw_logits = logits[:, n_h:] + log_weight
+    terms = torch.cat(
+        [
+            target_logit.unsqueeze(1),
+            logits[:, :n_h].masked_fill(~keep_hard, -math.inf),
+            draw_logits.masked_fill(~keep_draw, -math.inf),
+        ],
+        dim=1,
+    )
+    return torch.logsumexp(terms, dim=1) - target_logit
+
+
+def layer_sampled_softmax_loss(
+    layer,
+    h: Tensor,
+    target: Tensor,
+    num_sampled: int = 1024,
+    sampler: str = "quantized",
+    remove_accidental_hits: bool = True,
+    reduction: str = "mean",
+    class_counts: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """:meth:`torchaq.QuantizedSoftmax.sampled_softmax_loss` (see there)."""
+    num_classes = layer.num_classes
+    _check(h, target, num_classes, num_sampled, sampler, reduction)
+    flat = layer._flat_h(h)
+    flat_target = target.reshape(-1).long()
+    hard = None
+    if sampler == "uniform":
+        proposal = torch.full((num_classes,), 1.0 / num_classes, device=flat.device)
+    elif sampler == "unigram":
+        if class_counts is None:
+            raise ValueError('sampler="unigram" needs class_counts (a (V,) tensor of positive counts)')
+        proposal = unigram_proposal(class_counts.to(flat.device), num_classes)
+    else:
+        with torch.no_grad():
+            draw_device = generator.device if generator is not None else flat.device
+            pick = torch.randperm(flat.shape[0], generator=generator, device=draw_device)[:PROPOSAL_ROWS]
+            pick = pick.to(flat.device)
+            lut = layer.quantizer.lut(flat[pick].detach().float())
+            scores = ops.lut_score(lut, layer.packed_codes, num_classes, layer._bias32())
+            proposal, hard = quantized_proposal(scores)
+    loss = sampled_softmax_loss(
+        flat, flat_target, layer.weight, layer.bias, proposal, num_sampled, hard, remove_accidental_hits, generator
+    )
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss.reshape(target.shape)
