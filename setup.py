@@ -3,7 +3,80 @@
 Everything else is declared in ``pyproject.toml``. If torch is not importable at build time,
 or the compiler fails, the package is installed without the extension and falls back to the
 pure-torch reference kernels (with one warning at import).
+
+Each ``torchaq/csrc/scan_<isa>.cpp`` is compiled with its own instruction-set flags (and only
+that file), and ``scan.cpp`` picks one at run time from what the CPU reports; the package never
+uses ``-march=native``, so a wheel built here runs on any x86-64 CPU.
 """
+import glob
+import os
+import platform
+import warnings
+
 from setuptools import setup
 
-setup()
+# per-file flags, keyed by the file-name suffix
+ISA_FLAGS = {
+    "_avx2.cpp": ["-mavx2", "-mfma"],
+    "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+}
+# -std=c++20: the torch 2.13 headers need it. -ffp-contract=off: the ISA files must round every
+# float op exactly like the scalar file (no fused multiply-add), so all paths return identical scores.
+COMMON_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden"]
+
+
+def _ext_modules_and_cmdclass():
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as err:  # torch missing at build time: pure-python install
+        warnings.warn(f"torchaq: torch not importable ({err}); building without the C++ extension")
+        return [], {}
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(
+        os.path.relpath(p, here)
+        for p in glob.glob(os.path.join(here, "torchaq", "csrc", "*.cpp"))
+        if x86 or not any(p.endswith(s) for s in ISA_FLAGS)
+    )
+
+    class Build(BuildExtension):
+        """Adds the ISA flags of ``*_avx2.cpp`` / ``*_avx512.cpp`` to those files only, and turns a
+        failed compile into a package without the extension instead of a failed install."""
+
+        def build_extension(self, ext):
+            compile_one = self.compiler._compile
+
+            def _compile(obj, src, ext_, cc_args, extra_postargs, pp_opts):
+                extra = next((f for s, f in ISA_FLAGS.items() if src.endswith(s)), [])
+                if isinstance(extra_postargs, dict):
+                    extra_postargs = {**extra_postargs, "cxx": list(extra_postargs.get("cxx", [])) + extra}
+                else:
+                    extra_postargs = list(extra_postargs or []) + extra
+                return compile_one(obj, src, ext_, cc_args, extra_postargs, pp_opts)
+
+            self.compiler._compile = _compile
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler._compile = compile_one
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as err:  # noqa: BLE001 - any compiler/linker failure
+                warnings.warn(f"torchaq: building the C++ extension failed ({err}); installing without it")
+                self.extensions = []  # nothing to copy or list as output
+
+    ext = CppExtension(
+        "torchaq._C",
+        sources,
+        extra_compile_args={"cxx": COMMON_FLAGS},
+        define_macros=[("TORCHAQ_X86_KERNELS", "1")] if x86 else [],
+    )
+    # use_ninja=False: ninja builds bypass compiler._compile, i.e. the per-file flags above
+    return [ext], {"build_ext": Build.with_options(use_ninja=False)}
+
+
+ext_modules, cmdclass = _ext_modules_and_cmdclass()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -45,7 +45,7 @@ BITS_OF_K = {16: 4, 256: 8}  # codewords per subspace -> code width in bits
 
 def bits_of_lut(lut: Tensor) -> int:
     """4 for a 16-entry LUT, 8 for a 256-entry one."""
-    return BITS_OF_K[lut.shape[-1]]
+    return BITS_OF_K[int(lut.shape[-1])]  # int(): a SymInt under dynamic shapes is unhashable
 
 
 def packed_width(num_subspaces: int, bits: int) -> int:
@@ -164,7 +164,7 @@ def _pack_codes_ref(codes: Tensor, bits: int) -> Tensor:
     else:
         pairs = codes.new_zeros((nb * BLOCK, m))
         pairs[:n] = codes
-    return pairs.reshape(nb, BLOCK, -1).transpose(1, 2).contiguous()
+    return pairs.reshape(nb, BLOCK, pairs.shape[1]).transpose(1, 2).contiguous()  # no -1: N may be 0
 
 
 def _check_unpack(packed: Tensor, num_subspaces: int, bits: int, num_classes: int) -> None:
@@ -186,7 +186,7 @@ def _unpack_codes_fake(packed: Tensor, num_subspaces: int, bits: int, num_classe
 @torch.library.impl(_LIB, "unpack_codes", "CompositeExplicitAutograd")
 def _unpack_codes_ref(packed: Tensor, num_subspaces: int, bits: int, num_classes: int) -> Tensor:
     _check_unpack(packed, num_subspaces, bits, num_classes)
-    rows = packed.transpose(1, 2).reshape(-1, packed.shape[1])
+    rows = packed.transpose(1, 2).reshape(packed.shape[0] * BLOCK, packed.shape[1])
     if bits == 4:
         rows = torch.stack([rows & 15, rows >> 4], dim=-1).reshape(rows.shape[0], -1)
     return rows[:num_classes, :num_subspaces].contiguous()

@@ -22,8 +22,11 @@ CALIBRATION_QUERIES = 1000
 # alternations of (encode, codebook update) each calibration candidate gets from the isotropic fit
 CALIBRATION_ROUNDS = 2
 # k-means only initialises the codebooks: like FAISS (256 points per centroid) it runs on a
-# random sample of the rows; the anisotropic alternations that follow use every row
-KMEANS_POINTS_PER_CODEWORD = 1024
+# random sample of the training rows
+KMEANS_POINTS_PER_CODEWORD = 256
+# rows used to learn the codebooks (a seeded random sample beyond this): 4096 points per
+# codeword at 4 bits is plenty, and it bounds the cost of fit for very large V
+MAX_FIT_ROWS = 65536
 
 
 class AnisotropicPQ(nn.Module):
@@ -222,6 +225,7 @@ class AnisotropicPQ(nn.Module):
         queries: Optional[Tensor] = None,
         iters: int = 5,
         progress: bool = True,
+        max_rows: Optional[int] = MAX_FIT_ROWS,
     ) -> "AnisotropicPQ":
         """Learn the codebooks from the rows ``x`` (``(N, dim)``, ``N >= 2**bits``); returns ``self``.
 
@@ -229,9 +233,11 @@ class AnisotropicPQ(nn.Module):
             x: the vectors to quantize (e.g. the rows of an output layer's weight).
             queries: optional ``(B, dim)`` sample queries (e.g. hidden states); enables query
                 calibration of the anisotropy (needs at least 20 rows; up to 1000 are used to
-                select and up to 1000 others to check).
+                select and up to 1000 others to check, scoring the training rows).
             iters: alternations of encoding and joint codebook update after k-means.
             progress: show a tqdm progress bar.
+            max_rows: learn the codebooks from a seeded random sample of this many rows when
+                ``x`` has more (``None``: all rows). Encoding all rows is ``encode``'s job.
         """
         self._check_rows(x, "x")
         if x.shape[0] < self.num_codewords:
@@ -240,6 +246,8 @@ class AnisotropicPQ(nn.Module):
             )
         if not isinstance(iters, int) or iters < 0:
             raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+        if max_rows is not None and (not isinstance(max_rows, int) or max_rows < self.num_codewords):
+            raise ValueError(f"max_rows must be None or an integer >= {self.num_codewords}, got {max_rows!r}")
         if queries is not None:
             self._check_rows(queries, "queries")
             if queries.shape[0] < 20:
@@ -255,6 +263,8 @@ class AnisotropicPQ(nn.Module):
                     "for unit-norm data the threshold must lie in (0, 1)"
                 )
         generator = torch.Generator().manual_seed(self.seed)
+        if max_rows is not None and xp.shape[0] > max_rows:
+            xp = xp[torch.randperm(xp.shape[0], generator=generator)[:max_rows].to(xp.device)]
         rules = candidate_rules(self.rule) if queries is not None else [self.rule]
         calib_rounds = min(CALIBRATION_ROUNDS, iters)
         # with calibration: the isotropic fit, a few rounds per candidate, then the winner's rest
