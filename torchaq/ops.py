@@ -23,6 +23,7 @@ import math
 from typing import Optional, Tuple
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 BLOCK = 32  # classes per packed block
@@ -164,7 +165,7 @@ def _pack_codes_ref(codes: Tensor, bits: int) -> Tensor:
     else:
         pairs = codes.new_zeros((nb * BLOCK, m))
         pairs[:n] = codes
-    return pairs.reshape(nb, BLOCK, pairs.shape[1]).transpose(1, 2).contiguous()  # no -1: N may be 0
+    return rearrange(pairs, "(nb i) p -> nb p i", i=BLOCK).contiguous()
 
 
 def _check_unpack(packed: Tensor, num_subspaces: int, bits: int, num_classes: int) -> None:
@@ -186,9 +187,9 @@ def _unpack_codes_fake(packed: Tensor, num_subspaces: int, bits: int, num_classe
 @torch.library.impl(_LIB, "unpack_codes", "CompositeExplicitAutograd")
 def _unpack_codes_ref(packed: Tensor, num_subspaces: int, bits: int, num_classes: int) -> Tensor:
     _check_unpack(packed, num_subspaces, bits, num_classes)
-    rows = packed.transpose(1, 2).reshape(packed.shape[0] * BLOCK, packed.shape[1])
-    if bits == 4:
-        rows = torch.stack([rows & 15, rows >> 4], dim=-1).reshape(rows.shape[0], -1)
+    rows = rearrange(packed, "nb p i -> (nb i) p")
+    if bits == 4:  # low nibble = even subspace, high nibble = odd subspace
+        rows = rearrange(torch.stack([rows & 15, rows >> 4], dim=-1), "n p two -> n (p two)")
     return rows[:num_classes, :num_subspaces].contiguous()
 
 
