@@ -1,0 +1,21 @@
+// ATen entry points of the CPU scan ops (scan.cpp), registered in register.cpp.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace torchaq {
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor> lut_topk_cpu(const at::Tensor& lut, const at::Tensor& packed, int64_t num_classes,
+                                                int64_t k, const std::optional<at::Tensor>& bias);
+at::Tensor compute_lut_cpu(const at::Tensor& queries, const at::Tensor& codebooks);
+at::Tensor lut_score_cpu(const at::Tensor& lut, const at::Tensor& packed, int64_t num_classes,
+                         const std::optional<at::Tensor>& bias);
+
+// Name of the kernel set the next call will use: "avx512", "avx2" or "scalar".
+const char* active_isa();
+
+}  // namespace cpu
+}  // namespace torchaq
