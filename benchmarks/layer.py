@@ -16,7 +16,6 @@ queries), and the mean / max absolute error of ``log Z`` from ``log_softmax_topk
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torchaq  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 from torchaq import _backends  # noqa: E402
 
 SAMPLE_K = 50
@@ -127,10 +127,7 @@ def main(argv=None) -> str:
     if args.large:
         rows += large_rows()
     text = header() + "\n\n" + table(rows)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(text, args.out)
     return text
 
 

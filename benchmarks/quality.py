@@ -17,7 +17,7 @@ Settings:
    4-bit codes with M = 96 (384 bits/class) and M = 192 (768 bits/class). Calibration queries
    (``queries=``) and evaluation queries come from disjoint text passages.
 2. **synthetic** -- the paper's setting (Guo et al. 2020, section 5): unit-norm data
-   (normalised Gaussian rows, N = 20000, d = 100), queries uniform on the unit sphere,
+   (normalised Gaussian rows, N = 100000 by default, d = 100), queries uniform on the unit sphere,
    4-bit codes with M = 50 (200 bits/class).
 
 Methods: torchaq isotropic (``threshold=None``), torchaq with a fixed threshold ``T``,
@@ -359,7 +359,7 @@ def parse_args(argv=None):
     ap.add_argument("--iters", type=int, default=None,
                     help="fit iterations for torchaq (default: the library's default)")
     ap.add_argument("--real-m", type=int, nargs="*", default=[96, 192])
-    ap.add_argument("--synthetic-n", type=int, default=20000)
+    ap.add_argument("--synthetic-n", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--skip-synthetic", action="store_true")

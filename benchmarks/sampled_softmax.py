@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torchaq  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 
 METHODS = ("full", "uniform", "quantized")
 
@@ -112,9 +113,7 @@ def main(argv=None):
     for r in rows:
         lines.append(f"| {r['method']} | {r['ms']:.1f} | {full['ms'] / r['ms']:.1f}x | {r['saved_mb']:.1f} | {r['peak_mb']:.0f} |")
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torchaq  # noqa: E402
 from benchmarks.real_data import corpus_documents, load_tokenizer  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 
 
 def token_streams(val_frac: float = 0.1, seed: int = 0):
@@ -143,9 +144,7 @@ def main(argv=None):
         lines.append(f"| {r['method']} | {r['ppl']:.1f} | {r['ppl'] / full_ppl - 1:+.1%} | {r['head_ms']:.1f} "
                      f"| {r['refresh_s']:.1f} | {r['wall_s']:.0f} |")
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def test_torch_compile_topk_and_sample(layer, data):
         (lambda l, h: l.sample(h, top_k=0), "top_k"),
         (lambda l, h: l.topk(torch.full_like(h, float("nan"))), "NaN"),
         (lambda l, h: l.topk(h.to("meta")), "is on meta but the layer is on cpu"),
-        (lambda l, h: l.topk(h.long()), "floating point"),
+        (lambda l, h: l.topk(h.long()), "floating-point"),
     ],
 )
 def test_bad_inputs(layer, data, call, match):

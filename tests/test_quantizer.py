@@ -235,7 +235,7 @@ def test_bad_use_after_fit(fitted, unit_data):
         fitted.decode(torch.full((3, 8), 16, dtype=torch.uint8))
     with pytest.raises(TypeError, match="integer"):
         fitted.decode(torch.zeros(3, 8))
-    with pytest.raises(ValueError, match="dim=32"):
+    with pytest.raises(ValueError, match="last dimension d=32"):
         fitted.lut(torch.randn(2, 31))
     with pytest.raises(ValueError, match="NaN"):
         fitted.encode(torch.full((2, 32), float("nan")))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from ._checks import check_features
 from .quantizer import AnisotropicPQ
 from .sampled_softmax import layer_sampled_softmax_loss
 
@@ -141,13 +142,7 @@ class QuantizedSoftmax(nn.Module):
     # argument checks
     # ---------------------------------------------------------------------------------------
     def _flat_h(self, h: Tensor, name: str = "h") -> Tensor:
-        if not isinstance(h, Tensor) or h.dim() < 1 or h.shape[-1] != self.dim:
-            shape = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
-            raise ValueError(f"{name} must have last dimension d={self.dim}, got {shape}")
-        if not h.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {h.dtype}")
-        if h.device != self.weight.device:
-            raise ValueError(f"{name} is on {h.device} but the layer is on {self.weight.device}")
+        check_features(h, self.dim, name, self.weight.device, "layer")
         if not torch.compiler.is_compiling() and h.numel() and not bool(torch.isfinite(h).all()):
             raise ValueError(f"{name} contains NaN or Inf")
         return h.reshape(-1, self.dim)
@@ -254,35 +249,7 @@ class QuantizedSoftmax(nn.Module):
         choice = torch.multinomial(logits.softmax(dim=1), 1, generator=generator)
         return classes.gather(1, choice).reshape(h.shape[:-1])
 
-    def sampled_softmax_loss(
-        self,
-        h: Tensor,
-        target: Tensor,
-        num_sampled: int = 1024,
-        sampler: str = "quantized",
-        remove_accidental_hits: bool = True,
-        reduction: str = "mean",
-        class_counts: Optional[Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> Tensor:
-        """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
-
-        ``log Z_hat - logit_target`` where ``Z_hat`` counts the target and (quantized sampler) a
-        hard set of LUT-top classes exactly and estimates the rest from ``num_sampled`` classes
-        drawn from a proposal ``Q`` with the logQ correction, accidental hits removed. ``E[Z_hat]
-        = Z``: the loss converges to the full cross-entropy as ``num_sampled`` grows, and equals
-        it when ``Q`` is the exact softmax. See :mod:`torchaq.sampled_softmax` for the estimator,
-        its cost (``B (|H| + m) d`` instead of ``B V d``) and its memory.
-
-        Args:
-            sampler: ``"quantized"`` (proposal and hard negatives from the LUT scores of the
-                quantized index), ``"uniform"``, or ``"unigram"`` (needs ``class_counts``).
-            reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape of ``target``).
-            generator: a ``torch.Generator`` for reproducible draws.
-        """
-        return layer_sampled_softmax_loss(
-            self, h, target, num_sampled, sampler, remove_accidental_hits, reduction, class_counts, generator
-        )
+    sampled_softmax_loss = layer_sampled_softmax_loss
 
     def extra_repr(self) -> str:
         q = self.quantizer

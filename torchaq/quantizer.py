@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import ops
+from ._checks import check_features
 from .calibrate import AnisotropyRule, candidate_rules, retrieval_recall
 from .codebook_update import joint_codebook_update
 from .encode import anisotropic_encode, decode, l2_encode
@@ -342,13 +343,7 @@ class AnisotropicPQ(nn.Module):
     def lut(self, q: Tensor) -> Tensor:
         """Lookup tables ``LUT[b, m, j] = <q_m, C_m[j]>``: ``(..., dim)`` -> ``(..., M, 2**bits)`` float32."""
         self._check_fitted()
-        if not isinstance(q, Tensor) or q.dim() < 1 or q.shape[-1] != self.dim:
-            shape = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
-            raise ValueError(f"q must have last dimension dim={self.dim}, got {shape}")
-        if not q.is_floating_point():
-            raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
-        if q.device != self.codebooks.device:
-            raise ValueError(f"q is on {q.device} but the quantizer is on {self.codebooks.device}")
+        check_features(q, self.dim, "q", self.codebooks.device, "quantizer")
         lead = q.shape[:-1]
         lut = ops.compute_lut(self.pad(q.reshape(-1, self.dim)), self.codebooks.float())
         return lut.reshape(lead + lut.shape[1:])

@@ -168,7 +168,26 @@ def layer_sampled_softmax_loss(
     class_counts: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """:meth:`torchaq.QuantizedSoftmax.sampled_softmax_loss` (see there)."""
+    """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
+
+    ``log Z_hat - logit_target`` where ``Z_hat`` counts the target and (quantized sampler) a
+    hard set of LUT-top classes exactly and estimates the rest from ``num_sampled`` classes
+    drawn from a proposal ``Q`` with the logQ correction, accidental hits removed. ``E[Z_hat]
+    = Z``: the loss converges to the full cross-entropy as ``num_sampled`` grows, and equals it
+    when ``Q`` is the exact softmax. See this module's docstring for the estimator, its cost
+    (``B (|H| + m) d`` instead of ``B V d``) and its memory. Available as
+    :meth:`torchaq.QuantizedSoftmax.sampled_softmax_loss`.
+
+    Args:
+        layer: the :class:`torchaq.QuantizedSoftmax` (``self`` when called as a method).
+        num_sampled: draws from the proposal, ``1 <= num_sampled <= V``.
+        sampler: ``"quantized"`` (proposal and hard negatives from the LUT scores of the
+            quantized index), ``"uniform"``, or ``"unigram"`` (needs ``class_counts``).
+        remove_accidental_hits: drop draws equal to the row's target.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape of ``target``).
+        class_counts: ``(V,)`` positive counts for the unigram proposal.
+        generator: a ``torch.Generator`` for reproducible draws.
+    """
     num_classes = layer.num_classes
     _check(h, target, num_classes, num_sampled, sampler, reduction)
     flat = layer._flat_h(h)
