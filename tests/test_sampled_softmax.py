@@ -28,10 +28,10 @@ def layer():
 
 
 def _hand_reference(h, target, weight, bias, proposal, samples, hard, remove_hits):
-    """Z_hat = e^{l_t} + sum_{H \\ t} e^{l_c} + 1/m' sum_{kept} e^{l_s} (1 - Q(excluded)) / Q(s), row by row."""
+    """Z_hat = e^{l_t} + sum_{H_b \\ t} e^{l_c} + 1/m' sum_{kept} e^{l_s} (1 - Q(excluded)) / Q(s), row by row."""
     losses = []
-    hard_set = set(hard.tolist())
     for b in range(h.shape[0]):
+        hard_set = set(hard[b].tolist())
         logits = weight @ h[b] + bias
         t = int(target[b])
         z = torch.exp(logits[t])
@@ -54,9 +54,17 @@ def test_loss_and_gradients_match_float64_reference(remove_hits, with_hard):
     proposal = torch.rand(V, generator=gen_q, dtype=torch.float64) ** 4 + 1e-3
     proposal[target] += 2.0  # make accidental hits happen
     proposal /= proposal.sum()
-    hard = torch.tensor([3, 17, int(target[0]), 99]) if with_hard else torch.zeros(0, dtype=torch.int64)
+    # per-row hard sets; row 0's contains its target, and draws land in them
+    hard = torch.randperm(V, generator=gen_q)[:24].reshape(6, 4)
+    hard[0, 2] = target[0]
+    hard = hard if with_hard else torch.zeros((6, 0), dtype=torch.int64)
     samples = torch.multinomial(proposal.float(), 60, replacement=True, generator=torch.Generator().manual_seed(5))
     assert any(int(s) in set(target.tolist()) for s in samples)  # hits really occur
+    if with_hard:
+        proposal[hard.reshape(-1)] += 0.05  # and draws land in the hard sets
+        proposal /= proposal.sum()
+        samples = torch.multinomial(proposal.float(), 60, replacement=True, generator=torch.Generator().manual_seed(5))
+        assert any(int(s) in set(hard[b].tolist()) for b in range(6) for s in samples)
 
     params32 = [t.clone().requires_grad_() for t in (h, weight, bias)]
     loss32 = sampled_softmax_loss(

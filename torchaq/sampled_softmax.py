@@ -4,39 +4,42 @@ The full cross-entropy of a row ``h`` with target ``t`` is ``log Z - l_t`` with
 ``Z = sum_c exp(l_c)`` over all ``V`` classes. A sampled softmax replaces ``Z`` by an estimate
 built from a few classes whose logits are computed exactly:
 
-* a **hard set** ``H`` of classes counted exactly (the quantized sampler: the LUT top classes of
-  a subsample of the batch's rows -- the classes that carry most of the mass);
+* a **hard set** ``H_b`` per row counted exactly (the quantized sampler: the row's own top
+  classes by LUT score, from the fast scan -- the classes that carry most of its mass);
 * the **target** ``t``, always exact;
 * ``m = num_sampled`` classes ``s_j`` drawn with replacement from a proposal ``Q`` with known
   probabilities, shared by the whole batch, importance-weighted (the logQ correction).
 
-    Z_hat = exp(l_t) + sum_{c in H, c != t} exp(l_c) + (1 / m') sum_{j: s_j not in H u {t}} exp(l_{s_j}) / Q'(s_j)
+    Z_hat = exp(l_t) + sum_{c in H_b, c != t} exp(l_c) + (1 / m') sum_{j: s_j not in H_b u {t}} exp(l_{s_j}) / Q'(s_j)
 
-where a draw that lands in ``H`` or on the target (an *accidental hit*) is dropped, ``m'`` is
-the number of draws kept and ``Q'(c) = Q(c) / (1 - Q(H u {t}))`` the proposal conditioned on
-the rest. Given ``m'``, the kept draws are i.i.d. from ``Q'``, so the last term is an unbiased
-estimate of the mass of the remaining classes: ``E[Z_hat] = Z`` and the loss
-``log Z_hat - l_t`` converges to the full cross-entropy as ``m`` grows (``log`` makes it biased
-low by ``~Var(Z_hat) / 2 Z^2`` for finite ``m``). If ``Q`` is the exact softmax, every kept draw
-contributes exactly the remaining mass, ``Z_hat = Z`` and the loss *is* the full cross-entropy
-for any ``m``. With ``remove_accidental_hits=False`` draws of the target are kept as negatives
-(as in TensorFlow's ``sampled_softmax_loss``), which over-counts ``exp(l_t)`` on average.
+where a draw that lands in ``H_b`` or on the target (an *accidental hit*) is dropped for that
+row, ``m'`` is the number of draws it keeps and ``Q'(c) = Q(c) / (1 - Q(H_b u {t}))`` the
+proposal conditioned on the rest. Given ``m'``, the kept draws are i.i.d. from ``Q'``, so the
+last term is an unbiased estimate of the mass of the remaining classes: ``E[Z_hat] = Z`` and
+the loss ``log Z_hat - l_t`` converges to the full cross-entropy as ``m`` grows (``log`` makes
+it biased low by ``~Var(Z_hat) / 2 Z^2`` for finite ``m``). If ``Q`` is the exact softmax,
+every kept draw contributes exactly the remaining mass, ``Z_hat = Z`` and the loss *is* the
+full cross-entropy for any ``m``. With ``remove_accidental_hits=False`` draws of the target are
+kept as negatives (as in TensorFlow's ``sampled_softmax_loss``), which over-counts
+``exp(l_t)`` on average.
 
 Proposals (``sampler``):
 
 * ``"uniform"``: ``Q = 1 / V``.
 * ``"unigram"``: ``Q proportional to class_counts`` (e.g. token frequencies; every count > 0).
-* ``"quantized"``: the mean over a subsample of the batch of the softmax of the rows' LUT scores
-  (``AnisotropicPQ`` codes of the weight), mixed with 10% uniform so that every class keeps a
-  non-zero probability, and ``H`` = the union of those rows' LUT top classes. This is the
-  adaptive-sampler idea (kernel / MIDX samplers) with the proposal read off the index.
+* ``"quantized"``: ``H_b`` = the row's ``HARD_PER_ROW`` best classes by LUT score over the
+  ``AnisotropicPQ`` codes of the weight (``lut_topk``), and ``Q`` = the mean over a subsample of
+  ``PROPOSAL_ROWS`` rows of the softmax of their LUT scores, mixed with 10% uniform so that
+  every class keeps a non-zero probability. This is the adaptive-sampler idea (kernel / MIDX
+  samplers) with hard negatives and the proposal read off the index.
 
-Cost per step for ``B`` rows: ``B * (|H| + m + 1) * d`` multiply-adds for the exact logits
-(one matmul against the shared classes), plus for the quantized sampler a LUT scan of
-``subsample`` rows over ``V`` classes, instead of the full softmax's ``B * V * d`` forward and
-twice that backward. Memory: the ``(B, |H| + m)`` logits instead of ``(B, V)`` logits and their
-gradient; the weight's gradient is the dense ``(V, d)`` tensor autograd keeps for an
-``nn.Parameter`` (only the used rows are non-zero).
+Cost per step for ``B`` rows: ``B * (n + m + 1) * d`` multiply-adds for the exact logits (a
+gather + batched mat-vec for the ``n`` hard classes, one matmul for the shared draws), plus for
+the quantized sampler a LUT scan of the ``B`` rows over ``V`` classes (4-bit SIMD) and exact LUT
+scores of ``PROPOSAL_ROWS`` rows, instead of the full softmax's ``B * V * d`` forward and twice
+that backward. Memory: ``(B, n + m)`` logits instead of ``(B, V)`` logits and their gradient,
+plus the ``(B, n, d)`` gathered hard rows; the weight's gradient is the dense ``(V, d)`` tensor
+autograd keeps for an ``nn.Parameter`` (only the used rows are non-zero).
 """
 from __future__ import annotations
 
@@ -52,10 +55,10 @@ SAMPLERS = ("quantized", "uniform", "unigram")
 REDUCTIONS = ("mean", "sum", "none")
 # share of the uniform distribution mixed into the quantized proposal (keeps Q > 0 everywhere)
 UNIFORM_FLOOR = 0.1
-# rows of the batch whose LUT scores build the quantized proposal and the hard set
+# rows of the batch whose exact LUT scores build the quantized proposal
 PROPOSAL_ROWS = 32
-# LUT top classes per proposal row that go into the hard set
-HARD_PER_ROW = 16
+# LUT top classes of each row counted exactly (its hard set H_b)
+HARD_PER_ROW = 32
 
 
 def _check(h: Tensor, target: Tensor, num_classes: int, num_sampled: int, sampler: str, reduction: str) -> None:
@@ -85,17 +88,11 @@ def unigram_proposal(class_counts: Tensor, num_classes: int) -> Tensor:
     return (counts / counts.sum()).float()
 
 
-def quantized_proposal(lut_scores: Tensor, hard_per_row: int = HARD_PER_ROW):
-    """Proposal and hard set from the LUT scores ``(S, V)`` of a subsample of rows.
-
-    Returns ``(Q, H)``: ``Q = 0.9 * mean_rows softmax(scores) + 0.1 / V`` and the sorted union
-    ``H`` of each row's ``hard_per_row`` best classes.
-    """
+def quantized_proposal(lut_scores: Tensor) -> Tensor:
+    """``Q = 0.9 * mean_rows softmax(scores) + 0.1 / V`` from the LUT scores ``(S, V)`` of a subsample of rows."""
     num_classes = lut_scores.shape[1]
     q = lut_scores.float().softmax(dim=1).mean(0)
-    q = (1 - UNIFORM_FLOOR) * q + UNIFORM_FLOOR / num_classes
-    hard = lut_scores.topk(min(hard_per_row, num_classes), dim=1).indices.unique()
-    return q, hard
+    return (1 - UNIFORM_FLOOR) * q + UNIFORM_FLOOR / num_classes
 
 
 def sampled_softmax_loss(
@@ -111,46 +108,49 @@ def sampled_softmax_loss(
 ) -> Tensor:
     """Per-row loss ``log Z_hat - l_t`` (module docstring) for rows ``h`` ``(B, d)`` and ``target`` ``(B,)``.
 
-    ``proposal`` is ``Q`` ``(V,)`` (sums to 1), ``hard`` the optional exact set ``H`` (int64,
-    unique). Gradients flow to ``h``, ``weight`` and ``bias`` through the exact logits.
+    ``proposal`` is ``Q`` ``(V,)`` (sums to 1); ``hard`` the optional per-row exact sets ``H_b``,
+    ``(B, n)`` int64 with distinct classes in each row. Gradients flow to ``h``, ``weight`` and
+    ``bias`` through the exact logits.
     """
-    num_classes = weight.shape[0]
-    device = h.device
-    hard = torch.zeros(0, dtype=torch.int64, device=device) if hard is None else hard
+    batch, device = h.shape[0], h.device
+    hard = torch.zeros((batch, 0), dtype=torch.int64, device=device) if hard is None else hard
     draw_device = generator.device if generator is not None else device
     samples = torch.multinomial(proposal.to(draw_device), num_sampled, replacement=True, generator=generator)
     samples = samples.to(device)
-    shared = torch.cat([hard, samples])  # (n_h + m,)
-    rows = weight[shared]
-    logits = (h @ rows.T.to(h.dtype)).float()  # (B, n_h + m)
+    # exact logits: the rows' own hard classes (gather + bmm), the shared draws (one matmul), the target
+    hard_logits = torch.bmm(weight[hard].to(h.dtype), h.unsqueeze(2)).squeeze(2).float()  # (B, n)
+    draw_logits = (h @ weight[samples].T.to(h.dtype)).float()  # (B, m)
     target_logit = (h * weight[target].to(h.dtype)).sum(-1).float()
     if bias is not None:
-        logits = logits + bias[shared].float()
+        hard_logits = hard_logits + bias[hard].float()
+        draw_logits = draw_logits + bias[samples].float()
         target_logit = target_logit + bias[target].float()
 
-    n_h = hard.numel()
-    in_hard = torch.zeros(num_classes, dtype=torch.bool, device=device)
-    in_hard[hard] = True
-    is_target = shared.unsqueeze(0) == target.unsqueeze(1)  # (B, n_h + m)
-    # hard classes: exact, except the target (counted once, as the positive)
-    keep_hard = ~is_target[:, :n_h]
-    # draws: dropped if they land in H (counted exactly) or, with hit removal, on the target
-    keep_draw = ~in_hard[samples].unsqueeze(0).expand(h.shape[0], -1)
-    q_excluded = proposal[hard].sum()  # Q(H)
+    hard_is_target = hard == target.unsqueeze(1)
+    # a draw inside its row's hard set is already counted exactly: drop it
+    if hard.shape[1]:
+        sorted_hard = hard.sort(dim=1).values
+        draws = samples.unsqueeze(0).expand(batch, -1).contiguous()
+        pos = torch.searchsorted(sorted_hard, draws).clamp(max=hard.shape[1] - 1)
+        keep_draw = sorted_hard.gather(1, pos) != draws
+    else:
+        keep_draw = torch.ones((batch, num_sampled), dtype=torch.bool, device=device)
+    q_excluded = proposal[hard].sum(1)  # Q(H_b)
     if remove_accidental_hits:
-        keep_draw = keep_draw & ~is_target[:, n_h:]
-        q_excluded = q_excluded + torch.where(in_hard[target], 0.0, proposal[target])
+        keep_draw = keep_draw & (samples.unsqueeze(0) != target.unsqueeze(1))
+        q_excluded = q_excluded + torch.where(hard_is_target.any(1), 0.0, proposal[target])
     kept = keep_draw.sum(1, keepdim=True).clamp_min(1)
     # log of the importance weight 1 / (m' Q'(s)) with Q' = Q / (1 - Q(excluded))
-    remaining = (1 - q_excluded).clamp_min(1e-12)
-    remaining = remaining.unsqueeze(-1) if remaining.dim() else remaining
-    log_weight = torch.log(remaining) - torch.log(kept.float()) - torch.log(proposal[samples]).unsqueeze(0)
-    draw_logits = logits[:, n_h:] + log_weight
+    log_weight = (
+        torch.log((1 - q_excluded).clamp_min(1e-12)).unsqueeze(1)
+        - torch.log(kept.float())
+        - torch.log(proposal[samples]).unsqueeze(0)
+    )
     terms = torch.cat(
         [
-            target_logit.unsqueeze(1),
-            logits[:, :n_h].masked_fill(~keep_hard, -math.inf),
-            draw_logits.masked_fill(~keep_draw, -math.inf),
+            target_logit.unsqueeze(1),  # the target counts once, as the positive
+            hard_logits.masked_fill(hard_is_target, -math.inf),
+            (draw_logits + log_weight).masked_fill(~keep_draw, -math.inf),
         ],
         dim=1,
     )
@@ -201,12 +201,13 @@ def layer_sampled_softmax_loss(
         proposal = unigram_proposal(class_counts.to(flat.device), num_classes)
     else:
         with torch.no_grad():
+            lut = layer.quantizer.lut(flat.detach().float())
+            # every row's own LUT-top classes, counted exactly (the fast scan op)
+            _, hard = ops.lut_topk(lut, layer.packed_codes, num_classes, min(HARD_PER_ROW, num_classes), layer._bias32())
             draw_device = generator.device if generator is not None else flat.device
             pick = torch.randperm(flat.shape[0], generator=generator, device=draw_device)[:PROPOSAL_ROWS]
-            pick = pick.to(flat.device)
-            lut = layer.quantizer.lut(flat[pick].detach().float())
-            scores = ops.lut_score(lut, layer.packed_codes, num_classes, layer._bias32())
-            proposal, hard = quantized_proposal(scores)
+            scores = ops.lut_score(lut[pick.to(flat.device)], layer.packed_codes, num_classes, layer._bias32())
+            proposal = quantized_proposal(scores)
     loss = sampled_softmax_loss(
         flat, flat_target, layer.weight, layer.bias, proposal, num_sampled, hard, remove_accidental_hits, generator
     )
