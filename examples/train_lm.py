@@ -100,7 +100,8 @@ def train(method, train_stream, val_stream, vocab, args):
         if method == "full":
             loss = F.cross_entropy(head(h_out).flatten(0, 1), y.flatten())
         else:
-            loss = head.sampled_softmax_loss(h_out, y, num_sampled=args.num_sampled, sampler=method, generator=gen)
+            loss = head.sampled_softmax_loss(h_out, y, num_sampled=args.num_sampled, sampler=method, generator=gen,
+                                             num_hard=args.num_hard)
         loss.backward()
         head_seconds += time.perf_counter() - t0
         h.backward(h_out.grad)
@@ -123,6 +124,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16, help="sequences of 64 tokens per step")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--num-sampled", type=int, default=1024)
+    parser.add_argument("--num-hard", type=int, default=32, help="quantized sampler: exact LUT-top classes per row")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--reencode-every", type=int, default=25)
     parser.add_argument("--refit-every", type=int, default=200)

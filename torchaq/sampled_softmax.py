@@ -57,7 +57,7 @@ REDUCTIONS = ("mean", "sum", "none")
 UNIFORM_FLOOR = 0.1
 # rows of the batch whose exact LUT scores build the quantized proposal
 PROPOSAL_ROWS = 32
-# LUT top classes of each row counted exactly (its hard set H_b)
+# default number of LUT top classes of each row counted exactly (its hard set H_b)
 HARD_PER_ROW = 32
 
 
@@ -167,6 +167,7 @@ def layer_sampled_softmax_loss(
     reduction: str = "mean",
     class_counts: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    num_hard: int = HARD_PER_ROW,
 ) -> Tensor:
     """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
 
@@ -187,9 +188,12 @@ def layer_sampled_softmax_loss(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape of ``target``).
         class_counts: ``(V,)`` positive counts for the unigram proposal.
         generator: a ``torch.Generator`` for reproducible draws.
+        num_hard: quantized sampler only: each row's LUT-top classes counted exactly.
     """
     num_classes = layer.num_classes
     _check(h, target, num_classes, num_sampled, sampler, reduction)
+    if not isinstance(num_hard, int) or isinstance(num_hard, bool) or num_hard < 0:
+        raise ValueError(f"num_hard must be an integer >= 0, got {num_hard!r}")
     flat = layer._flat_h(h)
     flat_target = target.reshape(-1).long()
     hard = None
@@ -203,7 +207,7 @@ def layer_sampled_softmax_loss(
         with torch.no_grad():
             lut = layer.quantizer.lut(flat.detach().float())
             # every row's own LUT-top classes, counted exactly (the fast scan op)
-            _, hard = ops.lut_topk(lut, layer.packed_codes, num_classes, min(HARD_PER_ROW, num_classes), layer._bias32())
+            _, hard = ops.lut_topk(lut, layer.packed_codes, num_classes, min(num_hard, num_classes), layer._bias32())
             draw_device = generator.device if generator is not None else flat.device
             pick = torch.randperm(flat.shape[0], generator=generator, device=draw_device)[:PROPOSAL_ROWS]
             scores = ops.lut_score(lut[pick.to(flat.device)], layer.packed_codes, num_classes, layer._bias32())
