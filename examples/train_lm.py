@@ -87,7 +87,12 @@ def train(method, train_stream, val_stream, vocab, args):
                                     num_subspaces=args.dim // 2, fit=method == "quantized", progress=False)
     refresher = torchaq.CodebookRefresher(head, every=args.reencode_every, refit_every=args.refit_every) \
         if method == "quantized" else None
-    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=args.lr)
+    if args.head_optimizer == "sgd":  # plain SGD on the output layer: rows without gradient do not move
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        head_opt = torch.optim.SGD(head.parameters(), lr=args.head_lr)
+    else:
+        opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=args.lr)
+        head_opt = None
     gen = torch.Generator().manual_seed(1)
     data = batches(train_stream, args.batch, 64, gen)
     head_seconds, refresh_seconds = 0.0, 0.0
@@ -105,8 +110,10 @@ def train(method, train_stream, val_stream, vocab, args):
         loss.backward()
         head_seconds += time.perf_counter() - t0
         h.backward(h_out.grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for o in (opt, head_opt):
+            if o is not None:
+                o.step()
+                o.zero_grad(set_to_none=True)
         if refresher is not None:
             t1 = time.perf_counter()
             refresher.step(h_out)
@@ -141,6 +148,8 @@ def main(argv=None):
     parser.add_argument("--num-sampled", type=int, default=1024)
     parser.add_argument("--num-hard", type=int, default=32, help="quantized sampler: exact LUT-top classes per row")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--head-optimizer", choices=("adamw", "sgd"), default="adamw")
+    parser.add_argument("--head-lr", type=float, default=1.0, help="with --head-optimizer sgd")
     parser.add_argument("--reencode-every", type=int, default=25)
     parser.add_argument("--refit-every", type=int, default=200)
     parser.add_argument("--methods", default="full,uniform,quantized")
