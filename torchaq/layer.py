@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from . import ops
 from ._checks import check_features
 from .quantizer import AnisotropicPQ
+from .rescore import exact_logits
 from .sampled_softmax import layer_sampled_softmax_loss
 
 # Default number of LUT candidates re-scored exactly, as a function of k: enough that the exact
@@ -23,19 +24,6 @@ CANDIDATES_PER_K = 16
 def default_candidates(k: int, num_classes: int) -> int:
     """``min(V, max(256, 16 k))`` candidates re-scored exactly by :meth:`QuantizedSoftmax.topk`."""
     return min(num_classes, max(MIN_CANDIDATES, CANDIDATES_PER_K * k))
-
-
-def exact_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], candidates: Tensor) -> Tensor:
-    """Exact logits ``<h_b, W[c]> + bias[c]`` of per-row candidate classes, float32 ``(B, C)``.
-
-    A gather of ``C`` rows per query and a batched mat-vec: ``B * C * d`` work instead of the
-    dense layer's ``B * V * d``. Runs on any device (this is the GPU re-score step too).
-    """
-    rows = weight[candidates]  # (B, C, d)
-    out = torch.bmm(rows.float(), h.float().unsqueeze(2)).squeeze(2)
-    if bias is not None:
-        out = out + bias.float()[candidates]
-    return out
 
 
 class QuantizedSoftmax(nn.Module):
@@ -133,7 +121,7 @@ class QuantizedSoftmax(nn.Module):
         weight = self.weight.detach()
         if refit:
             if queries is not None:
-                queries = self._flat_h(queries, "queries").to(weight.device)
+                queries = self._flat_h(queries, "queries")
             self.quantizer.fit(weight, queries=queries, iters=self._fit_iters, progress=self._progress)
         self.packed_codes = self.quantizer.pack(self.quantizer.encode(weight))
         return self

@@ -30,6 +30,13 @@ KMEANS_POINTS_PER_CODEWORD = 256
 MAX_FIT_ROWS = 65536
 
 
+def _sample_rows(x: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` seeded random rows of ``x`` (all of ``x`` when it has no more)."""
+    if x.shape[0] <= count:
+        return x
+    return x[torch.randperm(x.shape[0], generator=generator)[:count].to(x.device)]
+
+
 class AnisotropicPQ(nn.Module):
     """Anisotropic product quantizer (Guo et al., ICML 2020, "ScaNN").
 
@@ -264,8 +271,8 @@ class AnisotropicPQ(nn.Module):
                     "for unit-norm data the threshold must lie in (0, 1)"
                 )
         generator = torch.Generator().manual_seed(self.seed)
-        if max_rows is not None and xp.shape[0] > max_rows:
-            xp = xp[torch.randperm(xp.shape[0], generator=generator)[:max_rows].to(xp.device)]
+        if max_rows is not None:
+            xp = _sample_rows(xp, max_rows, generator)
         rules = candidate_rules(self.rule) if queries is not None else [self.rule]
         calib_rounds = min(CALIBRATION_ROUNDS, iters)
         # with calibration: the isotropic fit, a few rounds per candidate, then the winner's rest
@@ -274,10 +281,7 @@ class AnisotropicPQ(nn.Module):
             total += (len(rules) - 1) * calib_rounds + iters - calib_rounds
         with tqdm(total=total, desc="AnisotropicPQ.fit", disable=not progress, leave=False) as bar:
             bar.set_postfix_str("k-means", refresh=False)
-            sample = xp
-            if xp.shape[0] > KMEANS_POINTS_PER_CODEWORD * self.num_codewords:
-                rows = torch.randperm(xp.shape[0], generator=generator)[: KMEANS_POINTS_PER_CODEWORD * self.num_codewords]
-                sample = xp[rows.to(xp.device)]
+            sample = _sample_rows(xp, KMEANS_POINTS_PER_CODEWORD * self.num_codewords, generator)
             start = subspace_kmeans(
                 sample, self.num_subspaces, self.num_codewords, self.kmeans_iters, generator, lambda: bar.update(1)
             )

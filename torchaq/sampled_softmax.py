@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .rescore import exact_logits
 
 SAMPLERS = ("quantized", "uniform", "unigram")
 REDUCTIONS = ("mean", "sum", "none")
@@ -117,14 +118,12 @@ def sampled_softmax_loss(
     draw_device = generator.device if generator is not None else device
     samples = torch.multinomial(proposal.to(draw_device), num_sampled, replacement=True, generator=generator)
     samples = samples.to(device)
-    # exact logits: the rows' own hard classes (gather + bmm), the shared draws (one matmul), the target
-    hard_logits = torch.bmm(weight[hard].to(h.dtype), h.unsqueeze(2)).squeeze(2).float()  # (B, n)
+    # exact logits: the rows' own hard classes and the target (gather + bmm), the shared draws (one matmul)
+    hard_logits = exact_logits(h, weight, bias, hard)  # (B, n)
+    target_logit = exact_logits(h, weight, bias, target.unsqueeze(1)).squeeze(1)
     draw_logits = (h @ weight[samples].T.to(h.dtype)).float()  # (B, m)
-    target_logit = (h * weight[target].to(h.dtype)).sum(-1).float()
     if bias is not None:
-        hard_logits = hard_logits + bias[hard].float()
         draw_logits = draw_logits + bias[samples].float()
-        target_logit = target_logit + bias[target].float()
 
     hard_is_target = hard == target.unsqueeze(1)
     # a draw inside its row's hard set is already counted exactly: drop it
