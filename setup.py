@@ -23,6 +23,12 @@ ISA_FLAGS = {
 # -std=c++20: the torch 2.13 headers need it. -ffp-contract=off: the ISA files must round every
 # float op exactly like the scalar file (no fused multiply-add), so all paths return identical scores.
 COMMON_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden"]
+# -fopenmp: at::parallel_for is a header template whose OpenMP backend is a `#pragma omp parallel`
+# compiled into *this* extension; without the flag the pragma is ignored and every "parallel" scan
+# runs on the calling thread alone. The extension then needs libgomp.so.1, which the dynamic
+# loader resolves to the copy torch has already loaded (torch bundles it), so there is one
+# OpenMP runtime and one thread pool in the process.
+OPENMP_FLAGS = ["-fopenmp"] if platform.system() == "Linux" else []
 
 
 def _ext_modules_and_cmdclass():
@@ -71,7 +77,8 @@ def _ext_modules_and_cmdclass():
     ext = CppExtension(
         "torchaq._C",
         sources,
-        extra_compile_args={"cxx": COMMON_FLAGS},
+        extra_compile_args={"cxx": COMMON_FLAGS + OPENMP_FLAGS},
+        extra_link_args=OPENMP_FLAGS,
         define_macros=[("TORCHAQ_X86_KERNELS", "1")] if x86 else [],
     )
     # use_ninja=False: ninja builds bypass compiler._compile, i.e. the per-file flags above

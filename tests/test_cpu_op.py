@@ -154,6 +154,38 @@ def test_lut_topk_4bit_large(n, k, bias):
     check_topk(v, i, exact_scores(lut, codes, b), quant_bound(lut, b), k)
 
 
+def test_lut_topk_4bit_rescan_path():
+    """B * nblocks * 64 bytes above the 32 MB the two-pass top-k keeps its pass-1 sums in: pass 2
+    re-scans its blocks instead, with the same results as a small batch (sums kept)."""
+    n, k, batch = 262_000, 40, 66
+    lut, packed, codes, b = make_case(batch, n, 4, 4, seed=11, bias=True)
+    assert batch * packed.shape[0] * 64 > 32 << 20
+    v, i = ops.lut_topk(lut, packed, n, k, b)
+    for rows in (slice(0, 3), slice(64, 66)):
+        v2, i2 = run_all_isas(lambda: ops.lut_topk(lut[rows], packed, n, k, b))
+        assert torch.equal(v2, v[rows]) and torch.equal(i2, i[rows])
+    check_topk(v[:3], i[:3], exact_scores(lut[:3], codes, b), quant_bound(lut[:3], b), k)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_thread_split_gives_identical_results(bits):
+    """The scan splits code blocks (and queries) over threads; the total order (key, then index)
+    makes the merged top-k independent of the split. Also checks the op really runs threaded:
+    the extension must be built with OpenMP, or at::parallel_for silently runs serially."""
+    lut, packed, codes, b = make_case(5, 20011, 12, bits, seed=5, bias=True)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.lut_topk(lut, packed, 20011, 60, b)
+        torch.set_num_threads(max(2, old))
+        many = ops.lut_topk(lut, packed, 20011, 60, b)
+        threads = _C.parallel_threads()
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    assert threads >= 2, "torchaq._C runs at::parallel_for on one thread: built without -fopenmp?"
+
+
 def test_lut_topk_4bit_recall():
     lut, packed, codes, _ = make_case(16, 20000, 32, 4, seed=7)
     _, i = ops.lut_topk(lut, packed, 20000, 10)
@@ -235,8 +267,10 @@ def test_lut_score(batch, n, m, bits, bias, seed):
 
 
 @pytest.mark.parametrize("k_entries", [16, 256, 5])
-def test_compute_lut(k_entries):
-    q, cb = torch.randn(7, 60), torch.randn(15, k_entries, 4)
+@pytest.mark.parametrize("dsub", [1, 2, 3, 4, 8, 16])
+def test_compute_lut(k_entries, dsub):
+    """Power-of-two dsub <= 16 reads the codebooks in place (pairwise sums), others transpose."""
+    q, cb = torch.randn(7, 15 * dsub), torch.randn(15, k_entries, dsub)
     (lut,) = run_all_isas(lambda: (ops.compute_lut(q, cb),))
     torch.testing.assert_close(lut, ops._compute_lut_ref(q, cb), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ops.compute_lut(q.double(), cb), ops._compute_lut_ref(q.double(), cb))
@@ -379,3 +413,23 @@ def test_bad_inputs():
         torch.ops.torchaq.lut_score(lut[:, :2], packed, 100)
     with pytest.raises(ValueError, match="codebooks cover"):
         torch.ops.torchaq.compute_lut(torch.randn(2, 10), torch.randn(3, 16, 4))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["lut", "bias"])
+def test_non_finite_scores_are_refused(bits, bad, where):
+    """A nan / inf LUT entry or bias has no place in a ranking (the kernels would rank it
+    differently): every kernel set and the reference refuse it with a clear error."""
+    n = 3001  # enough blocks for the two-pass top-k, a partial last block
+    lut, packed, _, b = make_case(2, n, 6, bits, seed=6, bias=True)
+    if where == "lut":
+        lut[1, 3, 5] = bad
+    else:
+        b[n - 1 if bad != bad else 17] = bad  # in the partial last block, or a full one
+    for name in ISAS:
+        with isa(name), pytest.raises(ValueError, match=f"finite {'lut' if where == 'lut' else 'bias'}"):
+            ops.lut_topk(lut, packed, n, 50, b)
+    with pytest.raises(ValueError, match="finite"):
+        ops._lut_topk_ref(lut, packed, n, 50, b)
+

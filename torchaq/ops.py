@@ -251,6 +251,11 @@ def _lut_topk_ref(
 ) -> Tuple[Tensor, Tensor]:
     check_lut_scan_args(lut, packed, num_classes, bias)
     _check_k(k)
+    # a nan / inf score has no place in a ranking (the kernels would disagree on it): refuse it
+    if not bool(torch.isfinite(lut).all()):
+        raise ValueError("lut_topk needs finite lut entries (got inf or nan)")
+    if bias is not None and not bool(torch.isfinite(bias).all()):
+        raise ValueError("lut_topk needs a finite bias (got inf or nan)")
     kk = min(k, num_classes)
     batch = lut.shape[0]
     best_v = lut.new_full((batch, 0), -math.inf)

@@ -2,7 +2,10 @@
 // (schemas live in Python only; torchaq/__init__.py imports torchaq.ops before torchaq._C), and
 // defines the Python module torchaq._C, whose import runs the static registration below.
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <atomic>
 
 #include "scan.h"
 
@@ -16,10 +19,26 @@ namespace {
 
 PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(torchaq::cpu::active_isa()); }
 
+// Distinct threads that run one at::parallel_for of this extension (at most 64 counted).
+PyObject* parallel_threads(PyObject*, PyObject*) {
+  std::atomic<uint64_t> seen{0};
+  Py_BEGIN_ALLOW_THREADS
+  at::parallel_for(0, 4096, 1, [&](int64_t, int64_t) {
+    volatile double x = 0;  // a little work, so that every thread of the region gets a share
+    for (int i = 0; i < 20000; ++i) x = x + i;
+    seen |= uint64_t(1) << (at::get_thread_num() & 63);
+  });
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLong(__builtin_popcountll(seen.load()));
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "Kernel set the CPU ops use now: 'avx512', 'avx2' or 'scalar' (honours TORCHAQ_FORCE_SCALAR / "
      "TORCHAQ_CPU_ISA, read at every call)."},
+    {"parallel_threads", parallel_threads, METH_NOARGS,
+     "Threads one at::parallel_for region of the extension runs on now: torch.get_num_threads() when "
+     "built with OpenMP, 1 when built without it (the scans would then never run in parallel)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",

@@ -9,10 +9,13 @@
 //   value = float(sum) * (1 / scale) + (sum_m min_m + bias[n])      (float32, no fma)
 // which is within M / (2 * scale) (+ float rounding) of the exact float score.
 // The top-k is kept per query and per thread while scanning (topk.h), never as a (B, N) matrix;
-// for k >= 24 the SIMD kernels use two passes (block maxima, then a rescan of the ~k blocks that
-// can hold a winner: see block_bound in topk.h).
+// for k >= 24 the SIMD kernels use two passes (block maxima, then only the ~k blocks that can
+// hold a winner, read back from the pass-1 sums kept in scratch, or re-scanned when B * nblocks
+// is too large to keep them: see block_bound in topk.h).
 // lut_topk, 8-bit (K = 256) and lut_score: exact float sums, subspaces added in order 0..M-1.
-// compute_lut: LUT[b, m, j] = <q_m, C_m[j]>, float32 (the per-call step before every scan).
+// compute_lut: LUT[b, m, j] = <q_m, C_m[j]>, float32 (the per-call step before every scan);
+// power-of-two dsub <= 16 reads the codebooks in place (pairwise-summed dot products), other dsub
+// through a transposed copy.
 //
 // Kernel set: AVX-512 (F/BW/VL/DQ), else AVX2+FMA, else scalar, from __builtin_cpu_supports.
 // TORCHAQ_FORCE_SCALAR=1 or TORCHAQ_CPU_ISA=scalar|avx2|avx512 override it; both are read at
@@ -22,12 +25,21 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <memory>
+#include <new>
 #include <vector>
 
+#include "scan_generic.h"
 #include "scan_kernels.h"
 #include "topk.h"
 
@@ -71,7 +83,7 @@ Isa current_isa() {
 }
 
 struct Kernels {
-  void (*compute_lut)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
+  void (*compute_lut)(const float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
   void (*topk4)(const Topk4Args&, const Task&);
   void (*topk8)(const FloatScanArgs&, const Task&);
   void (*score4)(const FloatScanArgs&, const Task&);
@@ -117,6 +129,10 @@ int64_t check_scan_args(const at::Tensor& lut, const at::Tensor& packed, int64_t
   return bits;
 }
 
+// Pass-1 sums of the 4-bit two-pass top-k are kept for pass 2 up to this size (B * nblocks * 64
+// bytes: B = 512 at V = 30k, B = 64 at V = 256k); beyond it pass 2 re-scans its few blocks.
+constexpr int64_t kMaxKeptSumsBytes = int64_t(32) << 20;
+
 // Split B queries x nblocks code blocks into a TQ x TB grid of tasks. Blocks are split first:
 // each task then streams its share of the codes once for all its queries. Queries are split
 // when there are too few blocks to go round (small vocabularies with a large batch).
@@ -136,12 +152,51 @@ Plan make_plan(int64_t B, int64_t nblocks, int64_t P) {
 }
 
 // Runs fn(task) over the plan's grid, with the running top-k (if any) laid out as topk[bi * B + q].
+// Bytes of Task::work for all the tasks of a plan.
+int64_t work_bytes(const Plan& plan, int64_t P) { return plan.TQ * plan.TB * plan.qchunk * scratch_bytes_per_query(P); }
+
+// One call's scratch, carved into 64-byte aligned pieces (not zeroed) from a single buffer. Calls
+// that need at most kKeep bytes -- batch 1 and other small ones -- reuse a per-thread buffer
+// (kept until the thread exits), so the hot path pays no allocation and no zero-fill; larger
+// calls own a buffer for the duration of the call.
+class Scratch {
+ public:
+  static constexpr size_t kKeep = size_t(4) << 20;
+  // The byte size of every piece, in the order take() will be called.
+  explicit Scratch(std::initializer_list<int64_t> sizes) {
+    size_t total = 64;
+    for (int64_t n : sizes) total += round_up(size_t(n));
+    uint8_t* base;
+    if (total > kKeep) {
+      owned_.reset(new uint8_t[total]);
+      base = owned_.get();
+    } else {
+      thread_local std::unique_ptr<uint8_t[]> kept;
+      if (!kept) kept.reset(new uint8_t[kKeep]);
+      base = kept.get();
+    }
+    next_ = base + (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
+    end_ = base + total;
+  }
+  template <typename T>
+  T* take(int64_t count) {
+    T* p = reinterpret_cast<T*>(next_);
+    next_ += round_up(size_t(count) * sizeof(T));
+    TORCH_INTERNAL_ASSERT(next_ <= end_, "torchaq: scratch pieces exceed their declared sizes");
+    return p;
+  }
+
+ private:
+  static size_t round_up(size_t n) { return (n + 63) / 64 * 64; }
+  std::unique_ptr<uint8_t[]> owned_;
+  uint8_t* next_;
+  uint8_t* end_;
+};
+
 template <typename Fn>
-void run_tasks(const Plan& plan, int64_t B, int64_t nblocks, int64_t P, TopK* topk, Fn fn) {
+void run_tasks(const Plan& plan, int64_t B, int64_t nblocks, int64_t P, TopK* topk, uint8_t* work, Fn fn) {
   const int64_t scratch = scratch_bytes_per_query(P);
   const int64_t ntasks = plan.TQ * plan.TB;
-  std::vector<uint8_t> work_buf(static_cast<size_t>(ntasks * plan.qchunk * scratch + 64));
-  uint8_t* work = work_buf.data() + (64 - reinterpret_cast<uintptr_t>(work_buf.data()) % 64) % 64;
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t qi = i / plan.TB, bi = i % plan.TB;
@@ -158,48 +213,111 @@ void run_tasks(const Plan& plan, int64_t B, int64_t nblocks, int64_t P, TopK* to
   });
 }
 
-// Per-query uint8 LUT (B, 2P, 16) (rows >= M stay zero), 1 / scale and the sum of offsets.
+// True if x[0, n) holds no inf or nan (exponent bits not all ones), ~n / 16 vector steps.
+bool all_finite(const float* x, int64_t n) {
+  int64_t i = 0;
+  bool ok = true;
+#if defined(__SSE2__)
+  const __m128i abs_mask = _mm_set1_epi32(0x7fffffff), max_finite = _mm_set1_epi32(0x7f7fffff);
+  __m128i bad[4] = {_mm_setzero_si128(), _mm_setzero_si128(), _mm_setzero_si128(), _mm_setzero_si128()};
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 4; ++j) {
+      const __m128i v = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i + 4 * j)), abs_mask);
+      bad[j] = _mm_or_si128(bad[j], _mm_cmpgt_epi32(v, max_finite));
+    }
+  ok = _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(bad[0], bad[1]), _mm_or_si128(bad[2], bad[3]))) == 0;
+#endif
+  for (; i < n; ++i) ok = ok && std::isfinite(x[i]);
+  return ok;
+}
+
+// min and max of the 16 entries of one LUT row; *finite is cleared if any entry is inf or nan
+// (x * 0 is nan exactly for those), which min / max comparisons alone would skip.
+inline void row_range(const float* l, float* lo, float* hi, bool* finite) {
+#if defined(__SSE2__)
+  __m128 mn = _mm_loadu_ps(l), mx = mn, bad = _mm_mul_ps(mn, _mm_setzero_ps());
+  for (int j = 4; j < 16; j += 4) {
+    const __m128 x = _mm_loadu_ps(l + j);
+    mn = _mm_min_ps(mn, x);
+    mx = _mm_max_ps(mx, x);
+    bad = _mm_add_ps(bad, _mm_mul_ps(x, _mm_setzero_ps()));
+  }
+  mn = _mm_min_ps(mn, _mm_movehl_ps(mn, mn));
+  mn = _mm_min_ss(mn, _mm_shuffle_ps(mn, mn, 1));
+  mx = _mm_max_ps(mx, _mm_movehl_ps(mx, mx));
+  mx = _mm_max_ss(mx, _mm_shuffle_ps(mx, mx, 1));
+  bad = _mm_add_ps(bad, _mm_movehl_ps(bad, bad));
+  bad = _mm_add_ss(bad, _mm_shuffle_ps(bad, bad, 1));
+  *lo = _mm_cvtss_f32(mn);
+  *hi = _mm_cvtss_f32(mx);
+  if (_mm_cvtss_f32(bad) != 0.f) *finite = false;
+#else
+  float a = l[0], b = l[0], z = 0.f;
+  for (int j = 0; j < 16; ++j) {
+    a = std::min(a, l[j]);
+    b = std::max(b, l[j]);
+    z += l[j] * 0.f;
+  }
+  *lo = a;
+  *hi = b;
+  if (z != 0.f) *finite = false;
+#endif
+}
+
+// q[j] = uint8(min(255, (l[j] - mn) * sf + 0.5)) for the 16 entries of one row (the values are
+// >= 0.5, so truncation rounds to nearest; the saturating packs do the min).
+inline void quantize_row(const float* l, float mn, float sf, uint8_t* q) {
+#if defined(__SSE2__)
+  const __m128 vmn = _mm_set1_ps(mn), vsf = _mm_set1_ps(sf), half = _mm_set1_ps(0.5f);
+  __m128i w[4];
+  for (int j = 0; j < 4; ++j)
+    w[j] = _mm_cvttps_epi32(_mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(l + 4 * j), vmn), vsf), half));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
+                   _mm_packus_epi16(_mm_packs_epi32(w[0], w[1]), _mm_packs_epi32(w[2], w[3])));
+#else
+  for (int j = 0; j < 16; ++j) q[j] = uint8_t(std::min(255.f, (l[j] - mn) * sf + 0.5f));
+#endif
+}
+
+// Per-query uint8 LUT (B, 2P, 16) (rows >= M zero), 1 / scale and the sum of offsets.
 void quantize_lut(const at::Tensor& lut, int64_t P, uint8_t* qlut, float* inv_scale, float* offset) {
   const int64_t B = lut.size(0), M = lut.size(1);
   TORCH_CHECK_VALUE(M < 65535, "lut_topk: 4-bit codes support M < 65535 subspaces, got M = ", M);
   const float* L = lut.const_data_ptr<float>();
-  std::memset(qlut, 0, size_t(B * 2 * P * 16));
-  bool finite = true;
-  std::vector<uint8_t> bad(static_cast<size_t>(B), 0);
-  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-    std::vector<double> mins(static_cast<size_t>(M));
+  std::atomic<bool> lut_finite{true};
+  // ~M * 16 entries per query: a few queries already pay for a thread
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / (16 * M)), [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> mins;  // reused: no allocation per call
+    if (mins.size() < size_t(M)) mins.resize(size_t(M));
     for (int64_t b = begin; b < end; ++b) {
       const float* l = L + b * M * 16;
+      uint8_t* q = qlut + b * 2 * P * 16;
+      std::memset(q + M * 16, 0, size_t((2 * P - M) * 16));
       double maxr = 0, sumr = 0, off = 0;
+      bool finite = true;
       for (int64_t m = 0; m < M; ++m) {
-        double lo = l[m * 16], hi = l[m * 16];
-        for (int j = 1; j < 16; ++j) {
-          lo = std::min(lo, double(l[m * 16 + j]));
-          hi = std::max(hi, double(l[m * 16 + j]));
-        }
+        float lo, hi;  // exact: both are entries of the row
+        row_range(l + m * 16, &lo, &hi, &finite);
+        const double r = double(hi) - double(lo);  // exact in double
         mins[size_t(m)] = lo;
-        maxr = std::max(maxr, hi - lo);
-        sumr += hi - lo;
+        maxr = std::max(maxr, r);
+        sumr += r;
         off += lo;
       }
-      if (!std::isfinite(sumr) || !std::isfinite(off)) {
-        bad[size_t(b)] = 1;
+      if (!finite || !std::isfinite(sumr) || !std::isfinite(off)) {
+        lut_finite = false;
         continue;
       }
       const double scale = maxr > 0 ? std::min(255.0 / maxr, double(65535 - M) / sumr) : 1.0;
-      uint8_t* q = qlut + b * 2 * P * 16;
       if (scale < 1e37) {
         // float (vectorised): the rounding error of (l - min) * scale is ~1e-7 of a step, far
         // inside the half step of slack that the uint16 budget keeps per subspace
         const float sf = float(scale);
-        for (int64_t m = 0; m < M; ++m) {
-          const float mn = float(mins[size_t(m)]);  // exact: the min is one of the float entries
-          for (int j = 0; j < 16; ++j) q[m * 16 + j] = uint8_t(std::min(255.f, (l[m * 16 + j] - mn) * sf + 0.5f));
-        }
+        for (int64_t m = 0; m < M; ++m) quantize_row(l + m * 16, mins[size_t(m)], sf, q + m * 16);
       } else {  // ranges below ~1e-35: the scale overflows float
         for (int64_t m = 0; m < M; ++m) {
           for (int j = 0; j < 16; ++j) {
-            const double v = (double(l[m * 16 + j]) - mins[size_t(m)]) * scale + 0.5;  // round, v >= 0.5
+            const double v = (double(l[m * 16 + j]) - double(mins[size_t(m)])) * scale + 0.5;  // round, v >= 0.5
             q[m * 16 + j] = uint8_t(std::min(255.0, v));
           }
         }
@@ -208,22 +326,22 @@ void quantize_lut(const at::Tensor& lut, int64_t P, uint8_t* qlut, float* inv_sc
       offset[b] = float(off);
     }
   });
-  for (uint8_t x : bad) finite = finite && x == 0;
-  TORCH_CHECK_VALUE(finite, "lut_topk: the 4-bit scan quantizes the LUT and needs finite entries (got inf or nan)");
+  TORCH_CHECK_VALUE(lut_finite, "lut_topk needs finite lut entries (got inf or nan)");
 }
 
 // Merge the TB partial top-k of every query into the sorted output; value(q, key) de-quantizes.
 // Sorting packs (key order bits, inverted index) into one uint64, so that a plain descending
 // integer sort is the (key desc, index asc) order.
 template <typename ValueFn>
-void merge_topk(std::vector<TopK>& topk, int64_t B, int64_t TB, int64_t kk, float* values, int64_t* indices,
+void merge_topk(TopK* topk, int64_t B, int64_t TB, int64_t kk, float* values, int64_t* indices,
                 ValueFn value) {
-  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-    std::vector<uint64_t> cand;
+  // a sort of TB * k keys per query: two queries already pay for a thread
+  at::parallel_for(0, B, 2, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<uint64_t> cand;  // reused: no allocation per call
     for (int64_t q = begin; q < end; ++q) {
       cand.clear();
       for (int64_t bi = 0; bi < TB; ++bi) {
-        TopK& t = topk[size_t(bi * B + q)];
+        TopK& t = topk[bi * B + q];
         if (t.size > t.k) topk_compact(t);
         for (int64_t i = 0; i < t.size; ++i)
           cand.push_back(uint64_t(order_bits(t.key[i])) << 32 | uint64_t(0xFFFFFFFFu - uint32_t(t.idx[i])));
@@ -265,51 +383,58 @@ std::tuple<at::Tensor, at::Tensor> lut_topk_cpu(const at::Tensor& lut_in, const 
   const int64_t nblocks = packed.size(0), P = packed.size(1);
   const Kernels kern = kernels_for(current_isa());
   const Plan plan = make_plan(B, nblocks, P);
+  const bool four = bits == 4, has_bias = bias.has_value();
+  // a nan / inf score has no place in a ranking: refuse it (the 4-bit LUT is checked as it is
+  // quantized, below)
+  TORCH_CHECK_VALUE(!has_bias || all_finite(bias->const_data_ptr<float>(), num_classes),
+                    "lut_topk needs a finite bias (got inf or nan)");
+  TORCH_CHECK_VALUE(four || all_finite(lut.const_data_ptr<float>(), lut.numel()),
+                    "lut_topk needs finite lut entries (got inf or nan)");
 
+  // scratch: running top-k buffers, then (4-bit) the quantized LUT, the bias in kernel order,
+  // the two-pass block maxima / selection scratch and the kept pass-1 sums (when they fit)
   const int64_t cap = 2 * kk + 2 * kBlock, stride = cap + 16;  // see TopK
-  const size_t ntopk = static_cast<size_t>(plan.TB * B);
-  std::vector<float> keys(ntopk * size_t(stride + cap));
-  std::vector<int32_t> ids(ntopk * size_t(stride + 2 * cap));
-  std::vector<TopK> topk(ntopk);
-  for (size_t i = 0; i < ntopk; ++i) {
-    float* kp = keys.data() + i * size_t(stride + cap);
-    int32_t* ip = ids.data() + i * size_t(stride + 2 * cap);
-    topk[i] = TopK{kp, ip, ip + stride, kp + stride, 0, kk, cap, 0.f, 0};
+  const int64_t ntopk = plan.TB * B, ntasks = plan.TQ * plan.TB;
+  const bool keep_sums = four && B * nblocks * kBlock * 2 <= kMaxKeptSumsBytes;
+  Scratch scratch({ntopk * (stride + cap) * 4, ntopk * (stride + 2 * cap) * 4, ntopk * int64_t(sizeof(TopK)),
+                   work_bytes(plan, P), four ? B * 2 * P * 16 : 0, four ? 4 * B : 0, four ? 4 * B : 0,
+                   four ? B * nblocks * 4 : 0,
+                   four ? ntasks * (nblocks + 16) * 4 : 0, keep_sums ? B * nblocks * kBlock * 2 : 0});
+  float* keys = scratch.take<float>(ntopk * (stride + cap));
+  int32_t* ids = scratch.take<int32_t>(ntopk * (stride + 2 * cap));
+  TopK* topk = scratch.take<TopK>(ntopk);
+  for (int64_t i = 0; i < ntopk; ++i) {
+    float* kp = keys + i * (stride + cap);
+    int32_t* ip = ids + i * (stride + 2 * cap);
+    new (&topk[i]) TopK{kp, ip, ip + stride, kp + stride, 0, kk, cap, 0.f, 0};
   }
+  uint8_t* work = scratch.take<uint8_t>(work_bytes(plan, P));
   float* vals = values.data_ptr<float>();
   int64_t* idx = indices.data_ptr<int64_t>();
 
-  if (bits == 4) {
-    std::vector<uint8_t> qlut(static_cast<size_t>(B * 2 * P * 16));
-    std::vector<float> inv_scale(static_cast<size_t>(B)), offset(static_cast<size_t>(B));
-    quantize_lut(lut, P, qlut.data(), inv_scale.data(), offset.data());
-    // bias in kernel order: per block the 16 even classes, then the 16 odd ones (the SIMD
-    // kernels produce the uint16 sums in that order)
-    std::vector<float> bias_eo;
-    const float* bias_ptr = nullptr;
-    if (bias.has_value()) {
-      bias_ptr = bias->const_data_ptr<float>();
-      bias_eo.assign(size_t(nblocks * kBlock), 0.f);
-      for (int64_t n = 0; n < num_classes; ++n) {
-        const int64_t i = n % kBlock;
-        bias_eo[size_t(n - i + (i & 1) * 16 + i / 2)] = bias_ptr[n];
-      }
-    }
-    // two-pass scratch (SIMD kernels)
-    std::vector<float> bmax(static_cast<size_t>(B * nblocks));
-    std::vector<uint32_t> select(static_cast<size_t>(plan.TQ * plan.TB * (nblocks + 16)));
-    Topk4Args a{packed.const_data_ptr<uint8_t>(), P, num_classes, qlut.data(), inv_scale.data(), offset.data(),
-                bias_ptr, bias.has_value() ? bias_eo.data() : nullptr, nblocks, bmax.data(), select.data()};
-    run_tasks(plan, B, nblocks, P, topk.data(), [&](const Task& t) { kern.topk4(a, t); });
-    const bool has_bias = bias.has_value();
+  if (four) {
+    uint8_t* qlut = scratch.take<uint8_t>(B * 2 * P * 16);
+    float* inv_scale = scratch.take<float>(B);
+    float* offset = scratch.take<float>(B);
+    quantize_lut(lut, P, qlut, inv_scale, offset);
+    // the kernels read the bias in place; the last block's is zero-padded to a whole block
+    const float* bias_ptr = has_bias ? bias->const_data_ptr<float>() : nullptr;
+    float bias_tail[kBlock] = {};
+    for (int64_t n = (nblocks - 1) * kBlock; has_bias && n < num_classes; ++n) bias_tail[n % kBlock] = bias_ptr[n];
+    float* bmax = scratch.take<float>(B * nblocks);
+    uint32_t* select = scratch.take<uint32_t>(ntasks * (nblocks + 16));
+    uint16_t* bsums = keep_sums ? scratch.take<uint16_t>(B * nblocks * kBlock) : nullptr;
+    Topk4Args a{packed.const_data_ptr<uint8_t>(), P, num_classes, qlut, inv_scale, offset, bias_ptr, bias_tail,
+                nblocks, bmax, bsums, select};
+    run_tasks(plan, B, nblocks, P, topk, work, [&](const Task& t) { kern.topk4(a, t); });
     merge_topk(topk, B, plan.TB, kk, vals, idx, [&](int64_t q, float key) {
       // with a bias the key already is the de-quantized score; without, it is the uint16 sum
-      return has_bias ? key : key * inv_scale[size_t(q)] + offset[size_t(q)];
+      return has_bias ? key : key * inv_scale[q] + offset[q];
     });
   } else {
     FloatScanArgs a{packed.const_data_ptr<uint8_t>(), P, M, num_classes, lut.const_data_ptr<float>(),
-                    bias.has_value() ? bias->const_data_ptr<float>() : nullptr, nullptr};
-    run_tasks(plan, B, nblocks, P, topk.data(), [&](const Task& t) { kern.topk8(a, t); });
+                    has_bias ? bias->const_data_ptr<float>() : nullptr, nullptr};
+    run_tasks(plan, B, nblocks, P, topk, work, [&](const Task& t) { kern.topk8(a, t); });
     merge_topk(topk, B, plan.TB, kk, vals, idx, [](int64_t, float key) { return key; });
   }
   return {values, indices};
@@ -333,18 +458,22 @@ at::Tensor compute_lut_cpu(const at::Tensor& queries, const at::Tensor& codebook
   if (dsub == 0) return out.zero_();
   const at::Tensor q = queries.to(at::kFloat).contiguous();
   const at::Tensor c = codebooks.to(at::kFloat).contiguous();
-  // codebooks transposed to (M, dsub, K) so the kernel's inner loop runs over K contiguous
-  // entries; a plain loop, as a strided ATen copy costs more than the whole LUT at batch 1
-  std::vector<float> ct(static_cast<size_t>(M * dsub * K));
   const float* cp = c.const_data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < K; ++j)
-      for (int64_t t = 0; t < dsub; ++t) ct[size_t((m * dsub + t) * K + j)] = cp[(m * K + j) * dsub + t];
+  // other dsub: codebooks transposed to (M, dsub, K) so the kernel's inner loop runs over K
+  // contiguous entries (a plain loop: a strided ATen copy costs more than the whole LUT at batch 1)
+  std::vector<float> ct;
+  if (!is_tree_dsub(dsub)) {
+    ct.resize(static_cast<size_t>(M * dsub * K));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < K; ++j)
+        for (int64_t t = 0; t < dsub; ++t) ct[size_t((m * dsub + t) * K + j)] = cp[(m * K + j) * dsub + t];
+  }
   const Kernels kern = kernels_for(current_isa());
   const float* qp = q.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const float* ctp = ct.empty() ? nullptr : ct.data();
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, M * K * dsub));
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { kern.compute_lut(qp, ct.data(), b0, b1, M, K, dsub, op); });
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { kern.compute_lut(qp, cp, ctp, b0, b1, M, K, dsub, op); });
   return out;
 }
 
@@ -364,7 +493,9 @@ at::Tensor lut_score_cpu(const at::Tensor& lut_in, const at::Tensor& packed_in, 
   const Kernels kern = kernels_for(current_isa());
   FloatScanArgs a{packed.const_data_ptr<uint8_t>(), P, M, num_classes, lut.const_data_ptr<float>(),
                   bias.has_value() ? bias->const_data_ptr<float>() : nullptr, out.data_ptr<float>()};
-  run_tasks(make_plan(B, nblocks, P), B, nblocks, P, nullptr,
+  const Plan plan = make_plan(B, nblocks, P);
+  Scratch scratch({work_bytes(plan, P)});
+  run_tasks(plan, B, nblocks, P, nullptr, scratch.take<uint8_t>(work_bytes(plan, P)),
             [&](const Task& t) { bits == 4 ? kern.score4(a, t) : kern.score8(a, t); });
   return out;
 }

@@ -53,12 +53,24 @@ inline void block_sums(const uint8_t* codes, int64_t P, const uint8_t* T, int64_
 template <bool kBias>
 inline void block_keys(const Topk4Args& a, int64_t q, int64_t base, __m256i even, __m256i odd, __m256* k) {
   const __m256i src[2] = {even, odd};
+  __m256 bv[4];
+  if (kBias) {  // the bias in natural order, split into the same four groups of classes
+    const float* b = base + kBlock <= a.num_classes ? a.bias + base : a.bias_tail;
+    for (int h = 0; h < 2; ++h) {
+      const __m256 x0 = _mm256_loadu_ps(b + 16 * h), x1 = _mm256_loadu_ps(b + 16 * h + 8);
+      // per 128-bit lane (x0_0, x0_2, x1_0, x1_2 | x0_4, x0_6, x1_4, x1_6); then 64-bit pairs reordered
+      const __m256 e = _mm256_shuffle_ps(x0, x1, _MM_SHUFFLE(2, 0, 2, 0));
+      const __m256 o = _mm256_shuffle_ps(x0, x1, _MM_SHUFFLE(3, 1, 3, 1));
+      bv[h] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0)));
+      bv[2 + h] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0)));
+    }
+  }
   for (int v = 0; v < 4; ++v) {
     const __m128i half = (v & 1) ? _mm256_extracti128_si256(src[v >> 1], 1) : _mm256_castsi256_si128(src[v >> 1]);
     k[v] = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(half));
     if (kBias) {
       k[v] = _mm256_add_ps(_mm256_mul_ps(k[v], _mm256_set1_ps(a.inv_scale[q])),
-                           _mm256_add_ps(_mm256_set1_ps(a.offset[q]), _mm256_loadu_ps(a.bias_eo + base + 8 * v)));
+                           _mm256_add_ps(_mm256_set1_ps(a.offset[q]), bv[v]));
     }
   }
 }
@@ -114,6 +126,7 @@ void scan_group(const Topk4Args& a, const Task& t, int64_t q, int64_t c0, int64_
           }
         }
         a.bmax[(q + j) * a.nblocks + blk] = best;
+        if (a.bsums != nullptr) store_sums(a.bsums + ((q + j) * a.nblocks + blk) * kBlock, even[j], odd[j]);
       } else {
         block_keys<kBias>(a, q + j, base, even[j], odd[j], k);
         emit(a, t.topk[q + j - t.q0], base, k);
@@ -155,7 +168,11 @@ void topk4_impl(const Topk4Args& a, const Task& t) {
       if (!(bm[blk] >= T) && base + kBlock <= a.num_classes) continue;
       __m256i even, odd;
       __m256 k[4];
-      block_sums<1>(a.packed + blk * a.P * kBlock, a.P, a.qlut + q * tstride, tstride, &even, &odd);
+      if (a.bsums != nullptr) {
+        load_sums(a.bsums + (q * a.nblocks + blk) * kBlock, &even, &odd);
+      } else {
+        block_sums<1>(a.packed + blk * a.P * kBlock, a.P, a.qlut + q * tstride, tstride, &even, &odd);
+      }
       block_keys<kBias>(a, q, base, even, odd, k);
       emit(a, h, base, k);
     }
@@ -165,15 +182,15 @@ void topk4_impl(const Topk4Args& a, const Task& t) {
 }  // namespace
 
 void topk4_avx2(const Topk4Args& a, const Task& t) {
-  if (a.bias_eo != nullptr) {
+  if (a.bias != nullptr) {
     topk4_impl<true>(a, t);
   } else {
     topk4_impl<false>(a, t);
   }
 }
-void compute_lut_avx2(const float* q, const float* ct, int64_t b0, int64_t b1, int64_t M, int64_t K,
-                      int64_t dsub, float* out) {
-  compute_lut_generic(q, ct, b0, b1, M, K, dsub, out);
+void compute_lut_avx2(const float* q, const float* c, const float* ct, int64_t b0, int64_t b1, int64_t M,
+                      int64_t K, int64_t dsub, float* out) {
+  compute_lut_generic(q, c, ct, b0, b1, M, K, dsub, out);
 }
 void topk8_avx2(const FloatScanArgs& a, const Task& t) { topk8_generic(a, t); }
 void score4_avx2(const FloatScanArgs& a, const Task& t) { score4_generic(a, t); }

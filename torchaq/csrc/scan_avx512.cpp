@@ -89,8 +89,13 @@ inline void block_keys(const Topk4Args& a, int64_t q, int64_t base, __m256i even
   if (kBias) {
     const __m512 inv = _mm512_set1_ps(a.inv_scale[q]);
     const __m512 off = _mm512_set1_ps(a.offset[q]);
-    ke = _mm512_add_ps(_mm512_mul_ps(ke, inv), _mm512_add_ps(off, _mm512_loadu_ps(a.bias_eo + base)));
-    ko = _mm512_add_ps(_mm512_mul_ps(ko, inv), _mm512_add_ps(off, _mm512_loadu_ps(a.bias_eo + base + 16)));
+    // the bias in natural order, split into the even and the odd classes
+    const float* b = base + kBlock <= a.num_classes ? a.bias + base : a.bias_tail;
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    ke = _mm512_add_ps(_mm512_mul_ps(ke, inv), _mm512_add_ps(off, _mm512_permutex2var_ps(b0, ev, b1)));
+    ko = _mm512_add_ps(_mm512_mul_ps(ko, inv), _mm512_add_ps(off, _mm512_permutex2var_ps(b0, od, b1)));
   }
 }
 
@@ -144,6 +149,7 @@ void scan_group(const Topk4Args& a, const Task& t, int64_t q, const uint8_t* xt,
           }
         }
         a.bmax[(q + j) * a.nblocks + blk] = best;
+        if (a.bsums != nullptr) store_sums(a.bsums + ((q + j) * a.nblocks + blk) * kBlock, even[j], odd[j]);
       } else {
         block_keys<kBias>(a, q + j, base, even[j], odd[j], ke, ko);
         emit(a, t.topk[q + j - t.q0], base, ke, ko);
@@ -191,7 +197,11 @@ void topk4_impl(const Topk4Args& a, const Task& t) {
       if (!(bm[blk] >= T) && base + kBlock <= a.num_classes) continue;
       __m256i even, odd;
       __m512 ke, ko;
-      block_sums<1>(a.packed + blk * P * kBlock, P, x, xstride, &even, &odd);
+      if (a.bsums != nullptr) {
+        load_sums(a.bsums + (q * a.nblocks + blk) * kBlock, &even, &odd);
+      } else {
+        block_sums<1>(a.packed + blk * P * kBlock, P, x, xstride, &even, &odd);
+      }
       block_keys<kBias>(a, q, base, even, odd, ke, ko);
       emit(a, h, base, ke, ko);
     }
@@ -217,18 +227,56 @@ void sums4_float_avx512(const float* lut, const uint8_t* codes, int64_t P, float
   _mm512_storeu_ps(acc + 16, a1);
 }
 
+// compute_lut for a power-of-two D = dsub <= 16 and K % 16 == 0, without transposing the
+// codebooks: 16 rows of C_m are D vectors (each lane one product q[t] * C_m[j, t]); adjacent
+// lanes are then added pairwise, halving the vectors at each level, until one vector holds the 16
+// dot products -- the pairwise order of compute_lut_generic.
+template <int D>
+void lut_tree(const float* q, const float* c, int64_t b0, int64_t b1, int64_t M, int64_t K, float* out) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512i lane_t = _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(D - 1));
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t m = 0; m < M; ++m) {
+      const __m512 qm = _mm512_permutexvar_ps(lane_t, _mm512_maskz_loadu_ps(__mmask16((1u << D) - 1), q + (b * M + m) * D));
+      for (int64_t j0 = 0; j0 < K; j0 += 16) {
+        const float* cm = c + (m * K + j0) * D;
+        __m512 v[D];
+        for (int i = 0; i < D; ++i) v[i] = _mm512_mul_ps(_mm512_loadu_ps(cm + 16 * i), qm);
+        for (int n = D; n > 1; n /= 2)
+          for (int i = 0; i < n / 2; ++i)
+            v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], even, v[2 * i + 1]),
+                                 _mm512_permutex2var_ps(v[2 * i], odd, v[2 * i + 1]));
+        _mm512_storeu_ps(out + (b * M + m) * K + j0, v[0]);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void topk4_avx512(const Topk4Args& a, const Task& t) {
-  if (a.bias_eo != nullptr) {
+  if (a.bias != nullptr) {
     topk4_impl<true>(a, t);
   } else {
     topk4_impl<false>(a, t);
   }
 }
-void compute_lut_avx512(const float* q, const float* ct, int64_t b0, int64_t b1, int64_t M, int64_t K,
-                      int64_t dsub, float* out) {
-  compute_lut_generic(q, ct, b0, b1, M, K, dsub, out);
+void compute_lut_avx512(const float* q, const float* c, const float* ct, int64_t b0, int64_t b1, int64_t M,
+                        int64_t K, int64_t dsub, float* out) {
+  if (ct != nullptr || K % 16 != 0) {
+    compute_lut_generic(q, c, ct, b0, b1, M, K, dsub, out);
+    return;
+  }
+  switch (dsub) {
+    case 1: lut_tree<1>(q, c, b0, b1, M, K, out); break;
+    case 2: lut_tree<2>(q, c, b0, b1, M, K, out); break;
+    case 4: lut_tree<4>(q, c, b0, b1, M, K, out); break;
+    case 8: lut_tree<8>(q, c, b0, b1, M, K, out); break;
+    case 16: lut_tree<16>(q, c, b0, b1, M, K, out); break;
+    default: compute_lut_generic(q, c, ct, b0, b1, M, K, dsub, out); break;  // not reached: see scan.cpp
+  }
 }
 void topk8_avx512(const FloatScanArgs& a, const Task& t) { topk8_generic(a, t); }
 void score4_avx512(const FloatScanArgs& a, const Task& t) {

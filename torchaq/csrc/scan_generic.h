@@ -28,20 +28,38 @@ inline void offer_block(TopK& h, const float* key, int64_t blk, int64_t n) {
   topk_block_done(h);
 }
 
-// LUT[b, m, j] = <q[b, m*dsub : (m+1)*dsub], C[m, j]> for b in [b0, b1), with the codebooks
-// given transposed, ct = (M, dsub, K), so the inner loop runs over K contiguous entries.
-inline void compute_lut_generic(const float* q, const float* ct, int64_t b0, int64_t b1, int64_t M, int64_t K,
-                                int64_t dsub, float* out) {
+// dsub values for which compute_lut reads the codebooks as given and sums each dot product as a
+// pairwise tree (below).
+inline bool is_tree_dsub(int64_t dsub) { return dsub >= 1 && dsub <= 16 && (dsub & (dsub - 1)) == 0; }
+
+// LUT[b, m, j] = <q[b, m*dsub : (m+1)*dsub], C[m, j]> for b in [b0, b1).
+// Power-of-two dsub <= 16 (every quantizer of d = 2^k): from the codebooks as given, c = (M, K,
+// dsub); each dot product is summed as the pairwise tree ((p0 + p1) + (p2 + p3)) + ..., the
+// order in which the AVX-512 kernel reduces adjacent lanes, so both give identical floats.
+// Other dsub: from the codebooks transposed, ct = (M, dsub, K), summed t = 0, 1, ... in order.
+inline void compute_lut_generic(const float* q, const float* c, const float* ct, int64_t b0, int64_t b1, int64_t M,
+                                int64_t K, int64_t dsub, float* out) {
   const int64_t d = M * dsub;
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t m = 0; m < M; ++m) {
       float* o = out + (b * M + m) * K;
       const float* qm = q + b * d + m * dsub;
-      const float* c = ct + m * dsub * K;
+      if (ct == nullptr) {
+        for (int64_t j = 0; j < K; ++j) {
+          const float* cj = c + (m * K + j) * dsub;
+          float p[16];
+          for (int64_t t = 0; t < dsub; ++t) p[t] = qm[t] * cj[t];
+          for (int64_t w = 1; w < dsub; w *= 2)
+            for (int64_t t = 0; t + w < dsub; t += 2 * w) p[t] += p[t + w];
+          o[j] = p[0];
+        }
+        continue;
+      }
+      const float* cm = ct + m * dsub * K;
       for (int64_t j = 0; j < K; ++j) o[j] = 0.f;
       for (int64_t t = 0; t < dsub; ++t) {
         const float x = qm[t];
-        for (int64_t j = 0; j < K; ++j) o[j] += x * c[t * K + j];
+        for (int64_t j = 0; j < K; ++j) o[j] += x * cm[t * K + j];
       }
     }
   }

@@ -51,9 +51,11 @@ struct Topk4Args {
   const float* inv_scale; // (B,) 1 / scale
   const float* offset;    // (B,) sum_m min_m lut[b, m, :]
   const float* bias;      // (N,) natural order, or null
-  const float* bias_eo;   // (nblocks * 32,) bias in "even/odd" kernel order (see scan.cpp), or null
+  const float* bias_tail; // (32,) bias of the last block's classes, zero-padded (with a bias)
   int64_t nblocks;
   float* bmax;            // (B, nblocks) scratch for the two-pass top-k of the SIMD kernels
+  uint16_t* bsums;        // (B, nblocks, 32) pass-1 sums (even classes, then odd) kept for pass 2,
+                          // or null: pass 2 then re-scans its blocks (large B * nblocks)
   uint32_t* select;       // (number of tasks, nblocks + 16) scratch for block_bound
 };
 
@@ -72,8 +74,8 @@ struct FloatScanArgs {
 inline int64_t scratch_bytes_per_query(int64_t P) { return 64 * (P + 2); }
 
 #define TORCHAQ_DECLARE_ISA(isa)                                   \
-  void compute_lut_##isa(const float* q, const float* ct, int64_t b0, int64_t b1, int64_t M, int64_t K, \
-                         int64_t dsub, float* out);                \
+  void compute_lut_##isa(const float* q, const float* c, const float* ct, int64_t b0, int64_t b1, int64_t M, \
+                         int64_t K, int64_t dsub, float* out);     \
   void topk4_##isa(const Topk4Args& a, const Task& t);             \
   void topk8_##isa(const FloatScanArgs& a, const Task& t);         \
   void score4_##isa(const FloatScanArgs& a, const Task& t);        \

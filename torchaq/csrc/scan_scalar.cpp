@@ -6,9 +6,9 @@ namespace torchaq {
 namespace cpu {
 
 void topk4_scalar(const Topk4Args& a, const Task& t) { topk4_generic(a, t); }
-void compute_lut_scalar(const float* q, const float* ct, int64_t b0, int64_t b1, int64_t M, int64_t K,
-                        int64_t dsub, float* out) {
-  compute_lut_generic(q, ct, b0, b1, M, K, dsub, out);
+void compute_lut_scalar(const float* q, const float* c, const float* ct, int64_t b0, int64_t b1, int64_t M,
+                      int64_t K, int64_t dsub, float* out) {
+  compute_lut_generic(q, c, ct, b0, b1, M, K, dsub, out);
 }
 void topk8_scalar(const FloatScanArgs& a, const Task& t) { topk8_generic(a, t); }
 void score4_scalar(const FloatScanArgs& a, const Task& t) { score4_generic(a, t); }

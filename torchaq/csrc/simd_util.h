@@ -18,6 +18,16 @@ inline float max_u16(__m256i even, __m256i odd) {
   return float(0xFFFF - (uint32_t(_mm_cvtsi128_si32(mn)) & 0xFFFF));
 }
 
+// A block's 32 uint16 sums (16 even classes, then 16 odd), kept between the passes of the top-k.
+inline void store_sums(uint16_t* dst, __m256i even, __m256i odd) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), even);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), odd);
+}
+inline void load_sums(const uint16_t* src, __m256i* even, __m256i* odd) {
+  *even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  *odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16));
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace torchaq
