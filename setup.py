@@ -62,6 +62,8 @@ def _ext_modules_and_cmdclass():
                 return compile_one(obj, src, ext_, cc_args, extra_postargs, pp_opts)
 
             self.compiler._compile = _compile
+            # distutils reuses objects whose flags changed (e.g. -fopenmp): always rebuild
+            self.force = self.compiler.force = True
             try:
                 super().build_extension(ext)
             finally:

@@ -23,6 +23,14 @@ full cross-entropy for any ``m``. With ``remove_accidental_hits=False`` draws of
 kept as negatives (as in TensorFlow's ``sampled_softmax_loss``), which over-counts
 ``exp(l_t)`` on average.
 
+Training with Adam (``examples/train_lm.py``: V = 30522, 1024 rows per step, 300 steps,
+validation perplexity with the exact softmax; full softmax 161.1): 1024 draws reach 199.6
+(+24%), 4096 draws 167.0 (+3.7%; seed 1: +3.9%), although the loss estimate itself is accurate (its mean is
+within 0.003 nats of the full cross-entropy at the end). A row gets a negative gradient only on
+the steps it is drawn (or in a hard set), and Adam's per-coordinate normalisation turns those
+rare, importance-weighted spikes into much less movement than the full softmax's small gradient
+on every row at every step; more draws reach more rows per step.
+
 Proposals (``sampler``):
 
 * ``"uniform"``: ``Q = 1 / V``.
@@ -180,7 +188,8 @@ def layer_sampled_softmax_loss(
 
     Args:
         layer: the :class:`torchaq.QuantizedSoftmax` (``self`` when called as a method).
-        num_sampled: draws from the proposal, ``1 <= num_sampled <= V``.
+        num_sampled: draws from the proposal, ``1 <= num_sampled <= V``. With Adam, more
+            draws train closer to the full softmax (module docstring: 1024 vs 4096 draws).
         sampler: ``"quantized"`` (proposal and hard negatives from the LUT scores of the
             quantized index), ``"uniform"``, or ``"unigram"`` (needs ``class_counts``).
         remove_accidental_hits: drop draws equal to the row's target.
