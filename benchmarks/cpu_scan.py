@@ -11,7 +11,7 @@ scan does not depend on the data, and the recall column is only a sanity check o
 quantization (recall@10 of the scan against the exact float LUT scores of the same codes), not a
 measure of PQ quality on a real vocabulary.
 
-    python benchmarks/cpu_scan.py            # ~5-8 minutes on 2 cores
+    python benchmarks/cpu_scan.py            # about a minute on 2 quiet cores
     python benchmarks/cpu_scan.py --quick    # smaller vocabularies, smoke test
 """
 from __future__ import annotations

@@ -168,11 +168,13 @@ def test_lut_topk_4bit_rescan_path():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_thread_split_gives_identical_results(bits):
-    """The scan splits code blocks (and queries) over threads; the total order (key, then index)
-    makes the merged top-k independent of the split. Also checks the op really runs threaded:
-    the extension must be built with OpenMP, or at::parallel_for silently runs serially."""
-    lut, packed, codes, b = make_case(5, 20011, 12, bits, seed=5, bias=True)
+@pytest.mark.parametrize("batch", [5, 9])
+def test_thread_split_gives_identical_results(bits, batch):
+    """The scan splits code blocks (batch 5) or queries (batch 9: groups of four per thread, one
+    short) over threads; the total order (key, then index) makes the merged top-k independent of
+    the split. Also checks the op really runs threaded: the extension must be built with
+    OpenMP, or at::parallel_for silently runs serially."""
+    lut, packed, codes, b = make_case(batch, 20011, 12, bits, seed=5, bias=True)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
