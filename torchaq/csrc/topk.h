@@ -123,11 +123,33 @@ inline void topk_block_done(TopK& t) {
 // best key is >= T (about k of them, plus the partial block) and offers keys >= T. This leaves
 // no per-block branch in pass 1, where a one-pass running top-k takes a mispredicted branch in
 // every block that holds a candidate (hundreds per query at k = 100). Requires nb >= k.
-// Returns T, and arms t's threshold at "key >= T" unless T is -inf or nan (then all pass).
-// tmp: nb entries of scratch.
+// T is found by bisection on the keys' order bits, one vectorised counting pass per step, and
+// need not be the exact k-th largest maximum: the search stops as soon as between k and
+// k + kBoundSlack blocks reach the candidate (pass 2 then reads a few more blocks, cheaper than
+// more steps). Returns T, and arms t's threshold at "key >= T" unless T is -inf or nan (then all
+// pass). tmp: nb entries of scratch.
+constexpr int64_t kBoundSlack = 8;
 inline float block_bound(TopK& t, const float* bmax, int64_t nb, uint32_t* tmp) {
-  int64_t remaining;
-  const float T = from_order_bits(kth_largest_bits(bmax, nb, t.k, &remaining, tmp));
+  uint32_t lo = ~0u, hi = 0;
+  for (int64_t i = 0; i < nb; ++i) {
+    tmp[i] = order_bits(bmax[i]);
+    lo = tmp[i] < lo ? tmp[i] : lo;
+    hi = tmp[i] > hi ? tmp[i] : hi;
+  }
+  // invariant: at least k blocks reach lo (all do at the minimum, and nb >= k); fewer than k
+  // reach hi + 1
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo) / 2 + 1;  // in (lo, hi]
+    int64_t reach = 0;
+    for (int64_t i = 0; i < nb; ++i) reach += tmp[i] >= mid;
+    if (reach >= t.k) {
+      lo = mid;
+      if (reach <= t.k + kBoundSlack) break;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const float T = from_order_bits(lo);
   if (T == T && T > -INFINITY) {
     t.thr = std::nextafter(T, -INFINITY);
     t.has_thr = 1;
