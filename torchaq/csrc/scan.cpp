@@ -30,7 +30,6 @@
 #endif
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -156,7 +155,6 @@ Plan make_plan(int64_t B, int64_t nblocks, int64_t P) {
   return {(B + qchunk - 1) / qchunk, (nblocks + bchunk - 1) / bchunk, qchunk, bchunk};
 }
 
-// Runs fn(task) over the plan's grid, with the running top-k (if any) laid out as topk[bi * B + q].
 // Bytes of Task::work for all the tasks of a plan.
 int64_t work_bytes(const Plan& plan, int64_t P) { return plan.TQ * plan.TB * plan.qchunk * scratch_bytes_per_query(P); }
 
@@ -198,6 +196,7 @@ class Scratch {
   uint8_t* end_;
 };
 
+// Runs fn(task) over the plan's grid, with the running top-k (if any) laid out as topk[bi * B + q].
 template <typename Fn>
 void run_tasks(const Plan& plan, int64_t B, int64_t nblocks, int64_t P, TopK* topk, uint8_t* work, Fn fn) {
   const int64_t scratch = scratch_bytes_per_query(P);
@@ -236,36 +235,24 @@ bool all_finite(const float* x, int64_t n) {
   return ok;
 }
 
-// min and max of the 16 entries of one LUT row; *finite is cleared if any entry is inf or nan
-// (x * 0 is nan exactly for those), which min / max comparisons alone would skip.
-inline void row_range(const float* l, float* lo, float* hi, bool* finite) {
+// min and max of the 16 entries of one LUT row (entries are finite: checked by the caller).
+inline void row_range(const float* l, float* lo, float* hi) {
 #if defined(__SSE2__)
-  __m128 mn = _mm_loadu_ps(l), mx = mn, bad = _mm_mul_ps(mn, _mm_setzero_ps());
+  __m128 mn = _mm_loadu_ps(l), mx = mn;
   for (int j = 4; j < 16; j += 4) {
     const __m128 x = _mm_loadu_ps(l + j);
     mn = _mm_min_ps(mn, x);
     mx = _mm_max_ps(mx, x);
-    bad = _mm_add_ps(bad, _mm_mul_ps(x, _mm_setzero_ps()));
   }
   mn = _mm_min_ps(mn, _mm_movehl_ps(mn, mn));
   mn = _mm_min_ss(mn, _mm_shuffle_ps(mn, mn, 1));
   mx = _mm_max_ps(mx, _mm_movehl_ps(mx, mx));
   mx = _mm_max_ss(mx, _mm_shuffle_ps(mx, mx, 1));
-  bad = _mm_add_ps(bad, _mm_movehl_ps(bad, bad));
-  bad = _mm_add_ss(bad, _mm_shuffle_ps(bad, bad, 1));
   *lo = _mm_cvtss_f32(mn);
   *hi = _mm_cvtss_f32(mx);
-  if (_mm_cvtss_f32(bad) != 0.f) *finite = false;
 #else
-  float a = l[0], b = l[0], z = 0.f;
-  for (int j = 0; j < 16; ++j) {
-    a = std::min(a, l[j]);
-    b = std::max(b, l[j]);
-    z += l[j] * 0.f;
-  }
-  *lo = a;
-  *hi = b;
-  if (z != 0.f) *finite = false;
+  *lo = *std::min_element(l, l + 16);
+  *hi = *std::max_element(l, l + 16);
 #endif
 }
 
@@ -284,12 +271,12 @@ inline void quantize_row(const float* l, float mn, float sf, uint8_t* q) {
 #endif
 }
 
-// Per-query uint8 LUT (B, 2P, 16) (rows >= M zero), 1 / scale and the sum of offsets.
+// Per-query uint8 LUT (B, 2P, 16) (rows >= M zero), 1 / scale and the sum of offsets, from
+// finite entries (checked by the caller).
 void quantize_lut(const at::Tensor& lut, int64_t P, uint8_t* qlut, float* inv_scale, float* offset) {
   const int64_t B = lut.size(0), M = lut.size(1);
   TORCH_CHECK_VALUE(M < 65535, "lut_topk: 4-bit codes support M < 65535 subspaces, got M = ", M);
   const float* L = lut.const_data_ptr<float>();
-  std::atomic<bool> lut_finite{true};
   // ~M * 16 entries per query: a few queries already pay for a thread
   at::parallel_for(0, B, std::max<int64_t>(1, 4096 / (16 * M)), [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> mins;  // reused: no allocation per call
@@ -299,19 +286,14 @@ void quantize_lut(const at::Tensor& lut, int64_t P, uint8_t* qlut, float* inv_sc
       uint8_t* q = qlut + b * 2 * P * 16;
       std::memset(q + M * 16, 0, size_t((2 * P - M) * 16));
       double maxr = 0, sumr = 0, off = 0;
-      bool finite = true;
       for (int64_t m = 0; m < M; ++m) {
         float lo, hi;  // exact: both are entries of the row
-        row_range(l + m * 16, &lo, &hi, &finite);
+        row_range(l + m * 16, &lo, &hi);
         const double r = double(hi) - double(lo);  // exact in double
         mins[size_t(m)] = lo;
         maxr = std::max(maxr, r);
         sumr += r;
         off += lo;
-      }
-      if (!finite || !std::isfinite(sumr) || !std::isfinite(off)) {
-        lut_finite = false;
-        continue;
       }
       const double scale = maxr > 0 ? std::min(255.0 / maxr, double(65535 - M) / sumr) : 1.0;
       if (scale < 1e37) {
@@ -331,7 +313,6 @@ void quantize_lut(const at::Tensor& lut, int64_t P, uint8_t* qlut, float* inv_sc
       offset[b] = float(off);
     }
   });
-  TORCH_CHECK_VALUE(lut_finite, "lut_topk needs finite lut entries (got inf or nan)");
 }
 
 // Merge the TB partial top-k of every query into the sorted output; value(q, key) de-quantizes.
@@ -389,15 +370,14 @@ std::tuple<at::Tensor, at::Tensor> lut_topk_cpu(const at::Tensor& lut_in, const 
   const Kernels kern = kernels_for(current_isa());
   const Plan plan = make_plan(B, nblocks, P);
   const bool four = bits == 4, has_bias = bias.has_value();
-  // a nan / inf score has no place in a ranking: refuse it (the 4-bit LUT is checked as it is
-  // quantized, below)
+  // a nan / inf score has no place in a ranking (and the 4-bit LUT could not be quantized)
+  TORCH_CHECK_VALUE(all_finite(lut.const_data_ptr<float>(), lut.numel()),
+                    "lut_topk needs finite lut entries (got inf or nan)");
   TORCH_CHECK_VALUE(!has_bias || all_finite(bias->const_data_ptr<float>(), num_classes),
                     "lut_topk needs a finite bias (got inf or nan)");
-  TORCH_CHECK_VALUE(four || all_finite(lut.const_data_ptr<float>(), lut.numel()),
-                    "lut_topk needs finite lut entries (got inf or nan)");
 
-  // scratch: running top-k buffers, then (4-bit) the quantized LUT, the bias in kernel order,
-  // the two-pass block maxima / selection scratch and the kept pass-1 sums (when they fit)
+  // scratch: running top-k buffers, task work, then (4-bit) the quantized LUT, its scales and
+  // offsets, the two-pass block maxima and selection scratch, and the kept pass-1 sums (if they fit)
   const int64_t cap = 2 * kk + 2 * kBlock, stride = cap + 16;  // see TopK
   const int64_t ntopk = plan.TB * B, ntasks = plan.TQ * plan.TB;
   const bool keep_sums = four && B * nblocks * kBlock * 2 <= kMaxKeptSumsBytes;
