@@ -60,6 +60,7 @@ def test_loss_and_gradients_match_float64_reference(remove_hits, with_hard):
     hard = hard if with_hard else torch.zeros((6, 0), dtype=torch.int64)
     samples = torch.multinomial(proposal.float(), 60, replacement=True, generator=torch.Generator().manual_seed(5))
     assert any(int(s) in set(target.tolist()) for s in samples)  # hits really occur
+    assert len(set(samples.tolist())) < len(samples)  # and classes drawn more than once
     if with_hard:
         proposal[hard.reshape(-1)] += 0.05  # and draws land in the hard sets
         proposal /= proposal.sum()

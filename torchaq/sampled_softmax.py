@@ -134,17 +134,20 @@ def sampled_softmax_loss(
         draw_logits = draw_logits + bias[samples].float()
 
     hard_is_target = hard == target.unsqueeze(1)
-    # a draw inside its row's hard set is already counted exactly: drop it
-    if hard.shape[1]:
-        sorted_hard = hard.sort(dim=1).values
-        draws = samples.unsqueeze(0).expand(batch, -1).contiguous()
-        pos = torch.searchsorted(sorted_hard, draws).clamp(max=hard.shape[1] - 1)
-        keep_draw = sorted_hard.gather(1, pos) != draws
-    else:
-        keep_draw = torch.ones((batch, num_sampled), dtype=torch.bool, device=device)
+    # each row drops the draws that land in its hard set (already counted exactly) and, with
+    # remove_accidental_hits, on its target. Rather than search B * m draws in the rows' sets,
+    # look the B * |excluded| classes up in the sorted draws, mark the first copy of each class
+    # found, and let every draw read the mark of its class's first copy (static shapes throughout)
+    excluded = torch.cat([hard, target.unsqueeze(1)], 1) if remove_accidental_hits else hard
+    drawn, order = samples.sort()
+    first_copy = torch.empty_like(order)
+    first_copy[order] = torch.searchsorted(drawn, drawn)  # per draw: where its class starts in `drawn`
+    pos = torch.searchsorted(drawn, excluded).clamp_(max=num_sampled - 1)
+    marked = torch.zeros((batch, num_sampled + 1), dtype=torch.bool, device=device)  # last column: not drawn
+    marked.scatter_(1, torch.where(drawn[pos] == excluded, pos, num_sampled), True)
+    keep_draw = ~marked[:, first_copy]
     q_excluded = proposal[hard].sum(1)  # Q(H_b)
     if remove_accidental_hits:
-        keep_draw = keep_draw & (samples.unsqueeze(0) != target.unsqueeze(1))
         q_excluded = q_excluded + torch.where(hard_is_target.any(1), 0.0, proposal[target])
     kept = keep_draw.sum(1, keepdim=True).clamp_min(1)
     # log of the importance weight 1 / (m' Q'(s)) with Q' = Q / (1 - Q(excluded))
