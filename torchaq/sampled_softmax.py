@@ -129,7 +129,7 @@ def sampled_softmax_loss(
     # exact logits: the rows' own hard classes and the target (gather + bmm), the shared draws (one matmul)
     hard_logits = exact_logits(h, weight, bias, hard)  # (B, n)
     target_logit = exact_logits(h, weight, bias, target.unsqueeze(1)).squeeze(1)
-    draw_logits = (h @ weight[samples].T.to(h.dtype)).float()  # (B, m)
+    draw_logits = (h @ weight.index_select(0, samples).T.to(h.dtype)).float()  # (B, m)
     if bias is not None:
         draw_logits = draw_logits + bias[samples].float()
 
