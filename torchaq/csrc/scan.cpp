@@ -129,7 +129,7 @@ int64_t check_scan_args(const at::Tensor& lut, const at::Tensor& packed, int64_t
 }
 
 // Pass-1 sums of the 4-bit two-pass top-k are kept for pass 2 up to this size (B * nblocks * 64
-// bytes: B = 512 at V = 30k, B = 64 at V = 256k); beyond it pass 2 re-scans its few blocks.
+// bytes: up to B = 549 at V = 30522, B = 64 at V = 262144); beyond it pass 2 re-scans its few blocks.
 constexpr int64_t kMaxKeptSumsBytes = int64_t(32) << 20;
 
 // Split B queries x nblocks code blocks into a TQ x TB grid of tasks (see split_queries below).

@@ -119,8 +119,9 @@ inline void topk_block_done(TopK& t) {
 
 // Two-pass top-k (4-bit SIMD kernels): pass 1 stores each block's best key, bmax[i] for the
 // i-th of nb blocks (-inf for a partial last block). If k blocks have a best key >= T, then k
-// classes score >= T, so the k-th best score is >= T: pass 2 rescans only the blocks whose
-// best key is >= T (about k of them, plus the partial block) and offers keys >= T. This leaves
+// classes score >= T, so the k-th best score is >= T: pass 2 revisits only the blocks whose
+// best key is >= T (about k of them, plus the partial block; their sums kept from pass 1, or
+// re-scanned) and offers keys >= T. This leaves
 // no per-block branch in pass 1, where a one-pass running top-k takes a mispredicted branch in
 // every block that holds a candidate (hundreds per query at k = 100). Requires nb >= k.
 // T is found by bisection on the keys' order bits, one vectorised counting pass per step, and
@@ -157,8 +158,10 @@ inline float block_bound(TopK& t, const float* bmax, int64_t nb, uint32_t* tmp) 
   return T;
 }
 
-// One pass suits a small k (few blocks ever hold a candidate) or few blocks (pass 2 would rescan
-// most of them); measured crossover on AVX-512 at V = 30k: k ~ 24.
+// One pass suits a small k (few blocks ever hold a candidate) or few blocks (pass 2 would revisit
+// most of them). k ~ 24 was the crossover on AVX-512 at V = 30k when pass 2 re-scanned; with the
+// pass-1 sums kept, two passes also win at k = 10 there (27.0 vs 28.2 us, batch 1) but one pass
+// still wins at V = 262k (193 vs 199 us at k = 23 / 24): left at 24, not re-tuned.
 constexpr int64_t kTwoPassMinK = 24;
 inline bool use_two_pass(const Topk4Args& a, const Task& t) {
   const int64_t k = t.topk[0].k;
