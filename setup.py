@@ -2,7 +2,9 @@
 
 Everything else is declared in ``pyproject.toml``. If torch is not importable at build time,
 or the compiler fails, the package is installed without the extension and falls back to the
-pure-torch reference kernels (with one warning at import).
+pure-torch reference kernels (with one warning at import) -- unless ``TORCHAQ_REQUIRE_CPP=1``,
+which turns either into a failed build (``make test`` and CI set it: a build that lost the
+extension must not pass as a slower one).
 
 Each ``torchaq/csrc/scan_<isa>.cpp`` is compiled with its own instruction-set flags (and only
 that file), and ``scan.cpp`` picks one at run time from what the CPU reports; the package never
@@ -14,6 +16,9 @@ import platform
 import warnings
 
 from setuptools import setup
+
+# TORCHAQ_REQUIRE_CPP=1: the extension is required; a failure to build it fails the install
+REQUIRE_CPP = os.environ.get("TORCHAQ_REQUIRE_CPP") == "1"
 
 # per-file flags, keyed by the file-name suffix
 ISA_FLAGS = {
@@ -35,6 +40,8 @@ def _ext_modules_and_cmdclass():
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as err:  # torch missing at build time: pure-python install
+        if REQUIRE_CPP:
+            raise RuntimeError(f"TORCHAQ_REQUIRE_CPP=1 but torch is not importable at build time ({err})") from err
         warnings.warn(f"torchaq: torch not importable ({err}); building without the C++ extension")
         return [], {}
 
@@ -73,6 +80,8 @@ def _ext_modules_and_cmdclass():
             try:
                 super().run()
             except Exception as err:  # noqa: BLE001 - any compiler/linker failure
+                if REQUIRE_CPP:
+                    raise
                 warnings.warn(f"torchaq: building the C++ extension failed ({err}); installing without it")
                 self.extensions = []  # nothing to copy or list as output
 

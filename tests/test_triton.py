@@ -53,14 +53,14 @@ def _check_topk(lut, packed, n, k, bias, vals, idx, atol=1e-4):
 @pytest.mark.parametrize("batch,m,bits,dsub", [(1, 3, 4, 2), (5, 4, 4, 3), (3, 2, 8, 5), (2, 3, 8, 17)])
 def test_compute_lut(batch, m, bits, dsub):
     q, cb, _, _ = _problem(batch, m, 1, bits, dsub=dsub)
-    torch.testing.assert_close(triton_compute_lut(q, cb), ops._compute_lut_ref(q, cb), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(triton_compute_lut(q, cb), ops.compute_lut_reference(q, cb), atol=1e-4, rtol=1e-5)
 
 
 def test_compute_lut_fp16_out_and_strided_queries():
     q, cb, _, _ = _problem(6, 4, 1, 4, dsub=2)
     wide = torch.randn(6, 2 * q.shape[1], device=DEV)
     wide[:, ::2] = q  # non-contiguous view with stride 2
-    ref = ops._compute_lut_ref(q, cb)
+    ref = ops.compute_lut_reference(q, cb)
     out = triton_compute_lut(wide[:, ::2], cb, out_dtype=torch.float16)
     assert out.dtype == torch.float16 and out.is_contiguous()
     torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-3)
@@ -75,7 +75,7 @@ def test_compute_lut_fp16_out_and_strided_queries():
 )
 def test_lut_score(batch, m, n, bits, bias, gather):
     q, cb, packed, b = _problem(batch, m, n, bits, bias=bias)
-    lut = ops._compute_lut_ref(q, cb)
+    lut = ops.compute_lut_reference(q, cb)
     out = triton_lut_score(lut, packed, n, b, use_gather=gather)
     torch.testing.assert_close(out, ops._lut_score_ref(lut, packed, n, b), atol=1e-4, rtol=1e-5)
 
@@ -101,7 +101,7 @@ def test_lut_score(batch, m, n, bits, bias, gather):
 )
 def test_lut_topk(batch, m, n, bits, k, bias, extra):
     q, cb, packed, b = _problem(batch, m, n, bits, bias=bias, seed=n + k)
-    lut = ops._compute_lut_ref(q, cb)
+    lut = ops.compute_lut_reference(q, cb)
     vals, idx = triton_lut_topk(lut, packed, n, k, b, **extra)
     _check_topk(lut, packed, n, k, b, vals, idx)
 
@@ -113,14 +113,14 @@ def test_lut_topk_many_tiles_per_program(trend):
     n = 700
     q, cb, packed, b = _problem(2, 3, n, 4, bias=True, seed=7)
     b = b + trend * torch.linspace(0, 50, n, device=DEV)
-    lut = ops._compute_lut_ref(q, cb)
+    lut = ops.compute_lut_reference(q, cb)
     vals, idx = triton_lut_topk(lut, packed, n, 5, b, num_splits=1, block_n=64, block_b=2)
     _check_topk(lut, packed, n, 5, b, vals, idx)
 
 
 def test_lut_topk_fp16_lut():
     q, cb, packed, b = _problem(2, 4, 120, 4)
-    lut = ops._compute_lut_ref(q, cb).half()
+    lut = ops.compute_lut_reference(q, cb).half()
     vals, idx = triton_lut_topk(lut, packed, 120, 9, b)
     _check_topk(lut, packed, 120, 9, b, vals, idx)  # the reference sums the same fp16 entries
 
@@ -128,14 +128,14 @@ def test_lut_topk_fp16_lut():
 def test_lut_topk_large_k_falls_back_to_dense():
     n = 2100  # k = 2100 > largest register tile (2048): dense scores + torch.topk
     q, cb, packed, b = _problem(1, 2, n, 4, bias=True)
-    lut = ops._compute_lut_ref(q, cb)
+    lut = ops.compute_lut_reference(q, cb)
     vals, idx = triton_lut_topk(lut, packed, n, n, b)
     _check_topk(lut, packed, n, n, b, vals, idx)
 
 
 def test_lut_topk_edge_shapes():
     q, cb, packed, b = _problem(2, 3, 40, 4)
-    lut = ops._compute_lut_ref(q, cb)
+    lut = ops.compute_lut_reference(q, cb)
     v, i = triton_lut_topk(lut, packed, 40, 0, b)
     assert v.shape == i.shape == (2, 0)
     with pytest.raises(ValueError):
@@ -173,7 +173,7 @@ def test_cuda_ops_bf16_large_n(bits, batch):
     n, m = 100_003, 64 if bits == 4 else 32
     q, cb, packed, b = _problem(batch, m, n, bits, dsub=4, qdtype=torch.bfloat16)
     lut = torch.ops.torchaq.compute_lut(q, cb)
-    torch.testing.assert_close(lut, ops._compute_lut_ref(q, cb), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(lut, ops.compute_lut_reference(q, cb), atol=1e-3, rtol=1e-4)
     score = torch.ops.torchaq.lut_score(lut, packed, n, b)
     torch.testing.assert_close(score, ops._lut_score_ref(lut, packed, n, b), atol=1e-3, rtol=1e-5)
     for k in (1, 100, 1000):
@@ -197,3 +197,78 @@ def test_cuda_torch_compile():
     v_ref, i_ref = f(q)
     torch.testing.assert_close(v, v_ref)
     assert torch.equal(i, i_ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# the ops' contract on the Triton path: strided inputs, non-finite refusal, opcheck
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [4, 8])
+def test_strided_bias_reads_like_contiguous(bits):
+    n, m = 300, 8
+    q, cb, packed, _ = _problem(3, m, n, bits)
+    lut = triton_compute_lut(q, cb)
+    pair = torch.randn(n, 2, generator=torch.Generator().manual_seed(1)).to(DEV)
+    strided = pair[:, 1]  # stride 2
+    assert not strided.is_contiguous()
+    v_s, i_s = triton_lut_topk(lut, packed, n, 7, strided)
+    v_c, i_c = triton_lut_topk(lut, packed, n, 7, strided.contiguous())
+    assert torch.equal(i_s, i_c) and torch.equal(v_s, v_c)
+    torch.testing.assert_close(triton_lut_score(lut, packed, n, strided), triton_lut_score(lut, packed, n, strided.contiguous()))
+
+
+@pytest.mark.parametrize("where", ["lut", "bias"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_refused_like_other_backends(where, bad):
+    n, m = 100, 4
+    q, cb, packed, b = _problem(2, m, n, 4)
+    lut = triton_compute_lut(q, cb)
+    if where == "lut":
+        lut[1, 2, 3] = bad
+    else:
+        b[17] = bad
+    with pytest.raises(ValueError, match="finite"):
+        triton_lut_topk(lut, packed, n, 5, b)
+    with pytest.raises(ValueError, match="finite"):
+        ops._lut_topk_ref(lut, packed, n, 5, b)
+
+
+def _opcheck_cases():
+    q, cb, packed, b = _problem(3, 6, 70, 4, dsub=2)
+    lut = ops.compute_lut_reference(q, cb)
+    q8, cb8, packed8, _ = _problem(2, 3, 40, 8, dsub=2)
+    lut8 = ops.compute_lut_reference(q8, cb8)
+    return [
+        (torch.ops.torchaq.compute_lut.default, (q, cb)),
+        (torch.ops.torchaq.lut_score.default, (lut, packed, 70, b)),
+        (torch.ops.torchaq.lut_topk.default, (lut, packed, 70, 9, b)),
+        (torch.ops.torchaq.lut_topk.default, (lut8, packed8, 40, 5, None)),
+    ]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CUDA suite runs opcheck on the registered CUDA kernels")
+def test_opcheck_triton_kernels_under_interpreter():
+    """The Triton kernels keep the op contract (schema, fake kernel, autograd registration): registered
+    for the CPU key in a scoped library, they run under TRITON_INTERPRET=1 through opcheck."""
+    import warnings
+
+    from torchaq.triton_kernels.register import register_kernels
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel" (the C++ one)
+        with torch.library._scoped_library("torchaq", "IMPL") as lib:
+            register_kernels(lib, "CPU")
+            for op, args in _opcheck_cases():
+                # aot_dispatch traces with fake tensors, which the interpreter cannot read: the
+                # compile path of the Triton kernels is checked on a GPU (test_cuda_opcheck)
+                torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+            v, i = torch.ops.torchaq.lut_topk(*_opcheck_cases()[2][1])  # really ran the Triton kernel
+            v_ref, _ = ops._lut_topk_ref(*_opcheck_cases()[2][1])
+            torch.testing.assert_close(v, v_ref, atol=1e-4, rtol=1e-4)
+
+
+@gpu_only
+def test_cuda_opcheck():
+    import torchaq  # noqa: F401  (loads the CUDA registrations)
+
+    for op, args in _opcheck_cases():
+        torch.library.opcheck(op, args)

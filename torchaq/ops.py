@@ -26,7 +26,20 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-BLOCK = 32  # classes per packed block
+# the layout constants and argument checks every backend shares (re-exported here)
+from .layout import (  # noqa: F401
+    BITS_OF_K,
+    BLOCK,
+    bits_of_lut,
+    check_compute_lut_args,
+    check_finite,
+    check_k,
+    check_lut_scan_args,
+    check_pack_args,
+    check_unpack_args,
+    num_blocks,
+    packed_width,
+)
 
 _LIB = torch.library.Library("torchaq", "DEF")
 _LIB.define("compute_lut(Tensor queries, Tensor codebooks) -> Tensor")
@@ -39,95 +52,17 @@ _LIB.define(
 
 
 # --------------------------------------------------------------------------------------------
-# argument checks, shared by the fake and the reference kernels (C++ / Triton repeat them)
-# --------------------------------------------------------------------------------------------
-BITS_OF_K = {16: 4, 256: 8}  # codewords per subspace -> code width in bits
-
-
-def bits_of_lut(lut: Tensor) -> int:
-    """4 for a 16-entry LUT, 8 for a 256-entry one."""
-    return BITS_OF_K[int(lut.shape[-1])]  # int(): a SymInt under dynamic shapes is unhashable
-
-
-def packed_width(num_subspaces: int, bits: int) -> int:
-    """Bytes per class in the packed layout: ``ceil(M / 2)`` for 4-bit, ``M`` for 8-bit."""
-    return (num_subspaces + 1) // 2 if bits == 4 else num_subspaces
-
-
-def _check_bits(bits: int) -> None:
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-
-
-def check_lut_scan_args(lut: Tensor, packed: Tensor, num_classes: int, bias: Optional[Tensor]) -> int:
-    """Validate the arguments of ``lut_score`` / ``lut_topk``; return the code width in bits."""
-    if lut.dim() != 3:
-        raise ValueError(f"lut must be (B, M, K), got shape {tuple(lut.shape)}")
-    if lut.dtype != torch.float32:
-        raise TypeError(f"lut must be float32, got {lut.dtype}")
-    if lut.shape[-1] not in (16, 256):
-        raise ValueError(f"lut must have K = 16 (4-bit) or 256 (8-bit) entries, got K = {lut.shape[-1]}")
-    bits = bits_of_lut(lut)
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"packed must be uint8 (from torchaq.ops.pack_codes), got {packed.dtype}")
-    if packed.dim() != 3 or packed.shape[-1] != BLOCK:
-        raise ValueError(f"packed must be (ceil(N/32), P, 32) from pack_codes, got shape {tuple(packed.shape)}")
-    if num_classes < 0 or packed.shape[0] != (num_classes + BLOCK - 1) // BLOCK:
-        raise ValueError(
-            f"num_classes={num_classes} does not match packed with {packed.shape[0]} blocks of {BLOCK}"
-        )
-    width = packed_width(lut.shape[1], bits)
-    if packed.shape[1] != width:
-        raise ValueError(
-            f"packed has {packed.shape[1]} bytes per class but lut has M = {lut.shape[1]} "
-            f"subspaces of {bits} bits ({width} bytes): mismatched num_subspaces"
-        )
-    if packed.device != lut.device:
-        raise ValueError(f"packed is on {packed.device} but lut is on {lut.device}")
-    if bias is not None:
-        if bias.shape != (num_classes,):
-            raise ValueError(f"bias must have shape ({num_classes},), got {tuple(bias.shape)}")
-        if bias.dtype != torch.float32:
-            raise TypeError(f"bias must be float32, got {bias.dtype}")
-        if bias.device != lut.device:
-            raise ValueError(f"bias is on {bias.device} but lut is on {lut.device}")
-    return bits
-
-
-def _check_k(k: int) -> None:
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-
-
-# --------------------------------------------------------------------------------------------
 # compute_lut: LUT[b, m, j] = <q_m, C_m[j]>
 # --------------------------------------------------------------------------------------------
-def _check_compute_lut(queries: Tensor, codebooks: Tensor) -> None:
-    if codebooks.dim() != 3:
-        raise ValueError(f"codebooks must be (M, K, dsub), got shape {tuple(codebooks.shape)}")
-    if queries.dim() != 2:
-        raise ValueError(f"queries must be (B, d), got shape {tuple(queries.shape)}")
-    m, _, dsub = codebooks.shape
-    if queries.shape[1] != m * dsub:
-        raise ValueError(
-            f"queries have d = {queries.shape[1]} but codebooks cover M * dsub = {m} * {dsub} = {m * dsub} "
-            "(pad queries with zeros to the quantizer's padded dimension)"
-        )
-    if not queries.is_floating_point() or not codebooks.is_floating_point():
-        raise TypeError(f"queries and codebooks must be floating point, got {queries.dtype}, {codebooks.dtype}")
-    if queries.device != codebooks.device:
-        raise ValueError(f"queries are on {queries.device} but codebooks on {codebooks.device}")
-
-
 @torch.library.register_fake("torchaq::compute_lut")
 def _compute_lut_fake(queries: Tensor, codebooks: Tensor) -> Tensor:
-    _check_compute_lut(queries, codebooks)
+    check_compute_lut_args(queries, codebooks)
     return queries.new_empty((queries.shape[0], codebooks.shape[0], codebooks.shape[1]), dtype=torch.float32)
 
 
 @torch.library.impl(_LIB, "compute_lut", "CompositeExplicitAutograd")
-def _compute_lut_ref(queries: Tensor, codebooks: Tensor) -> Tensor:
-    _check_compute_lut(queries, codebooks)
+def compute_lut_reference(queries: Tensor, codebooks: Tensor) -> Tensor:
+    check_compute_lut_args(queries, codebooks)
     m, _, dsub = codebooks.shape
     q = queries.float().reshape(queries.shape[0], m, dsub)
     return torch.einsum("bmd,mkd->bmk", q, codebooks.float()).contiguous()
@@ -136,26 +71,18 @@ def _compute_lut_ref(queries: Tensor, codebooks: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # pack / unpack
 # --------------------------------------------------------------------------------------------
-def _check_pack(codes: Tensor, bits: int) -> None:
-    _check_bits(bits)
-    if codes.dim() != 2:
-        raise ValueError(f"codes must be (N, M), got shape {tuple(codes.shape)}")
-    if codes.dtype != torch.uint8:
-        raise TypeError(f"codes must be uint8, got {codes.dtype}")
-
-
 @torch.library.register_fake("torchaq::pack_codes")
 def _pack_codes_fake(codes: Tensor, bits: int) -> Tensor:
-    _check_pack(codes, bits)
+    check_pack_args(codes, bits)
     n, m = codes.shape
-    return codes.new_empty(((n + BLOCK - 1) // BLOCK, packed_width(m, bits), BLOCK))
+    return codes.new_empty((num_blocks(n), packed_width(m, bits), BLOCK))
 
 
 @torch.library.impl(_LIB, "pack_codes", "CompositeExplicitAutograd")
 def _pack_codes_ref(codes: Tensor, bits: int) -> Tensor:
-    _check_pack(codes, bits)
+    check_pack_args(codes, bits)
     n, m = codes.shape
-    nb = (n + BLOCK - 1) // BLOCK
+    nb = num_blocks(n)
     if bits == 4:
         if codes.numel() and int(codes.max()) > 15:
             raise ValueError("codes must be < 16 for bits=4")
@@ -168,25 +95,15 @@ def _pack_codes_ref(codes: Tensor, bits: int) -> Tensor:
     return rearrange(pairs, "(nb i) p -> nb p i", i=BLOCK).contiguous()
 
 
-def _check_unpack(packed: Tensor, num_subspaces: int, bits: int, num_classes: int) -> None:
-    _check_bits(bits)
-    if packed.dtype != torch.uint8 or packed.dim() != 3 or packed.shape[-1] != BLOCK:
-        raise ValueError(f"packed must be uint8 (ceil(N/32), P, 32), got {packed.dtype} {tuple(packed.shape)}")
-    if packed.shape[1] != packed_width(num_subspaces, bits):
-        raise ValueError(f"packed width {packed.shape[1]} does not match num_subspaces={num_subspaces}, bits={bits}")
-    if num_classes < 0 or packed.shape[0] != (num_classes + BLOCK - 1) // BLOCK:
-        raise ValueError(f"num_classes={num_classes} does not match {packed.shape[0]} packed blocks")
-
-
 @torch.library.register_fake("torchaq::unpack_codes")
 def _unpack_codes_fake(packed: Tensor, num_subspaces: int, bits: int, num_classes: int) -> Tensor:
-    _check_unpack(packed, num_subspaces, bits, num_classes)
+    check_unpack_args(packed, num_subspaces, bits, num_classes)
     return packed.new_empty((num_classes, num_subspaces))
 
 
 @torch.library.impl(_LIB, "unpack_codes", "CompositeExplicitAutograd")
 def _unpack_codes_ref(packed: Tensor, num_subspaces: int, bits: int, num_classes: int) -> Tensor:
-    _check_unpack(packed, num_subspaces, bits, num_classes)
+    check_unpack_args(packed, num_subspaces, bits, num_classes)
     rows = rearrange(packed, "nb p i -> (nb i) p")
     if bits == 4:  # low nibble = even subspace, high nibble = odd subspace
         rows = rearrange(torch.stack([rows & 15, rows >> 4], dim=-1), "n p two -> n (p two)")
@@ -240,7 +157,7 @@ def _lut_topk_fake(
     lut: Tensor, packed: Tensor, num_classes: int, k: int, bias: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor]:
     check_lut_scan_args(lut, packed, num_classes, bias)
-    _check_k(k)
+    check_k(k)
     kk = min(k, num_classes)
     return lut.new_empty((lut.shape[0], kk)), lut.new_empty((lut.shape[0], kk), dtype=torch.int64)
 
@@ -250,12 +167,8 @@ def _lut_topk_ref(
     lut: Tensor, packed: Tensor, num_classes: int, k: int, bias: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor]:
     check_lut_scan_args(lut, packed, num_classes, bias)
-    _check_k(k)
-    # a nan / inf score has no place in a ranking (the kernels would disagree on it): refuse it
-    if not bool(torch.isfinite(lut).all()):
-        raise ValueError("lut_topk needs finite lut entries (got inf or nan)")
-    if bias is not None and not bool(torch.isfinite(bias).all()):
-        raise ValueError("lut_topk needs a finite bias (got inf or nan)")
+    check_k(k)
+    check_finite(lut, bias)
     kk = min(k, num_classes)
     batch = lut.shape[0]
     best_v = lut.new_full((batch, 0), -math.inf)

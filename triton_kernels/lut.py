@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from torchaq.layout import check_compute_lut_args
+
 
 @triton.jit
 def _compute_lut_kernel(
@@ -55,9 +57,7 @@ def triton_compute_lut(queries: Tensor, codebooks: Tensor, out_dtype: Optional[t
     ``out_dtype`` is float32 (default, what ``torch.ops.torchaq.compute_lut`` returns) or float16
     (half the on-chip footprint for the scan; entries are O(|q_m| |C_m|), far from fp16 range).
     """
-    from torchaq.ops import _check_compute_lut
-
-    _check_compute_lut(queries, codebooks)
+    check_compute_lut_args(queries, codebooks)
     out_dtype = torch.float32 if out_dtype is None else out_dtype
     if out_dtype not in (torch.float32, torch.float16):
         raise TypeError(f"out_dtype must be float32 or float16, got {out_dtype}")
@@ -82,6 +82,6 @@ def triton_compute_lut(queries: Tensor, codebooks: Tensor, out_dtype: Optional[t
 
 
 def _fallback(queries: Tensor, codebooks: Tensor) -> Tensor:
-    from torchaq.ops import _compute_lut_ref
+    from torchaq.ops import compute_lut_reference  # torchaq.ops imports nothing from triton_kernels
 
-    return _compute_lut_ref(queries, codebooks)
+    return compute_lut_reference(queries, codebooks)

@@ -6,13 +6,12 @@ the pure-torch reference (pure data movement, run once at prepack time).
 
 The ops keep their fake kernels from :mod:`torchaq.ops`, so ``torch.compile`` traces them as
 single opaque nodes that launch these kernels at run time (no graph break).
+:func:`register_kernels` is also what the CPU test suite uses to run ``torch.library.opcheck`` on
+these kernels under ``TRITON_INTERPRET=1`` (with a scoped library on the CPU key).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
-from torch import Tensor
 
 import torchaq.ops  # noqa: F401  (defines the op schemas this module implements)
 
@@ -20,25 +19,21 @@ from .lut import triton_compute_lut
 from .scan import triton_lut_topk
 from .score import triton_lut_score
 
-__all__ = ["triton_compute_lut", "triton_lut_score", "triton_lut_topk"]
+__all__ = ["register_kernels"]
+
+# the plain entry points take keyword-only tuning arguments: the ops get the positional part
+KERNELS = {
+    "compute_lut": lambda queries, codebooks: triton_compute_lut(queries, codebooks),
+    "lut_score": lambda lut, packed, num_classes, bias=None: triton_lut_score(lut, packed, num_classes, bias),
+    "lut_topk": lambda lut, packed, num_classes, k, bias=None: triton_lut_topk(lut, packed, num_classes, k, bias),
+}
+
+
+def register_kernels(lib: torch.library.Library, dispatch_key: str) -> None:
+    """Register the Triton kernels for ``dispatch_key`` in ``lib`` (a ``torchaq`` IMPL library)."""
+    for name, fn in KERNELS.items():
+        lib.impl(name, fn, dispatch_key)
+
 
 _LIB = torch.library.Library("torchaq", "IMPL")
-
-
-def _compute_lut_cuda(queries: Tensor, codebooks: Tensor) -> Tensor:
-    return triton_compute_lut(queries, codebooks)
-
-
-def _lut_score_cuda(lut: Tensor, packed: Tensor, num_classes: int, bias: Optional[Tensor] = None) -> Tensor:
-    return triton_lut_score(lut, packed, num_classes, bias)
-
-
-def _lut_topk_cuda(
-    lut: Tensor, packed: Tensor, num_classes: int, k: int, bias: Optional[Tensor] = None
-) -> Tuple[Tensor, Tensor]:
-    return triton_lut_topk(lut, packed, num_classes, k, bias)
-
-
-_LIB.impl("compute_lut", _compute_lut_cuda, "CUDA")
-_LIB.impl("lut_score", _lut_score_cuda, "CUDA")
-_LIB.impl("lut_topk", _lut_topk_cuda, "CUDA")
+register_kernels(_LIB, "CUDA")

@@ -38,83 +38,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK = 32  # classes per packed block (torchaq.ops.BLOCK)
+from torchaq.layout import check_finite, check_k, check_lut_scan_args
+
+from .score import triton_lut_score
+from .tiles import f32_view, interleave_lut, lut_rows, tile_scores
+
 # below every real key (decodes to a NaN that ranks last); a constexpr so jit code may read it
 _KEY_MIN = tl.constexpr(-9223372036854775807)
 _MAX_TILE = 2048  # largest class tile (and so largest k) kept in registers
-
-
-@triton.jit
-def _tile_scores(
-    lutt_ptr, packed_ptr, bias_ptr, qt, n_start, N, MR, P, NBLK,
-    K: tl.constexpr, BITS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, P_CHUNK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_GATHER: tl.constexpr,
-):
-    """float32 ``(BLOCK_B, BLOCK_N)`` scores of classes ``n`` for the queries of query tile ``qt``.
-
-    Classes ``n_start + [0, BLOCK_N)``; ``lutt`` is the query-interleaved LUT ``(num_query_tiles, MR, K, BLOCK_B)``: the BLOCK_B entries
-    that one code selects are adjacent, so one vector load per code serves every query of the tile
-    (L1 moves bytes, not look-ups: this is what makes a larger batch tile cheaper per query)."""
-    # codes as (P_CHUNK, BLOCK_N // 32, 32): the last axis is 32 contiguous, 32-aligned bytes, which
-    # lets the compiler issue vector loads; reshaped to (P_CHUNK, BLOCK_N) after the load
-    NB: tl.constexpr = BLOCK_N // 32
-    blk = n_start // 32 + tl.arange(0, NB)
-    blk_ok = (blk < NBLK)[None, :, None]
-    code_ptr = packed_ptr + blk.to(tl.int64)[None, :, None] * (P * 32) + tl.arange(0, 32)[None, None, :]
-    lut_tile = lutt_ptr + qt.to(tl.int64) * MR * (K * BLOCK_B)
-    bb = tl.arange(0, BLOCK_B)[None, None, :]
-    pc = tl.arange(0, P_CHUNK)
-    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
-    # the LUT rows are zero-padded to whole chunks (and to an even count for 4-bit), and padding
-    # code bytes load as 0, so the LUT loads below need no masks
-    for p0 in range(0, P, P_CHUNK):
-        p = p0 + pc
-        byte = tl.load(code_ptr + (p * 32)[:, None, None], mask=(p < P)[:, None, None] & blk_ok, other=0)
-        byte = tl.reshape(byte, (P_CHUNK, BLOCK_N)).to(tl.int32)
-        if BITS == 4:
-            row_lo = lut_tile + ((2 * p) * (K * BLOCK_B))[:, None, None]  # LUT row of subspace 2p
-            row_hi = row_lo + K * BLOCK_B  # subspace 2p + 1
-            if USE_GATHER:
-                j = tl.arange(0, K)[None, :, None] * BLOCK_B + bb
-                t_lo = tl.load(row_lo + j)  # (P_CHUNK, K, BLOCK_B)
-                t_hi = tl.load(row_hi + j)
-                i_lo = tl.broadcast_to((byte & 15)[:, :, None], (P_CHUNK, BLOCK_N, BLOCK_B))
-                i_hi = tl.broadcast_to((byte >> 4)[:, :, None], (P_CHUNK, BLOCK_N, BLOCK_B))
-                v = tl.gather(t_lo, i_lo, 1).to(tl.float32) + tl.gather(t_hi, i_hi, 1).to(tl.float32)
-            else:
-                v = tl.load(row_lo + (byte & 15)[:, :, None] * BLOCK_B + bb).to(tl.float32)
-                v += tl.load(row_hi + (byte >> 4)[:, :, None] * BLOCK_B + bb).to(tl.float32)
-        else:
-            row = lut_tile + (p * (K * BLOCK_B))[:, None, None]
-            if USE_GATHER:
-                t = tl.load(row + tl.arange(0, K)[None, :, None] * BLOCK_B + bb)
-                idx = tl.broadcast_to(byte[:, :, None], (P_CHUNK, BLOCK_N, BLOCK_B))
-                v = tl.gather(t, idx, 1).to(tl.float32)
-            else:
-                v = tl.load(row + byte[:, :, None] * BLOCK_B + bb).to(tl.float32)
-        acc += tl.sum(v, axis=0)
-    if HAS_BIAS:
-        n = n_start + tl.arange(0, BLOCK_N)
-        acc += tl.load(bias_ptr + n, mask=n < N, other=0.0)[:, None]
-    return tl.trans(acc)
-
-
-def lut_rows(num_subspaces: int, bits: int, p_chunk: int) -> int:
-    """LUT rows the kernels may touch: whole chunks of ``p_chunk`` code bytes (two rows a byte for 4-bit)."""
-    width = (num_subspaces + 1) // 2 if bits == 4 else num_subspaces
-    return triton.cdiv(width, p_chunk) * p_chunk * (2 if bits == 4 else 1)
-
-
-def interleave_lut(lut: Tensor, block_b: int, rows: int) -> Tensor:
-    """``(B, M, K)`` -> ``(ceil(B / block_b), rows, K, block_b)``; zeros for padding queries and rows."""
-    batch, m, kc = lut.shape
-    qt = triton.cdiv(batch, block_b)
-    if qt * block_b == batch and rows == m and block_b == 1:
-        return lut.contiguous().view(qt, m, kc, 1)
-    padded = lut.new_zeros((qt * block_b, rows, kc))
-    padded[:batch, :m] = lut
-    return padded.view(qt, block_b, rows, kc).permute(0, 2, 3, 1).contiguous()
 
 
 @triton.jit
@@ -125,7 +56,7 @@ def _tile_keys(
     HAS_BIAS: tl.constexpr, USE_GATHER: tl.constexpr,
 ):
     """int64 keys ``order_preserving(score) << 32 | (2**32 - 1 - n)`` of one tile; padding classes get _KEY_MIN."""
-    s = _tile_scores(lut_ptr, packed_ptr, bias_ptr, qt, n_start, N, MR, P, NBLK,
+    s = tile_scores(lut_ptr, packed_ptr, bias_ptr, qt, n_start, N, MR, P, NBLK,
                      K, BITS, BLOCK_B, BLOCK_N, P_CHUNK, HAS_BIAS, USE_GATHER)
     n = n_start + tl.arange(0, BLOCK_N)
     bits = s.to(tl.int32, bitcast=True)
@@ -171,14 +102,6 @@ def decode_keys(keys: Tensor) -> Tuple[Tensor, Tensor]:
     return vals, idx
 
 
-def _f32_view(lut: Tensor) -> Tensor:
-    """A float16 LUT is accepted here (not through the op): half the LUT traffic. The shared
-    argument check wants float32, so hand it a zero-copy float32 stand-in of the same shape."""
-    if lut.dtype == torch.float16:
-        return torch.empty((), dtype=torch.float32, device=lut.device).expand(lut.shape)
-    return lut
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -216,10 +139,10 @@ def triton_lut_topk(
     of shape ``(B, min(k, N))``, best first, float32 sums of the (float32 or float16) LUT.
 
     Keyword arguments override the tile heuristics (benchmarks sweep them)."""
-    from torchaq.ops import _check_k, check_lut_scan_args
-
-    check_lut_scan_args(_f32_view(lut), packed, num_classes, bias)
-    _check_k(k)
+    check_lut_scan_args(f32_view(lut), packed, num_classes, bias)
+    check_k(k)
+    bias = None if bias is None else bias.contiguous()  # the kernel reads bias[n] at unit stride
+    check_finite(lut, bias)
     batch, m, kc = lut.shape
     bits = 4 if kc == 16 else 8
     kk = min(k, num_classes)
@@ -227,8 +150,6 @@ def triton_lut_topk(
         return lut.new_empty((batch, kk), dtype=torch.float32), torch.empty((batch, kk), dtype=torch.int64, device=lut.device)
     if triton.next_power_of_2(kk) > _MAX_TILE:
         # the kept top-k would not fit a register tile: exact scores, then torch.topk
-        from .score import triton_lut_score
-
         return triton_lut_score(lut, packed, num_classes, bias).topk(kk, dim=1)
     cfg = scan_config(batch, kk, bits)
     block_b = block_b or cfg["block_b"]

@@ -2,7 +2,7 @@
 
     score[b, n] = sum_m LUT[b, m, code[n, m]] + bias[n]          -> (B, N) float32
 
-Same tiling and look-ups as the top-k scan (:func:`triton_kernels.scan._tile_scores`): a program
+Same tiling and look-ups as the top-k scan (:func:`triton_kernels.tiles.tile_scores`): a program
 owns ``BLOCK_B`` queries x ``BLOCK_N`` classes and writes its tile of scores. The sums are exact
 float32 sums of the float32 LUT (only the summation order differs from the torch reference).
 """
@@ -15,7 +15,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .scan import _f32_view, _tile_scores, interleave_lut, lut_rows
+from torchaq.layout import check_lut_scan_args
+
+from .tiles import f32_view, interleave_lut, lut_rows, tile_scores
 
 
 @triton.jit
@@ -29,7 +31,7 @@ def _lut_score_kernel(
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     q = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     n_mask = n < N
-    s = _tile_scores(lut_ptr, packed_ptr, bias_ptr, tl.program_id(1), tl.program_id(0) * BLOCK_N, N, MR, P, NBLK,
+    s = tile_scores(lut_ptr, packed_ptr, bias_ptr, tl.program_id(1), tl.program_id(0) * BLOCK_N, N, MR, P, NBLK,
                      K, BITS, BLOCK_B, BLOCK_N, P_CHUNK, HAS_BIAS, USE_GATHER)
     out = out_ptr + q.to(tl.int64)[:, None] * N + n[None, :]
     tl.store(out, s, mask=(q < B)[:, None] & n_mask[None, :])
@@ -41,9 +43,8 @@ def triton_lut_score(
     num_warps: int = 4, use_gather: bool = False,
 ) -> Tensor:
     """``(B, N)`` float32 ``sum_m lut[b, m, code[n, m]] + bias[n]`` (what ``torchaq.ops.lut_score`` returns)."""
-    from torchaq.ops import check_lut_scan_args
-
-    check_lut_scan_args(_f32_view(lut), packed, num_classes, bias)
+    check_lut_scan_args(f32_view(lut), packed, num_classes, bias)
+    bias = None if bias is None else bias.contiguous()  # the kernel reads bias[n] at unit stride
     batch, m, kc = lut.shape
     bits = 4 if kc == 16 else 8
     out = torch.empty((batch, num_classes), dtype=torch.float32, device=lut.device)

@@ -8,6 +8,7 @@
 #include <atomic>
 
 #include "scan.h"
+#include "scan_kernels.h"
 
 TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("compute_lut", &torchaq::cpu::compute_lut_cpu);
@@ -32,6 +33,12 @@ PyObject* parallel_threads(PyObject*, PyObject*) {
   return PyLong_FromLong(__builtin_popcountll(seen.load()));
 }
 
+// The layout constants the C++ kernels were compiled with; the tests compare them with torchaq.layout.
+PyObject* layout(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:L,s:i,s:i}", "block", static_cast<long long>(torchaq::cpu::kBlock), "bits_k16", 4,
+                       "bits_k256", 8);
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "Kernel set the CPU ops use now: 'avx512', 'avx2' or 'scalar' (honours TORCHAQ_FORCE_SCALAR / "
@@ -39,6 +46,9 @@ PyMethodDef methods[] = {
     {"parallel_threads", parallel_threads, METH_NOARGS,
      "Threads one at::parallel_for region of the extension runs on now: torch.get_num_threads() when "
      "built with OpenMP, 1 when built without it (the scans would then never run in parallel)."},
+    {"layout", layout, METH_NOARGS,
+     "The packed-layout constants compiled into the kernels: {'block': classes per packed block, "
+     "'bits_k16': 4, 'bits_k256': 8} (must equal torchaq.layout.BLOCK and BITS_OF_K)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
