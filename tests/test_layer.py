@@ -1,4 +1,5 @@
 """torchaq.QuantizedSoftmax: exactness, top-k recall, log-partition, sampling, state, bad inputs."""
+import copy
 import io
 
 import pytest
@@ -26,9 +27,15 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def layer(data):
+def _fitted_layer(data):
     weight, bias, _ = data
     return torchaq.QuantizedSoftmax(weight, bias, num_subspaces=16, progress=False).eval()
+
+
+@pytest.fixture
+def layer(_fitted_layer):
+    """A fresh copy per test (fitting once per module): a test that mutates it cannot leak into others."""
+    return copy.deepcopy(_fitted_layer)
 
 
 def test_forward_is_the_exact_linear_layer(data):
@@ -149,10 +156,20 @@ def test_low_precision_inputs(layer, data):
         values, idx = layer.topk(h.to(dtype), k=5)
         assert values.dtype == torch.float32
         torch.testing.assert_close(values, (h.to(dtype).float() @ weight.T + bias).gather(1, idx))
-    low = torchaq.QuantizedSoftmax(weight, bias, num_subspaces=16, progress=False).to(torch.bfloat16)
+    low = copy.deepcopy(layer).to(torch.bfloat16)
     assert low.weight.dtype == torch.bfloat16
-    values, idx = low.topk(h.to(torch.bfloat16), k=5)
-    assert values.dtype == torch.float32 and torch.isfinite(values).all()
+    # the codebooks stay float32 (a bf16 round trip would move every codeword): same index, same LUT
+    assert low.quantizer.codebooks.dtype == torch.float32
+    assert torch.equal(low.quantizer.codebooks, layer.quantizer.codebooks)
+    h16 = h.to(torch.bfloat16)
+    torch.testing.assert_close(low.quantizer.lut(h16), layer.quantizer.lut(h16))
+    values, idx = low.topk(h16, k=5)
+    assert values.dtype == torch.float32
+    # values are the exact logits of the bf16 layer (computed in float32), and the top-5 is the
+    # bf16 layer's exact top-5 (up to ties created by bf16 rounding)
+    exact16 = h16.float() @ low.weight.float().T + low.bias.float()
+    torch.testing.assert_close(values, exact16.gather(1, idx))
+    torch.testing.assert_close(values, exact16.topk(5).values)
 
 
 def test_torch_compile_topk_and_sample(layer, data):

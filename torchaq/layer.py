@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from ._checks import check_features
+from ._checks import check_features, check_int, check_real, has_data
 from .quantizer import AnisotropicPQ
 from .rescore import exact_logits
 from .sampled_softmax import layer_sampled_softmax_loss
@@ -76,10 +76,16 @@ class QuantizedSoftmax(nn.Module):
             desc = f"{weight.dtype} {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
             raise ValueError(f"weight must be a floating-point (V, d) tensor, got {desc}")
         num_classes, dim = weight.shape
-        if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (num_classes,)):
-            raise ValueError(f"bias must have shape ({num_classes},), got {getattr(bias, 'shape', bias)}")
-        if candidates is not None and (not isinstance(candidates, int) or candidates < 1):
-            raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
+        if bias is not None:
+            if not isinstance(bias, Tensor) or bias.shape != (num_classes,) or not bias.is_floating_point():
+                desc = f"{bias.dtype} {tuple(bias.shape)}" if isinstance(bias, Tensor) else type(bias).__name__
+                raise ValueError(f"bias must be a floating-point ({num_classes},) tensor, got {desc}")
+            if has_data(bias) and not bool(torch.isfinite(bias).all()):
+                raise ValueError("bias contains NaN or Inf")
+        if candidates is not None:
+            candidates = check_int(candidates, "candidates", low=1)
+        if num_subspaces is not None:  # None: d // 2; 0 is an error, not the default
+            num_subspaces = check_int(num_subspaces, "num_subspaces", 1, dim, f"in [1, d={dim}]")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight.detach().clone())
         if bias is None:
             self.register_parameter("bias", None)
@@ -88,7 +94,7 @@ class QuantizedSoftmax(nn.Module):
         self.num_classes, self.dim = num_classes, dim
         self.candidates = candidates
         self.quantizer = AnisotropicPQ(
-            dim, num_subspaces or max(1, dim // 2), bits=bits, threshold=threshold, eta=eta, seed=seed
+            dim, max(1, dim // 2) if num_subspaces is None else num_subspaces, bits=bits, threshold=threshold, eta=eta, seed=seed
         ).to(weight.device)
         width = ops.packed_width(self.quantizer.num_subspaces, bits)
         self.register_buffer(
@@ -131,13 +137,12 @@ class QuantizedSoftmax(nn.Module):
     # ---------------------------------------------------------------------------------------
     def _flat_h(self, h: Tensor, name: str = "h") -> Tensor:
         check_features(h, self.dim, name, self.weight.device, "layer")
-        if not torch.compiler.is_compiling() and h.numel() and not bool(torch.isfinite(h).all()):
+        if h.numel() and has_data(h) and not bool(torch.isfinite(h).all()):
             raise ValueError(f"{name} contains NaN or Inf")
         return h.reshape(-1, self.dim)
 
-    def _check_k(self, k: int, name: str = "k") -> None:
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_classes:
-            raise ValueError(f"{name} must be an integer in [1, V={self.num_classes}], got {k!r}")
+    def _check_k(self, k: int, name: str = "k") -> int:
+        return check_int(k, name, 1, self.num_classes, f"in [1, V={self.num_classes}]")
 
     # ---------------------------------------------------------------------------------------
     # the layer
@@ -159,7 +164,7 @@ class QuantizedSoftmax(nn.Module):
         if candidates is None:
             candidates = self.candidates or default_candidates(k, self.num_classes)
             candidates = min(candidates, self.num_classes)
-        self._check_k(candidates, "candidates")
+        candidates = self._check_k(candidates, "candidates")
         if candidates < k:
             raise ValueError(f"candidates={candidates} must be >= k={k}")
         lut = self.quantizer.lut(flat)
@@ -179,7 +184,7 @@ class QuantizedSoftmax(nn.Module):
         LUT scores over all classes -> the ``candidates`` best (default
         :func:`default_candidates`) -> exact logits of those rows (bias included) -> top-``k``.
         """
-        self._check_k(k)
+        k = self._check_k(k)
         logits, classes, _ = self.candidate_logits(h, candidates, k)
         lead = h.shape[:-1]
         return logits[:, :k].reshape(lead + (k,)), classes[:, :k].reshape(lead + (k,))
@@ -196,7 +201,7 @@ class QuantizedSoftmax(nn.Module):
         themselves: ``benchmarks/layer.py`` measures it (mean ``|log Z error|`` ~1e-3 nats on
         real data). Costs a full ``(B, V)`` LUT score pass on top of :meth:`topk`.
         """
-        self._check_k(k)
+        k = self._check_k(k)
         logits, classes, lut = self.candidate_logits(h, candidates, k)
         approx = ops.lut_score(lut, self.packed_codes, self.num_classes, self._bias32())
         rest = approx.scatter(1, classes, -math.inf)
@@ -223,11 +228,10 @@ class QuantizedSoftmax(nn.Module):
         the smallest prefix whose probability reaches ``top_p``, as in Hugging Face's
         ``TopPLogitsWarper``). ``generator`` makes draws reproducible.
         """
-        self._check_k(top_k, "top_k")
-        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if not isinstance(temperature, (int, float)) or not temperature > 0 or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        top_k = self._check_k(top_k, "top_k")
+        if top_p is not None:
+            top_p = check_real(top_p, "top_p", "a number in (0, 1]", lambda p: 0 < p <= 1)
+        temperature = check_real(temperature, "temperature", "a finite number > 0", lambda t: 0 < t < math.inf)
         logits, classes, _ = self.candidate_logits(h, candidates, top_k)
         logits = logits[:, :top_k] / temperature
         if top_p is not None and top_p < 1:

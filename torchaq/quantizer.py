@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Optional, Union
 
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import ops
-from ._checks import check_features
+from ._checks import check_features, check_int, has_data
 from .calibrate import AnisotropyRule, candidate_rules, retrieval_recall
 from .codebook_update import joint_codebook_update
 from .encode import anisotropic_encode, decode, l2_encode
@@ -90,16 +91,13 @@ class AnisotropicPQ(nn.Module):
         kmeans_iters: int = 20,
     ):
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        if not isinstance(num_subspaces, int) or num_subspaces < 1:
-            raise ValueError(f"num_subspaces must be a positive integer, got {num_subspaces!r}")
-        if num_subspaces > dim:
-            raise ValueError(f"num_subspaces={num_subspaces} must be <= dim={dim} (at least one dimension each)")
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-        if not isinstance(kmeans_iters, int) or kmeans_iters < 0:
-            raise ValueError(f"kmeans_iters must be an integer >= 0, got {kmeans_iters!r}")
+        dim = check_int(dim, "dim", low=1)
+        num_subspaces = check_int(num_subspaces, "num_subspaces", 1, dim, f"in [1, dim={dim}] (at least one dimension each)")
+        if not isinstance(bits, numbers.Integral) or isinstance(bits, bool) or bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8 (an integer), got {bits!r}")
+        bits = int(bits)
+        kmeans_iters = check_int(kmeans_iters, "kmeans_iters", low=0)
+        seed = check_int(seed, "seed", what="(it seeds the k-means initialisation)")
         if eta is not None and threshold is not _UNSET and threshold is not None:
             raise ValueError("give either threshold= or eta=, not both")
         if eta is not None:
@@ -124,7 +122,9 @@ class AnisotropicPQ(nn.Module):
         self.calibration: Optional[Dict[str, float]] = None
         self._fit_dtype = torch.float32
         self.register_buffer("codebooks", torch.zeros(num_subspaces, self.num_codewords, self.subspace_dim))
-        self.register_buffer("fitted", torch.tensor(False))
+        # a Python flag, not a buffer: torch.compile traces no tensor read for it, and a meta-device
+        # copy can still say whether it is fitted. It travels in the extra state (state_dict).
+        self.fitted = False
         self.register_buffer("pad_index", self._make_pad_index(), persistent=False)
 
     # ---------------------------------------------------------------------------------------
@@ -171,12 +171,14 @@ class AnisotropicPQ(nn.Module):
             raise ValueError(f"{name} has {x.shape[1]} columns but the quantizer has dim={self.dim}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if not has_data(x):
+            return
         bad = ~torch.isfinite(x).all(dim=1)
         if bool(bad.any()):
             raise ValueError(f"{name} has NaN or Inf values in row {int(bad.nonzero()[0])} ({int(bad.sum())} rows)")
 
     def _check_fitted(self) -> None:
-        if not bool(self.fitted):
+        if not self.fitted:
             raise RuntimeError("AnisotropicPQ is not fitted: call fit(x) first (or load a state_dict)")
 
     def _check_codes(self, codes: Tensor) -> Tensor:
@@ -185,7 +187,7 @@ class AnisotropicPQ(nn.Module):
             raise ValueError(f"codes must be (N, num_subspaces={self.num_subspaces}), got {shape}")
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise TypeError(f"codes must be an integer tensor (uint8 from encode), got {codes.dtype}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codewords):
+        if codes.numel() and has_data(codes) and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codewords):
             raise ValueError(f"codes must be in [0, {self.num_codewords}) for bits={self.bits}")
         return codes
 
@@ -227,6 +229,7 @@ class AnisotropicPQ(nn.Module):
             bar.set_postfix_str(f"{rule}", refresh=False)
         return codebooks
 
+    @torch.no_grad()  # x may be an nn.Parameter: fitting builds no autograd state
     def fit(
         self,
         x: Tensor,
@@ -291,7 +294,7 @@ class AnisotropicPQ(nn.Module):
                 codebooks = self._calibrate(xp, queries, start, rules, iters, calib_rounds, generator, bar)
                 bar.update(bar.total - bar.n)  # isotropic won: the winner's rounds were not needed
         self.codebooks = codebooks
-        self.fitted.fill_(True)
+        self.fitted = True
         self._fit_dtype = x.dtype
         return self
 
@@ -366,14 +369,31 @@ class AnisotropicPQ(nn.Module):
     # ---------------------------------------------------------------------------------------
     # nn.Module plumbing
     # ---------------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() / .bfloat16() cast floating buffers: the codebooks stay float32 (a
+        # bfloat16 round trip moves every codeword and changes top-k results); devices still move
+        codebooks = self.codebooks
+        super()._apply(fn, recurse)
+        if self.codebooks.dtype != torch.float32:
+            self.codebooks = codebooks.to(device=self.codebooks.device, dtype=torch.float32)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old_flag = state_dict.pop(prefix + "fitted", None)  # a buffer in state dicts of earlier versions
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if old_flag is not None:
+            self.fitted = bool(old_flag)
+
     def get_extra_state(self) -> dict:
         return {
+            "fitted": self.fitted,
             "rule": (self.rule.kind, self.rule.value),
             "calibration": self.calibration,
             "fit_dtype": str(self._fit_dtype).replace("torch.", ""),
         }
 
     def set_extra_state(self, state: dict) -> None:
+        self.fitted = bool(state.get("fitted", True))
         self.rule = AnisotropyRule(*state["rule"])
         self.calibration = state["calibration"]
         self._fit_dtype = getattr(torch, state["fit_dtype"])
@@ -381,5 +401,5 @@ class AnisotropicPQ(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_subspaces={self.num_subspaces}, bits={self.bits}, rule={self.rule}, "
-            f"bits_per_vector={self.num_subspaces * self.bits}, fitted={bool(self.fitted)}"
+            f"bits_per_vector={self.num_subspaces * self.bits}, fitted={self.fitted}"
         )

@@ -8,6 +8,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from ._checks import check_features, check_int, has_data
 from .layer import QuantizedSoftmax
 
 logger = logging.getLogger("torchaq")
@@ -46,11 +47,9 @@ class CodebookRefresher:
     ):
         if not isinstance(layer, QuantizedSoftmax):
             raise TypeError(f"layer must be a torchaq.QuantizedSoftmax, got {type(layer).__name__}")
-        for name, value in (("every", every), ("refit_every", refit_every)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if not isinstance(max_queries, int) or max_queries < 20:
-            raise ValueError(f"max_queries must be an integer >= 20, got {max_queries!r}")
+        every = None if every is None else check_int(every, "every", low=1)
+        refit_every = None if refit_every is None else check_int(refit_every, "refit_every", low=1)
+        max_queries = check_int(max_queries, "max_queries", low=20)
         self.layer, self.every, self.refit_every, self.max_queries = layer, every, refit_every, max_queries
         self.num_steps = 0
         self.history: List[dict] = []
@@ -59,11 +58,16 @@ class CodebookRefresher:
     @torch.no_grad()
     def step(self, hidden: Optional[Tensor] = None) -> Optional[str]:
         """Count one training step; refresh when due. Returns ``"refit"``, ``"reencode"`` or ``None``."""
-        self.num_steps += 1
         if hidden is not None:
+            # a wrong width would silently reshape into other rows, and one NaN row would break every
+            # later refit until it scrolled out of the window: refuse both here, naming the argument
+            check_features(hidden, self.layer.dim, "hidden", self.layer.weight.device, "layer")
+            if has_data(hidden) and not bool(torch.isfinite(hidden).all()):
+                raise ValueError("hidden contains NaN or Inf (not stored for calibration)")
             rows = hidden.detach().reshape(-1, self.layer.dim).float()
             self._recent = rows if self._recent is None else torch.cat([self._recent, rows])
             self._recent = self._recent[-self.max_queries :]
+        self.num_steps += 1  # after the checks: a refused call is not a step
         kind = None
         if self.refit_every and self.num_steps % self.refit_every == 0:
             kind = "refit"
