@@ -108,9 +108,10 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def emit(text: str, out: Optional[str | os.PathLike] = None) -> None:
-    """Print ``text``; also write it to ``out`` (a path; ``None`` or empty: print only)."""
-    print(text, flush=True)
+def emit(text: str, out: Optional[str | os.PathLike] = None, echo: bool = True) -> None:
+    """Print ``text`` (unless ``echo=False``); also write it to ``out`` (a path; ``None`` or empty: print only)."""
+    if echo:
+        print(text, flush=True)
     if out:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,7 @@ def _load_triton_kernels():
 
 
 TK = _load_triton_kernels()
+from benchmarks.common import emit  # noqa: E402
 from torchaq import ops  # noqa: E402
 from torchaq.triton_kernels.scan import scan_config  # noqa: E402
 
@@ -98,7 +99,8 @@ def say(line: str = "") -> None:
 
 
 def bench(fn) -> float:
-    """Median milliseconds."""
+    """Median milliseconds: ``triton.testing.do_bench`` (CUDA events, cache flushed between runs) on a
+    GPU -- the one timer here that :func:`benchmarks.common.time_call` (CPU clocks) does not replace."""
     if ARGS.dry:  # the interpreter has no GPU events (and compiles nothing): one wall-clock run
         t0 = time.perf_counter()
         fn()
@@ -262,12 +264,12 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     path = out_dir / f"gpu_bench_{safe}.txt"
-    path.write_text("\n".join(LINES) + "\n(tile sweep not reached)\n")  # in case the sweep is cut off
+    emit("\n".join(LINES) + "\n(tile sweep not reached)", path, echo=False)  # in case the sweep is cut off
     if not ARGS.no_tune and time.time() - t_start < ARGS.budget:
         tune(dev, t_start)
     say()
     say(f"correctness: {'PASS' if ok else 'FAIL'}; total {time.time() - t_start:.0f} s")
-    path.write_text("\n".join(LINES) + "\n")
+    emit("\n".join(LINES), path, echo=False)
     print(f"wrote {path}")
 
 
