@@ -2,7 +2,9 @@
 
 The paper's ``eta(T, d, |x|)`` assumes queries uniform on the unit sphere. Real queries (the
 hidden states of a model) live in a subspace of far lower effective dimension, and on such data
-the formula's setting can be *worse* than isotropic PQ (DESIGN.md section 2). Given sample
+the formula's setting can be *worse* than isotropic PQ: the parallel residual it protects is not
+where real queries' score errors come from (``benchmarks/quality.py`` compares the threshold rule,
+isotropic and calibrated fits on real hidden states). Given sample
 queries we therefore pick the anisotropy rule that maximises retrieval recall of the exact top-k
 on held-out queries, with isotropic (``eta = 1``) always among the candidates, so the result is
 never worse than isotropic on the selection slice; :class:`torchaq.AnisotropicPQ` then checks the
