@@ -35,11 +35,12 @@ def _run(world: int, check: str, tmp_path) -> None:
     mp.spawn(_worker, args=(world, str(store), check), nprocs=world, join=True)
 
 
-def _worker(rank: int, world: int, store: str, check: str) -> None:
+def _worker(rank: int, world: int, store: str, checks: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
-        globals()[check](rank, world)
+        for check in checks.split(","):
+            globals()[check](rank, world)
     finally:
         dist.destroy_process_group()
 
@@ -141,19 +142,18 @@ def _check_layer(rank: int, world: int) -> None:
     torch.testing.assert_close(ref.sampled_softmax_loss(h, target, num_sampled=8, num_hard=V).detach(), full.detach(), rtol=1e-5, atol=1e-5)
     # estimates converge: many draws (uniform), or hard negatives + draws (quantized)
     per_row = F.cross_entropy(F.linear(h, weight, bias), target, reduction="none")
-    torch.set_grad_enabled(False)
-    gen = torch.Generator().manual_seed(11 + rank)
-    est = layer.sampled_softmax_loss(h, target, num_sampled=30000, sampler="uniform", reduction="none", generator=gen)
-    assert est.shape == target.shape and (est - per_row).abs().mean() < 0.15, (est - per_row).abs().mean()
-    assert abs(float((est - per_row).mean())) < 0.05
-    est = layer.sampled_softmax_loss(h, target, num_sampled=4096, reduction="none", generator=gen)
-    assert (est - per_row).abs().mean() < 0.02, (est - per_row).abs().mean()
-    counts = torch.arange(1, V + 1, dtype=torch.float64)
-    est = layer.sampled_softmax_loss(
-        h, target, num_sampled=30000, sampler="unigram", class_counts=_shard(counts, rank, sizes), generator=gen
-    )
-    assert abs(float(est) - float(full)) < 0.15, (float(est), float(full))
-    torch.set_grad_enabled(True)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(11 + rank)
+        est = layer.sampled_softmax_loss(h, target, num_sampled=30000, sampler="uniform", reduction="none", generator=gen)
+        assert est.shape == target.shape and (est - per_row).abs().mean() < 0.15, (est - per_row).abs().mean()
+        assert abs(float((est - per_row).mean())) < 0.05
+        est = layer.sampled_softmax_loss(h, target, num_sampled=4096, reduction="none", generator=gen)
+        assert (est - per_row).abs().mean() < 0.02, (est - per_row).abs().mean()
+        counts = torch.arange(1, V + 1, dtype=torch.float64)
+        est = layer.sampled_softmax_loss(
+            h, target, num_sampled=30000, sampler="unigram", class_counts=_shard(counts, rank, sizes), generator=gen
+        )
+        assert abs(float(est) - float(full)) < 0.15, (float(est), float(full))
     layer.zero_grad()
 
     # refresh: re-encode after the weights moved (local), re-fit (collective): as single-process
@@ -183,20 +183,28 @@ def _check_layer(rank: int, world: int) -> None:
         with pytest.raises(ValueError, match="saved by rank"):
             fresh.load_state_dict(other)
 
-        # a DeviceMesh dimension, and a DTensor weight sharded on dim 0 (torch.chunk slices)
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
 
-        mesh = init_device_mesh("cpu", (world,))
-        on_mesh = VocabParallelQuantizedSoftmax(_shard(weight, rank, sizes), _shard(bias, rank, sizes), group=mesh, **KW)
-        ref2 = torchaq.QuantizedSoftmax(weight, bias, **KW)
-        assert torch.equal(on_mesh.topk(h, k=10)[1], ref2.topk(h, k=10)[1])
-        dweight = distribute_tensor(weight, mesh, [Shard(0)])
-        dbias = distribute_tensor(bias, mesh, [Shard(0)])
-        from_dtensor = VocabParallelQuantizedSoftmax(dweight, dbias, **KW)
-        assert from_dtensor.shard_sizes == [c.shape[0] for c in weight.chunk(world)]
-        assert torch.equal(from_dtensor.topk(h, k=10)[1], ref2.topk(h, k=10)[1])
-        assert (from_dtensor.log_softmax_topk(h, k=5)[0] - ref2.log_softmax_topk(h, k=5)[0]).abs().max() < 5e-3
+def _check_mesh(rank: int, world: int) -> None:
+    """A DeviceMesh dimension as the group, and a DTensor weight sharded on dim 0 (torch.chunk slices)."""
+    import torchaq
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torchaq.distributed import VocabParallelQuantizedSoftmax
+
+    weight, bias, h, target = _data()
+    sizes = SHARDS[world]
+    ref = torchaq.QuantizedSoftmax(weight, bias, **KW)
+    mesh = init_device_mesh("cpu", (world,))
+    on_mesh = VocabParallelQuantizedSoftmax(_shard(weight, rank, sizes), _shard(bias, rank, sizes), group=mesh, **KW)
+    assert torch.equal(on_mesh.topk(h, k=10)[1], ref.topk(h, k=10)[1])
+    dweight = distribute_tensor(weight, mesh, [Shard(0)])
+    dbias = distribute_tensor(bias, mesh, [Shard(0)])
+    from_dtensor = VocabParallelQuantizedSoftmax(dweight, dbias, **KW)
+    assert from_dtensor.shard_sizes == [c.shape[0] for c in weight.chunk(world)]
+    assert torch.equal(from_dtensor.topk(h, k=10)[1], ref.topk(h, k=10)[1])
+    assert (from_dtensor.log_softmax_topk(h, k=5)[0] - ref.log_softmax_topk(h, k=5)[0]).abs().max() < 5e-3
+    with pytest.raises(ValueError, match="dim 0"):
+        VocabParallelQuantizedSoftmax(distribute_tensor(weight, mesh, [Shard(1)]), **KW)
 
 
 def _check_bad_input(rank: int, world: int) -> None:
@@ -217,6 +225,8 @@ def _check_bad_input(rank: int, world: int) -> None:
         ("total", dict(weight_shard=w, num_classes=V + 1), "num_classes"),
         ("kwargs", dict(weight_shard=w, bits=5), "bits"),
     ]
+    if world == 1:  # nothing to mismatch with
+        cases = [c for c in cases if c[0] not in ("d", "dtype", "bias")]
     for name, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             VocabParallelQuantizedSoftmax(**{"bias_shard": None, **kwargs}, **{k: v for k, v in KW.items() if k not in kwargs})
@@ -239,13 +249,21 @@ def _check_bad_input(rank: int, world: int) -> None:
     dist.barrier()
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_vocab_parallel_matches_single_process(world, tmp_path):
-    _run(world, "_check_layer", tmp_path)
+def test_one_rank_matches_single_process(tmp_path):
+    # world size 1 runs in this process (no spawn): the same checks
+    threads = torch.get_num_threads()
+    try:
+        _worker(0, 1, str(tmp_path / "store"), "_check_layer,_check_bad_input")
+    finally:
+        torch.set_num_threads(threads)
 
 
-def test_bad_input_raises_on_every_rank(tmp_path):
-    _run(3, "_check_bad_input", tmp_path)
+def test_two_ranks_match_single_process_and_refuse_bad_input(tmp_path):
+    _run(2, "_check_layer,_check_bad_input", tmp_path)
+
+
+def test_three_ranks_match_single_process_mesh_and_dtensor(tmp_path):
+    _run(3, "_check_layer,_check_mesh,_check_bad_input", tmp_path)
 
 
 def test_requires_initialized_process_group():

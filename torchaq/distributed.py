@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -140,21 +141,20 @@ def _is_int(x) -> bool:
 
 def _resolve_group(weight, group, mesh_dim):
     """``(local weight tensor, process group)`` from a tensor or a DTensor and a group / DeviceMesh / None."""
-    try:
-        from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # pragma: no cover - very old torch
-        DeviceMesh = DTensor = Shard = ()  # type: ignore[assignment]
-    if DTensor and isinstance(weight, DTensor):
+    # DTensor / DeviceMesh are only looked for when their modules are loaded (a DTensor or a
+    # mesh exists only then): importing torch.distributed.tensor costs about a second
+    tensor_mod = sys.modules.get("torch.distributed.tensor")
+    mesh_mod = sys.modules.get("torch.distributed.device_mesh")
+    if tensor_mod is not None and isinstance(weight, tensor_mod.DTensor):
         mesh = weight.device_mesh
-        sharded = [i for i, p in enumerate(weight.placements) if isinstance(p, Shard)]
+        sharded = [i for i, p in enumerate(weight.placements) if isinstance(p, tensor_mod.Shard)]
         if len(sharded) != 1 or weight.placements[sharded[0]].dim != 0:
             raise ValueError(f"a DTensor weight_shard must be sharded on dim 0 over one mesh dimension, got placements {weight.placements}")
         if group is None:
             group = mesh.get_group(sharded[0])
         local = weight.to_local()
         weight = local if not isinstance(weight, nn.Parameter) else nn.Parameter(local.detach(), requires_grad=weight.requires_grad)
-    if DeviceMesh and isinstance(group, DeviceMesh):
+    if mesh_mod is not None and isinstance(group, mesh_mod.DeviceMesh):
         if mesh_dim is None and group.ndim != 1:
             raise ValueError(f"group is a {group.ndim}-D DeviceMesh: pass mesh_dim= to name the vocabulary dimension")
         group = group.get_group(mesh_dim)
@@ -254,13 +254,10 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}")
         weight_shard, group = _resolve_group(weight_shard, group, mesh_dim)
-        try:
-            from torch.distributed.tensor import DTensor
-
-            if isinstance(bias_shard, DTensor):
-                bias_shard = bias_shard.to_local() if not isinstance(bias_shard, nn.Parameter) else nn.Parameter(bias_shard.to_local().detach())
-        except ImportError:  # pragma: no cover
-            pass
+        tensor_mod = sys.modules.get("torch.distributed.tensor")
+        if tensor_mod is not None and isinstance(bias_shard, tensor_mod.DTensor):
+            local_bias = bias_shard.to_local()
+            bias_shard = nn.Parameter(local_bias.detach()) if isinstance(bias_shard, nn.Parameter) else local_bias
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
