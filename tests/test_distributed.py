@@ -113,6 +113,23 @@ def _check_layer(rank: int, world: int) -> None:
     free = layer.sample(h, top_k=50)
     _same_everywhere(free)
 
+    # consistent_candidates: the single-process candidate set, split over the ranks, even when
+    # few candidates make the default mode's superset matter
+    layer.consistent_candidates = True
+    for cand in (12, 64):
+        cv, ci = layer.topk(h, k=10, candidates=cand)
+        rv, ri = ref.topk(h, k=10, candidates=cand)
+        assert torch.equal(ci, ri), cand
+        torch.testing.assert_close(cv, rv, rtol=1e-5, atol=1e-5)
+    clogp, cidx = layer.log_softmax_topk(h, k=5, candidates=32)
+    rlogp32, ridx32 = ref.log_softmax_topk(h, k=5, candidates=32)
+    assert torch.equal(cidx, ridx32)
+    torch.testing.assert_close(clogp, rlogp32, rtol=0, atol=2e-5)
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(layer.sample(h, top_k=20, candidates=24, generator=gen_a), ref.sample(h, top_k=20, candidates=24, generator=gen_b))
+    _same_everywhere(clogp)
+    layer.consistent_candidates = False
+
     # forward: exact local logits; Megatron-style cross-entropy over them gives the full gradients
     hg = h.clone().requires_grad_()
     local_logits = layer(hg)
@@ -224,9 +241,10 @@ def _check_bad_input(rank: int, world: int) -> None:
         ("nan", dict(weight_shard=w.clone().fill_(float("nan")) if last else w), "NaN"),
         ("total", dict(weight_shard=w, num_classes=V + 1), "num_classes"),
         ("kwargs", dict(weight_shard=w, bits=5), "bits"),
+        ("options", dict(weight_shard=w, num_subspaces=8 if last else 16), "layer options"),
     ]
     if world == 1:  # nothing to mismatch with
-        cases = [c for c in cases if c[0] not in ("d", "dtype", "bias")]
+        cases = [c for c in cases if c[0] not in ("d", "dtype", "bias", "options")]
     for name, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             VocabParallelQuantizedSoftmax(**{"bias_shard": None, **kwargs}, **{k: v for k, v in KW.items() if k not in kwargs})

@@ -29,14 +29,24 @@ Cross-Entropy (all-reduce of per-row maxima and exp-sums), and of vLLM's ``get_t
 World-size independence. The codebooks are fitted from the same rows whatever the world size
 (all rows when ``V <= torchaq.quantizer.MAX_FIT_ROWS``, so they are bitwise those of the
 single-device layer; otherwise the same seeded row sample), so every class gets the same codes
-and LUT scores with 1, 2 or 3 ranks. Each rank re-scores exactly its own ``candidates`` best
-classes by LUT score; their union contains the single-device layer's candidates (the global
-LUT-best ``candidates``, up to ties of LUT scores at the cut), so the merged top-k is the exact
-top-k of a superset of the single-device candidates: whenever the single-device layer returns
-the true top-k (``benchmarks/layer.py`` measures how often), every world size returns the same
-classes, and the values are exact logits (equal up to float rounding of the re-score).
-``log Z`` counts exactly those re-scored classes and uses LUT scores for the rest, so it agrees
-across world sizes up to the LUT error of the extra candidates' (small) probability mass.
+and LUT scores with 1, 2 or 3 ranks. Two ways to pick the classes re-scored exactly:
+
+* default: each rank re-scores its own ``candidates`` LUT-best classes. Their union contains the
+  single-device candidates (the global LUT-best ``candidates``; up to ties of LUT scores at the
+  cut), so the merged top-k is the exact top-k of a superset of the single-device candidates: it
+  is never less accurate, and it equals the single-device answer (for every world size)
+  whenever that one is the true top-k. Communication ``O(B k P)``.
+* ``consistent_candidates=True``: the ranks first all-gather their LUT-best scores (``B
+  candidates`` floats per rank), and each re-scores only its classes at or above the global
+  ``candidates``-th best score -- the single-device candidate set, split over the ranks -- so
+  ``topk``, ``log_softmax_topk`` and ``sample`` give the single-device answer for every world
+  size (up to float rounding of the values and ties of LUT scores at the cut). Communication
+  ``O(B (candidates + k) P)``, one more all-gather.
+
+In both modes every rank merges the same gathered data the same way, so the answer is identical
+on every rank. ``log Z`` counts the re-scored classes exactly and the others by their LUT
+score; in the default mode it differs across world sizes by the LUT error on the extra
+candidates' (small) probability mass.
 """
 from __future__ import annotations
 
@@ -228,6 +238,9 @@ class VocabParallelQuantizedSoftmax(nn.Module):
             raises on every rank.
         mesh_dim: see ``group``.
         fit: fit the shared codebooks now (``False`` to load a ``state_dict``).
+        consistent_candidates: re-score exactly the single-device candidate set (results
+            independent of the world size, one more all-gather per call; module docstring).
+            An attribute: it can be switched later.
         **kwargs: the :class:`torchaq.QuantizedSoftmax` arguments (``num_subspaces``, ``bits``,
             ``threshold``, ``eta``, ``candidates``, ``fit_iters``, ``seed``, ``progress``).
 
@@ -246,6 +259,7 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         num_classes: Optional[int] = None,
         mesh_dim: Optional[Union[int, str]] = None,
         fit: bool = True,
+        consistent_candidates: bool = False,
         **kwargs,
     ):
         super().__init__()
@@ -285,12 +299,18 @@ class VocabParallelQuantizedSoftmax(nn.Module):
             "dtype": str(weight_shard.dtype) if local is not None else None,
             "device": weight_shard.device.type if local is not None else None,
             "bias": bias_shard is not None,
+            # the layer's options must agree too (codebook shapes, rule, seed, candidates)
+            "options": None if local is None else repr(
+                (local.quantizer.num_subspaces, local.quantizer.bits, str(local.quantizer.rule), local.quantizer.seed,
+                 local.candidates, local._fit_iters)
+            ),
         }
         everyone: List[dict] = [None] * self.world_size  # type: ignore[list-item]
         dist.all_gather_object(everyone, mine, group=group)
         problems = [f"rank {r}: {m['error']}" for r, m in enumerate(everyone) if m["error"]]
         if not problems:
-            for key, what in (("dim", "feature dimension d"), ("dtype", "weight dtype"), ("device", "device type"), ("bias", "bias presence")):
+            for key, what in (("dim", "feature dimension d"), ("dtype", "weight dtype"), ("device", "device type"), ("bias", "bias presence"),
+                              ("options", "layer options (num_subspaces, bits, rule, seed, candidates, fit_iters)")):
                 values = [m[key] for m in everyone]
                 if len(set(values)) > 1:
                     problems.append(f"mismatched {what} across ranks: {values} (rank order)")
@@ -313,6 +333,10 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         self.local_classes = self.shard_sizes[self.rank]
         self.dim = local.dim
         self._root = dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0
+        if not isinstance(consistent_candidates, bool):
+            raise TypeError(f"consistent_candidates must be a bool, got {consistent_candidates!r}")
+        #: re-score exactly the single-device candidate set (see the class docstring)
+        self.consistent_candidates = consistent_candidates
         if fit:
             self.refresh(refit=True, queries=queries)
 
@@ -445,18 +469,46 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         local = self.local
         k_r = min(k, self.local_classes)
         c_r = min(candidates, self.local_classes)
-        logits, classes, lut = local.candidate_logits(flat, c_r, k_r)
+        if self.consistent_candidates:
+            logits, classes, lut = self._consistent_candidates(flat, candidates, c_r)
+        else:
+            logits, classes, lut = local.candidate_logits(flat, c_r, k_r)
         log_z = None
         if with_log_z:  # log Z_r = logsumexp(exact candidates, LUT scores of the rest of the slice)
             approx = ops.lut_score(lut, local.packed_codes, self.local_classes, local._bias32())
-            rest = approx.scatter(1, classes, -math.inf)
+            kept = torch.isfinite(logits)  # consistent_candidates drops some: they keep their LUT score
+            rest = approx.scatter(1, classes, torch.where(kept, -math.inf, approx.gather(1, classes)))
             log_z = torch.logaddexp(torch.logsumexp(logits, dim=1), torch.logsumexp(rest, dim=1))
         values, ids = logits[:, :k_r], classes[:, :k_r] + self.offset
+        ids = torch.where(torch.isfinite(values), ids, self.num_classes)  # dropped: lose every comparison
         if k_r < k:  # a slice smaller than k: pad with entries that lose every comparison
             pad = k - k_r
             values = torch.cat([values, values.new_full((values.shape[0], pad), -math.inf)], 1)
             ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), self.num_classes)], 1)
         return values, ids, log_z
+
+    def _consistent_candidates(self, flat: Tensor, candidates: int, c_r: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """The global LUT-best ``candidates`` that live on this rank, re-scored exactly (sorted, best first).
+
+        Each rank's LUT-best ``c_r`` scores are all-gathered (``B candidates`` floats per rank),
+        the global ``candidates``-th best score ``tau`` is read off their union, and the rank keeps
+        its classes scoring ``>= tau``: the single-device candidate set, split over the ranks
+        (classes tied with ``tau`` may add a few). Classes dropped here get logit ``-inf`` and are
+        moved to the end; they count with their LUT score in ``log Z``.
+        """
+        local = self.local
+        lut = local.quantizer.lut(flat)
+        scores, classes = ops.lut_topk(lut, local.packed_codes, self.local_classes, c_r, local._bias32())
+        width = min(candidates, self.num_classes)
+        padded = scores.new_full((scores.shape[0], width), -math.inf)
+        padded[:, :c_r] = scores
+        everyone = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(everyone, padded.contiguous(), group=self.group)
+        tau = torch.cat(everyone, 1).topk(width, dim=1).values[:, -1:]  # (B, 1)
+        logits = exact_logits(flat, local.weight.detach(), None if local.bias is None else local.bias.detach(), classes)
+        logits = logits.masked_fill(scores < tau, -math.inf)
+        logits, order = logits.sort(dim=1, descending=True)
+        return logits, classes.gather(1, order), lut
 
     def _merged(self, h: Tensor, k: int, candidates: Optional[int], with_log_z: bool = False):
         """Gather every rank's best ``k`` (and log Z piece) and merge: identical on every rank."""
