@@ -93,7 +93,7 @@ def _worker(rank: int, world: int, store: str, out: str, vocab: int, dim: int, b
         rows = {}
         for batch in batches:
             # hidden states near random classes, scaled to a softmax entropy of a few nats
-            h = 0.05 * (centres[torch.randint(0, 256, (batch,), generator=gen)] + 0.5 * torch.randn(batch, dim, generator=gen))
+            h = 0.1 * (centres[torch.randint(0, 256, (batch,), generator=gen)] + 0.5 * torch.randn(batch, dim, generator=gen))
             width = max(sizes)
 
             def gather_logits():

@@ -113,6 +113,15 @@ def _check_layer(rank: int, world: int) -> None:
     free = layer.sample(h, top_k=50)
     _same_everywhere(free)
 
+    # few candidates: the default mode re-scores a superset of the single-process candidates, so
+    # it is never less accurate; its values are exact logits
+    exact_logits = h @ weight.T + bias
+    true10 = exact_logits.topk(10).indices
+    dv, di = layer.topk(h, k=10, candidates=12)
+    rv, ri = ref.topk(h, k=10, candidates=12)
+    recall = lambda idx: (true10.unsqueeze(2) == idx.unsqueeze(1)).any(2).float().mean()  # noqa: E731
+    assert recall(di) >= recall(ri)
+    torch.testing.assert_close(dv, exact_logits.gather(1, di))
     # consistent_candidates: the single-process candidate set, split over the ranks, even when
     # few candidates make the default mode's superset matter
     layer.consistent_candidates = True
@@ -224,6 +233,24 @@ def _check_mesh(rank: int, world: int) -> None:
         VocabParallelQuantizedSoftmax(distribute_tensor(weight, mesh, [Shard(1)]), **KW)
 
 
+def _check_sampled_fit(rank: int, world: int) -> None:
+    """Above MAX_FIT_ROWS the codebooks are fitted on a seeded sample of global rows, the same for any world size."""
+    import torchaq
+    import torchaq.distributed as td
+
+    weight, bias, h, target = _data()
+    sizes = SHARDS[world]
+    saved = td.MAX_FIT_ROWS
+    td.MAX_FIT_ROWS = 500
+    try:
+        layer = td.VocabParallelQuantizedSoftmax(_shard(weight, rank, sizes), **KW)
+    finally:
+        td.MAX_FIT_ROWS = saved
+    rows = weight[torch.randperm(V, generator=torch.Generator().manual_seed(KW["seed"]))[:500]]
+    single = torchaq.AnisotropicPQ(D, 16, bits=4, threshold=None, seed=KW["seed"]).fit(rows, iters=5, progress=False, max_rows=None)
+    assert torch.equal(layer.quantizer.codebooks, single.codebooks)
+
+
 def _check_bad_input(rank: int, world: int) -> None:
     """Bad input on one rank: a ValueError on every rank, naming the problem, and no hang."""
     from torchaq.distributed import VocabParallelQuantizedSoftmax
@@ -277,11 +304,11 @@ def test_one_rank_matches_single_process(tmp_path):
 
 
 def test_two_ranks_match_single_process_and_refuse_bad_input(tmp_path):
-    _run(2, "_check_layer,_check_bad_input", tmp_path)
+    _run(2, "_check_layer,_check_sampled_fit,_check_bad_input", tmp_path)
 
 
 def test_three_ranks_match_single_process_mesh_and_dtensor(tmp_path):
-    _run(3, "_check_layer,_check_mesh,_check_bad_input", tmp_path)
+    _run(3, "_check_layer,_check_mesh,_check_sampled_fit,_check_bad_input", tmp_path)
 
 
 def test_requires_initialized_process_group():

@@ -216,6 +216,8 @@ class VocabParallelQuantizedSoftmax(nn.Module):
                                    ``F.linear`` of the slice); backward: all-reduce of
                                    ``dL/dh`` (``B d`` floats)
     ``topk``                       one all-gather of ``B k`` (value, id) pairs per rank
+                                   (``consistent_candidates``: first one of ``B candidates``
+                                   LUT scores per rank)
     ``log_softmax_topk``           the same all-gather plus one scalar per row and rank
     ``sample``                     the top-k all-gather, then a broadcast of ``B`` ids
     ``sampled_softmax_loss``       a few all-reduces of ``B`` and ``P`` floats; backward:
@@ -447,7 +449,9 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         """This rank's exact logits ``h @ W_r.T + b_r``: ``(..., V_r)``, like Megatron's ``ColumnParallelLinear``.
 
         ``h`` is replicated; in backward its gradient is summed over the ranks (every rank must
-        run backward), the weight slice's gradient stays local.
+        run backward), the weight slice's gradient stays local. This layer does the sum itself
+        (:func:`copy_to_parallel_region`): do not also wrap ``h`` in Megatron's
+        ``copy_to_tensor_model_parallel_region``, or the gradient is summed twice.
         """
         if torch.is_grad_enabled() and h.requires_grad:
             h = copy_to_parallel_region(h, self.group)
