@@ -10,6 +10,8 @@ a synthetic ``(V, d)`` weight (clustered Gaussian rows). Rows of the table, per 
 * ``torchaq topk``: :meth:`torchaq.distributed.VocabParallelQuantizedSoftmax.topk` -- LUT scan
   of the rank's slice, exact re-score of its candidates, one all-gather of ``B k`` (value, id)
   pairs per rank, merge;
+* ``torchaq topk, consistent_candidates``: the same, with the extra all-gather of each rank's
+  ``candidates`` LUT-best scores that makes the answer independent of the world size;
 * ``dense + gather logits``: what inference engines do by default -- each rank computes its
   exact logits ``h @ W_r.T`` (``(B, V_r)``), one all-gather of them, ``torch.topk`` of the
   ``(B, V)`` result.
@@ -83,6 +85,7 @@ def _worker(rank: int, world: int, store: str, out: str, vocab: int, dim: int, b
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(minutes=20))
     try:
         from torchaq.distributed import VocabParallelQuantizedSoftmax
+        from torchaq.layer import default_candidates
 
         weight, sizes, centres = _shard(rank, world, vocab, dim)
         t0 = time.perf_counter()
@@ -112,7 +115,15 @@ def _worker(rank: int, world: int, store: str, out: str, vocab: int, dim: int, b
             recall = float((top.indices.unsqueeze(2) == layer.topk(h, k=K)[1].unsqueeze(1)).any(2).float().mean())
             logp = full.log_softmax(1)
             entropy = float(-(logp.exp() * logp).sum(1).mean())
+            layer.consistent_candidates = True
+            same = _timed(lambda: layer.topk(h, k=K), blocks, per_block)
+            recall_same = float((top.indices.unsqueeze(2) == layer.topk(h, k=K)[1].unsqueeze(1)).any(2).float().mean())
+            layer.consistent_candidates = False
+            cands = default_candidates(K, vocab)
             rows[batch] = {
+                "same": [same.median, same.p90],
+                "same_bytes": batch * cands * 4 + batch * 2 * K * 4,
+                "recall_same": recall_same,
                 "ours": [ours.median, ours.p90],
                 "dense": [dense.median, dense.p90],
                 "ours_bytes": batch * 2 * K * 4,
@@ -153,6 +164,8 @@ def main() -> None:
             r = res["rows"][str(batch)]
             table.append([world, batch, "torchaq topk", f"{r['ours'][0] * 1e3:.3f}", f"{r['ours'][1] * 1e3:.3f}",
                           f"{r['ours_bytes']:,}", f"{(world - 1) * r['ours_bytes']:,}", f"{r['recall']:.3f}", f"{r['entropy']:.2f}"])
+            table.append([world, batch, "torchaq topk, consistent_candidates", f"{r['same'][0] * 1e3:.3f}", f"{r['same'][1] * 1e3:.3f}",
+                          f"{r['same_bytes']:,}", f"{(world - 1) * r['same_bytes']:,}", f"{r['recall_same']:.3f}", f"{r['entropy']:.2f}"])
             table.append([world, batch, "dense + gather logits", f"{r['dense'][0] * 1e3:.3f}", f"{r['dense'][1] * 1e3:.3f}",
                           f"{r['dense_bytes']:,}", f"{(world - 1) * r['dense_bytes']:,}", "1.000", f"{r['entropy']:.2f}"])
     text = "\n".join(

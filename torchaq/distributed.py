@@ -695,8 +695,9 @@ class VocabParallelQuantizedSoftmax(nn.Module):
                 q_slice = (1 - UNIFORM_FLOOR) * (scores - global_lse.unsqueeze(1)).exp().mean(0) + UNIFORM_FLOOR / self.num_classes
                 mass = float(q_slice.sum())  # = 0.9 mean_rows(share of the row's mass) + 0.1 V_r / V
                 proposal = (q_slice / q_slice.sum()).float()
-            masses = [torch.zeros(1, dtype=torch.float64) for _ in range(self.world_size)]
-            dist.all_gather(masses, torch.tensor([mass], dtype=torch.float64), group=group)
+            # on the data's device: NCCL only moves device tensors
+            masses = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(self.world_size)]
+            dist.all_gather(masses, torch.tensor([mass], dtype=torch.float64, device=device), group=group)
             draws = _allocate(num_sampled, [float(m) for m in masses])[self.rank]
             draw_device = generator.device if generator is not None else device
             samples = torch.multinomial(proposal.to(draw_device), draws, replacement=True, generator=generator).to(device)
