@@ -231,6 +231,12 @@ def _check_mesh(rank: int, world: int) -> None:
     assert (from_dtensor.log_softmax_topk(h, k=5)[0] - ref.log_softmax_topk(h, k=5)[0]).abs().max() < 5e-3
     with pytest.raises(ValueError, match="dim 0"):
         VocabParallelQuantizedSoftmax(distribute_tensor(weight, mesh, [Shard(1)]), **KW)
+    # one named dimension of a 2-D mesh
+    mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    on_tp = VocabParallelQuantizedSoftmax(_shard(weight, rank, sizes), _shard(bias, rank, sizes), group=mesh2, mesh_dim="tp", **KW)
+    assert on_tp.world_size == world and torch.equal(on_tp.topk(h, k=10)[1], ref.topk(h, k=10)[1])
+    with pytest.raises(ValueError, match="mesh_dim"):
+        VocabParallelQuantizedSoftmax(_shard(weight, rank, sizes), group=mesh2, **KW)
 
 
 def _check_sampled_fit(rank: int, world: int) -> None:
@@ -249,6 +255,12 @@ def _check_sampled_fit(rank: int, world: int) -> None:
     rows = weight[torch.randperm(V, generator=torch.Generator().manual_seed(KW["seed"]))[:500]]
     single = torchaq.AnisotropicPQ(D, 16, bits=4, threshold=None, seed=KW["seed"]).fit(rows, iters=5, progress=False, max_rows=None)
     assert torch.equal(layer.quantizer.codebooks, single.codebooks)
+    # calibration queries: rank 0 calibrates, every rank gets the chosen rule and the scores
+    calibrated = td.VocabParallelQuantizedSoftmax(_shard(weight, rank, sizes), _shard(bias, rank, sizes), queries=h, **KW)
+    ref = torchaq.QuantizedSoftmax(weight, bias, queries=h, **KW)
+    assert torch.equal(calibrated.quantizer.codebooks, ref.quantizer.codebooks)
+    assert calibrated.quantizer.rule == ref.quantizer.rule and calibrated.quantizer.calibration == ref.quantizer.calibration
+    assert calibrated.quantizer.calibration is not None
 
 
 def _check_bad_input(rank: int, world: int) -> None:
