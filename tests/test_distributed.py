@@ -5,7 +5,6 @@ an assertion error on any rank fails the test (``torch.multiprocessing.spawn`` r
 """
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pytest

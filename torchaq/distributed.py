@@ -750,7 +750,7 @@ def _slice_log_mass(
     land in ``E_b = H_b u {t if owned}`` are dropped for that row (``remove_accidental_hits=False``:
     only the hard set is excluded) and the kept ones weighted by ``(1 - Q(E_b)) / (m' Q(s))``.
     """
-    batch, num_draws = h.shape[0], samples.shape[0]
+    batch = h.shape[0]
     hard_logits = exact_logits(h, weight, bias, hard)  # (B, n)
     target_logit = exact_logits(h, weight, bias, local_target.unsqueeze(1)).squeeze(1)
     hard_is_target = (hard == local_target.unsqueeze(1)) & owned.unsqueeze(1)
