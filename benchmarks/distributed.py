@@ -20,8 +20,9 @@ Bytes: ``sent per rank`` is the all-gather payload each rank contributes (its ``
 pairs, or its ``(B, V_r)`` float32 logits); with gloo's all-gather every rank receives the other
 ``P - 1`` payloads. Timing: the same fixed number of calls on every rank (collectives forbid
 per-rank adaptive repeat counts), blocks of calls after a warm-up, median and 90th percentile of
-rank 0's per-call block times, reported with :mod:`benchmarks.common`. The machine is shared:
-the load average is in the header.
+rank 0's per-call block times, reported with :mod:`benchmarks.common`; and rank 0's own CPU time
+per call (its share of the work, which a loaded machine does not inflate the way it inflates
+wall time). The machine is shared: the load average is in the header.
 """
 from __future__ import annotations
 
@@ -47,20 +48,25 @@ from benchmarks.common import RESULTS, Timing, emit, environment, markdown_table
 K = 10
 
 
-def _timed(fn, blocks: int, per_block: int, warmup: int = 3) -> Timing:
-    """Per-call seconds over ``blocks`` blocks of ``per_block`` calls; identical call counts on every rank."""
+def _timed(fn, blocks: int, per_block: int, warmup: int = 3):
+    """``(Timing, cpu)``: wall seconds per call over ``blocks`` blocks of ``per_block`` calls (the
+    same call counts on every rank), and the median CPU seconds per call of the calling thread
+    (``time.thread_time``: the rank's own work, which other processes on a shared machine cannot
+    inflate; gloo's transfers run on other threads and are not in it)."""
     for _ in range(warmup):
         fn()
     dist.barrier()
-    times = []
+    times, cpu = [], []
     for _ in range(blocks):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         for _ in range(per_block):
             fn()
         times.append((time.perf_counter() - t0) / per_block)
+        cpu.append((time.thread_time() - c0) / per_block)
     times.sort()
+    cpu.sort()
     q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
-    return Timing(best=times[0], median=q(0.5), p90=q(0.9))
+    return Timing(best=times[0], median=q(0.5), p90=q(0.9)), cpu[len(cpu) // 2]
 
 
 def _shard(rank: int, world: int, vocab: int, dim: int):
@@ -109,23 +115,23 @@ def _worker(rank: int, world: int, store: str, out: str, vocab: int, dim: int, b
                 return full.topk(K, dim=1), full
 
             per_block = 20 if batch <= 4 else 5
-            ours = _timed(lambda: layer.topk(h, k=K), blocks, per_block)
-            dense = _timed(gather_logits, blocks, max(1, per_block // 4))
+            ours, ours_cpu = _timed(lambda: layer.topk(h, k=K), blocks, per_block)
+            dense, dense_cpu = _timed(gather_logits, blocks, max(1, per_block // 4))
             (top, full) = gather_logits()
             recall = float((top.indices.unsqueeze(2) == layer.topk(h, k=K)[1].unsqueeze(1)).any(2).float().mean())
             logp = full.log_softmax(1)
             entropy = float(-(logp.exp() * logp).sum(1).mean())
             layer.consistent_candidates = True
-            same = _timed(lambda: layer.topk(h, k=K), blocks, per_block)
+            same, same_cpu = _timed(lambda: layer.topk(h, k=K), blocks, per_block)
             recall_same = float((top.indices.unsqueeze(2) == layer.topk(h, k=K)[1].unsqueeze(1)).any(2).float().mean())
             layer.consistent_candidates = False
             cands = default_candidates(K, vocab)
             rows[batch] = {
-                "same": [same.median, same.p90],
+                "same": [same.median, same.p90, same_cpu],
                 "same_bytes": batch * cands * 4 + batch * 2 * K * 4,
                 "recall_same": recall_same,
-                "ours": [ours.median, ours.p90],
-                "dense": [dense.median, dense.p90],
+                "ours": [ours.median, ours.p90, ours_cpu],
+                "dense": [dense.median, dense.p90, dense_cpu],
                 "ours_bytes": batch * 2 * K * 4,
                 "dense_bytes": batch * width * 4,
                 "recall": recall,
@@ -147,7 +153,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "distributed.txt"))
     args = parser.parse_args()
 
-    header = ["P", "batch", "method", "ms/call (median)", "p90 ms", "sent per rank (bytes)", "received per rank (bytes)", "recall@10 vs dense", "softmax entropy (nats)"]
+    header = ["P", "batch", "method", "ms/call (median)", "p90 ms", "rank 0 CPU ms/call", "sent per rank (bytes)", "received per rank (bytes)", "recall@10 vs dense", "softmax entropy (nats)"]
     table, builds = [], []
     for world in args.worlds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -162,11 +168,11 @@ def main() -> None:
         builds.append(f"P={world}: {res['build_s']:.1f} s")
         for batch in args.batches:
             r = res["rows"][str(batch)]
-            table.append([world, batch, "torchaq topk", f"{r['ours'][0] * 1e3:.3f}", f"{r['ours'][1] * 1e3:.3f}",
+            table.append([world, batch, "torchaq topk", f"{r['ours'][0] * 1e3:.3f}", f"{r['ours'][1] * 1e3:.3f}", f"{r['ours'][2] * 1e3:.3f}",
                           f"{r['ours_bytes']:,}", f"{(world - 1) * r['ours_bytes']:,}", f"{r['recall']:.3f}", f"{r['entropy']:.2f}"])
-            table.append([world, batch, "torchaq topk, consistent_candidates", f"{r['same'][0] * 1e3:.3f}", f"{r['same'][1] * 1e3:.3f}",
+            table.append([world, batch, "torchaq topk, consistent_candidates", f"{r['same'][0] * 1e3:.3f}", f"{r['same'][1] * 1e3:.3f}", f"{r['same'][2] * 1e3:.3f}",
                           f"{r['same_bytes']:,}", f"{(world - 1) * r['same_bytes']:,}", f"{r['recall_same']:.3f}", f"{r['entropy']:.2f}"])
-            table.append([world, batch, "dense + gather logits", f"{r['dense'][0] * 1e3:.3f}", f"{r['dense'][1] * 1e3:.3f}",
+            table.append([world, batch, "dense + gather logits", f"{r['dense'][0] * 1e3:.3f}", f"{r['dense'][1] * 1e3:.3f}", f"{r['dense'][2] * 1e3:.3f}",
                           f"{r['dense_bytes']:,}", f"{(world - 1) * r['dense_bytes']:,}", "1.000", f"{r['entropy']:.2f}"])
     text = "\n".join(
         [
