@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import time
+from contextlib import contextmanager
 from typing import Dict, Optional, Union
 
 import torch
@@ -10,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from ._checks import check_features
-from .calibrate import AnisotropyRule, candidate_rules, retrieval_recall
+from .calibrate import AnisotropyRule, candidate_rules, exact_top, retrieval_recall, successive_halving
 from .codebook_update import joint_codebook_update
 from .encode import anisotropic_encode, decode, l2_encode
 from .kmeans import subspace_kmeans
@@ -20,8 +22,8 @@ from .loss import score_aware_loss
 _UNSET = object()
 # held-out queries used for calibration: a selection slice and a disjoint check slice
 CALIBRATION_QUERIES = 1000
-# alternations of (encode, codebook update) each calibration candidate gets from the isotropic fit
-CALIBRATION_ROUNDS = 2
+# rows (a seeded sample) the calibration candidates are trained and scored on
+CALIBRATION_ROWS = 8192
 # k-means only initialises the codebooks: like FAISS (256 points per centroid) it runs on a
 # random sample of the training rows
 KMEANS_POINTS_PER_CODEWORD = 256
@@ -123,6 +125,9 @@ class AnisotropicPQ(nn.Module):
         #: calibration scores ``{rule: recall}`` of the last ``fit`` with queries, else ``None``
         self.calibration: Optional[Dict[str, float]] = None
         self._fit_dtype = torch.float32
+        #: seconds the last ``fit`` spent per phase (k-means, encode, codebook update, calibration
+        #: scoring), wall clock; on CUDA the phases are not synchronised, so they are indicative only
+        self.fit_seconds: Dict[str, float] = {}
         self.register_buffer("codebooks", torch.zeros(num_subspaces, self.num_codewords, self.subspace_dim))
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("pad_index", self._make_pad_index(), persistent=False)
@@ -217,12 +222,22 @@ class AnisotropicPQ(nn.Module):
     # ---------------------------------------------------------------------------------------
     # fit
     # ---------------------------------------------------------------------------------------
+    @contextmanager
+    def _phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.fit_seconds[name] = self.fit_seconds.get(name, 0.0) + time.perf_counter() - start
+
     def _alternate(self, x: Tensor, rule: AnisotropyRule, codebooks: Tensor, rounds: int, bar) -> Tensor:
         """``rounds`` of (anisotropic encode, joint codebook update) for ``rule``."""
         eta_rows = self.row_eta(x, rule)
         for _ in range(rounds):
-            codes = self._encode_padded(x, rule, codebooks)
-            codebooks = joint_codebook_update(x, codes, eta_rows, codebooks)
+            with self._phase("encode"):
+                codes = self._encode_padded(x, rule, codebooks)
+            with self._phase("codebook update"):
+                codebooks = joint_codebook_update(x, codes, eta_rows, codebooks)
             bar.update(1)
             bar.set_postfix_str(f"{rule}", refresh=False)
         return codebooks
@@ -274,52 +289,68 @@ class AnisotropicPQ(nn.Module):
         if max_rows is not None:
             xp = _sample_rows(xp, max_rows, generator)
         rules = candidate_rules(self.rule) if queries is not None else [self.rule]
-        calib_rounds = min(CALIBRATION_ROUNDS, iters)
         # with calibration: the isotropic fit, a few rounds per candidate, then the winner's rest
         total = self.kmeans_iters + iters
         if queries is not None:
-            total += (len(rules) - 1) * calib_rounds + iters - calib_rounds
+            total += 2 * (len(rules) - 1) + iters  # successive halving, then the winner (about)
+        self.fit_seconds = {}
         with tqdm(total=total, desc="AnisotropicPQ.fit", disable=not progress, leave=False) as bar:
             bar.set_postfix_str("k-means", refresh=False)
             sample = _sample_rows(xp, KMEANS_POINTS_PER_CODEWORD * self.num_codewords, generator)
-            start = subspace_kmeans(
-                sample, self.num_subspaces, self.num_codewords, self.kmeans_iters, generator, lambda: bar.update(1)
-            )
+            with self._phase("k-means"):
+                start = subspace_kmeans(
+                    sample, self.num_subspaces, self.num_codewords, self.kmeans_iters, generator, lambda: bar.update(1)
+                )
             if queries is None:
                 codebooks = self._alternate(xp, self.rule, start, iters, bar)
             else:
-                codebooks = self._calibrate(xp, queries, start, rules, iters, calib_rounds, generator, bar)
-                bar.update(bar.total - bar.n)  # isotropic won: the winner's rounds were not needed
+                codebooks = self._calibrate(xp, queries, start, rules, iters, generator, bar)
+                bar.update(max(0, bar.total - bar.n))  # isotropic won: the winner's rounds were not needed
         self.codebooks = codebooks
         self.fitted.fill_(True)
         self._fit_dtype = x.dtype
         return self
 
-    def _calibrate(self, xp, queries, start, rules, iters, calib_rounds, generator, bar) -> Tensor:
-        """Pick the rule with the best held-out recall; never end worse than isotropic."""
+    def _calibrate(self, xp, queries, start, rules, iters, generator, bar) -> Tensor:
+        """Pick the rule with the best held-out recall; never end worse than isotropic.
+
+        Successive halving (:func:`torchaq.calibrate.successive_halving`) on a seeded subsample
+        of the rows: every candidate gets one alternation from the isotropic codebooks and is
+        scored on the selection queries; the better half (never those below isotropic) gets
+        another, and so on. Only the winner is trained on all rows. The check slice, disjoint from
+        the selection slice, then compares the winner with the isotropic fit on the same rows.
+        Cost: about one isotropic fit, ``(candidates + 2) / 2`` alternations on the subsample,
+        and the winner's fit.
+        """
         qp = self.pad(queries)[torch.randperm(queries.shape[0], generator=generator).to(queries.device)]
         half = min(CALIBRATION_QUERIES, qp.shape[0] // 2)
         select, check = qp[:half], qp[half : 2 * half]
+        sub = _sample_rows(xp, CALIBRATION_ROWS, generator)
+        with self._phase("calibration scoring"):
+            select_truth, check_truth = exact_top(select, sub), exact_top(check, sub)
 
-        def recall(rule: AnisotropyRule, codebooks: Tensor, q: Tensor) -> float:
-            return retrieval_recall(q, xp, self._encode_padded(xp, rule, codebooks), codebooks)
+        def recall(rule: AnisotropyRule, codebooks: Tensor, q: Tensor, truth: Tensor) -> float:
+            with self._phase("encode"):
+                codes = self._encode_padded(sub, rule, codebooks)
+            with self._phase("calibration scoring"):
+                return retrieval_recall(q, sub, codes, codebooks, exact=truth)
 
         isotropic = rules[0]
         iso_codebooks = self._alternate(xp, isotropic, start, iters, bar)
-        scores = {str(isotropic): recall(isotropic, iso_codebooks, select)}
-        best_rule, best_start = isotropic, iso_codebooks
-        for rule in rules[1:]:
-            codebooks = self._alternate(xp, rule, iso_codebooks, calib_rounds, bar)
-            scores[str(rule)] = recall(rule, codebooks, select)
-            if scores[str(rule)] > scores[str(best_rule)]:
-                best_rule, best_start = rule, codebooks
+
+        def train(rule: AnisotropyRule, codebooks: Optional[Tensor], rounds: int) -> Tensor:
+            return self._alternate(sub, rule, iso_codebooks if codebooks is None else codebooks, rounds, bar)
+
+        best_rule, best_codebooks, rounds_done, scores = successive_halving(
+            rules, train, lambda rule, cb: recall(rule, cb, select, select_truth), iso_codebooks
+        )
         if best_rule is isotropic:
             final, final_rule = iso_codebooks, isotropic
         else:
-            final = self._alternate(xp, best_rule, best_start, iters - calib_rounds, bar)
+            final = self._alternate(xp, best_rule, best_codebooks, max(1, iters - rounds_done), bar)
             final_rule = best_rule
             # the check slice was not used to choose: fall back if the winner loses there
-            if recall(best_rule, final, check) < recall(isotropic, iso_codebooks, check):
+            if recall(best_rule, final, check, check_truth) < recall(isotropic, iso_codebooks, check, check_truth):
                 final, final_rule = iso_codebooks, isotropic
         self.rule = final_rule
         self.calibration = scores
