@@ -23,13 +23,16 @@ _UNSET = object()
 # held-out queries used for calibration: a selection slice and a disjoint check slice
 CALIBRATION_QUERIES = 1000
 # rows (a seeded sample) the calibration candidates are trained and scored on
-CALIBRATION_ROWS = 8192
+CALIBRATION_ROWS = 4096
 # k-means only initialises the codebooks: like FAISS (256 points per centroid) it runs on a
 # random sample of the training rows
 KMEANS_POINTS_PER_CODEWORD = 256
 # rows used to learn the codebooks (a seeded random sample beyond this): 4096 points per
 # codeword at 4 bits is plenty, and it bounds the cost of fit for very large V
 MAX_FIT_ROWS = 65536
+# CG iterations of each joint codebook update inside fit (warm-started; the next alternation
+# continues where it stopped)
+FIT_CG_ITERS = 10
 
 
 def _sample_rows(x: Tensor, count: int, generator: torch.Generator) -> Tensor:
@@ -230,14 +233,23 @@ class AnisotropicPQ(nn.Module):
         finally:
             self.fit_seconds[name] = self.fit_seconds.get(name, 0.0) + time.perf_counter() - start
 
-    def _alternate(self, x: Tensor, rule: AnisotropyRule, codebooks: Tensor, rounds: int, bar) -> Tensor:
-        """``rounds`` of (anisotropic encode, joint codebook update) for ``rule``."""
+    def _alternate(
+        self, x: Tensor, rule: AnisotropyRule, codebooks: Tensor, rounds: int, bar, codes: Optional[Tensor] = None
+    ) -> Tensor:
+        """``rounds`` of (anisotropic encode, joint codebook update) for ``rule``.
+
+        ``codes``: the codes of ``x`` under ``codebooks`` when the caller already has them. The
+        update runs at most ``FIT_CG_ITERS`` warm-started CG iterations: every iterate lowers the
+        loss, and the next alternation continues from it.
+        """
         eta_rows = self.row_eta(x, rule)
         for _ in range(rounds):
-            with self._phase("encode"):
-                codes = self._encode_padded(x, rule, codebooks)
+            if codes is None:
+                with self._phase("encode"):
+                    codes = self._encode_padded(x, rule, codebooks)
             with self._phase("codebook update"):
-                codebooks = joint_codebook_update(x, codes, eta_rows, codebooks)
+                codebooks = joint_codebook_update(x, codes, eta_rows, codebooks, max_iters=FIT_CG_ITERS)
+            codes = None
             bar.update(1)
             bar.set_postfix_str(f"{rule}", refresh=False)
         return codebooks
@@ -329,9 +341,12 @@ class AnisotropicPQ(nn.Module):
         with self._phase("calibration scoring"):
             select_truth, check_truth = exact_top(select, sub), exact_top(check, sub)
 
+        scored: Dict[AnisotropyRule, tuple] = {}  # rule -> (codebooks, codes of sub) of its last score
+
         def recall(rule: AnisotropyRule, codebooks: Tensor, q: Tensor, truth: Tensor) -> float:
             with self._phase("encode"):
                 codes = self._encode_padded(sub, rule, codebooks)
+            scored[rule] = (codebooks, codes)
             with self._phase("calibration scoring"):
                 return retrieval_recall(q, sub, codes, codebooks, exact=truth)
 
@@ -339,7 +354,10 @@ class AnisotropicPQ(nn.Module):
         iso_codebooks = self._alternate(xp, isotropic, start, iters, bar)
 
         def train(rule: AnisotropyRule, codebooks: Optional[Tensor], rounds: int) -> Tensor:
-            return self._alternate(sub, rule, iso_codebooks if codebooks is None else codebooks, rounds, bar)
+            codebooks = iso_codebooks if codebooks is None else codebooks
+            last = scored.get(rule)
+            codes = last[1] if last is not None and last[0] is codebooks else None  # reuse the scoring encode
+            return self._alternate(sub, rule, codebooks, rounds, bar, codes=codes)
 
         best_rule, best_codebooks, rounds_done, scores = successive_halving(
             rules, train, lambda rule, cb: recall(rule, cb, select, select_truth), iso_codebooks
