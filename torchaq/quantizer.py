@@ -64,9 +64,10 @@ class AnisotropicPQ(nn.Module):
       * ``eta=e``: a constant ``e`` for every row;
       * ``threshold=None`` (and no ``eta``): isotropic, plain PQ (``eta = 1``).
     When ``fit`` gets sample ``queries`` it *calibrates* instead: it tries isotropic, the rule
-    above and a grid of constants, keeps the one with the best recall of the exact top-10 on
-    held-out queries, and falls back to isotropic if the final fit loses on a second held-out
-    slice. The choice is in :attr:`rule` and the scores in :attr:`calibration`.
+    above and a grid of constants by successive halving on a row subsample, keeps the one with
+    the best recall of the exact top-10 on held-out queries, and falls back to isotropic if the
+    final fit loses on a second held-out slice. The choice is in :attr:`rule`, the scores in
+    :attr:`calibration`, and the seconds of each phase of the last fit in :attr:`fit_seconds`.
 
     A ``dim`` that ``M`` does not divide is split into subspaces of ``ceil(dim / M)`` and
     ``floor(dim / M)`` dimensions; the short ones are padded with one zero internally.
