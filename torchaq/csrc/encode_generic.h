@@ -15,6 +15,9 @@
 // where two candidates' losses are within float rounding (sums are accumulated in another order).
 #pragma once
 #include <cstdint>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "encode_kernels.h"
 
@@ -43,9 +46,26 @@ inline void row_dots(const EncodeProblem& p, const float* __restrict x, float* _
   }
 }
 
+#if defined(__AVX2__)
+// K = 16 with AVX2: vector minimum, then the first lane equal to it (the same index as below).
+inline int64_t first_argmin16(const float* __restrict v) {
+  const __m256 a = _mm256_loadu_ps(v), b = _mm256_loadu_ps(v + 8);
+  __m128 m4 = _mm_min_ps(_mm256_castps256_ps128(_mm256_min_ps(a, b)), _mm256_extractf128_ps(_mm256_min_ps(a, b), 1));
+  m4 = _mm_min_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_min_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  const __m256 bm = _mm256_broadcastss_ps(m4);
+  const unsigned mask = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(a, bm, _CMP_EQ_OQ))) |
+                        (unsigned(_mm256_movemask_ps(_mm256_cmp_ps(b, bm, _CMP_EQ_OQ))) << 8);
+  return __builtin_ctz(mask);
+}
+#endif
+
 // First index of the smallest of v[0..K) (no NaN: the inputs are finite): the minimum by a
 // branch-free reduction, then the first position that holds it.
 inline int64_t first_argmin(const float* __restrict v, int64_t K) {
+#if defined(__AVX2__)
+  if (K == 16) return first_argmin16(v);
+#endif
   float bv = v[0];
   for (int64_t j = 1; j < K; ++j) bv = v[j] < bv ? v[j] : bv;
   int64_t best = 0;
