@@ -330,10 +330,11 @@ class AnisotropicPQ(nn.Module):
         Successive halving (:func:`torchaq.calibrate.successive_halving`) on a seeded subsample
         of the rows: every candidate gets one alternation from the isotropic codebooks and is
         scored on the selection queries; the better half (never those below isotropic) gets
-        another, and so on. Only the winner is trained on all rows. The check slice, disjoint from
+        another, and so on. Only the winner is trained on all rows (``iters`` alternations from its
+        subsample codebooks). The check slice, disjoint from
         the selection slice, then compares the winner with the isotropic fit on the same rows.
-        Cost: about one isotropic fit, ``(candidates + 2) / 2`` alternations on the subsample,
-        and the winner's fit.
+        Cost: one isotropic fit, about ``2 c`` alternations on the subsample for ``c`` candidates,
+        and the winner's ``iters`` alternations on all rows.
         """
         qp = self.pad(queries)[torch.randperm(queries.shape[0], generator=generator).to(queries.device)]
         half = min(CALIBRATION_QUERIES, qp.shape[0] // 2)
@@ -360,13 +361,13 @@ class AnisotropicPQ(nn.Module):
             codes = last[1] if last is not None and last[0] is codebooks else None  # reuse the scoring encode
             return self._alternate(sub, rule, codebooks, rounds, bar, codes=codes)
 
-        best_rule, best_codebooks, rounds_done, scores = successive_halving(
+        best_rule, best_codebooks, _, scores = successive_halving(
             rules, train, lambda rule, cb: recall(rule, cb, select, select_truth), iso_codebooks
         )
         if best_rule is isotropic:
             final, final_rule = iso_codebooks, isotropic
         else:
-            final = self._alternate(xp, best_rule, best_codebooks, max(1, iters - rounds_done), bar)
+            final = self._alternate(xp, best_rule, best_codebooks, iters, bar)
             final_rule = best_rule
             # the check slice was not used to choose: fall back if the winner loses there
             if recall(best_rule, final, check, check_truth) < recall(isotropic, iso_codebooks, check, check_truth):
