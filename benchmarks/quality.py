@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,7 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS, emit, environment  # noqa: E402  (header, writer)
+
 NUM_CANDIDATES = 100
 K = 10
 
@@ -251,21 +250,6 @@ def method_list(args) -> list[tuple[str, Callable[[Setting], Result]]]:
 
 
 # ----------------------------------------------------------------------------- output
-def environment() -> str:
-    faiss, _ = _try_import("faiss")
-    scann, _ = _try_import("scann")
-    try:
-        from importlib.metadata import version
-
-        scann_v = version("scann") if scann is not None else "not installed"
-    except Exception:  # noqa: BLE001
-        scann_v = "?"
-    return (f"{platform.node()} | {platform.processor() or platform.machine()} | "
-            f"{os.cpu_count()} cpus, torch threads {torch.get_num_threads()} | "
-            f"python {platform.python_version()} | torch {torch.__version__} | "
-            f"faiss {getattr(faiss, '__version__', 'not installed')} | scann {scann_v}")
-
-
 def format_table(settings: list[Setting], labels: list[str],
                  results: dict[tuple[str, str], Result]) -> str:
     cols: list[tuple[str, str, str]] = []  # (setting key, metric attr, header)
@@ -369,7 +353,7 @@ def fit_timing(args) -> str:
     """Time AnisotropicPQ.fit per phase and the encoders, at LLM-head sizes (and the MiniLM head)."""
     import torch.profiler  # noqa: F401 - the phases come from AnisotropicPQ.fit_seconds
 
-    from benchmarks.common import environment, markdown_table
+    from benchmarks.common import markdown_table
 
     header = ["setting", "V x d", "M", "queries", "fit s", *[f"{p} s" for p in FIT_PHASES], "other s",
               "aniso encode all V s", "L2 encode all V s", "rule"]
@@ -459,8 +443,6 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.fit_timing:
-        from benchmarks.common import emit
-
         emit(fit_timing(args), args.out or RESULTS / "fit_timing.txt")
         return
 
@@ -499,8 +481,7 @@ def main(argv=None) -> None:
     if _scann_builder()[0] is None:
         text += "\n(ScaNN rows skipped: `pip install scann` not available here.)"
     print()
-    print(text)
-    (args.out or RESULTS / "quality.txt").write_text(text + "\n")
+    emit(text, args.out or RESULTS / "quality.txt")
 
 
 if __name__ == "__main__":
