@@ -296,6 +296,7 @@ def low_rank_head(v: int, d: int, num_queries: int, rank: int = 64, seed: int = 
     few nats, like a trained LM head.
     """
     gen = torch.Generator().manual_seed(seed)
+    rank = min(rank, d)
     basis = torch.linalg.qr(torch.randn(d, rank, generator=gen))[0].T  # (rank, d) orthonormal
     rows = torch.randn(v, rank, generator=gen) @ basis / math.sqrt(rank) + 0.05 * torch.randn(v, d, generator=gen) / math.sqrt(d)
     queries = torch.randn(num_queries, rank, generator=gen) @ basis * 3.0
