@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .encode import decode, row_chunks
+from .encode import row_chunks
 
 CG_MAX_ITERS = 50
 CG_TOL = 1e-5
@@ -53,8 +53,10 @@ class _NormalEquations:
     def apply(self, c: Tensor) -> Tensor:
         """``A c = sum_i B_i^T (x~_i + (eta_i - 1) <u_i, x~_i> u_i)`` with ``x~_i = B_i c``."""
         out = torch.zeros(self.m * self.k, self.dsub, dtype=torch.float32, device=c.device)
+        flat = c.reshape(-1, self.dsub)
         for start, stop in row_chunks(self.codes.shape[0], self.x.shape[1] * 4):
-            x_hat = decode(self.codes[start:stop], c)
+            # decode as one index_select over the stacked codewords (faster than a two-index gather)
+            x_hat = flat.index_select(0, self.slots[start:stop].reshape(-1)).reshape(stop - start, -1)
             u = self.unit[start:stop]
             w_x_hat = x_hat + self.eta_minus_1[start:stop] * (x_hat * u).sum(1, keepdim=True) * u
             out.index_add_(0, self.slots[start:stop].reshape(-1), w_x_hat.reshape(-1, self.dsub))

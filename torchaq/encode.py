@@ -38,7 +38,32 @@ def _subspace_dots(x: Tensor, codebooks: Tensor) -> Tensor:
 
 
 def l2_encode(x: Tensor, codebooks: Tensor) -> Tensor:
-    """Per-subspace nearest codeword (plain PQ): ``c_m = argmin_j |x_m - C_m[j]|^2``; int64 ``(N, M)``."""
+    """Per-subspace nearest codeword (plain PQ): ``c_m = argmin_j |x_m - C_m[j]|^2``; int64 ``(N, M)``.
+
+    Runs ``torch.ops.torchaq.pq_encode`` (the C++ kernel on CPU, :func:`l2_encode_reference`
+    elsewhere). Cost: ``O(N M K dsub)``.
+    """
+    from . import ops
+
+    return ops.pq_encode(x.float().contiguous(), codebooks.float().contiguous())
+
+
+def anisotropic_encode(x: Tensor, codebooks: Tensor, eta: Tensor, max_rounds: int = MAX_ROUNDS) -> Tensor:
+    """Codes minimising the score-aware loss ``eta |r_par|^2 + |r_perp|^2`` by coordinate descent.
+
+    Runs ``torch.ops.torchaq.anisotropic_encode``: the C++ kernel on CPU
+    (``torchaq/csrc/encode.cpp``), :func:`anisotropic_encode_reference` elsewhere (its oracle).
+    See the reference for the algorithm. Cost: ``O(N M K (dsub + rounds))``.
+    """
+    from . import ops
+
+    return ops.anisotropic_encode(
+        x.float().contiguous(), codebooks.float().contiguous(), eta.float().contiguous(), max_rounds
+    )
+
+
+def l2_encode_reference(x: Tensor, codebooks: Tensor) -> Tensor:
+    """Pure-torch plain-PQ encoder: ``argmin_j |C_m[j]|^2 / 2 - <x_m, C_m[j]>`` (first index on ties)."""
     m, k, _ = codebooks.shape
     half_norms = 0.5 * (codebooks * codebooks).sum(-1)  # (M, K)
     codes = torch.empty((x.shape[0], m), dtype=torch.int64, device=x.device)
@@ -48,25 +73,30 @@ def l2_encode(x: Tensor, codebooks: Tensor) -> Tensor:
     return codes
 
 
-def anisotropic_encode(x: Tensor, codebooks: Tensor, eta: Tensor, max_rounds: int = MAX_ROUNDS) -> Tensor:
-    """Codes minimising the score-aware loss ``eta |r_par|^2 + |r_perp|^2`` by coordinate descent.
+def anisotropic_encode_reference(x: Tensor, codebooks: Tensor, eta: Tensor, max_rounds: int = MAX_ROUNDS) -> Tensor:
+    """Pure-torch anisotropic encoder (the default kernel of the op, and the oracle of its tests).
 
     The algorithm of ScaNN's ``IndexDatapointNoiseShaped`` (Guo et al. 2020, section 4.2): start
-    from the per-subspace L2-nearest codes; in each round visit the subspaces of a point from its
-    largest residual to its smallest and move that subspace to the codeword that lowers the total
-    loss most (``r_par`` couples all subspaces, so the choice depends on the others). Stop when a
-    round moves nothing, or after ``max_rounds`` rounds. The loss of every point never increases.
+    from the per-subspace L2-nearest codes (:func:`l2_encode_reference`); in each round visit the
+    subspaces of a point in order ``0 .. M-1`` and move that subspace to the codeword that lowers
+    the total loss most (``r_par`` couples all subspaces, so the choice depends on the others).
+    Stop when a round moves nothing, or after ``max_rounds`` rounds. The loss of every point
+    never increases. (ScaNN visits a point's subspaces from its largest residual to its smallest;
+    a fixed order keeps every point independent of the others -- so a re-encode of some rows
+    gives the codes a full encode would -- and lets every step read a strided slice.)
 
     Per point the state is ``|r|^2`` and ``<r, x>``; with ``d_j = <x_m, C_m[j]>`` and
     ``e_j = |x_m - C_m[j]|^2`` moving subspace ``m`` from ``c`` to ``j`` gives
     ``|r|^2 += e_j - e_c`` and ``<r, x> += d_c - d_j``, and the loss is
     ``|r|^2 + (eta - 1) <r, x>^2 / |x|^2``. All points move at once (vectorised); points are
     independent, so a point that did not move in a round is converged and leaves the active set.
+    Within a round nothing waits for the host (one sync per round), so this is also the CUDA path.
 
     Args:
         x: ``(N, D)`` float32 datapoints.
         codebooks: ``(M, K, dsub)`` float32.
         eta: ``(N,)`` per-point ``h_par / h_perp`` (1 = plain PQ).
+        max_rounds: rounds of coordinate descent (0: the L2 codes).
     Returns:
         ``(N, M)`` int64 codes.
     """
@@ -74,34 +104,36 @@ def anisotropic_encode(x: Tensor, codebooks: Tensor, eta: Tensor, max_rounds: in
     n_all = x.shape[0]
     codes_out = torch.empty((n_all, m), dtype=torch.int64, device=x.device)
     code_sq = (codebooks * codebooks).sum(-1)  # (M, K)
+    half_norms = 0.5 * code_sq
     for start, stop in row_chunks(n_all, 2 * m * k):
         xc = x[start:stop]
         n = xc.shape[0]
         dots = _subspace_dots(xc, codebooks)  # (n, M, K)
-        x_sub_sq = xc.reshape(n, m, -1).pow(2).sum(-1)  # (n, M)
-        dist = x_sub_sq.unsqueeze(-1) - 2 * dots + code_sq  # e_j per subspace: (n, M, K)
-        codes = dist.argmin(-1)
-        x_sq = (xc * xc).sum(-1)
-        # (eta - 1) / |x|^2; zero rows have no parallel direction
-        coef = torch.where(x_sq > 0, (eta[start:stop] - 1) / x_sq.clamp_min(1e-30), torch.zeros_like(x_sq))
-        active = torch.arange(n, device=x.device)
-        for _ in range(max_rounds):
-            if active.numel() == 0:
-                break
-            moved = _coordinate_round(dist[active], dots[active], codes[active], x_sq[active], coef[active])
-            codes[active] = moved[0]
-            active = active[moved[1]]
+        codes = (half_norms - dots).argmin(-1)
+        if max_rounds > 0:
+            x_sub_sq = xc.reshape(n, m, -1).pow(2).sum(-1)  # (n, M)
+            dist = x_sub_sq.unsqueeze(-1) - 2 * dots + code_sq  # e_j per subspace: (n, M, K)
+            x_sq = (xc * xc).sum(-1)
+            # (eta - 1) / |x|^2; zero rows have no parallel direction
+            coef = torch.where(x_sq > 0, (eta[start:stop] - 1) / x_sq.clamp_min(1e-30), torch.zeros_like(x_sq))
+            active = torch.arange(n, device=x.device)
+            for _ in range(max_rounds):
+                new_codes, moved = _coordinate_round(dist[active], dots[active], codes[active], x_sq[active], coef[active])
+                codes[active] = new_codes
+                active = active[moved]
+                if active.numel() == 0:  # one host sync per round
+                    break
         codes_out[start:stop] = codes
     return codes_out
 
 
 def _coordinate_round(dist: Tensor, dots: Tensor, codes: Tensor, x_sq: Tensor, coef: Tensor):
-    """One round of coordinate descent over all subspaces for a set of points.
+    """One round of coordinate descent over subspaces ``0 .. M-1`` for a set of points.
 
-    Subspaces are visited from the largest total residual to the smallest (ScaNN orders them per
-    point; one order for all points lets every step work on a strided slice of the working
-    tensors instead of a two-index gather). The loss still never increases.
-    Returns the new codes and a bool mask of the points that moved.
+    Candidate loss of codeword ``j`` in subspace ``m``:
+    ``(|r|^2 - e_c) + e_j + coef (<r, x> + d_c - d_j)^2``; a point moves only if the best is
+    strictly below the current code's loss computed the same way (so rounding cannot make it hop
+    between equal codewords forever). Returns the new codes and a bool mask of the points that moved.
     """
     cur_dist = dist.gather(2, codes.unsqueeze(-1)).squeeze(-1)  # (n, M)
     cur_dot = dots.gather(2, codes.unsqueeze(-1)).squeeze(-1)
@@ -109,22 +141,20 @@ def _coordinate_round(dist: Tensor, dots: Tensor, codes: Tensor, x_sq: Tensor, c
     r_dot_x = x_sq - cur_dot.sum(1)
     moved = torch.zeros(codes.shape[0], dtype=torch.bool, device=dist.device)
     coef_col = coef.unsqueeze(1)
-    for sub in cur_dist.sum(0).argsort(descending=True).tolist():
+    for sub in range(codes.shape[1]):
         dist_m, dots_m, code_m = dist[:, sub], dots[:, sub], codes[:, sub]
         d_cur, p_cur = cur_dist[:, sub], cur_dot[:, sub]
         cand_rx = (r_dot_x + p_cur).unsqueeze(1) - dots_m
-        cand_loss = torch.addcmul((r_sq - d_cur).unsqueeze(1) + dist_m, coef_col * cand_rx, cand_rx)
+        cand_loss = (r_sq - d_cur).unsqueeze(1) + dist_m + coef_col * cand_rx * cand_rx
         best_loss, best = cand_loss.min(1)
-        # compare against the current code's loss computed the same way, so rounding cannot
-        # make a point hop between equal codewords forever
         better = best_loss < cand_loss.gather(1, code_m.unsqueeze(1)).squeeze(1)
-        if not bool(better.any()):
+        if not dist.is_cuda and not bool(better.any()):  # a free skip where a sync is cheap
             continue
         new_code = torch.where(better, best, code_m)
         new_dist = dist_m.gather(1, new_code.unsqueeze(1)).squeeze(1)
         new_dot = dots_m.gather(1, new_code.unsqueeze(1)).squeeze(1)
-        r_sq += new_dist - d_cur
-        r_dot_x += p_cur - new_dot
+        r_sq = r_sq + (new_dist - d_cur)
+        r_dot_x = r_dot_x + (p_cur - new_dot)
         codes[:, sub] = new_code
         cur_dist[:, sub] = new_dist
         cur_dot[:, sub] = new_dot

@@ -219,3 +219,81 @@ def lut_topk(
     which is why callers re-score the returned candidates exactly.
     """
     return torch.ops.torchaq.lut_topk(lut, packed, num_classes, k, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# pq_encode / anisotropic_encode: codes of rows x (N, M * dsub) under codebooks (M, K, dsub)
+# --------------------------------------------------------------------------------------------
+_LIB.define("pq_encode(Tensor x, Tensor codebooks) -> Tensor")
+_LIB.define("anisotropic_encode(Tensor x, Tensor codebooks, Tensor eta, int max_rounds) -> Tensor")
+
+
+def _check_encode(x: Tensor, codebooks: Tensor, eta: Optional[Tensor] = None, max_rounds: int = 0) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be (N, D), got shape {tuple(x.shape)}")
+    if codebooks.dim() != 3:
+        raise ValueError(f"codebooks must be (M, K, dsub), got shape {tuple(codebooks.shape)}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"x must be float32, got {x.dtype}")
+    if codebooks.dtype != torch.float32:
+        raise TypeError(f"codebooks must be float32, got {codebooks.dtype}")
+    m, k, dsub = codebooks.shape
+    torch._check(m >= 1 and k >= 1 and dsub >= 1, lambda: f"codebooks must be non-empty (M, K, dsub), got {tuple(codebooks.shape)}")
+    if x.shape[1] != m * dsub:
+        raise ValueError(f"x has {x.shape[1]} columns but codebooks (M, K, dsub) = {tuple(codebooks.shape)} need M * dsub = {m * dsub}")
+    if x.device != codebooks.device:
+        raise ValueError(f"x is on {x.device} but codebooks on {codebooks.device}")
+    if eta is not None:
+        if eta.dim() != 1 or eta.shape[0] != x.shape[0]:
+            raise ValueError(f"eta must have shape ({x.shape[0]},), got {tuple(eta.shape)}")
+        if eta.dtype != torch.float32:
+            raise TypeError(f"eta must be float32, got {eta.dtype}")
+        if eta.device != x.device:
+            raise ValueError(f"eta is on {eta.device} but x on {x.device}")
+        if max_rounds < 0:
+            raise ValueError(f"max_rounds must be >= 0, got {max_rounds}")
+
+
+@torch.library.register_fake("torchaq::pq_encode")
+def _pq_encode_fake(x: Tensor, codebooks: Tensor) -> Tensor:
+    _check_encode(x, codebooks)
+    return x.new_empty((x.shape[0], codebooks.shape[0]), dtype=torch.int64)
+
+
+@torch.library.impl(_LIB, "pq_encode", "CompositeExplicitAutograd")
+def _pq_encode_ref(x: Tensor, codebooks: Tensor) -> Tensor:
+    from .encode import l2_encode_reference
+
+    _check_encode(x, codebooks)
+    return l2_encode_reference(x, codebooks)
+
+
+@torch.library.register_fake("torchaq::anisotropic_encode")
+def _anisotropic_encode_fake(x: Tensor, codebooks: Tensor, eta: Tensor, max_rounds: int) -> Tensor:
+    _check_encode(x, codebooks, eta, max_rounds)
+    return x.new_empty((x.shape[0], codebooks.shape[0]), dtype=torch.int64)
+
+
+@torch.library.impl(_LIB, "anisotropic_encode", "CompositeExplicitAutograd")
+def _anisotropic_encode_ref(x: Tensor, codebooks: Tensor, eta: Tensor, max_rounds: int) -> Tensor:
+    from .encode import anisotropic_encode_reference
+
+    _check_encode(x, codebooks, eta, max_rounds)
+    return anisotropic_encode_reference(x, codebooks, eta, max_rounds)
+
+
+def pq_encode(x: Tensor, codebooks: Tensor) -> Tensor:
+    """Plain PQ codes ``argmin_j |x_m - C_m[j]|^2`` (first index on ties): ``(N, M)`` int64.
+
+    ``x`` float32 ``(N, M * dsub)``, ``codebooks`` float32 ``(M, K, dsub)``. Cost ``O(N M K dsub)``.
+    """
+    return torch.ops.torchaq.pq_encode(x, codebooks)
+
+
+def anisotropic_encode(x: Tensor, codebooks: Tensor, eta: Tensor, max_rounds: int) -> Tensor:
+    """Score-aware codes by coordinate descent (:func:`torchaq.encode.anisotropic_encode_reference`).
+
+    ``eta`` float32 ``(N,)`` per row; ``max_rounds`` rounds at most (0: the L2 codes). Cost
+    ``O(N M K (dsub + rounds))``.
+    """
+    return torch.ops.torchaq.anisotropic_encode(x, codebooks, eta, max_rounds)

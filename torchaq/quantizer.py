@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
+from contextlib import contextmanager
 from typing import Dict, Optional, Union
 
 import torch
@@ -11,7 +13,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from ._checks import check_features, check_int, has_data
-from .calibrate import AnisotropyRule, candidate_rules, retrieval_recall
+from .calibrate import AnisotropyRule, candidate_rules, exact_top, retrieval_recall, successive_halving
 from .codebook_update import joint_codebook_update
 from .encode import anisotropic_encode, decode, l2_encode
 from .kmeans import subspace_kmeans
@@ -21,14 +23,17 @@ from .loss import score_aware_loss
 _UNSET = object()
 # held-out queries used for calibration: a selection slice and a disjoint check slice
 CALIBRATION_QUERIES = 1000
-# alternations of (encode, codebook update) each calibration candidate gets from the isotropic fit
-CALIBRATION_ROUNDS = 2
+# rows (a seeded sample) the calibration candidates are trained and scored on
+CALIBRATION_ROWS = 4096
 # k-means only initialises the codebooks: like FAISS (256 points per centroid) it runs on a
 # random sample of the training rows
 KMEANS_POINTS_PER_CODEWORD = 256
 # rows used to learn the codebooks (a seeded random sample beyond this): 4096 points per
 # codeword at 4 bits is plenty, and it bounds the cost of fit for very large V
 MAX_FIT_ROWS = 65536
+# CG iterations of each joint codebook update inside fit (warm-started; the next alternation
+# continues where it stopped)
+FIT_CG_ITERS = 10
 
 
 def _sample_rows(x: Tensor, count: int, generator: torch.Generator) -> Tensor:
@@ -60,9 +65,10 @@ class AnisotropicPQ(nn.Module):
       * ``eta=e``: a constant ``e`` for every row;
       * ``threshold=None`` (and no ``eta``): isotropic, plain PQ (``eta = 1``).
     When ``fit`` gets sample ``queries`` it *calibrates* instead: it tries isotropic, the rule
-    above and a grid of constants, keeps the one with the best recall of the exact top-10 on
-    held-out queries, and falls back to isotropic if the final fit loses on a second held-out
-    slice. The choice is in :attr:`rule` and the scores in :attr:`calibration`.
+    above and a grid of constants by successive halving on a row subsample, keeps the one with
+    the best recall of the exact top-10 on held-out queries, and falls back to isotropic if the
+    final fit loses on a second held-out slice. The choice is in :attr:`rule`, the scores in
+    :attr:`calibration`, and the seconds of each phase of the last fit in :attr:`fit_seconds`.
 
     A ``dim`` that ``M`` does not divide is split into subspaces of ``ceil(dim / M)`` and
     ``floor(dim / M)`` dimensions; the short ones are padded with one zero internally.
@@ -121,6 +127,9 @@ class AnisotropicPQ(nn.Module):
         #: calibration scores ``{rule: recall}`` of the last ``fit`` with queries, else ``None``
         self.calibration: Optional[Dict[str, float]] = None
         self._fit_dtype = torch.float32
+        #: seconds the last ``fit`` spent per phase (k-means, encode, codebook update, calibration
+        #: scoring), wall clock; on CUDA the phases are not synchronised, so they are indicative only
+        self.fit_seconds: Dict[str, float] = {}
         self.register_buffer("codebooks", torch.zeros(num_subspaces, self.num_codewords, self.subspace_dim))
         # a Python flag, not a buffer: torch.compile traces no tensor read for it, and a meta-device
         # copy can still say whether it is fitted. It travels in the extra state (state_dict).
@@ -219,12 +228,31 @@ class AnisotropicPQ(nn.Module):
     # ---------------------------------------------------------------------------------------
     # fit
     # ---------------------------------------------------------------------------------------
-    def _alternate(self, x: Tensor, rule: AnisotropyRule, codebooks: Tensor, rounds: int, bar) -> Tensor:
-        """``rounds`` of (anisotropic encode, joint codebook update) for ``rule``."""
+    @contextmanager
+    def _phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.fit_seconds[name] = self.fit_seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def _alternate(
+        self, x: Tensor, rule: AnisotropyRule, codebooks: Tensor, rounds: int, bar, codes: Optional[Tensor] = None
+    ) -> Tensor:
+        """``rounds`` of (anisotropic encode, joint codebook update) for ``rule``.
+
+        ``codes``: the codes of ``x`` under ``codebooks`` when the caller already has them. The
+        update runs at most ``FIT_CG_ITERS`` warm-started CG iterations: every iterate lowers the
+        loss, and the next alternation continues from it.
+        """
         eta_rows = self.row_eta(x, rule)
         for _ in range(rounds):
-            codes = self._encode_padded(x, rule, codebooks)
-            codebooks = joint_codebook_update(x, codes, eta_rows, codebooks)
+            if codes is None:
+                with self._phase("encode"):
+                    codes = self._encode_padded(x, rule, codebooks)
+            with self._phase("codebook update"):
+                codebooks = joint_codebook_update(x, codes, eta_rows, codebooks, max_iters=FIT_CG_ITERS)
+            codes = None
             bar.update(1)
             bar.set_postfix_str(f"{rule}", refresh=False)
         return codebooks
@@ -277,52 +305,75 @@ class AnisotropicPQ(nn.Module):
         if max_rows is not None:
             xp = _sample_rows(xp, max_rows, generator)
         rules = candidate_rules(self.rule) if queries is not None else [self.rule]
-        calib_rounds = min(CALIBRATION_ROUNDS, iters)
         # with calibration: the isotropic fit, a few rounds per candidate, then the winner's rest
         total = self.kmeans_iters + iters
         if queries is not None:
-            total += (len(rules) - 1) * calib_rounds + iters - calib_rounds
+            total += 2 * (len(rules) - 1) + iters  # successive halving, then the winner (about)
+        self.fit_seconds = {}
         with tqdm(total=total, desc="AnisotropicPQ.fit", disable=not progress, leave=False) as bar:
             bar.set_postfix_str("k-means", refresh=False)
             sample = _sample_rows(xp, KMEANS_POINTS_PER_CODEWORD * self.num_codewords, generator)
-            start = subspace_kmeans(
-                sample, self.num_subspaces, self.num_codewords, self.kmeans_iters, generator, lambda: bar.update(1)
-            )
+            with self._phase("k-means"):
+                start = subspace_kmeans(
+                    sample, self.num_subspaces, self.num_codewords, self.kmeans_iters, generator, lambda: bar.update(1)
+                )
             if queries is None:
                 codebooks = self._alternate(xp, self.rule, start, iters, bar)
             else:
-                codebooks = self._calibrate(xp, queries, start, rules, iters, calib_rounds, generator, bar)
-                bar.update(bar.total - bar.n)  # isotropic won: the winner's rounds were not needed
+                codebooks = self._calibrate(xp, queries, start, rules, iters, generator, bar)
+                bar.update(max(0, bar.total - bar.n))  # isotropic won: the winner's rounds were not needed
         self.codebooks = codebooks
         self.fitted = True
         self._fit_dtype = x.dtype
         return self
 
-    def _calibrate(self, xp, queries, start, rules, iters, calib_rounds, generator, bar) -> Tensor:
-        """Pick the rule with the best held-out recall; never end worse than isotropic."""
+    def _calibrate(self, xp, queries, start, rules, iters, generator, bar) -> Tensor:
+        """Pick the rule with the best held-out recall; never end worse than isotropic.
+
+        Successive halving (:func:`torchaq.calibrate.successive_halving`) on a seeded subsample
+        of the rows: every candidate gets one alternation from the isotropic codebooks and is
+        scored on the selection queries; the better half (never those below isotropic) gets
+        another, and so on. Only the winner is trained on all rows (``iters`` alternations from its
+        subsample codebooks). The check slice, disjoint from
+        the selection slice, then compares the winner with the isotropic fit on the same rows.
+        Cost: one isotropic fit, about ``2 c`` alternations on the subsample for ``c`` candidates,
+        and the winner's ``iters`` alternations on all rows.
+        """
         qp = self.pad(queries)[torch.randperm(queries.shape[0], generator=generator).to(queries.device)]
         half = min(CALIBRATION_QUERIES, qp.shape[0] // 2)
         select, check = qp[:half], qp[half : 2 * half]
+        sub = _sample_rows(xp, CALIBRATION_ROWS, generator)
+        with self._phase("calibration scoring"):
+            select_truth, check_truth = exact_top(select, sub), exact_top(check, sub)
 
-        def recall(rule: AnisotropyRule, codebooks: Tensor, q: Tensor) -> float:
-            return retrieval_recall(q, xp, self._encode_padded(xp, rule, codebooks), codebooks)
+        scored: Dict[AnisotropyRule, tuple] = {}  # rule -> (codebooks, codes of sub) of its last score
+
+        def recall(rule: AnisotropyRule, codebooks: Tensor, q: Tensor, truth: Tensor) -> float:
+            with self._phase("encode"):
+                codes = self._encode_padded(sub, rule, codebooks)
+            scored[rule] = (codebooks, codes)
+            with self._phase("calibration scoring"):
+                return retrieval_recall(q, sub, codes, codebooks, exact=truth)
 
         isotropic = rules[0]
         iso_codebooks = self._alternate(xp, isotropic, start, iters, bar)
-        scores = {str(isotropic): recall(isotropic, iso_codebooks, select)}
-        best_rule, best_start = isotropic, iso_codebooks
-        for rule in rules[1:]:
-            codebooks = self._alternate(xp, rule, iso_codebooks, calib_rounds, bar)
-            scores[str(rule)] = recall(rule, codebooks, select)
-            if scores[str(rule)] > scores[str(best_rule)]:
-                best_rule, best_start = rule, codebooks
+
+        def train(rule: AnisotropyRule, codebooks: Optional[Tensor], rounds: int) -> Tensor:
+            codebooks = iso_codebooks if codebooks is None else codebooks
+            last = scored.get(rule)
+            codes = last[1] if last is not None and last[0] is codebooks else None  # reuse the scoring encode
+            return self._alternate(sub, rule, codebooks, rounds, bar, codes=codes)
+
+        best_rule, best_codebooks, _, scores = successive_halving(
+            rules, train, lambda rule, cb: recall(rule, cb, select, select_truth), iso_codebooks
+        )
         if best_rule is isotropic:
             final, final_rule = iso_codebooks, isotropic
         else:
-            final = self._alternate(xp, best_rule, best_start, iters - calib_rounds, bar)
+            final = self._alternate(xp, best_rule, best_codebooks, iters, bar)
             final_rule = best_rule
             # the check slice was not used to choose: fall back if the winner loses there
-            if recall(best_rule, final, check) < recall(isotropic, iso_codebooks, check):
+            if recall(best_rule, final, check, check_truth) < recall(isotropic, iso_codebooks, check, check_truth):
                 final, final_rule = iso_codebooks, isotropic
         self.rule = final_rule
         self.calibration = scores

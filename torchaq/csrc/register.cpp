@@ -7,6 +7,7 @@
 
 #include <atomic>
 
+#include "encode.h"
 #include "scan.h"
 #include "scan_kernels.h"
 
@@ -14,6 +15,8 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("compute_lut", &torchaq::cpu::compute_lut_cpu);
   m.impl("lut_topk", &torchaq::cpu::lut_topk_cpu);
   m.impl("lut_score", &torchaq::cpu::lut_score_cpu);
+  m.impl("pq_encode", &torchaq::cpu::pq_encode_cpu);
+  m.impl("anisotropic_encode", &torchaq::cpu::anisotropic_encode_cpu);
 }
 
 namespace {

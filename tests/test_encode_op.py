@@ -1,0 +1,106 @@
+"""torch.ops.torchaq.pq_encode / anisotropic_encode: C++ kernel against the torch reference."""
+import pytest
+import torch
+
+import torchaq
+from torchaq import _backends, ops
+from torchaq.encode import anisotropic_encode_reference, decode, l2_encode_reference
+from torchaq.loss import score_aware_loss
+
+needs_cpp = pytest.mark.skipif(not _backends.CPU_EXTENSION_LOADED, reason="C++ extension not built")
+
+
+def _case(n, m, k, dsub, seed=0):
+    """Low-rank rows (like real output layers) and codebooks drawn from them, varied eta."""
+    gen = torch.Generator().manual_seed(seed)
+    d = m * dsub
+    x = torch.randn(n, 8, generator=gen) @ torch.randn(8, d, generator=gen) + 0.3 * torch.randn(n, d, generator=gen)
+    cb = x[torch.randperm(n, generator=gen)[:k]].reshape(k, m, dsub).transpose(0, 1).contiguous()
+    cb = cb + 0.05 * torch.randn(m, k, dsub, generator=gen)
+    eta = 1 + 7 * torch.rand(n, generator=gen)
+    return x, cb, eta
+
+
+@needs_cpp
+@pytest.mark.parametrize("n,m,k,dsub", [(400, 16, 16, 2), (300, 7, 16, 3), (300, 5, 256, 2), (50, 3, 5, 4)])
+def test_cpp_matches_reference(n, m, k, dsub):
+    x, cb, eta = _case(n, m, k, dsub)
+    x[3] = 0  # a zero row: no parallel direction
+    ref = anisotropic_encode_reference(x, cb, eta, 10)
+    got = ops.anisotropic_encode(x, cb, eta, 10)
+    assert got.dtype == torch.int64 and got.shape == (n, m)
+    # same codes except where two candidates tie to float rounding (the sums run in another order)
+    same_rows = (ref == got).all(1).float().mean()
+    assert same_rows >= 0.98, same_rows
+    loss_ref = score_aware_loss(x, decode(ref, cb), eta)
+    loss_got = score_aware_loss(x, decode(got, cb), eta)
+    torch.testing.assert_close(loss_got.sum(), loss_ref.sum(), rtol=1e-4, atol=1e-4)
+    # plain PQ codes and zero rounds agree exactly with the reference's L2 start
+    l2 = l2_encode_reference(x, cb)
+    assert torch.equal(ops.pq_encode(x, cb), l2)
+    assert torch.equal(ops.anisotropic_encode(x, cb, eta, 0), l2)
+    # the descent lowers the loss of the L2 codes (and never raises any row's)
+    loss_l2 = score_aware_loss(x, decode(l2, cb), eta)
+    assert (loss_got <= loss_l2 * (1 + 1e-5) + 1e-6).all()
+    assert loss_got.sum() < 0.99 * loss_l2.sum()
+
+
+@needs_cpp
+def test_cpp_rows_are_independent_and_isa_paths_agree(monkeypatch):
+    x, cb, eta = _case(600, 24, 16, 2, seed=1)
+    full = ops.anisotropic_encode(x, cb, eta, 10)
+    part = ops.anisotropic_encode(x[100:157].contiguous(), cb, eta[100:157].contiguous(), 10)
+    assert torch.equal(part, full[100:157])  # a re-encode of some rows gives the full encode's codes
+    monkeypatch.setenv("TORCHAQ_FORCE_SCALAR", "1")
+    assert torch.equal(ops.anisotropic_encode(x, cb, eta, 10), full)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(ops.anisotropic_encode(x, cb, eta, 10), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_reference_rows_are_independent():
+    x, cb, eta = _case(200, 8, 16, 2, seed=2)
+    full = anisotropic_encode_reference(x, cb, eta, 10)
+    assert torch.equal(anisotropic_encode_reference(x[50:90], cb, eta[50:90], 10), full[50:90])
+
+
+@pytest.mark.parametrize("case", ["pq", "aniso"])
+def test_opcheck(case):
+    x, cb, eta = _case(40, 4, 16, 2, seed=3)
+    if case == "pq":
+        torch.library.opcheck(torch.ops.torchaq.pq_encode.default, (x, cb))
+    else:
+        torch.library.opcheck(torch.ops.torchaq.anisotropic_encode.default, (x, cb, eta, 3))
+
+
+def test_bad_inputs():
+    x, cb, eta = _case(20, 4, 16, 2, seed=4)
+    with pytest.raises(ValueError, match="M \\* dsub"):
+        ops.pq_encode(x[:, :7].contiguous(), cb)
+    with pytest.raises(TypeError, match="x must be float32"):
+        ops.pq_encode(x.double(), cb)
+    with pytest.raises(TypeError, match="codebooks must be float32"):
+        ops.pq_encode(x, cb.half())
+    with pytest.raises(ValueError, match="codebooks must be"):
+        ops.pq_encode(x, cb[0])
+    with pytest.raises(ValueError, match="x must be"):
+        ops.pq_encode(x[0], cb)
+    with pytest.raises(ValueError, match="eta must have shape"):
+        ops.anisotropic_encode(x, cb, eta[:5], 3)
+    with pytest.raises(TypeError, match="eta must be float32"):
+        ops.anisotropic_encode(x, cb, eta.double(), 3)
+    with pytest.raises(ValueError, match="max_rounds"):
+        ops.anisotropic_encode(x, cb, eta, -1)
+
+
+def test_quantizer_encode_uses_the_op_and_keeps_quality():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.nn.functional.normalize(torch.randn(1500, 32, generator=gen), dim=1)
+    pq = torchaq.AnisotropicPQ(32, 8, threshold=0.4).fit(x, iters=2, progress=False)
+    xp = pq.pad(x)
+    ref = anisotropic_encode_reference(xp, pq.codebooks, pq.row_eta(xp), 10)
+    codes = pq.encode(x).long()
+    assert (codes == ref).all(1).float().mean() >= 0.98

@@ -1,0 +1,105 @@
+"""QuantizedSoftmax.refresh(): incremental re-encoding and the stale-index warning."""
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torchaq
+from torchaq import incremental, ops
+
+V, D = 1200, 16
+
+
+def _layer(bits=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(20, D, generator=gen)
+    weight = centres[torch.randint(0, 20, (V,), generator=gen)] + 0.5 * torch.randn(V, D, generator=gen)
+    return torchaq.QuantizedSoftmax(weight, num_subspaces=8, bits=bits, eta=2.0, progress=False, fit_iters=1)
+
+
+def _full_codes(layer):
+    return layer.quantizer.pack(layer.quantizer.encode(layer.weight.detach()))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_incremental_refresh_equals_full_reencode(bits, monkeypatch):
+    layer = _layer(bits)
+    encoded = []
+    original = layer.quantizer.encode
+    monkeypatch.setattr(layer.quantizer, "encode", lambda x: encoded.append(x.shape[0]) or original(x))
+    layer.refresh()  # nothing changed: no encoding at all
+    assert encoded == []
+    rows = torch.tensor([0, 5, 31, 32, 33, 700, V - 1])
+    with torch.no_grad():
+        layer.weight[rows] += 3 * torch.randn(len(rows), D, generator=torch.Generator().manual_seed(1))
+    before = layer.packed_codes.clone()
+    layer.refresh()
+    assert encoded == [len(rows)]  # only the moved rows
+    assert not torch.equal(before, layer.packed_codes)
+    monkeypatch.undo()
+    assert torch.equal(layer.packed_codes, _full_codes(layer))
+    # an optimiser step that touches every row: all re-encoded, still equal to a full encode
+    layer.weight.grad = torch.randn(V, D)
+    torch.optim.SGD([layer.weight], lr=0.5).step()
+    layer.refresh()
+    assert torch.equal(layer.packed_codes, _full_codes(layer))
+
+
+def test_refit_and_new_codebooks_reencode_everything(monkeypatch):
+    layer = _layer()
+    with torch.no_grad():
+        layer.quantizer.codebooks.mul_(1.01)  # codebooks changed in place: incremental is invalid
+    layer.refresh()
+    assert torch.equal(layer.packed_codes, _full_codes(layer))
+    layer.refresh(refit=True)
+    assert torch.equal(layer.packed_codes, _full_codes(layer))
+
+
+def test_write_packed_rows_matches_pack_codes():
+    gen = torch.Generator().manual_seed(2)
+    for bits, m in ((4, 7), (4, 8), (8, 5)):
+        codes = torch.randint(0, 2**bits, (100, m), generator=gen, dtype=torch.uint8)
+        packed = ops.pack_codes(torch.zeros_like(codes), bits)
+        incremental.write_packed_rows(packed, torch.arange(100), codes, bits)
+        assert torch.equal(packed, ops.pack_codes(codes, bits))
+
+
+def test_stale_weight_warns_once():
+    layer = _layer()
+    h = torch.randn(4, D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.topk(h, k=3)  # fresh: no warning
+    embedding = nn.Embedding(V, D)
+    tied = torchaq.QuantizedSoftmax(embedding.weight, num_subspaces=8, progress=False, fit_iters=1)
+    with torch.no_grad():
+        embedding.weight.mul_(1.5)  # the tied embedding changes in place
+    with pytest.warns(RuntimeWarning, match=r"refresh\(\)"):
+        tied.topk(h, k=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tied.log_softmax_topk(h, k=3)  # only once
+        tied.sample(h, top_k=3)
+        tied.refresh()
+        tied.topk(h, k=3)
+    with pytest.warns(RuntimeWarning, match=r"refresh\(\)"):
+        other = _layer()
+        with torch.no_grad():
+            other.weight.add_(0.1)
+        other.sample(h, top_k=3)
+
+
+def test_state_dict_load_is_fresh():
+    layer = _layer()
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = torchaq.QuantizedSoftmax(torch.zeros(V, D), num_subspaces=8, eta=2.0, fit=False)
+    fresh.load_state_dict(torch.load(buffer))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        values, idx = fresh.topk(torch.randn(3, D), k=5)
+    fresh.refresh()  # full re-encode after a load: same codes
+    assert torch.equal(fresh.packed_codes, layer.packed_codes)
