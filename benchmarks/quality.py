@@ -205,6 +205,30 @@ def run_scann(s: Setting, threshold: Optional[float], args) -> Result:
     return score_candidates(s, torch.from_numpy(ids.astype("int64")), fit_s)
 
 
+def run_faiss_lsq(s: Setting, args) -> Result:
+    """FAISS IndexLocalSearchQuantizerFastScan (LSQ++ additive codes, 4-bit, inner-product LUT).
+
+    Trained on the first ``args.lsq_train_rows`` rows (``lsq.train_iters`` = ``args.lsq_train_iters``,
+    ``lsq.encode_ils_iters`` = ``args.lsq_encode_ils_iters``), all rows added, search k=100.
+    """
+    faiss, why = _try_import("faiss")
+    if faiss is None:
+        return Result(note=f"faiss unavailable ({why})")
+    d = s.table.shape[1]
+    xb = s.table.numpy()
+    t0 = time.perf_counter()
+    index = faiss.IndexLocalSearchQuantizerFastScan(
+        d, s.num_subspaces, 4, faiss.METRIC_INNER_PRODUCT, faiss.AdditiveQuantizer.ST_LUT_nonorm)
+    index.lsq.train_iters = args.lsq_train_iters
+    index.lsq.encode_ils_iters = args.lsq_encode_ils_iters
+    index.train(xb[:args.lsq_train_rows])
+    index.add(xb)
+    fit_s = time.perf_counter() - t0
+    _, ids = index.search(s.queries.numpy(), NUM_CANDIDATES)
+    return score_candidates(s, torch.from_numpy(ids.astype("int64")), fit_s,
+                            f"trained on {min(args.lsq_train_rows, xb.shape[0])} rows")
+
+
 # ----------------------------------------------------------------------------- settings
 def unit_sphere(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
     """``n`` points uniform on the unit sphere in R^d (normalised Gaussians)."""
@@ -366,6 +390,10 @@ def parse_args(argv=None):
     ap.add_argument("--only", nargs="*", default=None,
                     help="run only rows whose label contains one of these words")
     ap.add_argument("--progress", action="store_true", help="tqdm bars inside fit")
+    ap.add_argument("--lsq-train-rows", type=int, default=8000,
+                    help="rows FAISS LSQ fast-scan is trained on (AQ comparison)")
+    ap.add_argument("--lsq-train-iters", type=int, default=6)
+    ap.add_argument("--lsq-encode-ils-iters", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None, help="output file (default results/)")
     return ap.parse_args(argv)
 
