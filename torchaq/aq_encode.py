@@ -168,6 +168,10 @@ def aq_encode_reference(
     """
     check_aq_encode_args(x, codebooks, codes, eta, perturb, icm_iters)
     m, k, d = codebooks.shape
+    if not greedy and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+        raise ValueError(f"codes must be in [0, {k}), got values in [{int(codes.min())}, {int(codes.max())}]")
+    if perturb.numel() and (int(perturb.min()) < 0 or int(perturb.max()) >= m * k):
+        raise ValueError(f"perturb must be in [0, M*K = {m * k}), got values in [{int(perturb.min())}, {int(perturb.max())}]")
     flat = codebooks.reshape(m * k, d)
     gram = flat @ flat.T
     norms = gram.diagonal().clone()
