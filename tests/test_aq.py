@@ -11,6 +11,15 @@ from torchaq.aq_update import aq_codebook_update
 from torchaq.loss import score_aware_loss
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread avoids OpenMP barrier waits on a shared, oversubscribed machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -212,3 +221,29 @@ def test_bad_arguments(fitted, data):
         fitted.decode(torch.zeros(3, 6))
     with pytest.raises(ValueError, match="q must have last dimension"):
         fitted.lut(torch.zeros(3, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer on additive codes
+# ---------------------------------------------------------------------------------------------
+def test_layer_with_aq_quantizer():
+    gen = _gen(7)
+    centres = torch.randn(30, 24, generator=gen)
+    weight = centres[torch.randint(0, 30, (1500,), generator=gen)] + 0.5 * torch.randn(1500, 24, generator=gen)
+    h = weight[torch.randint(0, 1500, (32,), generator=gen)] + 0.5 * torch.randn(32, 24, generator=gen)
+    layer = torchaq.QuantizedSoftmax(weight, num_subspaces=6, quantizer="aq", fit_iters=2, progress=False).eval()
+    assert isinstance(layer.quantizer, torchaq.AnisotropicAQ)
+    exact = h @ weight.T
+    values, idx = layer.topk(h, k=5, candidates=100)
+    torch.testing.assert_close(values, exact.gather(1, idx))
+    true = exact.topk(5).indices
+    assert (true.unsqueeze(2) == idx.unsqueeze(1)).any(2).float().mean() >= 0.95
+    # refresh after the weights move, and the state round-trips
+    with torch.no_grad():
+        layer.weight.add_(0.01 * torch.randn(weight.shape, generator=gen))
+    layer.refresh()
+    other = torchaq.QuantizedSoftmax(weight, num_subspaces=6, quantizer="aq", fit=False, progress=False)
+    other.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(other.topk(h, k=5)[0], layer.topk(h, k=5)[0])
+    with pytest.raises(ValueError, match="quantizer"):
+        torchaq.QuantizedSoftmax(weight, quantizer="opq", progress=False)

@@ -13,7 +13,6 @@ from . import ops
 from ._checks import check_features
 from .aq_update import aq_codebook_update
 from .calibrate import RECALL_CANDIDATES, RECALL_K, AnisotropyRule
-from .kmeans import subspace_kmeans
 from .loss import eta as sphere_eta
 from .loss import score_aware_loss
 
@@ -24,8 +23,6 @@ CALIBRATION_QUERIES = 1000
 CALIBRATION_ROUNDS = 2
 # constant-eta candidates of the calibration (besides isotropic and the constructor's rule)
 AQ_ETA_GRID = (1.5, 2.0, 3.0, 4.0, 6.0)
-# residual k-means (the initialisation) runs on this many random rows per codeword
-KMEANS_POINTS_PER_CODEWORD = 256
 # rows used to learn the codebooks (a seeded random sample beyond this)
 MAX_FIT_ROWS = 65536
 # LSQ++ search: ICM sweeps after each start / perturbation, perturbed codes per round
@@ -68,8 +65,9 @@ class AnisotropicAQ(nn.Module):
       (:func:`torchaq.aq_update.aq_codebook_update`: least squares, conjugate gradients when
       anisotropic).
 
-    ``fit`` initialises by residual k-means (codebook ``m`` = k-means of the residual of the
-    ones before) and greedy residual codes, then alternates ``iters`` rounds of (codebook
+    ``fit`` starts as LSQ does (random codes, their least-squares codebooks, a search from those
+    codes; a greedy residual start gets stuck in a far worse optimum), then alternates ``iters``
+    rounds of (codebook
     update, encoding warm-started from the previous codes). The anisotropy is set exactly as in
     :class:`torchaq.AnisotropicPQ` (``threshold=T``, ``eta=e`` or ``threshold=None`` for isotropic),
     and ``fit(x, queries=...)`` calibrates it the same way: isotropic, the constructor's rule and
@@ -87,7 +85,6 @@ class AnisotropicAQ(nn.Module):
         threshold: the paper's ``T`` (> 0), or ``None`` for isotropic (default 0.2, as the PQ).
         eta: a constant ``h_par / h_perp`` (>= 1) instead of ``threshold``.
         seed: seeds the initialisation and the search's perturbations.
-        kmeans_iters: Lloyd iterations of each residual k-means.
         encode_ils_iters: perturbation rounds of ``encode`` (more: lower loss, slower).
     """
 
@@ -99,7 +96,6 @@ class AnisotropicAQ(nn.Module):
         threshold: Optional[float] = _UNSET,  # type: ignore[assignment]
         eta: Optional[float] = None,
         seed: int = 0,
-        kmeans_iters: int = 10,
         encode_ils_iters: int = ENCODE_ILS_ITERS,
     ):
         super().__init__()
@@ -111,8 +107,6 @@ class AnisotropicAQ(nn.Module):
             raise ValueError(f"bits must be 4 or 8, got {bits!r}")
         if not _is_int(seed):
             raise TypeError(f"seed must be an integer, got {seed!r}")
-        if not _is_int(kmeans_iters) or kmeans_iters < 0:
-            raise ValueError(f"kmeans_iters must be an integer >= 0, got {kmeans_iters!r}")
         if not _is_int(encode_ils_iters) or encode_ils_iters < 0:
             raise ValueError(f"encode_ils_iters must be an integer >= 0, got {encode_ils_iters!r}")
         if eta is not None and threshold is not _UNSET and threshold is not None:
@@ -132,7 +126,7 @@ class AnisotropicAQ(nn.Module):
                 rule = AnisotropyRule("threshold", float(threshold))
         self.dim, self.num_codebooks, self.bits = int(dim), int(num_codebooks), int(bits)
         self.num_codewords = 2**self.bits
-        self.seed, self.kmeans_iters = int(seed), int(kmeans_iters)
+        self.seed = int(seed)
         self.encode_ils_iters = int(encode_ils_iters)
         #: the anisotropy rule used by ``encode`` (set by the constructor, or chosen by calibration)
         self.rule = rule
@@ -220,18 +214,14 @@ class AnisotropicAQ(nn.Module):
     # ---------------------------------------------------------------------------------------
     # fit
     # ---------------------------------------------------------------------------------------
-    def _init_codebooks(self, x: Tensor, generator: torch.Generator, bar) -> Tensor:
-        """Residual k-means on a random sample: codebook ``m`` clusters the residual of ``0..m-1``."""
-        k = self.num_codewords
-        resid = _sample_rows(x, KMEANS_POINTS_PER_CODEWORD * k, generator).clone()
-        books = []
-        for _ in range(self.num_codebooks):
-            book = subspace_kmeans(resid, 1, k, self.kmeans_iters, generator)[0]  # (K, d)
-            assign = (0.5 * (book * book).sum(1) - resid @ book.T).argmin(1)
-            resid -= book[assign]
-            books.append(book)
-            bar.update(1)
-        return torch.stack(books)
+    def _init(self, x: Tensor, generator: torch.Generator):
+        """LSQ's start: random codes, the least-squares codebooks for them, then ICM from those codes."""
+        codes = torch.randint(0, self.num_codewords, (x.shape[0], self.num_codebooks), generator=generator)
+        codes = codes.to(x.device)
+        eta_rows = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+        books = x.new_zeros(self.num_codebooks, self.num_codewords, self.dim)
+        books = aq_codebook_update(x, codes, eta_rows, books)
+        return books, self._search(x, books, eta_rows, codes, FIT_ILS_ITERS, generator)
 
     def _alternate(self, x, rule, codebooks, codes, rounds, generator, bar):
         """``rounds`` of (joint codebook update, warm-started LSQ++ encoding) for ``rule``."""
@@ -294,14 +284,12 @@ class AnisotropicAQ(nn.Module):
         xf = xf.contiguous()
         rules = self._candidate_rules() if queries is not None else [self.rule]
         calib_rounds = min(CALIBRATION_ROUNDS, iters)
-        total = self.num_codebooks + 1 + iters
+        total = 1 + iters
         if queries is not None:
             total += (len(rules) - 1) * calib_rounds + iters - calib_rounds
         with tqdm(total=total, desc="AnisotropicAQ.fit", disable=not progress, leave=False) as bar:
-            bar.set_postfix_str("residual k-means", refresh=False)
-            start = self._init_codebooks(xf, generator, bar)
-            iso = AnisotropyRule("isotropic")
-            start_codes = self._search(xf, start, self.row_eta(xf, iso), None, 0, generator)
+            bar.set_postfix_str("init", refresh=False)
+            start, start_codes = self._init(xf, generator)
             bar.update(1)
             if queries is None:
                 eta_rows = self.row_eta(xf)

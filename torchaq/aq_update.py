@@ -28,6 +28,8 @@ per CG iteration (sparse decode, sparse scatter, triangular solves).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -67,8 +69,12 @@ class _Selection:
         slots = _slots(codes, k).reshape(-1)
         rows = torch.arange(n, device=codes.device).repeat_interleave(m)
         ones = torch.ones(n * m, dtype=torch.float32, device=codes.device)
-        self.b = torch.sparse_coo_tensor(torch.stack([rows, slots]), ones, (n, self.mk)).coalesce().to_sparse_csr()
-        self.bt = torch.sparse_coo_tensor(torch.stack([slots, rows]), ones, (self.mk, n)).coalesce().to_sparse_csr()
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": we use only CSR @ dense
+            warnings.simplefilter("ignore", UserWarning)
+            self.b = torch.sparse_coo_tensor(torch.stack([rows, slots]), ones, (n, self.mk),
+                                             check_invariants=False).coalesce().to_sparse_csr()
+            self.bt = torch.sparse_coo_tensor(torch.stack([slots, rows]), ones, (self.mk, n),
+                                              check_invariants=False).coalesce().to_sparse_csr()
 
     def decode(self, c: Tensor) -> Tensor:
         """``B C``: ``(N, d)``."""
