@@ -19,10 +19,10 @@ from .loss import score_aware_loss
 _UNSET = object()
 # held-out queries used for calibration: a selection slice and a disjoint check slice
 CALIBRATION_QUERIES = 1000
-# alternations of (codebook update, encode) each calibration candidate gets from the isotropic fit
+# alternations of (anisotropic codebook update, encode) the chosen rule gets after the isotropic fit
 CALIBRATION_ROUNDS = 2
 # constant-eta candidates of the calibration (besides isotropic and the constructor's rule)
-AQ_ETA_GRID = (1.5, 2.0, 3.0, 4.0, 6.0)
+AQ_ETA_GRID = (2.0, 4.0, 6.0)
 # rows used to learn the codebooks (a seeded random sample beyond this)
 MAX_FIT_ROWS = 65536
 # LSQ++ search: ICM sweeps after each start / perturbation, perturbed codes per round
@@ -237,7 +237,7 @@ class AnisotropicAQ(nn.Module):
         self,
         x: Tensor,
         queries: Optional[Tensor] = None,
-        iters: int = 8,
+        iters: int = 4,
         progress: bool = True,
         max_rows: Optional[int] = MAX_FIT_ROWS,
     ) -> "AnisotropicAQ":
@@ -286,7 +286,7 @@ class AnisotropicAQ(nn.Module):
         calib_rounds = min(CALIBRATION_ROUNDS, iters)
         total = 1 + iters
         if queries is not None:
-            total += (len(rules) - 1) * calib_rounds + iters - calib_rounds
+            total += len(rules) - 1 + calib_rounds
         with tqdm(total=total, desc="AnisotropicAQ.fit", disable=not progress, leave=False) as bar:
             bar.set_postfix_str("init", refresh=False)
             start, start_codes = self._init(xf, generator)
@@ -322,24 +322,28 @@ class AnisotropicAQ(nn.Module):
         return 0.5 * float(hit_k + hit_c)
 
     def _calibrate(self, x, queries, start, start_codes, rules, iters, calib_rounds, generator, bar) -> Tensor:
-        """Pick the rule with the best held-out recall; never end worse than isotropic on the check slice."""
+        """Pick the rule with the best held-out recall; never end worse than isotropic on the check slice.
+
+        The isotropic fit runs first; each other rule is scored by re-encoding the rows with its
+        loss against the isotropic codebooks (ICM from the isotropic codes: cheap, no codebook
+        update); only the best rule gets ``calib_rounds`` rounds of (anisotropic update, encoding).
+        """
         qf = queries.float()[torch.randperm(queries.shape[0], generator=generator).to(queries.device)]
         half = min(CALIBRATION_QUERIES, qf.shape[0] // 2)
         select, check = qf[:half], qf[half: 2 * half]
         isotropic = rules[0]
         iso_books, iso_codes = self._alternate(x, isotropic, start, start_codes, iters, generator, bar)
         scores = {str(isotropic): self._recall(select, x, iso_codes, iso_books)}
-        best_rule, best = isotropic, (iso_books, iso_codes)
+        best_rule, best_codes = isotropic, iso_codes
         for rule in rules[1:]:
-            eta_rows = self.row_eta(x, rule)
-            codes = self._search(x, iso_books, eta_rows, iso_codes, 0, generator)
-            books, codes = self._alternate(x, rule, iso_books, codes, calib_rounds, generator, bar)
-            scores[str(rule)] = self._recall(select, x, codes, books)
+            codes = self._search(x, iso_books, self.row_eta(x, rule), iso_codes, 0, generator)
+            scores[str(rule)] = self._recall(select, x, codes, iso_books)
+            bar.update(1)
             if scores[str(rule)] > scores[str(best_rule)]:
-                best_rule, best = rule, (books, codes)
+                best_rule, best_codes = rule, codes
         final, final_rule = iso_books, isotropic
         if best_rule is not isotropic:
-            books, codes = self._alternate(x, best_rule, best[0], best[1], iters - calib_rounds, generator, bar)
+            books, codes = self._alternate(x, best_rule, iso_books, best_codes, calib_rounds, generator, bar)
             # the check slice was not used to choose: fall back if the winner loses there
             if self._recall(check, x, codes, books) >= self._recall(check, x, iso_codes, iso_books):
                 final, final_rule = books, best_rule

@@ -39,7 +39,7 @@ CG_TOL = 1e-4
 # ridge added to B^T B, relative to its mean diagonal
 RIDGE = 1e-5
 # int64 elements of one chunk of co-occurrence keys
-PAIR_CHUNK = 1 << 23
+PAIR_CHUNK = 1 << 24
 
 
 def _slots(codes: Tensor, k: int) -> Tensor:
