@@ -67,16 +67,18 @@ class AnisotropicAQ(nn.Module):
 
     ``fit`` starts as LSQ does (random codes, their least-squares codebooks, a search from those
     codes; a greedy residual start gets stuck in a far worse optimum), then alternates ``iters``
-    rounds of (codebook
-    update, encoding warm-started from the previous codes). The anisotropy is set exactly as in
-    :class:`torchaq.AnisotropicPQ` (``threshold=T``, ``eta=e`` or ``threshold=None`` for isotropic),
-    and ``fit(x, queries=...)`` calibrates it the same way: isotropic, the constructor's rule and
-    a grid of constant ``eta`` are tried on held-out queries, the best recall wins, and the fit
-    falls back to isotropic if it loses on a second held-out slice.
+    rounds of (codebook update, encoding warm-started from the previous codes). The anisotropy
+    is set as in :class:`torchaq.AnisotropicPQ` (``threshold=T``, ``eta=e`` or ``threshold=None``
+    for isotropic). ``fit(x, queries=...)`` calibrates it: after the isotropic fit, each
+    candidate (the constructor's rule and a grid of constant ``eta``) re-encodes the rows with its
+    loss against the isotropic codebooks and is scored by held-out recall; the best one, if it
+    beats isotropic, gets ``CALIBRATION_ROUNDS`` rounds of anisotropic (update, encoding), and the
+    fit falls back to isotropic if the result loses on a second held-out query slice.
 
     Cost: ``fit`` is ``O(rows * M K d)`` for inner products plus ``O(rows * M K)`` per ICM sweep
     and ``O(M K)`` per code change, ``O((M K)^3)`` per codebook update; ``encode`` of ``N`` rows
-    is ``O(N M K d + N (1 + R) ICM_ITERS M K M)`` at most.
+    is ``O(N M K d + N (1 + R) ICM_ITERS M K M)`` at most. The Gram matrix of all codewords is
+    ``(M K)^2`` floats (8-bit codes: ``K = 256``, so keep ``M`` small).
 
     Args:
         dim: input dimension ``d``.
