@@ -19,7 +19,7 @@ from .loss import score_aware_loss
 _UNSET = object()
 # held-out queries used for calibration: a selection slice and a disjoint check slice
 CALIBRATION_QUERIES = 1000
-# alternations of (anisotropic codebook update, encode) the chosen rule gets after the isotropic fit
+# alternations of (codebook update, encode) each calibration candidate gets from the isotropic fit
 CALIBRATION_ROUNDS = 2
 # constant-eta candidates of the calibration (besides isotropic and the constructor's rule)
 AQ_ETA_GRID = (2.0, 4.0, 6.0)
@@ -69,11 +69,11 @@ class AnisotropicAQ(nn.Module):
     codes; a greedy residual start gets stuck in a far worse optimum), then alternates ``iters``
     rounds of (codebook update, encoding warm-started from the previous codes). The anisotropy
     is set as in :class:`torchaq.AnisotropicPQ` (``threshold=T``, ``eta=e`` or ``threshold=None``
-    for isotropic). ``fit(x, queries=...)`` calibrates it: after the isotropic fit, each
-    candidate (the constructor's rule and a grid of constant ``eta``) re-encodes the rows with its
-    loss against the isotropic codebooks and is scored by held-out recall; the best one, if it
-    beats isotropic, gets ``CALIBRATION_ROUNDS`` rounds of anisotropic (update, encoding), and the
-    fit falls back to isotropic if the result loses on a second held-out query slice.
+    for isotropic). ``fit(x, queries=...)`` calibrates it as the PQ does: after the isotropic
+    fit, each candidate (the constructor's rule and a grid of constant ``eta``) gets
+    ``CALIBRATION_ROUNDS`` rounds of its own (update, encoding) and is scored by held-out recall;
+    the best one finishes its ``iters`` rounds, and the fit falls back to isotropic if the result
+    loses on a second held-out query slice.
 
     Cost: ``fit`` is ``O(rows * M K d)`` for inner products plus ``O(rows * M K)`` per ICM sweep
     and ``O(M K)`` per code change, ``O((M K)^3)`` per codebook update; ``encode`` of ``N`` rows
@@ -288,7 +288,7 @@ class AnisotropicAQ(nn.Module):
         calib_rounds = min(CALIBRATION_ROUNDS, iters)
         total = 1 + iters
         if queries is not None:
-            total += len(rules) - 1 + calib_rounds
+            total += (len(rules) - 1) * calib_rounds + iters - calib_rounds
         with tqdm(total=total, desc="AnisotropicAQ.fit", disable=not progress, leave=False) as bar:
             bar.set_postfix_str("init", refresh=False)
             start, start_codes = self._init(xf, generator)
@@ -326,9 +326,9 @@ class AnisotropicAQ(nn.Module):
     def _calibrate(self, x, queries, start, start_codes, rules, iters, calib_rounds, generator, bar) -> Tensor:
         """Pick the rule with the best held-out recall; never end worse than isotropic on the check slice.
 
-        The isotropic fit runs first; each other rule is scored by re-encoding the rows with its
-        loss against the isotropic codebooks (ICM from the isotropic codes: cheap, no codebook
-        update); only the best rule gets ``calib_rounds`` rounds of (anisotropic update, encoding).
+        The isotropic fit runs first; every other rule gets ``calib_rounds`` rounds of (its
+        codebook update, its encoding) from there and is scored by recall on the selection slice;
+        the best one runs its remaining ``iters - calib_rounds`` rounds.
         """
         qf = queries.float()[torch.randperm(queries.shape[0], generator=generator).to(queries.device)]
         half = min(CALIBRATION_QUERIES, qf.shape[0] // 2)
@@ -336,16 +336,16 @@ class AnisotropicAQ(nn.Module):
         isotropic = rules[0]
         iso_books, iso_codes = self._alternate(x, isotropic, start, start_codes, iters, generator, bar)
         scores = {str(isotropic): self._recall(select, x, iso_codes, iso_books)}
-        best_rule, best_codes = isotropic, iso_codes
+        best_rule, best = isotropic, (iso_books, iso_codes)
         for rule in rules[1:]:
             codes = self._search(x, iso_books, self.row_eta(x, rule), iso_codes, 0, generator)
-            scores[str(rule)] = self._recall(select, x, codes, iso_books)
-            bar.update(1)
+            books, codes = self._alternate(x, rule, iso_books, codes, calib_rounds, generator, bar)
+            scores[str(rule)] = self._recall(select, x, codes, books)
             if scores[str(rule)] > scores[str(best_rule)]:
-                best_rule, best_codes = rule, codes
+                best_rule, best = rule, (books, codes)
         final, final_rule = iso_books, isotropic
         if best_rule is not isotropic:
-            books, codes = self._alternate(x, best_rule, iso_books, best_codes, calib_rounds, generator, bar)
+            books, codes = self._alternate(x, best_rule, best[0], best[1], iters - calib_rounds, generator, bar)
             # the check slice was not used to choose: fall back if the winner loses there
             if self._recall(check, x, codes, books) >= self._recall(check, x, iso_codes, iso_books):
                 final, final_rule = books, best_rule
