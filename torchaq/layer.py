@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import incremental, ops
 from ._checks import check_features, check_int, check_real, has_data
+from .aq import AnisotropicAQ
 from .quantizer import AnisotropicPQ
 from .rescore import exact_logits
 from .sampled_softmax import layer_sampled_softmax_loss
@@ -55,6 +56,10 @@ class QuantizedSoftmax(nn.Module):
             :func:`default_candidates`).
         fit: fit the quantizer now (``False`` to load a ``state_dict`` into the layer).
         fit_iters, seed, progress: passed to :meth:`torchaq.AnisotropicPQ.fit`.
+        quantizer: ``"pq"`` (:class:`torchaq.AnisotropicPQ`, the default) or ``"aq"``
+            (:class:`torchaq.AnisotropicAQ`: additive codes, ``num_subspaces`` codebooks of
+            full-width codewords; higher recall at equal bits, a LUT costing ``d`` times more per
+            codebook and a slower fit / refresh).
     """
 
     def __init__(
@@ -71,8 +76,11 @@ class QuantizedSoftmax(nn.Module):
         fit_iters: int = 5,
         seed: int = 0,
         progress: bool = True,
+        quantizer: str = "pq",
     ):
         super().__init__()
+        if quantizer not in ("pq", "aq"):
+            raise ValueError(f'quantizer must be "pq" or "aq", got {quantizer!r}')
         if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
             desc = f"{weight.dtype} {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
             raise ValueError(f"weight must be a floating-point (V, d) tensor, got {desc}")
@@ -94,7 +102,8 @@ class QuantizedSoftmax(nn.Module):
             self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone())
         self.num_classes, self.dim = num_classes, dim
         self.candidates = candidates
-        self.quantizer = AnisotropicPQ(
+        quantizer_cls = AnisotropicAQ if quantizer == "aq" else AnisotropicPQ
+        self.quantizer = quantizer_cls(
             dim, max(1, dim // 2) if num_subspaces is None else num_subspaces, bits=bits, threshold=threshold, eta=eta, seed=seed
         ).to(weight.device)
         width = ops.packed_width(self.quantizer.num_subspaces, bits)

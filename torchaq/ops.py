@@ -49,6 +49,10 @@ _LIB.define("lut_score(Tensor lut, Tensor packed, int num_classes, Tensor? bias=
 _LIB.define(
     "lut_topk(Tensor lut, Tensor packed, int num_classes, int k, Tensor? bias=None) -> (Tensor, Tensor)"
 )
+_LIB.define(
+    "aq_encode(Tensor x, Tensor codebooks, Tensor codes, Tensor eta, Tensor perturb, int icm_iters, bool greedy)"
+    " -> Tensor"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +184,34 @@ def _lut_topk_ref(
         best_v, pos = v.topk(min(kk, v.shape[1]), dim=1)
         best_i = i.gather(1, pos)
     return best_v.contiguous(), best_i.contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# aq_encode: score-aware LSQ++ encoding for additive codebooks (torchaq/aq_encode.py)
+# --------------------------------------------------------------------------------------------
+@torch.library.register_fake("torchaq::aq_encode")
+def _aq_encode_fake(x, codebooks, codes, eta, perturb, icm_iters, greedy):
+    from .aq_encode import check_aq_encode_args
+
+    check_aq_encode_args(x, codebooks, codes, eta, perturb, icm_iters)
+    return codes.new_empty(codes.shape)
+
+
+@torch.library.impl(_LIB, "aq_encode", "CompositeExplicitAutograd")
+def _aq_encode_ref(x, codebooks, codes, eta, perturb, icm_iters, greedy):
+    from .aq_encode import aq_encode_reference
+
+    return aq_encode_reference(x, codebooks, codes, eta, perturb, icm_iters, greedy)
+
+
+def aq_encode(
+    x: Tensor, codebooks: Tensor, codes: Tensor, eta: Tensor, perturb: Tensor, icm_iters: int, greedy: bool
+) -> Tensor:
+    """Additive codes ``(N, M)`` int64 of ``x`` minimising ``|r|^2 + (eta - 1) <r, x>^2 / |x|^2`` (LSQ++ search).
+
+    See :func:`torchaq.aq_encode.aq_encode_reference` for the arguments and the algorithm.
+    """
+    return torch.ops.torchaq.aq_encode(x, codebooks, codes, eta, perturb, icm_iters, greedy)
 
 
 # --------------------------------------------------------------------------------------------

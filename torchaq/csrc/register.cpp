@@ -7,6 +7,7 @@
 
 #include <atomic>
 
+#include "aq_encode.h"
 #include "encode.h"
 #include "scan.h"
 #include "scan_kernels.h"
@@ -17,6 +18,7 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("lut_score", &torchaq::cpu::lut_score_cpu);
   m.impl("pq_encode", &torchaq::cpu::pq_encode_cpu);
   m.impl("anisotropic_encode", &torchaq::cpu::anisotropic_encode_cpu);
+  m.impl("aq_encode", &torchaq::cpu::aq_encode_cpu);
 }
 
 namespace {

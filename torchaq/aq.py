@@ -1,0 +1,422 @@
+"""``torchaq.AnisotropicAQ``: additive quantization trained and encoded with the score-aware loss."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import ops
+from ._checks import check_features
+from .aq_update import aq_codebook_update
+from .calibrate import RECALL_CANDIDATES, RECALL_K, AnisotropyRule
+from .loss import eta as sphere_eta
+from .loss import score_aware_loss
+
+_UNSET = object()
+# held-out queries used for calibration: a selection slice and a disjoint check slice
+CALIBRATION_QUERIES = 1000
+# alternations of (codebook update, encode) each calibration candidate gets from the isotropic fit
+CALIBRATION_ROUNDS = 2
+# constant-eta candidates of the calibration (besides isotropic and the constructor's rule)
+AQ_ETA_GRID = (2.0, 4.0, 6.0)
+# rows used to learn the codebooks (a seeded random sample beyond this)
+MAX_FIT_ROWS = 65536
+# LSQ++ search: ICM sweeps after each start / perturbation, perturbed codes per round
+ICM_ITERS = 2
+PERTURBATIONS = 4
+# iterated-local-search rounds inside fit (per alternation) and in encode
+FIT_ILS_ITERS = 2
+ENCODE_ILS_ITERS = 8
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _sample_rows(x: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    if x.shape[0] <= count:
+        return x
+    return x[torch.randperm(x.shape[0], generator=generator)[:count].to(x.device)]
+
+
+class AnisotropicAQ(nn.Module):
+    """Anisotropic additive quantizer: ``x ~ sum_m C_m[c_m]`` with full-width codewords.
+
+    Each ``dim``-vector is written as the sum of one codeword from each of ``num_codebooks``
+    (``M``) codebooks of ``K = 2**bits`` full-width codewords (additive quantization, Babenko &
+    Lempitsky, CVPR 2014; LSQ / LSQ++, Martinez et al., ECCV 2016 / 2018). For inner products
+    ``<q, x~> = sum_m <q, C_m[c_m]>``, so a query's lookup table ``LUT[m, j] = <q, C_m[j]>`` is one
+    ``(M K, d)`` matrix product and the scan over the codes is exactly the PQ scan
+    (:func:`torchaq.ops.lut_topk` / :func:`torchaq.ops.lut_score` over :func:`torchaq.ops.pack_codes`);
+    only computing the LUT costs ``M K d`` instead of ``M K d / M``.
+
+    Codes and codebooks minimise the score-aware loss ``eta |r_par|^2 + |r_perp|^2`` (Guo et al.,
+    ICML 2020; :func:`torchaq.score_aware_loss`) instead of the reconstruction error:
+
+    * encoding is LSQ++'s iterated local search over iterated conditional modes, with the
+      parallel-residual term ``(eta - 1) <r, x>^2 / |x|^2`` in every move's cost
+      (:func:`torchaq.ops.aq_encode`; greedy residual start, ``ICM_ITERS`` sweeps, then
+      ``encode_ils_iters`` rounds of ``PERTURBATIONS`` random codes + ICM, keeping improvements);
+    * the codebook update is the exact minimiser of the total loss over all codebooks at once
+      (:func:`torchaq.aq_update.aq_codebook_update`: least squares, conjugate gradients when
+      anisotropic).
+
+    ``fit`` starts as LSQ does (random codes, their least-squares codebooks, a search from those
+    codes; a greedy residual start gets stuck in a far worse optimum), then alternates ``iters``
+    rounds of (codebook update, encoding warm-started from the previous codes). The anisotropy
+    is set as in :class:`torchaq.AnisotropicPQ` (``threshold=T``, ``eta=e`` or ``threshold=None``
+    for isotropic). ``fit(x, queries=...)`` calibrates it as the PQ does: after the isotropic
+    fit, each candidate (the constructor's rule and a grid of constant ``eta``) gets
+    ``CALIBRATION_ROUNDS`` rounds of its own (update, encoding) and is scored by held-out recall;
+    the best one finishes its ``iters`` rounds, and the fit falls back to isotropic if the result
+    loses on a second held-out query slice.
+
+    Cost: ``fit`` is ``O(rows * M K d)`` for inner products plus ``O(rows * M K)`` per ICM sweep
+    and ``O(M K)`` per code change, ``O((M K)^3)`` per codebook update; ``encode`` of ``N`` rows
+    is ``O(N M K d + N (1 + R) ICM_ITERS M K M)`` at most. The Gram matrix of all codewords is
+    ``(M K)^2`` floats (8-bit codes: ``K = 256``, so keep ``M`` small).
+
+    Args:
+        dim: input dimension ``d``.
+        num_codebooks: ``M`` (each code costs ``bits`` bits; ``M * bits`` bits per vector).
+        bits: 4 (16 codewords per codebook) or 8 (256).
+        threshold: the paper's ``T`` (> 0), or ``None`` for isotropic (default 0.2, as the PQ).
+        eta: a constant ``h_par / h_perp`` (>= 1) instead of ``threshold``.
+        seed: seeds the initialisation and the search's perturbations.
+        encode_ils_iters: perturbation rounds of ``encode`` (more: lower loss, slower).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_codebooks: int,
+        bits: int = 4,
+        threshold: Optional[float] = _UNSET,  # type: ignore[assignment]
+        eta: Optional[float] = None,
+        seed: int = 0,
+        encode_ils_iters: int = ENCODE_ILS_ITERS,
+    ):
+        super().__init__()
+        if not _is_int(dim) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if not _is_int(num_codebooks) or num_codebooks < 1:
+            raise ValueError(f"num_codebooks must be a positive integer, got {num_codebooks!r}")
+        if not _is_int(bits) or bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+        if not _is_int(seed):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
+        if not _is_int(encode_ils_iters) or encode_ils_iters < 0:
+            raise ValueError(f"encode_ils_iters must be an integer >= 0, got {encode_ils_iters!r}")
+        if eta is not None and threshold is not _UNSET and threshold is not None:
+            raise ValueError("give either threshold= or eta=, not both")
+        if eta is not None:
+            if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 1:
+                raise ValueError(f"eta must be a finite number >= 1 (h_par >= h_perp), got {eta!r}")
+            rule = AnisotropyRule("isotropic") if eta == 1 else AnisotropyRule("eta", float(eta))
+        else:
+            threshold = 0.2 if threshold is _UNSET else threshold
+            if threshold is None:
+                rule = AnisotropyRule("isotropic")
+            else:
+                if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
+                        or not math.isfinite(threshold) or threshold <= 0):
+                    raise ValueError(f"threshold must be a finite number > 0 or None, got {threshold!r}")
+                rule = AnisotropyRule("threshold", float(threshold))
+        self.dim, self.num_codebooks, self.bits = int(dim), int(num_codebooks), int(bits)
+        self.num_codewords = 2**self.bits
+        self.seed = int(seed)
+        self.encode_ils_iters = int(encode_ils_iters)
+        #: the anisotropy rule used by ``encode`` (set by the constructor, or chosen by calibration)
+        self.rule = rule
+        #: calibration scores ``{rule: recall}`` of the last ``fit`` with queries, else ``None``
+        self.calibration: Optional[Dict[str, float]] = None
+        self._fit_dtype = torch.float32
+        self.register_buffer("codebooks", torch.zeros(self.num_codebooks, self.num_codewords, self.dim))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    @property
+    def num_subspaces(self) -> int:
+        """``M``, under the name the PQ uses (codes per vector: the packed layout and the scan)."""
+        return self.num_codebooks
+
+    # ---------------------------------------------------------------------------------------
+    # argument checks
+    # ---------------------------------------------------------------------------------------
+    def _check_rows(self, x: Tensor, name: str) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (rows, dim={self.dim}), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.dim:
+            raise ValueError(f"{name} has {x.shape[1]} columns but the quantizer has dim={self.dim}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        bad = ~torch.isfinite(x).all(dim=1)
+        if bool(bad.any()):
+            raise ValueError(f"{name} has NaN or Inf values in row {int(bad.nonzero()[0])} ({int(bad.sum())} rows)")
+
+    def _check_fitted(self) -> None:
+        if not bool(self.fitted):
+            raise RuntimeError("AnisotropicAQ is not fitted: call fit(x) first (or load a state_dict)")
+
+    def _check_codes(self, codes: Tensor) -> Tensor:
+        if not isinstance(codes, Tensor) or codes.dim() != 2 or codes.shape[1] != self.num_codebooks:
+            shape = tuple(codes.shape) if isinstance(codes, Tensor) else type(codes).__name__
+            raise ValueError(f"codes must be (N, num_codebooks={self.num_codebooks}), got {shape}")
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise TypeError(f"codes must be an integer tensor (uint8 from encode), got {codes.dtype}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codewords):
+            raise ValueError(f"codes must be in [0, {self.num_codewords}) for bits={self.bits}")
+        return codes
+
+    # ---------------------------------------------------------------------------------------
+    # anisotropy and the two steps
+    # ---------------------------------------------------------------------------------------
+    def row_eta(self, x: Tensor, rule: Optional[AnisotropyRule] = None) -> Tensor:
+        """Per-row ``eta`` of ``rule`` (default: :attr:`rule`) for float32 rows."""
+        rule = self.rule if rule is None else rule
+        if rule.kind == "threshold":
+            return sphere_eta(rule.value, self.dim, x.norm(dim=1)).to(x.device).float()
+        value = 1.0 if rule.kind == "isotropic" else rule.value
+        return torch.full((x.shape[0],), value, dtype=torch.float32, device=x.device)
+
+    def _perturbations(self, rounds: int, rows: int, generator: torch.Generator, device) -> Tensor:
+        mk = self.num_codebooks * self.num_codewords
+        return torch.randint(0, mk, (rounds, rows, PERTURBATIONS), generator=generator).to(device)
+
+    def _search(self, x: Tensor, codebooks: Tensor, eta_rows: Tensor, codes: Optional[Tensor], rounds: int,
+                generator: torch.Generator) -> Tensor:
+        """LSQ++ codes (int64) of float32 rows; greedy start when ``codes`` is None."""
+        greedy = codes is None
+        start = torch.zeros((x.shape[0], self.num_codebooks), dtype=torch.int64, device=x.device) if greedy else codes
+        perturb = self._perturbations(rounds, x.shape[0], generator, x.device)
+        return ops.aq_encode(x.contiguous(), codebooks.contiguous(), start, eta_rows.contiguous(), perturb,
+                             ICM_ITERS, greedy)
+
+    def loss(self, x: Tensor, codes: Optional[Tensor] = None) -> Tensor:
+        """Per-row score-aware loss of ``x`` under the current rule (encoding ``x`` if no codes)."""
+        self._check_fitted()
+        self._check_rows(x, "x")
+        codes = self.encode(x) if codes is None else self._check_codes(codes)
+        xf = x.float().to(self.codebooks.device)
+        return score_aware_loss(xf, self._decode(codes.long().to(xf.device), self.codebooks.float()),
+                                self.row_eta(xf))
+
+    def _decode(self, codes: Tensor, codebooks: Tensor) -> Tensor:
+        m = codebooks.shape[0]
+        out = codebooks[0, codes[:, 0]].clone()
+        for sub in range(1, m):
+            out += codebooks[sub, codes[:, sub]]
+        return out
+
+    # ---------------------------------------------------------------------------------------
+    # fit
+    # ---------------------------------------------------------------------------------------
+    def _init(self, x: Tensor, generator: torch.Generator):
+        """LSQ's start: random codes, the least-squares codebooks for them, then ICM from those codes."""
+        codes = torch.randint(0, self.num_codewords, (x.shape[0], self.num_codebooks), generator=generator)
+        codes = codes.to(x.device)
+        eta_rows = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+        books = x.new_zeros(self.num_codebooks, self.num_codewords, self.dim)
+        books = aq_codebook_update(x, codes, eta_rows, books)
+        return books, self._search(x, books, eta_rows, codes, FIT_ILS_ITERS, generator)
+
+    def _alternate(self, x, rule, codebooks, codes, rounds, generator, bar):
+        """``rounds`` of (joint codebook update, warm-started LSQ++ encoding) for ``rule``."""
+        eta_rows = self.row_eta(x, rule)
+        for _ in range(rounds):
+            codebooks = aq_codebook_update(x, codes, eta_rows, codebooks)
+            codes = self._search(x, codebooks, eta_rows, codes, FIT_ILS_ITERS, generator)
+            bar.update(1)
+            bar.set_postfix_str(f"{rule}", refresh=False)
+        return codebooks, codes
+
+    def fit(
+        self,
+        x: Tensor,
+        queries: Optional[Tensor] = None,
+        iters: int = 4,
+        progress: bool = True,
+        max_rows: Optional[int] = MAX_FIT_ROWS,
+    ) -> "AnisotropicAQ":
+        """Learn the codebooks from the rows ``x`` (``(N, dim)``, ``N >= 2**bits``); returns ``self``.
+
+        Args:
+            x: the vectors to quantize (e.g. the rows of an output layer's weight).
+            queries: optional ``(B, dim)`` sample queries (e.g. hidden states); enables query
+                calibration of the anisotropy (at least 20 rows; up to 1000 select, up to 1000
+                others check, scoring the training rows).
+            iters: alternations of joint codebook update and encoding after the initialisation.
+            progress: show a tqdm progress bar.
+            max_rows: learn from a seeded random sample of this many rows when ``x`` has more
+                (``None``: all rows). Encoding all rows is ``encode``'s job.
+        """
+        self._check_rows(x, "x")
+        if x.shape[0] < self.num_codewords:
+            raise ValueError(
+                f"x has {x.shape[0]} rows but bits={self.bits} needs at least {self.num_codewords} (one per codeword)"
+            )
+        if not _is_int(iters) or iters < 0:
+            raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+        if max_rows is not None and (not _is_int(max_rows) or max_rows < self.num_codewords):
+            raise ValueError(f"max_rows must be None or an integer >= {self.num_codewords}, got {max_rows!r}")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be a bool, got {progress!r}")
+        if queries is not None:
+            self._check_rows(queries, "queries")
+            if queries.shape[0] < 20:
+                raise ValueError(f"queries must have at least 20 rows for calibration, got {queries.shape[0]}")
+            if queries.device != x.device:
+                raise ValueError(f"queries are on {queries.device} but x is on {x.device}")
+        xf = x.float()
+        if self.rule.kind == "threshold":
+            max_norm = float(xf.norm(dim=1).max())
+            if self.rule.value >= max_norm * (1 - 1e-5):
+                raise ValueError(
+                    f"threshold={self.rule.value:g} must be below the largest row norm of x ({max_norm:.4g}); "
+                    "for unit-norm data the threshold must lie in (0, 1)"
+                )
+        generator = torch.Generator().manual_seed(self.seed)
+        if max_rows is not None:
+            xf = _sample_rows(xf, int(max_rows), generator)
+        xf = xf.contiguous()
+        rules = self._candidate_rules() if queries is not None else [self.rule]
+        calib_rounds = min(CALIBRATION_ROUNDS, iters)
+        total = 1 + iters
+        if queries is not None:
+            total += (len(rules) - 1) * calib_rounds + iters - calib_rounds
+        with tqdm(total=total, desc="AnisotropicAQ.fit", disable=not progress, leave=False) as bar:
+            bar.set_postfix_str("init", refresh=False)
+            start, start_codes = self._init(xf, generator)
+            bar.update(1)
+            if queries is None:
+                eta_rows = self.row_eta(xf)
+                if self.rule.kind != "isotropic":
+                    start_codes = self._search(xf, start, eta_rows, start_codes, 0, generator)
+                codebooks, _ = self._alternate(xf, self.rule, start, start_codes, iters, generator, bar)
+            else:
+                codebooks = self._calibrate(xf, queries, start, start_codes, rules, iters, calib_rounds,
+                                            generator, bar)
+                bar.update(bar.total - bar.n)
+        self.codebooks = codebooks.contiguous()
+        self.fitted.fill_(True)
+        self._fit_dtype = x.dtype
+        return self
+
+    def _candidate_rules(self) -> List[AnisotropyRule]:
+        rules = [AnisotropyRule("isotropic"), self.rule] + [AnisotropyRule("eta", v) for v in AQ_ETA_GRID]
+        return list(dict.fromkeys(rules))
+
+    def _recall(self, q: Tensor, x: Tensor, codes: Tensor, codebooks: Tensor) -> float:
+        """``0.5 (recall 10@10 + recall 10@100)`` of the exact inner-product top-10 (as the PQ calibration)."""
+        n = x.shape[0]
+        k, cand = min(RECALL_K, n), min(RECALL_CANDIDATES, n)
+        exact = (q @ x.T).topk(k, dim=1).indices
+        lut = self._lut(q, codebooks)
+        approx = ops.lut_score(lut, ops.pack_codes(codes.to(torch.uint8), self.bits), n)
+        top = approx.topk(cand, dim=1).indices
+        hit_k = (exact.unsqueeze(2) == top[:, :k].unsqueeze(1)).any(2).float().mean()
+        hit_c = (exact.unsqueeze(2) == top.unsqueeze(1)).any(2).float().mean()
+        return 0.5 * float(hit_k + hit_c)
+
+    def _calibrate(self, x, queries, start, start_codes, rules, iters, calib_rounds, generator, bar) -> Tensor:
+        """Pick the rule with the best held-out recall; never end worse than isotropic on the check slice.
+
+        The isotropic fit runs first; every other rule gets ``calib_rounds`` rounds of (its
+        codebook update, its encoding) from there and is scored by recall on the selection slice;
+        the best one runs its remaining ``iters - calib_rounds`` rounds.
+        """
+        qf = queries.float()[torch.randperm(queries.shape[0], generator=generator).to(queries.device)]
+        half = min(CALIBRATION_QUERIES, qf.shape[0] // 2)
+        select, check = qf[:half], qf[half: 2 * half]
+        isotropic = rules[0]
+        iso_books, iso_codes = self._alternate(x, isotropic, start, start_codes, iters, generator, bar)
+        scores = {str(isotropic): self._recall(select, x, iso_codes, iso_books)}
+        best_rule, best = isotropic, (iso_books, iso_codes)
+        for rule in rules[1:]:
+            codes = self._search(x, iso_books, self.row_eta(x, rule), iso_codes, 0, generator)
+            books, codes = self._alternate(x, rule, iso_books, codes, calib_rounds, generator, bar)
+            scores[str(rule)] = self._recall(select, x, codes, books)
+            if scores[str(rule)] > scores[str(best_rule)]:
+                best_rule, best = rule, (books, codes)
+        final, final_rule = iso_books, isotropic
+        if best_rule is not isotropic:
+            books, codes = self._alternate(x, best_rule, best[0], best[1], iters - calib_rounds, generator, bar)
+            # the check slice was not used to choose: fall back if the winner loses there
+            if self._recall(check, x, codes, books) >= self._recall(check, x, iso_codes, iso_books):
+                final, final_rule = books, best_rule
+        self.rule = final_rule
+        self.calibration = scores
+        return final
+
+    # ---------------------------------------------------------------------------------------
+    # encode / decode / lut / score
+    # ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Score-aware LSQ++ codes of the rows of ``x`` (``(N, dim)``) -> ``(N, M)`` uint8.
+
+        Deterministic: the perturbations are drawn from ``seed``.
+        """
+        self._check_fitted()
+        self._check_rows(x, "x")
+        xf = x.float().to(self.codebooks.device).contiguous()
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        codes = self._search(xf, self.codebooks.float(), self.row_eta(xf), None, self.encode_ils_iters, generator)
+        return codes.to(torch.uint8)
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """``x~ = sum_m C_m[codes[:, m]]``: ``(N, M)`` codes -> ``(N, dim)`` in ``dtype`` (default: the dtype ``fit`` saw)."""
+        self._check_fitted()
+        codes = self._check_codes(codes).to(self.codebooks.device)
+        out = self._decode(codes.long(), self.codebooks.float())
+        return out.to(self._fit_dtype if dtype is None else dtype)
+
+    def _lut(self, q: Tensor, codebooks: Tensor) -> Tensor:
+        m, k, d = codebooks.shape
+        return (q.float() @ codebooks.reshape(m * k, d).T).reshape(q.shape[0], m, k).contiguous()
+
+    def lut(self, q: Tensor) -> Tensor:
+        """Lookup tables ``LUT[b, m, j] = <q, C_m[j]>``: ``(..., dim)`` -> ``(..., M, 2**bits)`` float32 (one ``h @ C^T``)."""
+        self._check_fitted()
+        check_features(q, self.dim, "q", self.codebooks.device, "quantizer")
+        lead = q.shape[:-1]
+        lut = self._lut(q.reshape(-1, self.dim), self.codebooks.float())
+        return lut.reshape(lead + lut.shape[1:])
+
+    def pack(self, codes: Tensor) -> Tensor:
+        """Codes in the blocked layout of the scan kernels (:func:`torchaq.ops.pack_codes`)."""
+        return ops.pack_codes(self._check_codes(codes).to(torch.uint8).contiguous(), self.bits)
+
+    def score(self, q: Tensor, codes: Tensor) -> Tensor:
+        """Approximate inner products ``sum_m LUT[b, m, codes[n, m]] = <q, decode(codes)[n]>``: ``(B, N)`` float32."""
+        if not isinstance(q, Tensor) or q.dim() != 2:
+            raise ValueError(f"q must be (B, dim={self.dim}), got shape {tuple(getattr(q, 'shape', ()))}")
+        lut = self.lut(q)
+        return ops.lut_score(lut, self.pack(codes.to(lut.device)), codes.shape[0])
+
+    # ---------------------------------------------------------------------------------------
+    # nn.Module plumbing
+    # ---------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        return {
+            "rule": (self.rule.kind, self.rule.value),
+            "calibration": self.calibration,
+            "fit_dtype": str(self._fit_dtype).replace("torch.", ""),
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        self.rule = AnisotropyRule(*state["rule"])
+        self.calibration = state["calibration"]
+        self._fit_dtype = getattr(torch, state["fit_dtype"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_codebooks={self.num_codebooks}, bits={self.bits}, rule={self.rule}, "
+            f"bits_per_vector={self.num_codebooks * self.bits}, fitted={bool(self.fitted)}"
+        )
