@@ -1,30 +1,31 @@
 """``torchaq.AnisotropicAQ``: additive quantization trained and encoded with the score-aware loss."""
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import ops
-from ._checks import check_features
+from ._checks import check_features, check_int
 from .aq_update import aq_codebook_update
 from .calibrate import RECALL_CANDIDATES, RECALL_K, AnisotropyRule
-from .loss import eta as sphere_eta
 from .loss import score_aware_loss
+from .quantizer_base import (
+    CALIBRATION_QUERIES,
+    MAX_FIT_ROWS,
+    UNSET,
+    ScoreAwareQuantizer,
+    check_bits,
+    parse_rule,
+    sample_rows,
+)
 
-_UNSET = object()
-# held-out queries used for calibration: a selection slice and a disjoint check slice
-CALIBRATION_QUERIES = 1000
 # alternations of (codebook update, encode) each calibration candidate gets from the isotropic fit
 CALIBRATION_ROUNDS = 2
 # constant-eta candidates of the calibration (besides isotropic and the constructor's rule)
 AQ_ETA_GRID = (2.0, 4.0, 6.0)
-# rows used to learn the codebooks (a seeded random sample beyond this)
-MAX_FIT_ROWS = 65536
 # LSQ++ search: ICM sweeps after each start / perturbation, perturbed codes per round
 ICM_ITERS = 2
 PERTURBATIONS = 4
@@ -33,17 +34,7 @@ FIT_ILS_ITERS = 2
 ENCODE_ILS_ITERS = 8
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _sample_rows(x: Tensor, count: int, generator: torch.Generator) -> Tensor:
-    if x.shape[0] <= count:
-        return x
-    return x[torch.randperm(x.shape[0], generator=generator)[:count].to(x.device)]
-
-
-class AnisotropicAQ(nn.Module):
+class AnisotropicAQ(ScoreAwareQuantizer):
     """Anisotropic additive quantizer: ``x ~ sum_m C_m[c_m]`` with full-width codewords.
 
     Each ``dim``-vector is written as the sum of one codeword from each of ``num_codebooks``
@@ -95,95 +86,33 @@ class AnisotropicAQ(nn.Module):
         dim: int,
         num_codebooks: int,
         bits: int = 4,
-        threshold: Optional[float] = _UNSET,  # type: ignore[assignment]
+        threshold: Optional[float] = UNSET,  # type: ignore[assignment]
         eta: Optional[float] = None,
         seed: int = 0,
         encode_ils_iters: int = ENCODE_ILS_ITERS,
     ):
         super().__init__()
-        if not _is_int(dim) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        if not _is_int(num_codebooks) or num_codebooks < 1:
-            raise ValueError(f"num_codebooks must be a positive integer, got {num_codebooks!r}")
-        if not _is_int(bits) or bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-        if not _is_int(seed):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
-        if not _is_int(encode_ils_iters) or encode_ils_iters < 0:
-            raise ValueError(f"encode_ils_iters must be an integer >= 0, got {encode_ils_iters!r}")
-        if eta is not None and threshold is not _UNSET and threshold is not None:
-            raise ValueError("give either threshold= or eta=, not both")
-        if eta is not None:
-            if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 1:
-                raise ValueError(f"eta must be a finite number >= 1 (h_par >= h_perp), got {eta!r}")
-            rule = AnisotropyRule("isotropic") if eta == 1 else AnisotropyRule("eta", float(eta))
-        else:
-            threshold = 0.2 if threshold is _UNSET else threshold
-            if threshold is None:
-                rule = AnisotropyRule("isotropic")
-            else:
-                if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
-                        or not math.isfinite(threshold) or threshold <= 0):
-                    raise ValueError(f"threshold must be a finite number > 0 or None, got {threshold!r}")
-                rule = AnisotropyRule("threshold", float(threshold))
-        self.dim, self.num_codebooks, self.bits = int(dim), int(num_codebooks), int(bits)
-        self.num_codewords = 2**self.bits
-        self.seed = int(seed)
-        self.encode_ils_iters = int(encode_ils_iters)
-        #: the anisotropy rule used by ``encode`` (set by the constructor, or chosen by calibration)
-        self.rule = rule
-        #: calibration scores ``{rule: recall}`` of the last ``fit`` with queries, else ``None``
-        self.calibration: Optional[Dict[str, float]] = None
-        self._fit_dtype = torch.float32
-        self.register_buffer("codebooks", torch.zeros(self.num_codebooks, self.num_codewords, self.dim))
-        self.register_buffer("fitted", torch.tensor(False))
+        dim = check_int(dim, "dim", low=1)
+        num_codebooks = check_int(num_codebooks, "num_codebooks", low=1)
+        bits = check_bits(bits)
+        seed = check_int(seed, "seed", what="(it seeds the initialisation and the search)")
+        self.encode_ils_iters = check_int(encode_ils_iters, "encode_ils_iters", low=0)
+        self._init_quantizer(dim, num_codebooks, bits, seed, parse_rule(threshold, eta), (num_codebooks, 2**bits, dim))
+
+    codes_name = "num_codebooks"
 
     @property
-    def num_subspaces(self) -> int:
-        """``M``, under the name the PQ uses (codes per vector: the packed layout and the scan)."""
-        return self.num_codebooks
+    def num_codebooks(self) -> int:
+        """``M``: codebooks, i.e. codes per vector (``num_subspaces``, the name the scan and the layer use)."""
+        return self.num_subspaces
 
     # ---------------------------------------------------------------------------------------
     # argument checks
     # ---------------------------------------------------------------------------------------
-    def _check_rows(self, x: Tensor, name: str) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (rows, dim={self.dim}), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.dim:
-            raise ValueError(f"{name} has {x.shape[1]} columns but the quantizer has dim={self.dim}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        bad = ~torch.isfinite(x).all(dim=1)
-        if bool(bad.any()):
-            raise ValueError(f"{name} has NaN or Inf values in row {int(bad.nonzero()[0])} ({int(bad.sum())} rows)")
-
-    def _check_fitted(self) -> None:
-        if not bool(self.fitted):
-            raise RuntimeError("AnisotropicAQ is not fitted: call fit(x) first (or load a state_dict)")
-
-    def _check_codes(self, codes: Tensor) -> Tensor:
-        if not isinstance(codes, Tensor) or codes.dim() != 2 or codes.shape[1] != self.num_codebooks:
-            shape = tuple(codes.shape) if isinstance(codes, Tensor) else type(codes).__name__
-            raise ValueError(f"codes must be (N, num_codebooks={self.num_codebooks}), got {shape}")
-        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise TypeError(f"codes must be an integer tensor (uint8 from encode), got {codes.dtype}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codewords):
-            raise ValueError(f"codes must be in [0, {self.num_codewords}) for bits={self.bits}")
-        return codes
 
     # ---------------------------------------------------------------------------------------
     # anisotropy and the two steps
     # ---------------------------------------------------------------------------------------
-    def row_eta(self, x: Tensor, rule: Optional[AnisotropyRule] = None) -> Tensor:
-        """Per-row ``eta`` of ``rule`` (default: :attr:`rule`) for float32 rows."""
-        rule = self.rule if rule is None else rule
-        if rule.kind == "threshold":
-            return sphere_eta(rule.value, self.dim, x.norm(dim=1)).to(x.device).float()
-        value = 1.0 if rule.kind == "isotropic" else rule.value
-        return torch.full((x.shape[0],), value, dtype=torch.float32, device=x.device)
-
     def _perturbations(self, rounds: int, rows: int, generator: torch.Generator, device) -> Tensor:
         mk = self.num_codebooks * self.num_codewords
         return torch.randint(0, mk, (rounds, rows, PERTURBATIONS), generator=generator).to(device)
@@ -235,6 +164,7 @@ class AnisotropicAQ(nn.Module):
             bar.set_postfix_str(f"{rule}", refresh=False)
         return codebooks, codes
 
+    @torch.no_grad()  # x may be an nn.Parameter: fitting builds no autograd state
     def fit(
         self,
         x: Tensor,
@@ -255,34 +185,11 @@ class AnisotropicAQ(nn.Module):
             max_rows: learn from a seeded random sample of this many rows when ``x`` has more
                 (``None``: all rows). Encoding all rows is ``encode``'s job.
         """
-        self._check_rows(x, "x")
-        if x.shape[0] < self.num_codewords:
-            raise ValueError(
-                f"x has {x.shape[0]} rows but bits={self.bits} needs at least {self.num_codewords} (one per codeword)"
-            )
-        if not _is_int(iters) or iters < 0:
-            raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
-        if max_rows is not None and (not _is_int(max_rows) or max_rows < self.num_codewords):
-            raise ValueError(f"max_rows must be None or an integer >= {self.num_codewords}, got {max_rows!r}")
-        if not isinstance(progress, bool):
-            raise TypeError(f"progress must be a bool, got {progress!r}")
-        if queries is not None:
-            self._check_rows(queries, "queries")
-            if queries.shape[0] < 20:
-                raise ValueError(f"queries must have at least 20 rows for calibration, got {queries.shape[0]}")
-            if queries.device != x.device:
-                raise ValueError(f"queries are on {queries.device} but x is on {x.device}")
+        self._check_fit_args(x, queries, iters, max_rows, progress)
         xf = x.float()
-        if self.rule.kind == "threshold":
-            max_norm = float(xf.norm(dim=1).max())
-            if self.rule.value >= max_norm * (1 - 1e-5):
-                raise ValueError(
-                    f"threshold={self.rule.value:g} must be below the largest row norm of x ({max_norm:.4g}); "
-                    "for unit-norm data the threshold must lie in (0, 1)"
-                )
         generator = torch.Generator().manual_seed(self.seed)
         if max_rows is not None:
-            xf = _sample_rows(xf, int(max_rows), generator)
+            xf = sample_rows(xf, int(max_rows), generator)
         xf = xf.contiguous()
         rules = self._candidate_rules() if queries is not None else [self.rule]
         calib_rounds = min(CALIBRATION_ROUNDS, iters)
@@ -303,7 +210,7 @@ class AnisotropicAQ(nn.Module):
                                             generator, bar)
                 bar.update(bar.total - bar.n)
         self.codebooks = codebooks.contiguous()
-        self.fitted.fill_(True)
+        self.fitted = True
         self._fit_dtype = x.dtype
         return self
 
@@ -389,34 +296,11 @@ class AnisotropicAQ(nn.Module):
         lut = self._lut(q.reshape(-1, self.dim), self.codebooks.float())
         return lut.reshape(lead + lut.shape[1:])
 
-    def pack(self, codes: Tensor) -> Tensor:
-        """Codes in the blocked layout of the scan kernels (:func:`torchaq.ops.pack_codes`)."""
-        return ops.pack_codes(self._check_codes(codes).to(torch.uint8).contiguous(), self.bits)
-
-    def score(self, q: Tensor, codes: Tensor) -> Tensor:
-        """Approximate inner products ``sum_m LUT[b, m, codes[n, m]] = <q, decode(codes)[n]>``: ``(B, N)`` float32."""
-        if not isinstance(q, Tensor) or q.dim() != 2:
-            raise ValueError(f"q must be (B, dim={self.dim}), got shape {tuple(getattr(q, 'shape', ()))}")
-        lut = self.lut(q)
-        return ops.lut_score(lut, self.pack(codes.to(lut.device)), codes.shape[0])
-
     # ---------------------------------------------------------------------------------------
     # nn.Module plumbing
     # ---------------------------------------------------------------------------------------
-    def get_extra_state(self) -> dict:
-        return {
-            "rule": (self.rule.kind, self.rule.value),
-            "calibration": self.calibration,
-            "fit_dtype": str(self._fit_dtype).replace("torch.", ""),
-        }
-
-    def set_extra_state(self, state: dict) -> None:
-        self.rule = AnisotropyRule(*state["rule"])
-        self.calibration = state["calibration"]
-        self._fit_dtype = getattr(torch, state["fit_dtype"])
-
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_codebooks={self.num_codebooks}, bits={self.bits}, rule={self.rule}, "
-            f"bits_per_vector={self.num_codebooks * self.bits}, fitted={bool(self.fitted)}"
+            f"bits_per_vector={self.num_codebooks * self.bits}, fitted={self.fitted}"
         )

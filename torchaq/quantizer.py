@@ -1,49 +1,42 @@
 """``torchaq.AnisotropicPQ``: product quantization trained with the score-aware loss."""
 from __future__ import annotations
 
-import math
-import numbers
 import time
 from contextlib import contextmanager
-from typing import Dict, Optional, Union
+from typing import Dict, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import ops
-from ._checks import check_features, check_int, has_data
+from ._checks import check_features, check_int
 from .calibrate import AnisotropyRule, candidate_rules, exact_top, retrieval_recall, successive_halving
 from .codebook_update import joint_codebook_update
 from .encode import anisotropic_encode, decode, l2_encode
 from .kmeans import subspace_kmeans
-from .loss import eta as sphere_eta
 from .loss import score_aware_loss
+from .quantizer_base import (  # noqa: F401  (MAX_FIT_ROWS: part of this module's interface)
+    CALIBRATION_QUERIES,
+    MAX_FIT_ROWS,
+    UNSET,
+    ScoreAwareQuantizer,
+    check_bits,
+    parse_rule,
+    sample_rows,
+)
 
-_UNSET = object()
-# held-out queries used for calibration: a selection slice and a disjoint check slice
-CALIBRATION_QUERIES = 1000
 # rows (a seeded sample) the calibration candidates are trained and scored on
 CALIBRATION_ROWS = 4096
 # k-means only initialises the codebooks: like FAISS (256 points per centroid) it runs on a
 # random sample of the training rows
 KMEANS_POINTS_PER_CODEWORD = 256
-# rows used to learn the codebooks (a seeded random sample beyond this): 4096 points per
-# codeword at 4 bits is plenty, and it bounds the cost of fit for very large V
-MAX_FIT_ROWS = 65536
 # CG iterations of each joint codebook update inside fit (warm-started; the next alternation
 # continues where it stopped)
 FIT_CG_ITERS = 10
 
 
-def _sample_rows(x: Tensor, count: int, generator: torch.Generator) -> Tensor:
-    """``count`` seeded random rows of ``x`` (all of ``x`` when it has no more)."""
-    if x.shape[0] <= count:
-        return x
-    return x[torch.randperm(x.shape[0], generator=generator)[:count].to(x.device)]
-
-
-class AnisotropicPQ(nn.Module):
+class AnisotropicPQ(ScoreAwareQuantizer):
     """Anisotropic product quantizer (Guo et al., ICML 2020, "ScaNN").
 
     Splits each ``dim``-vector into ``num_subspaces`` (``M``) sub-vectors and quantizes each to
@@ -91,7 +84,7 @@ class AnisotropicPQ(nn.Module):
         dim: int,
         num_subspaces: int,
         bits: int = 4,
-        threshold: Optional[float] = _UNSET,  # type: ignore[assignment]
+        threshold: Optional[float] = UNSET,  # type: ignore[assignment]
         eta: Optional[float] = None,
         seed: int = 0,
         kmeans_iters: int = 20,
@@ -99,41 +92,16 @@ class AnisotropicPQ(nn.Module):
         super().__init__()
         dim = check_int(dim, "dim", low=1)
         num_subspaces = check_int(num_subspaces, "num_subspaces", 1, dim, f"in [1, dim={dim}] (at least one dimension each)")
-        if not isinstance(bits, numbers.Integral) or isinstance(bits, bool) or bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8 (an integer), got {bits!r}")
-        bits = int(bits)
+        bits = check_bits(bits)
         kmeans_iters = check_int(kmeans_iters, "kmeans_iters", low=0)
         seed = check_int(seed, "seed", what="(it seeds the k-means initialisation)")
-        if eta is not None and threshold is not _UNSET and threshold is not None:
-            raise ValueError("give either threshold= or eta=, not both")
-        if eta is not None:
-            if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 1:
-                raise ValueError(f"eta must be a finite number >= 1 (h_par >= h_perp), got {eta!r}")
-            rule = AnisotropyRule("isotropic") if eta == 1 else AnisotropyRule("eta", float(eta))
-        else:
-            threshold = 0.2 if threshold is _UNSET else threshold
-            if threshold is None:
-                rule = AnisotropyRule("isotropic")
-            else:
-                if not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 0:
-                    raise ValueError(f"threshold must be a finite number > 0 or None, got {threshold!r}")
-                rule = AnisotropyRule("threshold", float(threshold))
-        self.dim, self.num_subspaces, self.bits = dim, num_subspaces, bits
-        self.num_codewords = 2**bits
         self.subspace_dim = -(-dim // num_subspaces)
-        self.seed, self.kmeans_iters = seed, kmeans_iters
-        #: the anisotropy rule used by ``encode`` (set by the constructor, or chosen by calibration)
-        self.rule = rule
-        #: calibration scores ``{rule: recall}`` of the last ``fit`` with queries, else ``None``
-        self.calibration: Optional[Dict[str, float]] = None
-        self._fit_dtype = torch.float32
+        self.kmeans_iters = kmeans_iters
+        self._init_quantizer(dim, num_subspaces, bits, seed, parse_rule(threshold, eta),
+                             (num_subspaces, 2**bits, self.subspace_dim))
         #: seconds the last ``fit`` spent per phase (k-means, encode, codebook update, calibration
         #: scoring), wall clock; on CUDA the phases are not synchronised, so they are indicative only
         self.fit_seconds: Dict[str, float] = {}
-        self.register_buffer("codebooks", torch.zeros(num_subspaces, self.num_codewords, self.subspace_dim))
-        # a Python flag, not a buffer: torch.compile traces no tensor read for it, and a meta-device
-        # copy can still say whether it is fitted. It travels in the extra state (state_dict).
-        self.fitted = False
         self.register_buffer("pad_index", self._make_pad_index(), persistent=False)
 
     # ---------------------------------------------------------------------------------------
@@ -169,48 +137,8 @@ class AnisotropicPQ(nn.Module):
         return x[..., self.pad_index.to(x.device)]
 
     # ---------------------------------------------------------------------------------------
-    # argument checks
+    # anisotropy (row_eta: ScoreAwareQuantizer; padding does not change a row's norm)
     # ---------------------------------------------------------------------------------------
-    def _check_rows(self, x: Tensor, name: str) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (rows, dim={self.dim}), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.dim:
-            raise ValueError(f"{name} has {x.shape[1]} columns but the quantizer has dim={self.dim}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        if not has_data(x):
-            return
-        bad = ~torch.isfinite(x).all(dim=1)
-        if bool(bad.any()):
-            raise ValueError(f"{name} has NaN or Inf values in row {int(bad.nonzero()[0])} ({int(bad.sum())} rows)")
-
-    def _check_fitted(self) -> None:
-        if not self.fitted:
-            raise RuntimeError("AnisotropicPQ is not fitted: call fit(x) first (or load a state_dict)")
-
-    def _check_codes(self, codes: Tensor) -> Tensor:
-        if not isinstance(codes, Tensor) or codes.dim() != 2 or codes.shape[1] != self.num_subspaces:
-            shape = tuple(codes.shape) if isinstance(codes, Tensor) else type(codes).__name__
-            raise ValueError(f"codes must be (N, num_subspaces={self.num_subspaces}), got {shape}")
-        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise TypeError(f"codes must be an integer tensor (uint8 from encode), got {codes.dtype}")
-        if codes.numel() and has_data(codes) and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codewords):
-            raise ValueError(f"codes must be in [0, {self.num_codewords}) for bits={self.bits}")
-        return codes
-
-    # ---------------------------------------------------------------------------------------
-    # anisotropy
-    # ---------------------------------------------------------------------------------------
-    def row_eta(self, x_padded: Tensor, rule: Optional[AnisotropyRule] = None) -> Tensor:
-        """Per-row ``eta`` of ``rule`` (default: :attr:`rule`) for padded float32 rows."""
-        rule = self.rule if rule is None else rule
-        if rule.kind == "threshold":
-            return sphere_eta(rule.value, self.dim, x_padded.norm(dim=1)).to(x_padded.device)
-        value = 1.0 if rule.kind == "isotropic" else rule.value
-        return torch.full((x_padded.shape[0],), value, dtype=torch.float32, device=x_padded.device)
-
     def _encode_padded(self, x: Tensor, rule: AnisotropyRule, codebooks: Optional[Tensor] = None) -> Tensor:
         codebooks = self.codebooks.float() if codebooks is None else codebooks
         if rule.kind == "isotropic":
@@ -278,32 +206,11 @@ class AnisotropicPQ(nn.Module):
             max_rows: learn the codebooks from a seeded random sample of this many rows when
                 ``x`` has more (``None``: all rows). Encoding all rows is ``encode``'s job.
         """
-        self._check_rows(x, "x")
-        if x.shape[0] < self.num_codewords:
-            raise ValueError(
-                f"x has {x.shape[0]} rows but bits={self.bits} needs at least {self.num_codewords} (one per codeword)"
-            )
-        if not isinstance(iters, int) or iters < 0:
-            raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
-        if max_rows is not None and (not isinstance(max_rows, int) or max_rows < self.num_codewords):
-            raise ValueError(f"max_rows must be None or an integer >= {self.num_codewords}, got {max_rows!r}")
-        if queries is not None:
-            self._check_rows(queries, "queries")
-            if queries.shape[0] < 20:
-                raise ValueError(f"queries must have at least 20 rows for calibration, got {queries.shape[0]}")
-            if queries.device != x.device:
-                raise ValueError(f"queries are on {queries.device} but x is on {x.device}")
+        self._check_fit_args(x, queries, iters, max_rows, progress)
         xp = self.pad(x)
-        if self.rule.kind == "threshold":
-            max_norm = float(xp.norm(dim=1).max())
-            if self.rule.value >= max_norm * (1 - 1e-5):  # float32 norms of unit rows
-                raise ValueError(
-                    f"threshold={self.rule.value:g} must be below the largest row norm of x ({max_norm:.4g}); "
-                    "for unit-norm data the threshold must lie in (0, 1)"
-                )
         generator = torch.Generator().manual_seed(self.seed)
         if max_rows is not None:
-            xp = _sample_rows(xp, max_rows, generator)
+            xp = sample_rows(xp, max_rows, generator)
         rules = candidate_rules(self.rule) if queries is not None else [self.rule]
         # with calibration: the isotropic fit, a few rounds per candidate, then the winner's rest
         total = self.kmeans_iters + iters
@@ -312,7 +219,7 @@ class AnisotropicPQ(nn.Module):
         self.fit_seconds = {}
         with tqdm(total=total, desc="AnisotropicPQ.fit", disable=not progress, leave=False) as bar:
             bar.set_postfix_str("k-means", refresh=False)
-            sample = _sample_rows(xp, KMEANS_POINTS_PER_CODEWORD * self.num_codewords, generator)
+            sample = sample_rows(xp, KMEANS_POINTS_PER_CODEWORD * self.num_codewords, generator)
             with self._phase("k-means"):
                 start = subspace_kmeans(
                     sample, self.num_subspaces, self.num_codewords, self.kmeans_iters, generator, lambda: bar.update(1)
@@ -342,7 +249,7 @@ class AnisotropicPQ(nn.Module):
         qp = self.pad(queries)[torch.randperm(queries.shape[0], generator=generator).to(queries.device)]
         half = min(CALIBRATION_QUERIES, qp.shape[0] // 2)
         select, check = qp[:half], qp[half : 2 * half]
-        sub = _sample_rows(xp, CALIBRATION_ROWS, generator)
+        sub = sample_rows(xp, CALIBRATION_ROWS, generator)
         with self._phase("calibration scoring"):
             select_truth, check_truth = exact_top(select, sub), exact_top(check, sub)
 
@@ -406,49 +313,9 @@ class AnisotropicPQ(nn.Module):
         lut = ops.compute_lut(self.pad(q.reshape(-1, self.dim)), self.codebooks.float())
         return lut.reshape(lead + lut.shape[1:])
 
-    def pack(self, codes: Tensor) -> Tensor:
-        """Codes in the blocked layout of the scan kernels (:func:`torchaq.ops.pack_codes`)."""
-        return ops.pack_codes(self._check_codes(codes).to(torch.uint8).contiguous(), self.bits)
-
-    def score(self, q: Tensor, codes: Tensor) -> Tensor:
-        """Approximate inner products ``sum_m LUT[b, m, codes[n, m]] = <q, decode(codes)[n]>``: ``(B, N)`` float32."""
-        if q.dim() != 2:
-            raise ValueError(f"q must be (B, dim={self.dim}), got shape {tuple(q.shape)}")
-        lut = self.lut(q)
-        return ops.lut_score(lut, self.pack(codes.to(lut.device)), codes.shape[0])
-
     # ---------------------------------------------------------------------------------------
     # nn.Module plumbing
     # ---------------------------------------------------------------------------------------
-    def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() / .bfloat16() cast floating buffers: the codebooks stay float32 (a
-        # bfloat16 round trip moves every codeword and changes top-k results); devices still move
-        codebooks = self.codebooks
-        super()._apply(fn, recurse)
-        if self.codebooks.dtype != torch.float32:
-            self.codebooks = codebooks.to(device=self.codebooks.device, dtype=torch.float32)
-        return self
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        old_flag = state_dict.pop(prefix + "fitted", None)  # a buffer in state dicts of earlier versions
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if old_flag is not None:
-            self.fitted = bool(old_flag)
-
-    def get_extra_state(self) -> dict:
-        return {
-            "fitted": self.fitted,
-            "rule": (self.rule.kind, self.rule.value),
-            "calibration": self.calibration,
-            "fit_dtype": str(self._fit_dtype).replace("torch.", ""),
-        }
-
-    def set_extra_state(self, state: dict) -> None:
-        self.fitted = bool(state.get("fitted", True))
-        self.rule = AnisotropyRule(*state["rule"])
-        self.calibration = state["calibration"]
-        self._fit_dtype = getattr(torch, state["fit_dtype"])
-
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_subspaces={self.num_subspaces}, bits={self.bits}, rule={self.rule}, "
