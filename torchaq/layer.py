@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from . import ops
 from ._checks import check_features
 from .quantizer import AnisotropicPQ
-from .rescore import exact_logits
 from .sampled_softmax import layer_sampled_softmax_loss
 
 # Default number of LUT candidates re-scored exactly, as a function of k: enough that the exact
@@ -147,13 +146,15 @@ class QuantizedSoftmax(nn.Module):
         return F.linear(h, self.weight, self.bias)
 
     def candidate_logits(
-        self, h: Tensor, candidates: Optional[int] = None, k: int = 1
+        self, h: Tensor, candidates: Optional[int] = None, k: int = 1, keep: Optional[int] = None
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """LUT scan for the best classes of each row of ``h``, then their exact logits.
 
-        Returns ``(logits, classes, lut)``: float32 and int64 ``(B, C)`` for the flattened ``h``,
-        sorted by exact logit (best first), and the ``(B, M, K)`` lookup tables. ``C`` is
-        ``candidates``, else the layer's ``candidates``, else :func:`default_candidates`.
+        Returns ``(logits, classes, lut)``: float32 and int64 ``(B, keep)`` for the flattened
+        ``h``, the best ``keep`` (default: all ``C``) of the ``C`` candidates by exact logit, best
+        first, and the ``(B, M, K)`` lookup tables. ``C`` is ``candidates``, else the layer's
+        ``candidates``, else :func:`default_candidates`. The re-score is
+        :func:`torchaq.ops.rescore_topk` (``B * C * d`` multiply-adds, one read per candidate row).
         """
         flat = self._flat_h(h)
         if candidates is None:
@@ -165,9 +166,9 @@ class QuantizedSoftmax(nn.Module):
         lut = self.quantizer.lut(flat)
         _, classes = ops.lut_topk(lut, self.packed_codes, self.num_classes, candidates, self._bias32())
         bias = None if self.bias is None else self.bias.detach()
-        logits = exact_logits(flat, self.weight.detach(), bias, classes)
-        logits, order = logits.sort(dim=1, descending=True)
-        return logits, classes.gather(1, order), lut
+        keep = classes.shape[1] if keep is None else keep
+        logits, classes = ops.rescore_topk(flat, self.weight.detach(), bias, classes, keep)
+        return logits, classes, lut
 
     def _bias32(self) -> Optional[Tensor]:
         return None if self.bias is None else self.bias.detach().float()
@@ -180,9 +181,9 @@ class QuantizedSoftmax(nn.Module):
         :func:`default_candidates`) -> exact logits of those rows (bias included) -> top-``k``.
         """
         self._check_k(k)
-        logits, classes, _ = self.candidate_logits(h, candidates, k)
+        logits, classes, _ = self.candidate_logits(h, candidates, k, keep=k)
         lead = h.shape[:-1]
-        return logits[:, :k].reshape(lead + (k,)), classes[:, :k].reshape(lead + (k,))
+        return logits.reshape(lead + (k,)), classes.reshape(lead + (k,))
 
     @torch.no_grad()
     def log_softmax_topk(self, h: Tensor, k: int = 10, candidates: Optional[int] = None) -> Tuple[Tensor, Tensor]:

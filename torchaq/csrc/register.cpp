@@ -7,12 +7,14 @@
 
 #include <atomic>
 
+#include "rescore.h"
 #include "scan.h"
 
 TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("compute_lut", &torchaq::cpu::compute_lut_cpu);
   m.impl("lut_topk", &torchaq::cpu::lut_topk_cpu);
   m.impl("lut_score", &torchaq::cpu::lut_score_cpu);
+  m.impl("rescore_topk", &torchaq::cpu::rescore_topk_cpu);
 }
 
 namespace {
