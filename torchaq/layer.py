@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import _backends, ops
 from ._checks import check_features
 from .quantizer import AnisotropicPQ
 from .sampled_softmax import layer_sampled_softmax_loss
@@ -128,11 +128,11 @@ class QuantizedSoftmax(nn.Module):
     # ---------------------------------------------------------------------------------------
     # argument checks
     # ---------------------------------------------------------------------------------------
-    def _flat_h(self, h: Tensor, name: str = "h") -> Tensor:
+    def _flat_h(self, h: Tensor, name: str = "h", finite: bool = True) -> Tensor:
         check_features(h, self.dim, name, self.weight.device, "layer")
-        if not torch.compiler.is_compiling() and h.numel() and not bool(torch.isfinite(h).all()):
+        if finite and not torch.compiler.is_compiling() and h.numel() and not bool(torch.isfinite(h).all()):
             raise ValueError(f"{name} contains NaN or Inf")
-        return h.reshape(-1, self.dim)
+        return h if h.dim() == 2 else h.reshape(-1, self.dim)
 
     def _check_k(self, k: int, name: str = "k") -> None:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_classes:
@@ -156,15 +156,25 @@ class QuantizedSoftmax(nn.Module):
         ``candidates``, else :func:`default_candidates`. The re-score is
         :func:`torchaq.ops.rescore_topk` (``B * C * d`` multiply-adds, one read per candidate row).
         """
-        flat = self._flat_h(h)
+        # the C++ scan refuses a non-finite LUT in the same pass that quantizes it, which covers a
+        # non-finite h for free (no separate pass over h, which costs as much as the re-score at batch 1)
+        scan_checks = h.device.type == "cpu" and _backends.CPU_EXTENSION_LOADED
+        flat = self._flat_h(h, finite=not scan_checks)
         if candidates is None:
             candidates = self.candidates or default_candidates(k, self.num_classes)
             candidates = min(candidates, self.num_classes)
         self._check_k(candidates, "candidates")
         if candidates < k:
             raise ValueError(f"candidates={candidates} must be >= k={k}")
-        lut = self.quantizer.lut(flat)
-        _, classes = ops.lut_topk(lut, self.packed_codes, self.num_classes, candidates, self._bias32())
+        q = self.quantizer
+        q._check_fitted()
+        lut = ops.compute_lut(q.pad(flat), q.codebooks.float())  # q.lut(flat) without its re-checks
+        try:
+            _, classes = ops.lut_topk(lut, self.packed_codes, self.num_classes, candidates, self._bias32())
+        except ValueError as err:
+            if scan_checks and "finite lut" in str(err):
+                raise ValueError("h contains NaN or Inf (or values so large that its lookup table overflows)") from err
+            raise
         bias = None if self.bias is None else self.bias.detach()
         keep = classes.shape[1] if keep is None else keep
         logits, classes = ops.rescore_topk(flat, self.weight.detach(), bias, classes, keep)
@@ -182,6 +192,8 @@ class QuantizedSoftmax(nn.Module):
         """
         self._check_k(k)
         logits, classes, _ = self.candidate_logits(h, candidates, k, keep=k)
+        if h.dim() == 2:
+            return logits, classes
         lead = h.shape[:-1]
         return logits.reshape(lead + (k,)), classes.reshape(lead + (k,))
 
