@@ -168,16 +168,19 @@ class QuantizedSoftmax(nn.Module):
             raise ValueError(f"candidates={candidates} must be >= k={k}")
         q = self.quantizer
         q._check_fitted()
-        lut = ops.compute_lut(q.pad(flat), q.codebooks.float())  # q.lut(flat) without its re-checks
+        # q.lut(flat) without its re-checks; the op overloads called directly (per-call overhead counts at batch 1)
+        lut = torch.ops.torchaq.compute_lut.default(q.pad(flat), q.codebooks)
+        bias = None if self.bias is None else self.bias.detach()
+        bias32 = None if bias is None or bias.dtype == torch.float32 else bias.float()
         try:
-            _, classes = ops.lut_topk(lut, self.packed_codes, self.num_classes, candidates, self._bias32())
+            _, classes = torch.ops.torchaq.lut_topk.default(lut, self.packed_codes, self.num_classes, candidates,
+                                                            bias if bias32 is None else bias32)
         except ValueError as err:
             if scan_checks and "finite lut" in str(err):
                 raise ValueError("h contains NaN or Inf (or values so large that its lookup table overflows)") from err
             raise
-        bias = None if self.bias is None else self.bias.detach()
-        keep = classes.shape[1] if keep is None else keep
-        logits, classes = ops.rescore_topk(flat, self.weight.detach(), bias, classes, keep)
+        keep = candidates if keep is None else keep
+        logits, classes = torch.ops.torchaq.rescore_topk.default(flat, self.weight.detach(), bias, classes, keep)
         return logits, classes, lut
 
     def _bias32(self) -> Optional[Tensor]:
