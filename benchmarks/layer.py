@@ -78,15 +78,16 @@ def _key(table: torch.Tensor, fit_q: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def fitted_layer(table: torch.Tensor, fit_q: torch.Tensor, refit: bool = False):
-    """The default layer on ``table`` calibrated on ``fit_q``; ``(layer, fit seconds or None if cached)``."""
-    file = CACHE / f"layer_minilm_{_key(table, fit_q)}.pt"
+def fitted_layer(table: torch.Tensor, fit_q: torch.Tensor, refit: bool = False, calibrate: bool = True):
+    """The default layer on ``table`` (calibrated on ``fit_q`` unless ``calibrate=False``: then the
+    isotropic fit of a layer built without queries); ``(layer, fit seconds or None if cached)``."""
+    file = CACHE / f"layer_minilm_{_key(table, fit_q)}{'' if calibrate else '_isotropic'}.pt"
     if file.is_file() and not refit:
         layer = torchaq.QuantizedSoftmax(table, fit=False, progress=False)
         layer.load_state_dict(torch.load(file, weights_only=False))
         return layer.eval(), None
     start = time.perf_counter()
-    layer = torchaq.QuantizedSoftmax(table, queries=fit_q, progress=True).eval()
+    layer = torchaq.QuantizedSoftmax(table, queries=fit_q if calibrate else None, progress=True).eval()
     fit_s = time.perf_counter() - start
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(layer.state_dict(), file)
@@ -298,6 +299,8 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1 and 64, 1 thread, no curve (smoke test)")
     parser.add_argument("--refit", action="store_true", help="fit the layer again instead of loading the cache")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="fit the layer without calibration queries (isotropic; a much shorter fit)")
     parser.add_argument("--queries", type=int, default=8000, help="real hidden states to load (half fit, half eval)")
     parser.add_argument("--out", default=str(RESULTS / "layer.txt"), help="results file ('' to print only)")
     args = parser.parse_args(argv)
@@ -310,14 +313,14 @@ def main(argv=None) -> str:
     table, queries = load_minilm(num_queries=args.queries, seed=0)
     fit_q, eval_q = split(queries, 0.5)
     eval_q = eval_q[:EVAL_QUERIES].contiguous()
-    layer, fit_s = fitted_layer(table, fit_q, args.refit)
+    layer, fit_s = fitted_layer(table, fit_q, args.refit, not args.no_calibrate)
     q = layer.quantizer
     index = faiss_index(table, q.num_subspaces) if faiss is not None else None
     batches, threads, min_run = ((1, 64), (1,), 0.2) if args.quick else (BATCHES, (1, 2), 0.5)
 
     qual, true10 = quality(layer, eval_q, index)
     rows = sweep(layer, eval_q, index, threads, batches, min_run)
-    prof = profile(layer, eval_q, batches, min_run)
+    prof = profile(layer, eval_q, batches, 0.3 if not args.quick else 0.1)
     points = [] if args.quick else curve(layer, eval_q, true10, index, CURVE_BATCHES, 0.3)
     torch.set_num_threads(threads0)
 
@@ -327,7 +330,8 @@ def main(argv=None) -> str:
         "",
         f"MiniLM vocab (real hidden states, {eval_q.shape[0]} held-out queries): V = {layer.num_classes}, "
         f"d = {layer.dim}, {q.bits}-bit x {q.num_subspaces} subspaces = {q.bits * q.num_subspaces} bits/class, "
-        f"rule {q.rule}, topk(k={K}) re-scores {cands} candidates; "
+        f"rule {q.rule}{' (fitted without calibration queries: --no-calibrate)' if args.no_calibrate else ''}, "
+        f"topk(k={K}) re-scores {cands} candidates; "
         + (f"fit {fit_s:.1f} s" if fit_s is not None else "fitted layer loaded from benchmarks/.cache"),
         "",
         "## Quality",
