@@ -19,14 +19,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.utils.benchmark as tbench
 
-import torchaq
-from torchaq import ops
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torchaq  # noqa: E402
+from benchmarks.common import cpu_name, emit, environment, time_call  # noqa: E402
+from torchaq import ops  # noqa: E402
 
 try:
     import faiss
@@ -37,44 +41,15 @@ K_TOP = 100
 BATCHES = (1, 16, 256)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def seconds(fn, min_run_time: float, cpu_time: bool) -> float:
-    """Seconds per call, the fastest of several blocks of calls.
+    """Seconds per call, the fastest of several blocks of calls (``benchmarks.common.time_call``).
 
     The machines this runs on are often shared, and other processes inflate wall-clock times
     (never deflate them): hence the fastest block, and for single-thread rows the CPU time of the
-    calling thread (``time.thread_time``; FAISS with one OpenMP thread and torch with one
-    intra-op thread compute on the calling thread). Rows with all threads need wall-clock time:
-    ``torch.utils.benchmark.Timer.blocked_autorange``.
+    calling thread (FAISS with one OpenMP thread and torch with one intra-op thread compute on the
+    calling thread). Rows with all threads need wall-clock time.
     """
-    fn()  # warm-up
-    if not cpu_time:
-        t = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        return min(t.blocked_autorange(min_run_time=min_run_time).times)
-    clock = time.thread_time
-    n, t0 = 1, clock()
-    fn()
-    one = max(clock() - t0, 1e-6)
-    n = max(1, int(0.02 / one))  # blocks of ~20 ms
-    best, spent = float("inf"), 0.0
-    while spent < min_run_time:
-        t0 = clock()
-        for _ in range(n):
-            fn()
-        dt = clock() - t0
-        spent += dt
-        best = min(best, dt / n)
-    return best
+    return time_call(fn, min_run_time=min_run_time, cpu_time=cpu_time).best
 
 
 def recall_at_10(found: np.ndarray, exact: np.ndarray) -> float:
@@ -166,8 +141,8 @@ def main() -> None:
 
     lines = [
         "torchaq CPU LUT scan benchmark (top-k = %d, 4-bit PQ codes, inner product, random gaussian data)" % K_TOP,
-        f"cpu: {cpu_name()} ({all_threads} logical cores), torchaq kernels: {_C.cpu_isa()}",
-        f"torch {torch.__version__}, faiss {faiss.__version__}, numpy {np.__version__}, "
+        environment(f"torchaq kernels: {_C.cpu_isa()}"),
+        f"cpu: {cpu_name()} ({all_threads} logical cores), faiss {faiss.__version__}, numpy {np.__version__}, "
         f"python {platform.python_version()}, torch cpu capability {torch.backends.cpu.get_cpu_capability()}",
         "torchaq time includes compute_lut; 'vs faiss' / 'vs dense' = speed-up of torchaq; "
         "R@10 = recall@10 vs the exact float LUT scores of the same codes (64 queries); "
@@ -180,11 +155,8 @@ def main() -> None:
         run_config(name, V, d, M, threads, BATCHES, min_run_time, train_n, rows)
     table = "\n".join(lines + ["", HEADER, "-" * len(HEADER)] + [fmt_row(r) for r in rows])
     table += f"\n\ntotal benchmark time {time.perf_counter() - t0:.0f} s"
-    print("\n" + table)
-    if not args.quick:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    print()
+    emit(table, None if args.quick else args.out)
 
 
 if __name__ == "__main__":

@@ -1,134 +1,361 @@
-"""QuantizedSoftmax vs the exact nn.Linear + torch.topk: latency, recall, sampling, log-partition.
+"""QuantizedSoftmax.topk vs nn.Linear + torch.topk and FAISS fast-scan + exact re-rank: a batch sweep.
 
 Real data: the MiniLM vocabulary table (30522 x 384) with real hidden states of real text
-(``benchmarks/real_data.py``); half of the hidden states calibrate the quantizer, the other
-half evaluate it. ``--large`` adds a synthetic V = 256k, d = 1024 layer (timing; its recall on
-random Gaussian rows is a worst case, not a target).
+(``benchmarks/real_data.py``); half of the hidden states calibrate the quantizer, the other half
+evaluate it. The layer is the default one (d / 2 = 192 subspaces of 4 bits = 768 bits per class,
+default candidates). One run prints, and writes to ``benchmarks/results/layer.txt``:
 
-    python benchmarks/layer.py            # the real-data table (also what `make demo` prints)
-    python benchmarks/layer.py --large    # plus V = 256k, d = 1024
+1. quality: recall@1 / recall@10 of ``topk(k=10)`` against the exact top-10, the total-variation
+   distance between torchaq's and exact top-50 sampling (exact, from the logits), and the error of
+   ``log Z`` from ``log_softmax_topk``;
+2. the batch sweep (batch 1 / 16 / 64 / 256, 1 and 2 threads): ``nn.Linear`` + ``topk``, torchaq
+   ``topk``, and FAISS ``IndexPQFastScan`` at the same bits (M = 192, 4-bit, trained by FAISS on
+   the same table) searching 100 candidates, re-ranked by the same exact re-score
+   (:func:`torchaq.ops.rescore_topk`), with the speed-up of torchaq over each;
+3. where the time of ``topk`` goes, per batch size (1 thread): input checks, LUT, scan with the
+   top-C selection (and that selection alone, estimated as scan(top-C) - scan(top-1)), the fused
+   exact re-score + top-k, the rest (Python and dispatch); and, for comparison, the re-score path
+   it replaced (gather of the rows, batched mat-vec, sort);
+4. queries/s vs recall@10 (1 thread, batch 1 and 64) while the number of candidates varies, for
+   torchaq, FAISS + re-rank and the dense layer, as ann-benchmarks plots it; drawn to
+   ``benchmarks/results/layer.png`` when matplotlib is installed.
 
-Columns: latency of ``topk(k=10)`` at batch 1 and 64 (median, torch.utils.benchmark), recall@1
-(top-1 agreement) and recall@10 against the exact top-10, the total-variation distance between
-torchaq's and exact top-50 sampling distributions (computed exactly from the logits, mean over
-queries), and the mean / max absolute error of ``log Z`` from ``log_softmax_topk``.
+The fitted layer is cached under ``benchmarks/.cache/`` (keyed by the data and the quantizer's
+source files; ``--refit`` ignores it): the fit takes minutes on a busy machine and is not timed
+here (``benchmarks/results/fit_timing.txt`` is). Times: median of blocks; 1-thread rows use the
+CPU time of the calling thread (robust to other processes on a shared machine), 2-thread rows
+wall clock.
+
+    python benchmarks/layer.py              # everything above, a few minutes
+    python benchmarks/layer.py --quick      # batch 1 and 64, 1 thread, no curve (smoke test)
 """
 from __future__ import annotations
 
 import argparse
-import platform
+import hashlib
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torchaq  # noqa: E402
-from benchmarks.report import emit  # noqa: E402
-from torchaq import _backends  # noqa: E402
+from benchmarks.common import RESULTS, emit, environment, markdown_table, time_call  # noqa: E402
+from torchaq import ops  # noqa: E402
+from torchaq.rescore import exact_logits  # noqa: E402
 
+try:
+    import faiss
+except ImportError:  # the bench extra is not installed
+    faiss = None
+
+K = 10
 SAMPLE_K = 50
+FAISS_CANDIDATES = 100
+BATCHES = (1, 16, 64, 256)
+CURVE_BATCHES = (1, 64)
+CURVE_CANDIDATES = (16, 32, 64, 128, 256, 512)
+EVAL_QUERIES = 2000
+CACHE = ROOT / "benchmarks" / ".cache"
+_FIT_SOURCES = ("quantizer.py", "encode.py", "codebook_update.py", "kmeans.py", "calibrate.py", "loss.py", "layer.py")
 
 
-def median_ms(fn) -> float:
-    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5).median * 1e3
+# ---------------------------------------------------------------------------------------------
+# the layer (fitted once, cached)
+# ---------------------------------------------------------------------------------------------
+def _key(table: torch.Tensor, fit_q: torch.Tensor) -> str:
+    h = hashlib.sha1()
+    for t in (table, fit_q):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes()[: 1 << 20])
+        h.update(f"{float(t.double().sum()):.6e}".encode())
+    for name in _FIT_SOURCES:
+        h.update((ROOT / "torchaq" / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
-def exact_topk(h, weight, bias, k):
-    return torch.topk(F.linear(h, weight, bias), k, dim=-1)
+def fitted_layer(table: torch.Tensor, fit_q: torch.Tensor, refit: bool = False, calibrate: bool = True):
+    """The default layer on ``table`` (calibrated on ``fit_q`` unless ``calibrate=False``: then the
+    isotropic fit of a layer built without queries); ``(layer, fit seconds or None if cached)``."""
+    file = CACHE / f"layer_minilm_{_key(table, fit_q)}{'' if calibrate else '_isotropic'}.pt"
+    if file.is_file() and not refit:
+        layer = torchaq.QuantizedSoftmax(table, fit=False, progress=False)
+        layer.load_state_dict(torch.load(file, weights_only=False))
+        return layer.eval(), None
+    start = time.perf_counter()
+    layer = torchaq.QuantizedSoftmax(table, queries=fit_q if calibrate else None, progress=True).eval()
+    fit_s = time.perf_counter() - start
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save(layer.state_dict(), file)
+    return layer, fit_s
 
 
+def faiss_index(table: torch.Tensor, num_subspaces: int):
+    """FAISS fast-scan PQ at the layer's bits (M subspaces x 4 bits), inner product, trained on the table."""
+    index = faiss.IndexPQFastScan(table.shape[1], num_subspaces, 4, faiss.METRIC_INNER_PRODUCT)
+    index.train(table.numpy())
+    index.add(table.numpy())
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# the three top-k methods
+# ---------------------------------------------------------------------------------------------
+def dense_topk(h, weight, k=K):
+    return torch.topk(F.linear(h, weight), k, dim=-1)
+
+
+def faiss_topk(index, weight, h, k=K, candidates=FAISS_CANDIDATES):
+    """FAISS fast-scan for ``candidates`` classes, then the exact re-score + top-k torchaq uses."""
+    _, ids = index.search(h.numpy(), candidates)
+    return ops.rescore_topk(h, weight, None, torch.from_numpy(ids), k)
+
+
+def recall(idx: torch.Tensor, true: torch.Tensor) -> float:
+    """Mean fraction of the exact top-k (``true``) found in ``idx``."""
+    return (true.unsqueeze(2) == idx.unsqueeze(1)).any(2).float().mean().item()
+
+
+def batched(fn, queries, batch=256):
+    return torch.cat([fn(queries[i : i + batch]) for i in range(0, queries.shape[0], batch)])
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. quality
+# ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def measure(layer: torchaq.QuantizedSoftmax, queries: torch.Tensor, k: int = 10) -> dict:
-    """Quality and speed of ``layer`` against the dense layer on ``queries`` (``(B, d)``)."""
-    weight, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
-    logits = F.linear(queries, weight, bias)
+def quality(layer, queries, index=None):
+    weight = layer.weight.detach()
+    logits = F.linear(queries, weight)
     true = logits.topk(SAMPLE_K, dim=1)
-    _, idx = layer.topk(queries, k=k)
-    recall1 = (idx[:, 0] == true.indices[:, 0]).float().mean().item()
-    recall10 = (true.indices[:, :k].unsqueeze(2) == idx.unsqueeze(1)).any(2).float().mean().item()
-
-    # top-50 sampling distributions, exactly: p over the true top-50, q over torchaq's top-50
+    idx = batched(lambda q: layer.topk(q, k=K)[1], queries)
+    out = dict(recall1=(idx[:, 0] == true.indices[:, 0]).float().mean().item(), recall10=recall(idx, true.indices[:, :K]))
     vals50, idx50 = layer.topk(queries, k=SAMPLE_K)
     p = torch.zeros_like(logits).scatter_(1, true.indices, true.values.softmax(1))
     q = torch.zeros_like(logits).scatter_(1, idx50, vals50.softmax(1))
     tv = 0.5 * (p - q).abs().sum(1)
-
     logp, idx1 = layer.log_softmax_topk(queries, k=1)
-    log_z_err = (logp[:, 0] - torch.log_softmax(logits, 1).gather(1, idx1)[:, 0]).abs()
-
-    out = dict(recall1=recall1, recall10=recall10, tv=tv.mean().item(), tv_max=tv.max().item(),
-               logz_mean=log_z_err.mean().item(), logz_max=log_z_err.max().item())
-    for batch in (1, 64):
-        h = queries[:batch].contiguous()
-        out[f"exact_ms_{batch}"] = median_ms(lambda: exact_topk(h, weight, bias, k))
-        out[f"torchaq_ms_{batch}"] = median_ms(lambda: layer.topk(h, k=k))
-    return out
+    err = (logp[:, 0] - torch.log_softmax(logits, 1).gather(1, idx1)[:, 0]).abs()
+    out.update(tv=tv.mean().item(), tv_max=tv.max().item(), logz_mean=err.mean().item(), logz_max=err.max().item())
+    if index is not None:
+        fidx = batched(lambda q: faiss_topk(index, weight, q)[1], queries)
+        out["faiss_recall10"] = recall(fidx, true.indices[:, :K])
+    return out, true.indices[:, :K]
 
 
-def header() -> str:
-    return (
-        f"device: CPU ({platform.processor() or platform.machine()}), threads={torch.get_num_threads()}, "
-        f"torch {torch.__version__}, C++ scan: {'yes' if _backends.CPU_EXTENSION_LOADED else 'NO (reference)'}"
-    )
+# ---------------------------------------------------------------------------------------------
+# 2. batch sweep
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sweep(layer, queries, index, threads, batches, min_run_time):
+    weight = layer.weight.detach()
+    rows = []
+    for th in threads:
+        torch.set_num_threads(th)
+        if faiss is not None:
+            faiss.omp_set_num_threads(th)
+        for b in batches:
+            h = queries[:b].contiguous()
+            timer = lambda fn: time_call(fn, min_run_time=min_run_time, cpu_time=th == 1).ms  # noqa: E731
+            dense = timer(lambda: dense_topk(h, weight))
+            ours = timer(lambda: layer.topk(h, k=K))
+            fs = timer(lambda: faiss_topk(index, weight, h)) if index is not None else float("nan")
+            rows.append(dict(threads=th, batch=b, dense=dense, ours=ours, faiss=fs))
+            print(f"  sweep threads={th} batch={b}: dense {dense:.3f} ms, torchaq {ours:.3f} ms, faiss {fs:.3f} ms",
+                  flush=True)
+    return rows
 
 
-def table(rows) -> str:
-    lines = [
-        "| data | V | d | bits | M | fit s | exact ms b=1 | torchaq ms b=1 | speed-up b=1 | exact ms b=64 "
-        "| torchaq ms b=64 | speed-up b=64 | recall@1 | recall@10 | TV top-50 (mean/max) | abs logZ err (mean/max) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+def sweep_table(rows) -> str:
+    body = [
+        [r["threads"], r["batch"], f"{r['dense']:.3f}", f"{r['ours']:.3f}", f"{r['faiss']:.3f}",
+         f"{r['batch'] / r['ours'] * 1e3:,.0f}", f"{r['dense'] / r['ours']:.1f}x", f"{r['faiss'] / r['ours']:.2f}x"]
+        for r in rows
     ]
-    for name, layer, fit_s, r in rows:
-        q = layer.quantizer
-        lines.append(
-            f"| {name} | {layer.num_classes} | {layer.dim} | {q.bits} | {q.num_subspaces} | {fit_s:.1f} "
-            f"| {r['exact_ms_1']:.3f} | {r['torchaq_ms_1']:.3f} | {r['exact_ms_1'] / r['torchaq_ms_1']:.1f}x "
-            f"| {r['exact_ms_64']:.3f} | {r['torchaq_ms_64']:.3f} | {r['exact_ms_64'] / r['torchaq_ms_64']:.1f}x "
-            f"| {r['recall1']:.4f} | {r['recall10']:.4f} | {r['tv']:.4f} / {r['tv_max']:.3f} "
-            f"| {r['logz_mean']:.2e} / {r['logz_max']:.2e} |"
+    return markdown_table(
+        ["threads", "batch", "nn.Linear+topk ms", "torchaq topk ms", f"FAISS fast-scan+re-rank {FAISS_CANDIDATES} ms",
+         "torchaq queries/s", "vs dense", "vs FAISS"], body)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. where the time goes
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def profile(layer, queries, batches, min_run_time):
+    torch.set_num_threads(1)
+    weight, packed, n = layer.weight.detach(), layer.packed_codes, layer.num_classes
+    c = torchaq.layer.default_candidates(K, n) if layer.candidates is None else layer.candidates
+    timer = lambda fn: time_call(fn, min_run_time=min_run_time, cpu_time=True).ms  # noqa: E731
+    rows = []
+    for b in batches:
+        h = queries[:b].contiguous()
+        lut = layer.quantizer.lut(h)
+        _, cand = ops.lut_topk(lut, packed, n, c)
+        gathered = weight.index_select(0, cand.reshape(-1)).view(b, c, -1)
+        logits = torch.bmm(gathered, h.unsqueeze(2)).squeeze(2)
+        t = dict(
+            total=timer(lambda: layer.topk(h, k=K)),
+            checks=timer(lambda: layer._flat_h(h)),
+            lut=timer(lambda: layer.quantizer.lut(h)),
+            scan=timer(lambda: ops.lut_topk(lut, packed, n, c)),
+            scan1=timer(lambda: ops.lut_topk(lut, packed, n, 1)),
+            rescore=timer(lambda: ops.rescore_topk(h, weight, None, cand, K)),
+            old_gather=timer(lambda: weight.index_select(0, cand.reshape(-1))),
+            old_bmm=timer(lambda: torch.bmm(gathered, h.unsqueeze(2))),
+            old_sort=timer(lambda: logits.sort(dim=1, descending=True)),
+            old_rescore=timer(lambda: exact_logits(h, weight, None, cand).sort(dim=1, descending=True)),
         )
-    return "\n".join(lines)
+        t["select"] = max(0.0, t["scan"] - t["scan1"])
+        t["rest"] = t["total"] - t["checks"] - t["lut"] - t["scan"] - t["rescore"]
+        rows.append((b, c, t))
+        print(f"  profile batch={b}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()), flush=True)
+    return rows
 
 
-def real_rows(num_queries: int = 8000, progress: bool = True):
-    from benchmarks.real_data import load_minilm, split
-
-    table_w, queries = load_minilm(num_queries=num_queries, seed=0)
-    fit_q, eval_q = split(queries, 0.5)
-    start = time.perf_counter()
-    layer = torchaq.QuantizedSoftmax(table_w, queries=fit_q, progress=progress).eval()
-    fit_s = time.perf_counter() - start
-    return [("MiniLM vocab, real hidden states", layer, fit_s, measure(layer, eval_q[:2000]))]
-
-
-def large_rows(progress: bool = True):
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(262_144, 1024, generator=gen) / 32
-    queries = torch.randn(256, 1024, generator=gen)
-    start = time.perf_counter()
-    layer = torchaq.QuantizedSoftmax(weight, num_subspaces=256, fit_iters=1, progress=progress).eval()
-    fit_s = time.perf_counter() - start
-    return [("synthetic Gaussian (timing)", layer, fit_s, measure(layer, queries))]
+def profile_table(rows) -> str:
+    body = []
+    for b, c, t in rows:
+        pct = lambda x: f"{x:.3f} ({100 * x / t['total']:.0f}%)"  # noqa: E731
+        body.append([b, c, f"{t['total']:.3f}", pct(t["checks"]), pct(t["lut"]), pct(t["scan"]), pct(t["select"]),
+                     pct(t["rescore"]), pct(max(t["rest"], 0.0)),
+                     f"{t['old_gather']:.3f} / {t['old_bmm']:.3f} / {t['old_sort']:.3f} = {t['old_rescore']:.3f}"])
+    return markdown_table(
+        ["batch", "C", "topk ms", "input checks", "LUT", "scan + top-C", "of which top-C selection",
+         "re-score + top-k (fused)", "Python + dispatch", "replaced path: gather / bmm / sort = total ms"], body)
 
 
+# ---------------------------------------------------------------------------------------------
+# 4. queries/s vs recall@10
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def curve(layer, queries, true10, index, batches, min_run_time):
+    torch.set_num_threads(1)
+    if faiss is not None:
+        faiss.omp_set_num_threads(1)
+    weight = layer.weight.detach()
+    points = []  # (method, batch, candidates, recall, queries/s)
+    for c in CURVE_CANDIDATES:
+        methods = [("torchaq", lambda q, c=c: layer.topk(q, k=K, candidates=c)[1])]
+        if index is not None:
+            methods.append(("FAISS fast-scan + re-rank", lambda q, c=c: faiss_topk(index, weight, q, candidates=c)[1]))
+        for name, fn in methods:
+            r = recall(batched(fn, queries), true10)
+            for b in batches:
+                h = queries[:b].contiguous()
+                ms = time_call(lambda: fn(h), min_run_time=min_run_time, cpu_time=True).ms
+                points.append((name, b, c, r, b / ms * 1e3))
+    for b in batches:
+        h = queries[:b].contiguous()
+        ms = time_call(lambda: dense_topk(h, weight), min_run_time=min_run_time, cpu_time=True).ms
+        points.append(("nn.Linear + topk", b, layer.num_classes, 1.0, b / ms * 1e3))
+    return points
+
+
+def curve_table(points) -> str:
+    body = [[name, b, c, f"{r:.4f}", f"{qps:,.0f}"] for name, b, c, r, qps in points]
+    return markdown_table(["method", "batch", "candidates", "recall@10", "queries/s (1 thread)"], body)
+
+
+def plot(points, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install 'torchaq[bench]')")
+        return False
+    batches = sorted({p[1] for p in points})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    styles = {"torchaq": "o-", "FAISS fast-scan + re-rank": "s--", "nn.Linear + topk": "*"}
+    for ax, b in zip(axes[0], batches):
+        for name, style in styles.items():
+            pts = sorted((p for p in points if p[0] == name and p[1] == b), key=lambda p: p[2])
+            if not pts:
+                continue
+            ax.plot([p[3] for p in pts], [p[4] for p in pts], style, label=name, markersize=9 if style == "*" else 5)
+            if name != "nn.Linear + topk":
+                for p in pts:
+                    ax.annotate(str(p[2]), (p[3], p[4]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xlabel("recall@10 (exact top-10 of the dense layer)")
+        ax.set_ylabel("queries / s (1 thread)")
+        ax.set_title(f"MiniLM vocab 30522 x 384, 768 bits, batch {b}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower left", fontsize=8)
+    fig.text(0.5, 0.005, "labels: candidates re-scored exactly", ha="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--large", action="store_true", help="add V = 256k, d = 1024 (several minutes)")
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 64, 1 thread, no curve (smoke test)")
+    parser.add_argument("--refit", action="store_true", help="fit the layer again instead of loading the cache")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="fit the layer without calibration queries (isotropic; a much shorter fit)")
     parser.add_argument("--queries", type=int, default=8000, help="real hidden states to load (half fit, half eval)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "layer.txt"))
+    parser.add_argument("--out", default=str(RESULTS / "layer.txt"), help="results file ('' to print only)")
     args = parser.parse_args(argv)
-    rows = real_rows(args.queries)
-    if args.large:
-        rows += large_rows()
-    text = header() + "\n\n" + table(rows)
-    emit(text, args.out)
-    return text
+    if faiss is None:
+        print("faiss-cpu not installed: no FAISS columns (pip install 'torchaq[bench]')")
+    from benchmarks.real_data import load_minilm, split
+
+    start = time.perf_counter()
+    threads0 = torch.get_num_threads()
+    table, queries = load_minilm(num_queries=args.queries, seed=0)
+    fit_q, eval_q = split(queries, 0.5)
+    eval_q = eval_q[:EVAL_QUERIES].contiguous()
+    layer, fit_s = fitted_layer(table, fit_q, args.refit, not args.no_calibrate)
+    q = layer.quantizer
+    index = faiss_index(table, q.num_subspaces) if faiss is not None else None
+    batches, threads, min_run = ((1, 64), (1,), 0.2) if args.quick else (BATCHES, (1, 2), 0.5)
+
+    qual, true10 = quality(layer, eval_q, index)
+    rows = sweep(layer, eval_q, index, threads, batches, min_run)
+    prof = profile(layer, eval_q, batches, 0.3 if not args.quick else 0.1)
+    points = [] if args.quick else curve(layer, eval_q, true10, index, CURVE_BATCHES, 0.3)
+    torch.set_num_threads(threads0)
+
+    cands = layer.candidates or torchaq.layer.default_candidates(K, layer.num_classes)
+    text = [
+        environment(f"torchaq kernels: {torchaq._C.cpu_isa() if torchaq._backends.CPU_EXTENSION_LOADED else 'reference'}"),
+        "",
+        f"MiniLM vocab (real hidden states, {eval_q.shape[0]} held-out queries): V = {layer.num_classes}, "
+        f"d = {layer.dim}, {q.bits}-bit x {q.num_subspaces} subspaces = {q.bits * q.num_subspaces} bits/class, "
+        f"rule {q.rule}{' (fitted without calibration queries: --no-calibrate)' if args.no_calibrate else ''}, "
+        f"topk(k={K}) re-scores {cands} candidates; "
+        + (f"fit {fit_s:.1f} s" if fit_s is not None else "fitted layer loaded from benchmarks/.cache"),
+        "",
+        "## Quality",
+        markdown_table(
+            ["recall@1", "recall@10", "TV top-50 (mean / max)", "abs log Z err (mean / max)",
+             f"FAISS fast-scan {q.num_subspaces}x4 + re-rank {FAISS_CANDIDATES}: recall@10"],
+            [[f"{qual['recall1']:.4f}", f"{qual['recall10']:.4f}", f"{qual['tv']:.4f} / {qual['tv_max']:.3f}",
+              f"{qual['logz_mean']:.2e} / {qual['logz_max']:.2e}", f"{qual.get('faiss_recall10', float('nan')):.4f}"]]),
+        "",
+        "## Batch sweep: topk(k=10) latency (median; 1 thread: CPU time of the calling thread, 2 threads: wall clock)",
+        sweep_table(rows),
+        "",
+        "## Where the time of topk goes (1 thread, ms and share of topk)",
+        profile_table(prof),
+    ]
+    if points:
+        png = Path(args.out).with_suffix(".png") if args.out else None
+        drawn = plot(points, png) if png is not None else False
+        text += ["", f"## queries/s vs recall@10 (1 thread){f' -- plot: {png.relative_to(ROOT)}' if drawn else ''}",
+                 curve_table(points)]
+    text += ["", f"total benchmark time {time.perf_counter() - start:.0f} s"]
+    out = "\n".join(text)
+    emit(out, args.out)
+    return out
 
 
 if __name__ == "__main__":

@@ -197,6 +197,8 @@ def test_torch_compile_topk_and_sample(layer, data):
         (lambda l, h: l.sample(h, temperature=-1.0), "temperature"),
         (lambda l, h: l.sample(h, top_k=0), "top_k"),
         (lambda l, h: l.topk(torch.full_like(h, float("nan"))), "NaN"),
+        (lambda l, h: l.topk(h.index_fill(1, torch.tensor([3]), float("inf"))), "h contains NaN or Inf"),
+        (lambda l, h: l.sample(h.index_fill(1, torch.tensor([3]), float("nan"))), "h contains NaN or Inf"),
         (lambda l, h: l.topk(h.to("meta")), "is on meta but the layer is on cpu"),
         (lambda l, h: l.topk(h.long()), "floating-point"),
     ],

@@ -293,8 +293,12 @@ class AnisotropicAQ(ScoreAwareQuantizer):
         self._check_fitted()
         check_features(q, self.dim, "q", self.codebooks.device, "quantizer")
         lead = q.shape[:-1]
-        lut = self._lut(q.reshape(-1, self.dim), self.codebooks.float())
+        lut = self.lut_unchecked(q.reshape(-1, self.dim))
         return lut.reshape(lead + lut.shape[1:])
+
+    def lut_unchecked(self, q: Tensor) -> Tensor:
+        """:meth:`lut` of ``(B, dim)`` queries without its argument checks (the layer's hot path has checked them)."""
+        return self._lut(q, self.codebooks)
 
     # ---------------------------------------------------------------------------------------
     # nn.Module plumbing

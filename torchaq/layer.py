@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import incremental, ops
+from . import _backends, incremental, ops
 from ._checks import check_features, check_int, check_real, has_data
 from .aq import AnisotropicAQ
 from .quantizer import AnisotropicPQ
-from .rescore import exact_logits
 from .sampled_softmax import layer_sampled_softmax_loss
 
 # Default number of LUT candidates re-scored exactly, as a function of k: enough that the exact
@@ -193,11 +192,11 @@ class QuantizedSoftmax(nn.Module):
     # ---------------------------------------------------------------------------------------
     # argument checks
     # ---------------------------------------------------------------------------------------
-    def _flat_h(self, h: Tensor, name: str = "h") -> Tensor:
+    def _flat_h(self, h: Tensor, name: str = "h", finite: bool = True) -> Tensor:
         check_features(h, self.dim, name, self.weight.device, "layer")
-        if h.numel() and has_data(h) and not bool(torch.isfinite(h).all()):
+        if finite and h.numel() and has_data(h) and not bool(torch.isfinite(h).all()):
             raise ValueError(f"{name} contains NaN or Inf")
-        return h.reshape(-1, self.dim)
+        return h if h.dim() == 2 else h.reshape(-1, self.dim)
 
     def _check_k(self, k: int, name: str = "k") -> int:
         return check_int(k, name, 1, self.num_classes, f"in [1, V={self.num_classes}]")
@@ -210,28 +209,42 @@ class QuantizedSoftmax(nn.Module):
         return F.linear(h, self.weight, self.bias)
 
     def candidate_logits(
-        self, h: Tensor, candidates: Optional[int] = None, k: int = 1
+        self, h: Tensor, candidates: Optional[int] = None, k: int = 1, keep: Optional[int] = None
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """LUT scan for the best classes of each row of ``h``, then their exact logits.
 
-        Returns ``(logits, classes, lut)``: float32 and int64 ``(B, C)`` for the flattened ``h``,
-        sorted by exact logit (best first), and the ``(B, M, K)`` lookup tables. ``C`` is
-        ``candidates``, else the layer's ``candidates``, else :func:`default_candidates`.
+        Returns ``(logits, classes, lut)``: float32 and int64 ``(B, keep)`` for the flattened
+        ``h``, the best ``keep`` (default: all ``C``) of the ``C`` candidates by exact logit, best
+        first, and the ``(B, M, K)`` lookup tables. ``C`` is ``candidates``, else the layer's
+        ``candidates``, else :func:`default_candidates`. The re-score is
+        :func:`torchaq.ops.rescore_topk` (``B * C * d`` multiply-adds, one read per candidate row).
         """
         self._warn_if_stale()
-        flat = self._flat_h(h)
+        # the C++ scan refuses a non-finite LUT in the same pass that quantizes it, which covers a
+        # non-finite h for free (no separate pass over h, which costs as much as the re-score at batch 1)
+        scan_checks = h.device.type == "cpu" and _backends.CPU_EXTENSION_LOADED
+        flat = self._flat_h(h, finite=not scan_checks)
         if candidates is None:
             candidates = self.candidates or default_candidates(k, self.num_classes)
             candidates = min(candidates, self.num_classes)
         candidates = self._check_k(candidates, "candidates")
         if candidates < k:
             raise ValueError(f"candidates={candidates} must be >= k={k}")
-        lut = self.quantizer.lut(flat)
-        _, classes = ops.lut_topk(lut, self.packed_codes, self.num_classes, candidates, self._bias32())
+        self.quantizer._check_fitted()
+        # quantizer.lut(flat) without its re-checks (per-call overhead counts at batch 1)
+        lut = self.quantizer.lut_unchecked(flat)
         bias = None if self.bias is None else self.bias.detach()
-        logits = exact_logits(flat, self.weight.detach(), bias, classes)
-        logits, order = logits.sort(dim=1, descending=True)
-        return logits, classes.gather(1, order), lut
+        bias32 = None if bias is None or bias.dtype == torch.float32 else bias.float()
+        try:
+            _, classes = torch.ops.torchaq.lut_topk.default(lut, self.packed_codes, self.num_classes, candidates,
+                                                            bias if bias32 is None else bias32)
+        except ValueError as err:
+            if scan_checks and "finite lut" in str(err):
+                raise ValueError("h contains NaN or Inf (or values so large that its lookup table overflows)") from err
+            raise
+        keep = candidates if keep is None else keep
+        logits, classes = torch.ops.torchaq.rescore_topk.default(flat, self.weight.detach(), bias, classes, keep)
+        return logits, classes, lut
 
     def _bias32(self) -> Optional[Tensor]:
         return None if self.bias is None else self.bias.detach().float()
@@ -244,9 +257,11 @@ class QuantizedSoftmax(nn.Module):
         :func:`default_candidates`) -> exact logits of those rows (bias included) -> top-``k``.
         """
         k = self._check_k(k)
-        logits, classes, _ = self.candidate_logits(h, candidates, k)
+        logits, classes, _ = self.candidate_logits(h, candidates, k, keep=k)
+        if h.dim() == 2:
+            return logits, classes
         lead = h.shape[:-1]
-        return logits[:, :k].reshape(lead + (k,)), classes[:, :k].reshape(lead + (k,))
+        return logits.reshape(lead + (k,)), classes.reshape(lead + (k,))
 
     @torch.no_grad()
     def log_softmax_topk(self, h: Tensor, k: int = 10, candidates: Optional[int] = None) -> Tuple[Tensor, Tensor]:

@@ -41,6 +41,8 @@ from .layout import (  # noqa: F401
     packed_width,
 )
 
+from .rescore import exact_logits
+
 _LIB = torch.library.Library("torchaq", "DEF")
 _LIB.define("compute_lut(Tensor queries, Tensor codebooks) -> Tensor")
 _LIB.define("pack_codes(Tensor codes, int bits) -> Tensor")
@@ -53,6 +55,7 @@ _LIB.define(
     "aq_encode(Tensor x, Tensor codebooks, Tensor codes, Tensor eta, Tensor perturb, int icm_iters, bool greedy)"
     " -> Tensor"
 )
+_LIB.define("rescore_topk(Tensor h, Tensor weight, Tensor? bias, Tensor candidates, int k) -> (Tensor, Tensor)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +218,62 @@ def aq_encode(
 
 
 # --------------------------------------------------------------------------------------------
+# rescore_topk: exact logits of per-row candidate classes, best k first
+# --------------------------------------------------------------------------------------------
+def _check_rescore(h: Tensor, weight: Tensor, bias: Optional[Tensor], candidates: Tensor, k: int) -> None:
+    if h.dim() != 2:
+        raise ValueError(f"h must be (B, d), got shape {tuple(h.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, d), got shape {tuple(weight.shape)}")
+    if not h.is_floating_point() or not weight.is_floating_point():
+        raise TypeError(f"h and weight must be floating point, got {h.dtype}, {weight.dtype}")
+    if h.shape[1] != weight.shape[1]:
+        raise ValueError(f"h has d = {h.shape[1]} but weight has d = {weight.shape[1]}")
+    if candidates.dim() != 2 or candidates.shape[0] != h.shape[0]:
+        raise ValueError(f"candidates must be (B, C) with B = {h.shape[0]}, got shape {tuple(candidates.shape)}")
+    if candidates.dtype != torch.int64:
+        raise TypeError(f"candidates must be int64, got {candidates.dtype}")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be floating point, got {bias.dtype}")
+    for name, t in (("weight", weight), ("candidates", candidates), ("bias", bias)):
+        if t is not None and t.device != h.device:
+            raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
+    check_k(k)
+
+
+@torch.library.register_fake("torchaq::rescore_topk")
+def _rescore_topk_fake(
+    h: Tensor, weight: Tensor, bias: Optional[Tensor], candidates: Tensor, k: int
+) -> Tuple[Tensor, Tensor]:
+    _check_rescore(h, weight, bias, candidates, k)
+    kk = min(k, candidates.shape[1])
+    return h.new_empty((h.shape[0], kk), dtype=torch.float32), candidates.new_empty((h.shape[0], kk))
+
+
+@torch.library.impl(_LIB, "rescore_topk", "CompositeExplicitAutograd")
+def _rescore_topk_ref(
+    h: Tensor, weight: Tensor, bias: Optional[Tensor], candidates: Tensor, k: int
+) -> Tuple[Tensor, Tensor]:
+    _check_rescore(h, weight, bias, candidates, k)
+    if candidates.numel() and (int(candidates.min()) < 0 or int(candidates.max()) >= weight.shape[0]):
+        raise ValueError(
+            f"candidates must be class ids in [0, {weight.shape[0]}), got values in "
+            f"[{int(candidates.min())}, {int(candidates.max())}]"
+        )
+    kk = min(k, candidates.shape[1])
+    ids = candidates.sort(dim=1).values  # class order: the stable sort below breaks ties by class
+    logits = exact_logits(h, weight, bias, ids)
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    logits = logits.masked_fill(repeat, -math.inf)
+    values, order = logits.sort(dim=1, descending=True, stable=True)
+    return values[:, :kk].contiguous(), ids.gather(1, order[:, :kk]).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
 # Python entry points (what the rest of the package calls)
 # --------------------------------------------------------------------------------------------
 def compute_lut(queries: Tensor, codebooks: Tensor) -> Tensor:
@@ -329,3 +388,18 @@ def anisotropic_encode(x: Tensor, codebooks: Tensor, eta: Tensor, max_rounds: in
     ``O(N M K (dsub + rounds))``.
     """
     return torch.ops.torchaq.anisotropic_encode(x, codebooks, eta, max_rounds)
+
+
+def rescore_topk(
+    h: Tensor, weight: Tensor, bias: Optional[Tensor], candidates: Tensor, k: int
+) -> Tuple[Tensor, Tensor]:
+    """Exact logits of candidate classes, best ``k`` first: ``(values, indices)`` of shape ``(B, min(k, C))``.
+
+    ``logit[b, c] = <h[b], weight[c]> + bias[c]`` (float32) for the ``C`` classes in row ``b`` of
+    ``candidates`` (int64 ``(B, C)``), ranked by logit (descending), ties by class id (ascending);
+    a class repeated in a row counts once (its repeats score ``-inf``). The re-score step after
+    every LUT scan (:meth:`torchaq.QuantizedSoftmax.topk`). Cost: ``B * C * d`` multiply-adds and
+    ``B * C`` row reads; the CPU kernel reads each row once and keeps only the top ``k``, where the
+    reference (:func:`torchaq.rescore.exact_logits` then a sort) gathers a ``(B, C, d)`` block.
+    """
+    return torch.ops.torchaq.rescore_topk(h, weight, bias, candidates, k)

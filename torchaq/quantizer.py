@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import ops
 from ._checks import check_features, check_int
 from .calibrate import AnisotropyRule, candidate_rules, exact_top, retrieval_recall, successive_halving
 from .codebook_update import joint_codebook_update
@@ -310,8 +309,13 @@ class AnisotropicPQ(ScoreAwareQuantizer):
         self._check_fitted()
         check_features(q, self.dim, "q", self.codebooks.device, "quantizer")
         lead = q.shape[:-1]
-        lut = ops.compute_lut(self.pad(q.reshape(-1, self.dim)), self.codebooks.float())
+        lut = self.lut_unchecked(q.reshape(-1, self.dim))
         return lut.reshape(lead + lut.shape[1:])
+
+    def lut_unchecked(self, q: Tensor) -> Tensor:
+        """:meth:`lut` of ``(B, dim)`` queries without its argument checks (the layer's hot path has
+        checked them); the op overload is called directly, as its per-call overhead counts at batch 1."""
+        return torch.ops.torchaq.compute_lut.default(self.pad(q), self.codebooks)
 
     # ---------------------------------------------------------------------------------------
     # nn.Module plumbing

@@ -9,6 +9,7 @@
 
 #include "aq_encode.h"
 #include "encode.h"
+#include "rescore.h"
 #include "scan.h"
 #include "scan_kernels.h"
 
@@ -19,6 +20,7 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("pq_encode", &torchaq::cpu::pq_encode_cpu);
   m.impl("anisotropic_encode", &torchaq::cpu::anisotropic_encode_cpu);
   m.impl("aq_encode", &torchaq::cpu::aq_encode_cpu);
+  m.impl("rescore_topk", &torchaq::cpu::rescore_topk_cpu);
 }
 
 namespace {

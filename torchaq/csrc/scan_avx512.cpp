@@ -187,18 +187,33 @@ void topk4_impl(const Topk4Args& a, const Task& t) {
     return;
   }
   scan_all<kBias, true>(a, t, xt, xstride);
+  uint32_t* sel = a.select + t.id * (a.nblocks + 16);
   for (int64_t q = t.q0; q < t.q1; ++q) {  // pass 2
     TopK& h = t.topk[q - t.q0];
     const float* bm = a.bmax + q * a.nblocks;
-    const float T = block_bound(h, bm + t.blk0, nb, a.select + t.id * (a.nblocks + 16));
+    const float T = block_bound(h, bm + t.blk0, nb, sel);
     const uint8_t* x = xt + (q - t.q0) * xstride;
+    // List the blocks to revisit without a branch per block (sel is free again after
+    // block_bound), then revisit them with their kept sums requested kAhead blocks early: at
+    // large batch the sums of pass 1 have left the cache by now, and a branch per block would
+    // leave one miss at a time in flight.
+    int64_t n = 0;
     for (int64_t blk = t.blk0; blk < t.blk1; ++blk) {
-      const int64_t base = blk * kBlock;
-      if (!(bm[blk] >= T) && base + kBlock <= a.num_classes) continue;
+      sel[n] = uint32_t(blk);
+      n += (bm[blk] >= T) | (blk * kBlock + kBlock > a.num_classes);
+    }
+    constexpr int64_t kAhead = 8;
+    const uint16_t* qsums = a.bsums != nullptr ? a.bsums + q * a.nblocks * kBlock : nullptr;
+    if (qsums != nullptr)
+      for (int64_t i = 0; i < n && i < kAhead; ++i) _mm_prefetch(reinterpret_cast<const char*>(qsums + sel[i] * kBlock), _MM_HINT_T0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t blk = sel[i], base = blk * kBlock;
       __m256i even, odd;
       __m512 ke, ko;
-      if (a.bsums != nullptr) {
-        load_sums(a.bsums + (q * a.nblocks + blk) * kBlock, &even, &odd);
+      if (qsums != nullptr) {
+        if (i + kAhead < n)
+          _mm_prefetch(reinterpret_cast<const char*>(qsums + sel[i + kAhead] * kBlock), _MM_HINT_T0);
+        load_sums(qsums + blk * kBlock, &even, &odd);
       } else {
         block_sums<1>(a.packed + blk * P * kBlock, P, x, xstride, &even, &odd);
       }
