@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from . import outliers
 from ._checks import check_features
+from .partition import log_partition
 from .quantizer import AnisotropicPQ
 from .rescore import exact_logits
 from .sampled_softmax import layer_sampled_softmax_loss
@@ -41,6 +43,13 @@ class QuantizedSoftmax(nn.Module):
     packed codes as buffers; ``state_dict`` round-trips. After an optimiser step moves the
     weights, :meth:`refresh` re-encodes the rows against the current codebooks
     (``refresh(refit=True)`` re-learns them).
+
+    Rows the codes cannot represent (a huge norm, a residual far above the rest: special tokens)
+    are kept in an exact side list, the ``side_rows`` buffer, chosen at fit and at every refresh
+    by :func:`torchaq.outliers.select_side_rows` (its docstring says how, and what it costs):
+    they are scored exactly for every query and merged into the candidates of :meth:`topk`,
+    :meth:`sample`, :meth:`log_softmax_topk` and the sampled softmax's hard set; the scan never
+    ranks them. ``residual_norms`` (``|W_i - decode(code_i)|``) backs ``topk(..., guarantee="bound")``.
 
     Args:
         weight: ``(V, d)`` weight (an ``nn.Parameter`` is kept as is, e.g. a tied embedding).
@@ -95,6 +104,7 @@ class QuantizedSoftmax(nn.Module):
             "packed_codes",
             torch.zeros(((num_classes + ops.BLOCK - 1) // ops.BLOCK, width, ops.BLOCK), dtype=torch.uint8, device=weight.device),
         )
+        self._init_side_rows()
         self._fit_iters, self._progress = fit_iters, progress
         if fit:
             self.refresh(refit=True, queries=queries)
@@ -122,8 +132,10 @@ class QuantizedSoftmax(nn.Module):
         if refit:
             if queries is not None:
                 queries = self._flat_h(queries, "queries")
-            self.quantizer.fit(weight, queries=queries, iters=self._fit_iters, progress=self._progress)
+            fit_rows = weight[outliers.fit_rows_mask(weight)]  # huge-norm rows do not shape the codebooks
+            self.quantizer.fit(fit_rows, queries=queries, iters=self._fit_iters, progress=self._progress)
         self.packed_codes = self.quantizer.pack(self.quantizer.encode(weight))
+        self.refresh_side_rows()
         return self
 
     # ---------------------------------------------------------------------------------------
@@ -163,24 +175,96 @@ class QuantizedSoftmax(nn.Module):
         if candidates < k:
             raise ValueError(f"candidates={candidates} must be >= k={k}")
         lut = self.quantizer.lut(flat)
-        _, classes = ops.lut_topk(lut, self.packed_codes, self.num_classes, candidates, self._bias32())
+        scan_k = min(candidates, self.num_classes - self.side_rows.numel())
+        _, classes = ops.lut_topk(lut, self.packed_codes, self.num_classes, scan_k, self._scan_bias())
+        classes = self._with_side_rows(classes)
         bias = None if self.bias is None else self.bias.detach()
         logits = exact_logits(flat, self.weight.detach(), bias, classes)
         logits, order = logits.sort(dim=1, descending=True)
         return logits, classes.gather(1, order), lut
 
+    def _bound_complete(self, h: Tensor, logits: Tensor, classes: Tensor, lut: Tensor, k: int):
+        """``guarantee="bound"``: add every row the residual bound cannot rule out (also returns the counts)."""
+        scores = ops.lut_score(lut, self.packed_codes, self.num_classes, self._bias32())
+        bias = None if self.bias is None else self.bias.detach()
+        return outliers.bound_complete(
+            self._flat_h(h), self.weight.detach(), bias, scores, self.residual_norms, logits, classes, k
+        )
+
     def _bias32(self) -> Optional[Tensor]:
         return None if self.bias is None else self.bias.detach().float()
 
+    # ---------------------------------------------------------------------------------------
+    # the exact side list (torchaq.outliers)
+    # ---------------------------------------------------------------------------------------
+    def _init_side_rows(self) -> None:
+        device = self.weight.device
+        self.register_buffer("side_rows", torch.zeros(0, dtype=torch.int64, device=device))
+        self.register_buffer("residual_norms", torch.full((self.num_classes,), math.inf, device=device))
+        self._scan_bias_cache: Tuple = (None, None)
+
     @torch.no_grad()
-    def topk(self, h: Tensor, k: int = 10, candidates: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    def refresh_side_rows(self, queries: Optional[Tensor] = None) -> Tensor:
+        """Re-choose the exact side list and the residual norms from the current weight and codes.
+
+        :meth:`refresh` calls it (without queries, so that every refresh applies the same rule);
+        optional ``queries`` add the observed-error statistic of
+        :func:`torchaq.outliers.select_side_rows`. Returns ``side_rows``.
+        """
+        weight = self.weight.detach()
+        codes = ops.unpack_codes(self.packed_codes, self.quantizer.num_subspaces, self.quantizer.bits, self.num_classes)
+        recon = self.quantizer.decode(codes, dtype=torch.float32).to(weight.device)
+        queries = None if queries is None else self._flat_h(queries, "queries")
+        self.residual_norms = outliers.residual_norms(weight, recon)
+        self.side_rows = outliers.select_side_rows(weight, recon, queries)
+        return self.side_rows
+
+    def _scan_bias(self) -> Optional[Tensor]:
+        """The bias the LUT scan ranks with: the layer's, side rows pushed to the bottom (cached)."""
+        if self.side_rows.numel() == 0:
+            return self._bias32()
+        key = (self.side_rows.data_ptr(), self.side_rows._version, self.side_rows.device)
+        if self.bias is not None:
+            key += (self.bias.data_ptr(), self.bias._version)
+        if self._scan_bias_cache[0] != key:
+            self._scan_bias_cache = (key, outliers.scan_bias(self.bias, self.side_rows, self.num_classes, self.weight.device))
+        return self._scan_bias_cache[1]
+
+    def _with_side_rows(self, classes: Tensor) -> Tensor:
+        """``(B, C)`` scan candidates -> ``(B, C + S)`` with the side rows appended (the scan never returns them)."""
+        if self.side_rows.numel() == 0:
+            return classes
+        return torch.cat([classes, self.side_rows.to(classes.device).expand(classes.shape[0], -1)], dim=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # the side list's length varies: take the stored one's shape (older checkpoints have none)
+        key = prefix + "side_rows"
+        if key in state_dict:
+            self.side_rows = torch.zeros_like(state_dict[key], device=self.weight.device)
+        else:
+            state_dict[key] = self.side_rows
+        state_dict.setdefault(prefix + "residual_norms", torch.full((self.num_classes,), math.inf))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    @torch.no_grad()
+    def topk(
+        self, h: Tensor, k: int = 10, candidates: Optional[int] = None, guarantee: Optional[str] = None
+    ) -> Tuple[Tensor, Tensor]:
         """Approximate top-``k`` classes with their exact logits: ``(values, indices)`` of shape ``(..., k)``.
 
         LUT scores over all classes -> the ``candidates`` best (default
-        :func:`default_candidates`) -> exact logits of those rows (bias included) -> top-``k``.
+        :func:`default_candidates`) plus the exact side list -> exact logits of those rows (bias
+        included) -> top-``k``. ``guarantee="bound"`` makes the top-``k`` provably exact: every
+        other row whose Cauchy-Schwarz bound ``s_i + |h| |W_i - decode(code_i)|`` reaches the
+        ``k``-th exact logit found is re-scored too (:func:`torchaq.outliers.bound_complete`;
+        costs a float LUT score pass over all ``V`` classes on top).
         """
         self._check_k(k)
-        logits, classes, _ = self.candidate_logits(h, candidates, k)
+        if guarantee not in (None, "bound"):
+            raise ValueError(f'guarantee must be None or "bound", got {guarantee!r}')
+        logits, classes, lut = self.candidate_logits(h, candidates, k)
+        if guarantee == "bound":
+            logits, classes, _ = self._bound_complete(h, logits, classes, lut, k)
         lead = h.shape[:-1]
         return logits[:, :k].reshape(lead + (k,)), classes[:, :k].reshape(lead + (k,))
 
@@ -188,19 +272,18 @@ class QuantizedSoftmax(nn.Module):
     def log_softmax_topk(self, h: Tensor, k: int = 10, candidates: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """Log-probabilities of the approximate top-``k`` classes: ``(logp, indices)`` of shape ``(..., k)``.
 
-        ``log p_c = logit_c - log Z`` with the log-partition estimated as
-        ``log Z ~= logsumexp(exact logits of the candidates, LUT scores of all other classes)``.
-        The candidates hold nearly all of the probability mass, and the LUT scores of the rest
-        are unbiased-in-the-mean approximations of their logits (4-bit codes: a few percent
-        error per logit), so the error of ``log Z`` is far below that of the LUT scores
-        themselves: ``benchmarks/layer.py`` measures it (mean ``|log Z error|`` ~1e-3 nats on
-        real data). Costs a full ``(B, V)`` LUT score pass on top of :meth:`topk`.
+        ``log p_c = logit_c - log Z`` with the log-partition ``log Z`` from the exact logits of the
+        candidates (side list included) plus the LUT mass of all other classes, corrected by an
+        importance sample of exactly scored classes of that rest (:func:`torchaq.partition.log_partition`:
+        the plain LUT mass of the rest is biased low when it holds much of the mass, i.e. flat
+        softmaxes). ``benchmarks/outliers.py`` measures the error on flat and peaked softmaxes.
+        Costs a full ``(B, V)`` LUT score pass and ``B * 64 * d`` exact multiply-adds on top of :meth:`topk`.
         """
         self._check_k(k)
         logits, classes, lut = self.candidate_logits(h, candidates, k)
         approx = ops.lut_score(lut, self.packed_codes, self.num_classes, self._bias32())
-        rest = approx.scatter(1, classes, -math.inf)
-        log_z = torch.logaddexp(torch.logsumexp(logits, dim=1), torch.logsumexp(rest, dim=1))
+        bias = None if self.bias is None else self.bias.detach()
+        log_z = log_partition(self._flat_h(h), self.weight.detach(), bias, logits, classes, approx)
         logp = logits[:, :k] - log_z.unsqueeze(1)
         lead = h.shape[:-1]
         return logp.reshape(lead + (k,)), classes[:, :k].reshape(lead + (k,))
