@@ -153,7 +153,9 @@ def test_sampled_softmax_hard_set_holds_the_side_rows(planted, monkeypatch):
     assert all(len(set(r.tolist())) == r.numel() for r in hard)  # distinct classes per row
 
 
-def test_bound_mode_is_exact(clustered):
+@pytest.mark.parametrize("dense_fraction", [1, 8])  # 1: always the gather path
+def test_bound_mode_is_exact(clustered, dense_fraction, monkeypatch):
+    monkeypatch.setattr(outliers, "DENSE_FRACTION", dense_fraction)
     weight, h = clustered
     bias = 0.1 * torch.randn(V, generator=torch.Generator().manual_seed(5))
     layer = torchaq.QuantizedSoftmax(weight, bias, num_subspaces=16, progress=False, fit_iters=1)
@@ -199,3 +201,41 @@ def test_log_partition_peaked_softmax(clustered):
         logp, idx = layer.log_softmax_topk(h * scale, k=5)
         err = logp - exact.gather(1, idx)
         assert err.mean().abs() < 0.005 and err.abs().max() < 0.02, (scale, err.mean(), err.abs().max())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_scan_bias_keeps_side_rows_out_on_every_backend(backend):
+    """The side rows' scan bias: no backend ranks them, and the rest keeps its exact order."""
+    gen = torch.Generator().manual_seed(0)
+    n, m, k = 300, 4, 20
+    lut = torch.randn(5, m, 16, generator=gen)
+    packed = ops._pack_codes_ref(torch.randint(0, 16, (n, m), generator=gen, dtype=torch.uint8), 4)
+    side = torch.tensor([3, 50, 77, 299])
+    bias = outliers.scan_bias(0.1 * torch.randn(n, generator=gen), side, n, "cpu")
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from torchaq.triton_kernels import triton_lut_topk as scan
+    elif backend == "cpp":
+        if not _backends.CPU_EXTENSION_LOADED:
+            pytest.skip("C++ extension not built")
+        scan = ops.lut_topk
+    else:
+        scan = _lut_topk_ref
+    _, idx = scan(lut, packed, n, k, bias)
+    assert not torch.isin(idx, side).any()
+    full = ops._lut_score_ref(lut, packed, n, bias)
+    if backend == "cpp":  # uint8 LUT: the set is approximate, within the quantization error
+        assert _recall(idx, full, k) >= 0.9
+    else:
+        assert torch.equal(idx.sort(1).values, full.topk(k).indices.sort(1).values)
+
+
+def test_planted_rows_found_on_the_reference_backend(planted, monkeypatch):
+    layer, weight, bias, rows, h = planted
+    monkeypatch.setattr(ops, "lut_topk", _lut_topk_ref)
+    monkeypatch.setattr(ops, "lut_score", ops._lut_score_ref)
+    _, idx = layer.topk(h, k=1, candidates=8)
+    assert torch.equal(idx[:, 0], rows)
+    values, idx = layer.topk(h, k=3, candidates=3, guarantee="bound")
+    exact = h @ weight.T + bias
+    torch.testing.assert_close(values, exact.topk(3).values)
