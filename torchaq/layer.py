@@ -132,7 +132,8 @@ class QuantizedSoftmax(nn.Module):
         if refit:
             if queries is not None:
                 queries = self._flat_h(queries, "queries")
-            fit_rows = weight[outliers.fit_rows_mask(weight)]  # huge-norm rows do not shape the codebooks
+            keep = outliers.fit_rows_mask(weight)  # huge-norm rows do not shape the codebooks
+            fit_rows = weight[keep] if int(keep.sum()) >= self.quantizer.num_codewords else weight
             self.quantizer.fit(fit_rows, queries=queries, iters=self._fit_iters, progress=self._progress)
         self.packed_codes = self.quantizer.pack(self.quantizer.encode(weight))
         self.refresh_side_rows()
