@@ -21,7 +21,11 @@ Rows: the default layer (4-bit, ``d/2`` subspaces, calibrated on the special-tok
 half) with its side list, and the same layer with the side list emptied (what the codes alone do).
 The fitted layer is cached in ``benchmarks/.cache`` (fitting is minutes on a shared machine).
 
-    python benchmarks/outliers.py [--eval 2000] [--entropy 3.0] [--out benchmarks/results/outliers.txt]
+    python benchmarks/outliers.py [--eval 2000] [--entropy 3.0] [--part all|quality|speed]
+
+``--part quality`` (no timing: needs no benchmark lock) writes ``benchmarks/results/outliers.txt``,
+``--part speed`` (run it under ``flock /tmp/torchaq-bench.lock``) ``outliers_speed.txt``; ``all``
+writes both tables to ``outliers.txt``.
 """
 from __future__ import annotations
 
@@ -103,8 +107,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--eval", type=int, default=2000, help="evaluation queries per mix")
     ap.add_argument("--entropy", type=float, default=3.0, help="target mean softmax entropy (nats) of the scaled rows")
-    ap.add_argument("--out", default=str(RESULTS / "outliers.txt"))
+    ap.add_argument("--part", choices=("all", "quality", "speed"), default="all")
+    ap.add_argument("--out", default=None, help="results file (default: by --part, see the module docstring)")
     args = ap.parse_args()
+    out = args.out or str(RESULTS / ("outliers_speed.txt" if args.part == "speed" else "outliers.txt"))
     torch.set_num_threads(1)
 
     table, special_q, special_ids = load_minilm(20_000, 0, special_tokens=True, progress=False, return_token_ids=True)
@@ -121,7 +127,7 @@ def main() -> None:
         "special-token positions alone": special_eval[torch.isin(special_eval_ids, torch.tensor(SPECIAL_IDS))],
     }
     rows = []
-    for mix, h in mixes.items():
+    for mix, h in (mixes.items() if args.part != "speed" else ()):
         s = entropy_scale(h, table, args.entropy)
         for scaled, hs in (("raw", h), (f"x{s:.2f} (entropy {args.entropy:g})", h * s)):
             ent = torch.log_softmax(hs[:500] @ table.T, 1)
@@ -142,34 +148,41 @@ def main() -> None:
         "bound: exact top-10", "coarse-LUT fallback share",
     ]
 
-    # batch-1 speed, one thread
+    sections = [
+        "# Outlier rows: side list, bound, log-partition (benchmarks/outliers.py)",
+        environment(f"MiniLM table {tuple(table.shape)}, default layer: {layer.extra_repr()}"),
+        f"side list: {side.numel()} rows (cap {outliers.default_max_rows(table.shape[0])}), first: "
+        + ", ".join(repr(t) for t in _tokens(side[:12])),
+    ]
+    if args.part != "speed":
+        sections.append(markdown_table(header, rows))
+    if args.part != "quality":
+        sections += speed_table(layer, table, special_eval[:1], side)
+    emit("\n\n".join(sections), out)
+
+
+@torch.no_grad()
+def speed_table(layer, table, h1, side):
+    """Batch-1 ``topk(k=10)`` against ``nn.Linear`` + ``topk``, one thread, CPU time."""
     lin = torch.nn.Linear(table.shape[1], table.shape[0], bias=False)
     with torch.no_grad():
         lin.weight.copy_(table)
-    h1 = special_eval[:1]
-    with torch.no_grad():
-        dense = time_call(lambda: lin(h1).topk(10), cpu_time=True)
-        fast = time_call(lambda: layer.topk(h1, 10), cpu_time=True)
-        layer.side_rows = side[:0]
-        bare = time_call(lambda: layer.topk(h1, 10), cpu_time=True)
-        layer.side_rows = side
-        bound = time_call(lambda: layer.topk(h1, 10, guarantee="bound"), cpu_time=True)
+    dense = time_call(lambda: lin(h1).topk(10), cpu_time=True)
+    fast = time_call(lambda: layer.topk(h1, 10), cpu_time=True)
+    layer.side_rows = side[:0]
+    bare = time_call(lambda: layer.topk(h1, 10), cpu_time=True)
+    layer.side_rows = side
+    bound = time_call(lambda: layer.topk(h1, 10, guarantee="bound"), cpu_time=True)
     speed = [
         ["nn.Linear + topk", f"{dense.ms:.3f}", "1.0x"],
         [f"layer.topk, side list ({side.numel()} rows)", f"{fast.ms:.3f}", f"{dense.median / fast.median:.1f}x"],
         ["layer.topk, side list emptied", f"{bare.ms:.3f}", f"{dense.median / bare.median:.1f}x"],
         ['layer.topk(guarantee="bound")', f"{bound.ms:.3f}", f"{dense.median / bound.median:.1f}x"],
     ]
-    names = ", ".join(repr(t) for t in _tokens(side[:12]))
-    text = "\n\n".join([
-        "# Outlier rows: side list, bound, log-partition (benchmarks/outliers.py)",
-        environment(f"MiniLM table {tuple(table.shape)}, default layer: {layer.extra_repr()}"),
-        f"side list: {side.numel()} rows (cap {outliers.default_max_rows(table.shape[0])}), first: {names}",
-        markdown_table(header, rows),
+    return [
         "batch-1 topk(k=10), one thread, CPU time per call (median ms):",
         markdown_table(["method", "ms", "speed-up vs dense"], speed),
-    ])
-    emit(text, args.out)
+    ]
 
 
 def _tokens(ids):
