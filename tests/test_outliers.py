@@ -239,3 +239,10 @@ def test_planted_rows_found_on_the_reference_backend(planted, monkeypatch):
     values, idx = layer.topk(h, k=3, candidates=3, guarantee="bound")
     exact = h @ weight.T + bias
     torch.testing.assert_close(values, exact.topk(3).values)
+
+
+def test_torch_compile_topk_with_side_rows(planted):
+    layer, _, _, rows, h = planted
+    compiled = torch.compile(lambda x: layer.topk(x, k=2), backend="aot_eager")
+    for a, b in zip(compiled(h), layer.topk(h, k=2)):
+        assert torch.equal(a, b)
