@@ -280,7 +280,7 @@ class QuantizedSoftmax(nn.Module):
         importance sample of exactly scored classes of that rest (:func:`torchaq.partition.log_partition`:
         the plain LUT mass of the rest is biased low when it holds much of the mass, i.e. flat
         softmaxes). ``benchmarks/outliers.py`` measures the error on flat and peaked softmaxes.
-        Costs a full ``(B, V)`` LUT score pass and ``B * 64 * d`` exact multiply-adds on top of :meth:`topk`.
+        Costs a full ``(B, V)`` LUT score pass and ``B * 256 * d`` exact multiply-adds on top of :meth:`topk`.
         """
         self._check_k(k)
         logits, classes, lut = self.candidate_logits(h, candidates, k)
