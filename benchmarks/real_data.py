@@ -8,6 +8,9 @@ so nothing is downloaded at run time (``HF_HUB_OFFLINE=1`` is set before transfo
   float32: the database of a maximum-inner-product search over the vocabulary.
 * ``queries`` -- the last hidden state of every real token of real English text run through the
   model (eval mode, no grad), with [CLS]/[SEP]/[PAD] dropped: (num_queries, 384) float32.
+  With ``special_tokens=True`` (the second mix) the [CLS] and [SEP] positions of every window are
+  kept too, in their places: real inputs have them, and their hidden states point at rows
+  (e.g. [CLS], id 101) that product-quantization codes represent badly.
 
 The text is what every Python install carries offline: the docstrings of the standard-library
 modules (read with ``ast`` from the source files, so no module is imported and nothing runs),
@@ -209,15 +212,17 @@ def _build_model():
 
 
 @torch.no_grad()
-def _hidden_states(windows: list[list[int]], batch_size: int, progress: bool):
-    """Last hidden state of each non-special token of each window, window after window."""
+def _hidden_states(windows: list[list[int]], batch_size: int, progress: bool, special_tokens: bool = False):
+    """Last hidden state of each non-special token of each window (``special_tokens``: of every
+    token, [CLS] and [SEP] included), window after window."""
     from tqdm.auto import tqdm
 
     model = _build_model()
     # batch windows of similar length together (less padding), then restore window order
     order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
     per_window: list[torch.Tensor | None] = [None] * len(windows)
-    bar = tqdm(total=sum(len(w) - 2 for w in windows), unit="tok", disable=not progress,
+    cut = 0 if special_tokens else 1
+    bar = tqdm(total=sum(len(w) - 2 * cut for w in windows), unit="tok", disable=not progress,
                desc="MiniLM hidden states")
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
@@ -230,15 +235,16 @@ def _hidden_states(windows: list[list[int]], batch_size: int, progress: bool):
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         for r, i in enumerate(idx):
             n = len(windows[i])
-            per_window[i] = hidden[r, 1:n - 1].float().clone()  # drop [CLS] and [SEP]
-            bar.update(n - 2)
+            per_window[i] = hidden[r, cut:n - cut].float().clone()  # drop [CLS] and [SEP] unless kept
+            bar.update(n - 2 * cut)
     bar.close()
     return per_window
 
 
 def load_minilm(num_queries: int = 20_000, seed: int = 0,
                 cache_dir: str | os.PathLike | None = None, *, max_len: int = 128,
-                batch_size: int = 32, progress: bool = True, return_token_ids: bool = False):
+                batch_size: int = 32, progress: bool = True, return_token_ids: bool = False,
+                special_tokens: bool = False):
     """Real vocabulary table and real contextual hidden states of all-MiniLM-L6-v2.
 
     Args:
@@ -250,6 +256,8 @@ def load_minilm(num_queries: int = 20_000, seed: int = 0,
         batch_size: windows per forward pass.
         progress: tqdm bar over the model pass.
         return_token_ids: also return the (num_queries,) vocabulary id of each query's token.
+        special_tokens: keep the hidden states at the [CLS] / [SEP] positions of every window
+            (the mix with special-token positions; ``False``: real tokens only).
 
     Returns:
         ``(table, queries)`` -- (30522, 384) and (num_queries, 384) float32 CPU tensors --
@@ -260,7 +268,7 @@ def load_minilm(num_queries: int = 20_000, seed: int = 0,
     if not 8 < max_len <= 512:
         raise ValueError(f"max_len must be in (8, 512], got {max_len}")
     cache = Path(cache_dir) if cache_dir is not None else _DEFAULT_CACHE
-    key = f"minilm_{_CORPUS_VERSION}_n{num_queries}_s{seed}_L{max_len}"
+    key = f"minilm_{_CORPUS_VERSION}_n{num_queries}_s{seed}_L{max_len}" + ("_sp" if special_tokens else "")
     file = cache / f"{key}.pt"
     table = load_table()
     if file.is_file():
@@ -272,17 +280,18 @@ def load_minilm(num_queries: int = 20_000, seed: int = 0,
     tokenizer = load_tokenizer()
     windows = _windows(tokenizer, corpus_documents(), max_len)
     random.Random(seed).shuffle(windows)
+    cut = 0 if special_tokens else 1
     chosen, total = [], 0
     for w in windows:
         if total >= num_queries:
             break
         chosen.append(w)
-        total += len(w) - 2
+        total += len(w) - 2 * cut
     if total < num_queries:
         raise ValueError(f"the offline corpus has only {total} tokens; asked for {num_queries}")
-    states = _hidden_states(chosen, batch_size, progress)
+    states = _hidden_states(chosen, batch_size, progress, special_tokens)
     queries = torch.cat(states)[:num_queries].contiguous()
-    ids = torch.tensor([t for w in chosen for t in w[1:-1]], dtype=torch.long)[:num_queries]
+    ids = torch.tensor([t for w in chosen for t in w[cut:len(w) - cut]], dtype=torch.long)[:num_queries]
 
     cache.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _backends, incremental, ops
+from . import _backends, incremental, ops, outliers
 from ._checks import check_features, check_int, check_real, has_data
 from .aq import AnisotropicAQ
+from .partition import log_partition
 from .quantizer import AnisotropicPQ
 from .sampled_softmax import layer_sampled_softmax_loss
 
@@ -42,6 +43,13 @@ class QuantizedSoftmax(nn.Module):
     packed codes as buffers; ``state_dict`` round-trips. After an optimiser step moves the
     weights, :meth:`refresh` re-encodes the rows against the current codebooks
     (``refresh(refit=True)`` re-learns them).
+
+    Rows the codes cannot represent (a huge norm, a residual far above the rest: special tokens)
+    are kept in an exact side list, the ``side_rows`` buffer, chosen at fit and at every refresh
+    by :func:`torchaq.outliers.select_side_rows` (its docstring says how, and what it costs):
+    they are scored exactly for every query and merged into the candidates of :meth:`topk`,
+    :meth:`sample`, :meth:`log_softmax_topk` and the sampled softmax's hard set; the scan never
+    ranks them. ``residual_norms`` (``|W_i - decode(code_i)|``) backs ``topk(..., guarantee="bound")``.
 
     Args:
         weight: ``(V, d)`` weight (an ``nn.Parameter`` is kept as is, e.g. a tied embedding).
@@ -110,6 +118,7 @@ class QuantizedSoftmax(nn.Module):
             "packed_codes",
             torch.zeros(((num_classes + ops.BLOCK - 1) // ops.BLOCK, width, ops.BLOCK), dtype=torch.uint8, device=weight.device),
         )
+        self._init_side_rows()
         self._fit_iters, self._progress = fit_iters, progress
         # incremental refresh state: weight version and per-row fingerprints at the last encode
         self._refresh_version: Optional[int] = None
@@ -145,7 +154,9 @@ class QuantizedSoftmax(nn.Module):
         if refit:
             if queries is not None:
                 queries = self._flat_h(queries, "queries")
-            self.quantizer.fit(weight, queries=queries, iters=self._fit_iters, progress=self._progress)
+            keep = outliers.fit_rows_mask(weight)  # huge-norm rows do not shape the codebooks
+            fit_rows = weight[keep] if int(keep.sum()) >= self.quantizer.num_codewords else weight
+            self.quantizer.fit(fit_rows, queries=queries, iters=self._fit_iters, progress=self._progress)
         same_index = not refit and self._encode_key is not None and self._encode_key == self._encoding_key()
         if same_index and self._refresh_version is not None and self._weight_version() == self._refresh_version:
             return self
@@ -158,6 +169,7 @@ class QuantizedSoftmax(nn.Module):
             incremental.write_packed_rows(self.packed_codes, rows, codes, self.quantizer.bits)
         self._fingerprint, self._encode_key = fingerprint, self._encoding_key()
         self._refresh_version = self._weight_version()
+        self.refresh_side_rows()
         return self
 
     def _encoding_key(self) -> tuple:
@@ -233,31 +245,107 @@ class QuantizedSoftmax(nn.Module):
         self.quantizer._check_fitted()
         # quantizer.lut(flat) without its re-checks (per-call overhead counts at batch 1)
         lut = self.quantizer.lut_unchecked(flat)
-        bias = None if self.bias is None else self.bias.detach()
-        bias32 = None if bias is None or bias.dtype == torch.float32 else bias.float()
+        # the scan ranks the coded rows; the side list is appended to every row's candidates
+        scan_k = min(candidates, self.num_classes - self.side_rows.numel())
         try:
-            _, classes = torch.ops.torchaq.lut_topk.default(lut, self.packed_codes, self.num_classes, candidates,
-                                                            bias if bias32 is None else bias32)
+            _, classes = torch.ops.torchaq.lut_topk.default(lut, self.packed_codes, self.num_classes, scan_k,
+                                                            self._scan_bias())
         except ValueError as err:
             if scan_checks and "finite lut" in str(err):
                 raise ValueError("h contains NaN or Inf (or values so large that its lookup table overflows)") from err
             raise
+        classes = self._with_side_rows(classes)
+        bias = None if self.bias is None else self.bias.detach()
         keep = candidates if keep is None else keep
         logits, classes = torch.ops.torchaq.rescore_topk.default(flat, self.weight.detach(), bias, classes, keep)
         return logits, classes, lut
 
+    def _bound_complete(self, h: Tensor, logits: Tensor, classes: Tensor, lut: Tensor, k: int):
+        """``guarantee="bound"``: add every row the residual bound cannot rule out (also returns the counts)."""
+        scores = ops.lut_score(lut, self.packed_codes, self.num_classes, self._bias32())
+        bias = None if self.bias is None else self.bias.detach()
+        return outliers.bound_complete(
+            self._flat_h(h), self.weight.detach(), bias, scores, self.residual_norms, logits, classes, k
+        )
+
     def _bias32(self) -> Optional[Tensor]:
         return None if self.bias is None else self.bias.detach().float()
 
+    # ---------------------------------------------------------------------------------------
+    # the exact side list (torchaq.outliers)
+    # ---------------------------------------------------------------------------------------
+    def _init_side_rows(self) -> None:
+        device = self.weight.device
+        self.register_buffer("side_rows", torch.zeros(0, dtype=torch.int64, device=device))
+        self.register_buffer("residual_norms", torch.full((self.num_classes,), math.inf, device=device))
+        self._scan_bias_cache: Tuple = (None, None)
+
     @torch.no_grad()
-    def topk(self, h: Tensor, k: int = 10, candidates: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    def refresh_side_rows(self, queries: Optional[Tensor] = None) -> Tensor:
+        """Re-choose the exact side list and the residual norms from the current weight and codes.
+
+        :meth:`refresh` calls it (without queries, so that every refresh applies the same rule);
+        optional ``queries`` add the observed-error statistic of
+        :func:`torchaq.outliers.select_side_rows`. Returns ``side_rows``.
+        """
+        weight = self.weight.detach()
+        codes = ops.unpack_codes(self.packed_codes, self.quantizer.num_subspaces, self.quantizer.bits, self.num_classes)
+        recon = self.quantizer.decode(codes, dtype=torch.float32).to(weight.device)
+        queries = None if queries is None else self._flat_h(queries, "queries")
+        self.residual_norms = outliers.residual_norms(weight, recon)
+        self.side_rows = outliers.select_side_rows(weight, recon, queries)
+        return self.side_rows
+
+    def _scan_bias(self) -> Optional[Tensor]:
+        """The bias the LUT scan ranks with: the layer's, side rows pushed to the bottom (cached)."""
+        if self.side_rows.numel() == 0:
+            return self._bias32()
+        if torch.compiler.is_compiling():
+            return outliers.scan_bias(self.bias, self.side_rows, self.num_classes, self.weight.device)
+        key = (self.side_rows.data_ptr(), self.side_rows._version, self.side_rows.device)
+        if self.bias is not None:
+            key += (self.bias.data_ptr(), self.bias._version)
+        if self._scan_bias_cache[0] != key:
+            self._scan_bias_cache = (key, outliers.scan_bias(self.bias, self.side_rows, self.num_classes, self.weight.device))
+        return self._scan_bias_cache[1]
+
+    def _with_side_rows(self, classes: Tensor) -> Tensor:
+        """``(B, C)`` scan candidates -> ``(B, C + S)`` with the side rows appended (the scan never returns them)."""
+        if self.side_rows.numel() == 0:
+            return classes
+        return torch.cat([classes, self.side_rows.to(classes.device).expand(classes.shape[0], -1)], dim=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # the side list's length varies: take the stored one's shape (older checkpoints have none)
+        key = prefix + "side_rows"
+        if key in state_dict:
+            self.side_rows = torch.zeros_like(state_dict[key], device=self.weight.device)
+        else:
+            state_dict[key] = self.side_rows
+        state_dict.setdefault(prefix + "residual_norms", torch.full((self.num_classes,), math.inf))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    @torch.no_grad()
+    def topk(
+        self, h: Tensor, k: int = 10, candidates: Optional[int] = None, guarantee: Optional[str] = None
+    ) -> Tuple[Tensor, Tensor]:
         """Approximate top-``k`` classes with their exact logits: ``(values, indices)`` of shape ``(..., k)``.
 
         LUT scores over all classes -> the ``candidates`` best (default
-        :func:`default_candidates`) -> exact logits of those rows (bias included) -> top-``k``.
+        :func:`default_candidates`) plus the exact side list -> exact logits of those rows (bias
+        included) -> top-``k``. ``guarantee="bound"`` makes the top-``k`` provably exact: every
+        other row whose Cauchy-Schwarz bound ``s_i + |h| |W_i - decode(code_i)|`` reaches the
+        ``k``-th exact logit found is re-scored too (:func:`torchaq.outliers.bound_complete`;
+        costs a float LUT score pass over all ``V`` classes on top).
         """
         k = self._check_k(k)
-        logits, classes, _ = self.candidate_logits(h, candidates, k, keep=k)
+        if guarantee not in (None, "bound"):
+            raise ValueError(f'guarantee must be None or "bound", got {guarantee!r}')
+        if guarantee is None:
+            logits, classes, _ = self.candidate_logits(h, candidates, k, keep=k)
+        else:
+            logits, classes, lut = self.candidate_logits(h, candidates, k)
+            logits, classes, _ = self._bound_complete(h, logits, classes, lut, k)
         if h.dim() == 2:
             return logits, classes
         lead = h.shape[:-1]
@@ -267,19 +355,18 @@ class QuantizedSoftmax(nn.Module):
     def log_softmax_topk(self, h: Tensor, k: int = 10, candidates: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """Log-probabilities of the approximate top-``k`` classes: ``(logp, indices)`` of shape ``(..., k)``.
 
-        ``log p_c = logit_c - log Z`` with the log-partition estimated as
-        ``log Z ~= logsumexp(exact logits of the candidates, LUT scores of all other classes)``.
-        The candidates hold nearly all of the probability mass, and the LUT scores of the rest
-        are unbiased-in-the-mean approximations of their logits (4-bit codes: a few percent
-        error per logit), so the error of ``log Z`` is far below that of the LUT scores
-        themselves: ``benchmarks/layer.py`` measures it (mean ``|log Z error|`` ~1e-3 nats on
-        real data). Costs a full ``(B, V)`` LUT score pass on top of :meth:`topk`.
+        ``log p_c = logit_c - log Z`` with the log-partition ``log Z`` from the exact logits of the
+        candidates (side list included) plus the LUT mass of all other classes, corrected by an
+        importance sample of exactly scored classes of that rest (:func:`torchaq.partition.log_partition`:
+        the plain LUT mass of the rest is biased low when it holds much of the mass, i.e. flat
+        softmaxes). ``benchmarks/outliers.py`` measures the error on flat and peaked softmaxes.
+        Costs a full ``(B, V)`` LUT score pass and ``B * 256 * d`` exact multiply-adds on top of :meth:`topk`.
         """
         k = self._check_k(k)
         logits, classes, lut = self.candidate_logits(h, candidates, k)
         approx = ops.lut_score(lut, self.packed_codes, self.num_classes, self._bias32())
-        rest = approx.scatter(1, classes, -math.inf)
-        log_z = torch.logaddexp(torch.logsumexp(logits, dim=1), torch.logsumexp(rest, dim=1))
+        bias = None if self.bias is None else self.bias.detach()
+        log_z = log_partition(self._flat_h(h), self.weight.detach(), bias, logits, classes, approx)
         logp = logits[:, :k] - log_z.unsqueeze(1)
         lead = h.shape[:-1]
         return logp.reshape(lead + (k,)), classes[:, :k].reshape(lead + (k,))

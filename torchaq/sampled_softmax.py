@@ -217,8 +217,11 @@ def layer_sampled_softmax_loss(
     else:
         with torch.no_grad():
             lut = layer.quantizer.lut(flat.detach().float())
-            # every row's own LUT-top classes, counted exactly (the fast scan op)
-            _, hard = ops.lut_topk(lut, layer.packed_codes, num_classes, min(num_hard, num_classes), layer._bias32())
+            # every row's own LUT-top classes, counted exactly (the fast scan op), plus the layer's
+            # exact side list (rows the codes cannot represent; the scan never returns them)
+            scan_k = min(num_hard, num_classes - layer.side_rows.numel())
+            _, hard = ops.lut_topk(lut, layer.packed_codes, num_classes, scan_k, layer._scan_bias())
+            hard = layer._with_side_rows(hard)
             draw_device = generator.device if generator is not None else flat.device
             pick = torch.randperm(flat.shape[0], generator=generator, device=draw_device)[:PROPOSAL_ROWS]
             scores = ops.lut_score(lut[pick.to(flat.device)], layer.packed_codes, num_classes, layer._bias32())

@@ -8,6 +8,12 @@
 // (<= sum_m (range_m * scale + 1/2)) fits uint16. Returned values are the exact de-quantization
 //   value = float(sum) * (1 / scale) + (sum_m min_m + bias[n])      (float32, no fma)
 // which is within M / (2 * scale) (+ float rounding) of the exact float score.
+// A table whose range is set by a few codewords (e.g. those a huge-norm row took) leaves the
+// typical entries a few of the 256 levels: each subspace's *trimmed* range (4th largest minus 4th
+// smallest of its 16 entries, blind to up to 3 extreme codewords a side) is measured in steps, and
+// when the median over ~16 evenly spaced subspaces is below kMinMedianLevels the query is scanned with exact float sums
+// instead (score4, then a stable sort: same (value desc, index asc) order, exact values), never
+// silently coarse.
 // The top-k is kept per query and per thread while scanning (topk.h), never as a (B, N) matrix;
 // for k >= 24 the SIMD kernels use two passes (block maxima, then only the ~k blocks that can
 // hold a winner, read back from the pass-1 sums kept in scratch, or re-scanned when B * nblocks
@@ -271,16 +277,33 @@ inline void quantize_row(const float* l, float mn, float sf, uint8_t* q) {
 #endif
 }
 
+// Fewest uint8 steps the median subspace's trimmed range may span before a query falls back to the
+// exact float scan (benchmarks/outliers.py prints how often it triggers on real tables).
+constexpr double kMinMedianLevels = 4.0;
+
+// 4th largest minus 4th smallest of the 16 entries of one LUT row.
+inline double trimmed_range(const float* l) {
+  float t[16];
+  std::memcpy(t, l, sizeof(t));
+  std::nth_element(t, t + 3, t + 16);
+  std::nth_element(t + 4, t + 12, t + 16);
+  return double(t[12]) - double(t[3]);
+}
+
 // Per-query uint8 LUT (B, 2P, 16) (rows >= M zero), 1 / scale and the sum of offsets, from
-// finite entries (checked by the caller).
-void quantize_lut(const at::Tensor& lut, int64_t P, uint8_t* qlut, float* inv_scale, float* offset) {
+// finite entries (checked by the caller). coarse[b] = 1 when query b's median subspace range gets
+// fewer than kMinMedianLevels steps (its table cannot be resolved with one scale).
+void quantize_lut(const at::Tensor& lut, int64_t P, uint8_t* qlut, float* inv_scale, float* offset,
+                  uint8_t* coarse) {
   const int64_t B = lut.size(0), M = lut.size(1);
   TORCH_CHECK_VALUE(M < 65535, "lut_topk: 4-bit codes support M < 65535 subspaces, got M = ", M);
   const float* L = lut.const_data_ptr<float>();
   // ~M * 16 entries per query: a few queries already pay for a thread
   at::parallel_for(0, B, std::max<int64_t>(1, 4096 / (16 * M)), [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> mins;  // reused: no allocation per call
+    thread_local std::vector<double> ranges;
     if (mins.size() < size_t(M)) mins.resize(size_t(M));
+    if (ranges.size() < size_t(M)) ranges.resize(size_t(M));
     for (int64_t b = begin; b < end; ++b) {
       const float* l = L + b * M * 16;
       uint8_t* q = qlut + b * 2 * P * 16;
@@ -296,6 +319,13 @@ void quantize_lut(const at::Tensor& lut, int64_t P, uint8_t* qlut, float* inv_sc
         off += lo;
       }
       const double scale = maxr > 0 ? std::min(255.0 / maxr, double(65535 - M) / sumr) : 1.0;
+      // the median trimmed range of an evenly spaced sample of at most ~16 subspaces (cheap next to
+      // the scan at batch 1; a false alarm only costs speed: the fallback is exact)
+      const int64_t stride = std::max<int64_t>(1, M / 16);
+      int64_t ns = 0;
+      for (int64_t m = 0; m < M; m += stride) ranges[size_t(ns++)] = trimmed_range(l + m * 16);
+      std::nth_element(ranges.begin(), ranges.begin() + ns / 2, ranges.begin() + ns);
+      coarse[b] = maxr > 0 && ranges[size_t(ns / 2)] * scale < kMinMedianLevels ? 1 : 0;
       if (scale < 1e37) {
         // float (vectorised): the rounding error of (l - min) * scale is ~1e-7 of a step, far
         // inside the half step of slack that the uint16 budget keeps per subspace
@@ -342,6 +372,25 @@ void merge_topk(TopK* topk, int64_t B, int64_t TB, int64_t kk, float* values, in
   });
 }
 
+// The queries flagged coarse by quantize_lut: exact float scores of every class (lut_score), then a
+// stable descending sort, so ties keep ascending class order like the scan kernels. Overwrites
+// those queries' rows of values / indices. Costs a (Bc, N) score matrix and a sort: the price of
+// a table one uint8 scale cannot resolve, paid only by the queries that have one.
+void exact_rows_fallback(const at::Tensor& lut, const at::Tensor& packed, int64_t num_classes,
+                         const std::optional<at::Tensor>& bias, const uint8_t* coarse, at::Tensor& values,
+                         at::Tensor& indices) {
+  const int64_t B = lut.size(0), kk = values.size(1);
+  std::vector<int64_t> rows;
+  for (int64_t b = 0; b < B; ++b)
+    if (coarse[b]) rows.push_back(b);
+  if (rows.empty()) return;
+  const at::Tensor idx = at::tensor(rows, lut.options().dtype(at::kLong));
+  const at::Tensor scores = lut_score_cpu(lut.index_select(0, idx).contiguous(), packed, num_classes, bias);
+  auto sorted = at::sort(scores, /*stable=*/true, /*dim=*/1, /*descending=*/true);
+  values.index_copy_(0, idx, std::get<0>(sorted).narrow(1, 0, kk));
+  indices.index_copy_(0, idx, std::get<1>(sorted).narrow(1, 0, kk));
+}
+
 }  // namespace
 
 const char* active_isa() {
@@ -383,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor> lut_topk_cpu(const at::Tensor& lut_in, const 
   const bool keep_sums = four && B * nblocks * kBlock * 2 <= kMaxKeptSumsBytes;
   Scratch scratch({ntopk * (stride + cap) * 4, ntopk * (stride + 2 * cap) * 4, ntopk * int64_t(sizeof(TopK)),
                    work_bytes(plan, P), four ? B * 2 * P * 16 : 0, four ? 4 * B : 0, four ? 4 * B : 0,
-                   four ? B * nblocks * 4 : 0,
+                   four ? B : 0, four ? B * nblocks * 4 : 0,
                    four ? ntasks * (nblocks + 16) * 4 : 0, keep_sums ? B * nblocks * kBlock * 2 : 0});
   float* keys = scratch.take<float>(ntopk * (stride + cap));
   int32_t* ids = scratch.take<int32_t>(ntopk * (stride + 2 * cap));
@@ -401,7 +450,8 @@ std::tuple<at::Tensor, at::Tensor> lut_topk_cpu(const at::Tensor& lut_in, const 
     uint8_t* qlut = scratch.take<uint8_t>(B * 2 * P * 16);
     float* inv_scale = scratch.take<float>(B);
     float* offset = scratch.take<float>(B);
-    quantize_lut(lut, P, qlut, inv_scale, offset);
+    uint8_t* coarse = scratch.take<uint8_t>(B);
+    quantize_lut(lut, P, qlut, inv_scale, offset, coarse);
     // the kernels read the bias in place; the last block's is zero-padded to a whole block
     const float* bias_ptr = has_bias ? bias->const_data_ptr<float>() : nullptr;
     float bias_tail[kBlock] = {};
@@ -416,6 +466,7 @@ std::tuple<at::Tensor, at::Tensor> lut_topk_cpu(const at::Tensor& lut_in, const 
       // with a bias the key already is the de-quantized score; without, it is the uint16 sum
       return has_bias ? key : key * inv_scale[q] + offset[q];
     });
+    exact_rows_fallback(lut, packed, num_classes, bias, coarse, values, indices);
   } else {
     FloatScanArgs a{packed.const_data_ptr<uint8_t>(), P, M, num_classes, lut.const_data_ptr<float>(),
                     has_bias ? bias->const_data_ptr<float>() : nullptr, nullptr};
