@@ -346,6 +346,7 @@ class QuantizedSoftmax(nn.Module):
         else:
             logits, classes, lut = self.candidate_logits(h, candidates, k)
             logits, classes, _ = self._bound_complete(h, logits, classes, lut, k)
+            logits, classes = logits[:, :k], classes[:, :k]
         if h.dim() == 2:
             return logits, classes
         lead = h.shape[:-1]
