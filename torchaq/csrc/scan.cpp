@@ -150,8 +150,8 @@ Plan make_plan(int64_t B, int64_t nblocks, int64_t P) {
   // pass 2 per query, no duplicated per-task work) when every thread gets whole groups of four
   // and either the codes sit in the shared cache or there are enough queries that streaming the
   // codes once per thread does not bind; otherwise blocks are split, so the codes come from
-  // memory once in all. Measured (cpu_scan.py, 2 threads): V = 30k, batch 256: 1.25x -> 1.51x
-  // FAISS; V = 256k (33 MB of codes), batch 16: 1.16x with blocks split vs 0.86x with queries.
+  // memory once in all (benchmarks/cpu_scan.py times both regimes: 2-thread rows at V = 30k and
+  // V = 256k).
   const bool split_queries = B >= 4 * T && (nblocks * P * kBlock <= (int64_t(8) << 20) || B >= 64 * T);
   const int64_t TB = split_queries ? 1 : std::max<int64_t>(1, std::min<int64_t>(T, nblocks / 4));
   const int64_t TQ = std::max<int64_t>(1, std::min<int64_t>((T + TB - 1) / TB, B));

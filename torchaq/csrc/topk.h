@@ -159,9 +159,8 @@ inline float block_bound(TopK& t, const float* bmax, int64_t nb, uint32_t* tmp) 
 }
 
 // One pass suits a small k (few blocks ever hold a candidate) or few blocks (pass 2 would revisit
-// most of them). k ~ 24 was the crossover on AVX-512 at V = 30k when pass 2 re-scanned; with the
-// pass-1 sums kept, two passes also win at k = 10 there (27.0 vs 28.2 us, batch 1) but one pass
-// still wins at V = 262k (193 vs 199 us at k = 23 / 24): left at 24, not re-tuned.
+// most of them). The crossover k was found with benchmarks/cpu_scan.py before pass 2 kept the
+// pass-1 sums and has not been re-tuned since; it moves with V and the ISA.
 constexpr int64_t kTwoPassMinK = 24;
 inline bool use_two_pass(const Topk4Args& a, const Task& t) {
   const int64_t k = t.topk[0].k;
