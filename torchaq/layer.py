@@ -144,9 +144,9 @@ class QuantizedSoftmax(nn.Module):
         """Re-encode the weight rows that changed since the last refresh; ``refit=True`` re-learns the codebooks.
 
         Only rows whose fingerprint (:mod:`torchaq.incremental`: projections onto fixed random
-        directions) changed are re-encoded, so a step that touched 5% of the rows costs about 5% of
-        a full re-encode plus one ``O(V d)`` fingerprint pass; if ``weight._version`` did not move
-        nothing is done at all. A full re-encode (first refresh, new codebooks, another device)
+        directions) changed are re-encoded, so the cost grows with the rows a step moved, plus one
+        ``O(V d)`` fingerprint pass (``benchmarks/refresh.py`` measures it); if
+        ``weight._version`` did not move nothing is done at all. A full re-encode (first refresh, new codebooks, another device)
         is one anisotropic encoding pass over the ``V`` rows, ``O(V M K (dsub + rounds))``.
         Re-fitting runs :meth:`torchaq.AnisotropicPQ.fit` (k-means plus ``fit_iters`` alternations).
         """
