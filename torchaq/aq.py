@@ -26,7 +26,7 @@ AQ_ETA_GRID = (2.0, 4.0, 6.0)
 # rows used to learn the codebooks (a seeded random sample beyond this)
 MAX_FIT_ROWS = 65536
 # LSQ++ search: ICM sweeps after each start / perturbation, perturbed codes per round
-ICM_ITERS = 2
+ICM_ITERS = 4
 PERTURBATIONS = 4
 # iterated-local-search rounds inside fit (per alternation) and in encode
 FIT_ILS_ITERS = 2
