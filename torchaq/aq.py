@@ -27,7 +27,7 @@ CALIBRATION_ROUNDS = 2
 # constant-eta candidates of the calibration (besides isotropic and the constructor's rule)
 AQ_ETA_GRID = (2.0, 4.0, 6.0)
 # LSQ++ search: ICM sweeps after each start / perturbation, perturbed codes per round
-ICM_ITERS = 2
+ICM_ITERS = 4
 PERTURBATIONS = 4
 # iterated-local-search rounds inside fit (per alternation) and in encode
 FIT_ILS_ITERS = 2
