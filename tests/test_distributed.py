@@ -132,7 +132,11 @@ def _check_layer(rank: int, world: int) -> None:
     clogp, cidx = layer.log_softmax_topk(h, k=5, candidates=32)
     rlogp32, ridx32 = ref.log_softmax_topk(h, k=5, candidates=32)
     assert torch.equal(cidx, ridx32)
-    torch.testing.assert_close(clogp, rlogp32, rtol=0, atol=2e-5)
+    # log Z: each rank corrects its slice's LUT mass with its own exactly scored sample
+    # (torchaq.partition), so the pieces agree with the single-process estimate to its sampling error
+    exact32 = torch.log_softmax(h @ weight.T + bias, dim=1).gather(1, cidx)
+    err, rerr = (clogp - exact32).abs().mean(), (rlogp32 - exact32).abs().mean()
+    assert err <= 2 * rerr + 2e-3, (err, rerr)
     gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(layer.sample(h, top_k=20, candidates=24, generator=gen_a), ref.sample(h, top_k=20, candidates=24, generator=gen_b))
     _same_everywhere(clogp)

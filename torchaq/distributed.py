@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from . import ops
 from .layer import QuantizedSoftmax, default_candidates
 from .quantizer import MAX_FIT_ROWS
+from .partition import log_partition
 from .rescore import exact_logits
 from .sampled_softmax import HARD_PER_ROW, PROPOSAL_ROWS, REDUCTIONS, SAMPLERS, UNIFORM_FLOOR
 
@@ -478,11 +479,14 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         else:
             logits, classes, lut = local.candidate_logits(flat, c_r, k_r)
         log_z = None
-        if with_log_z:  # log Z_r = logsumexp(exact candidates, LUT scores of the rest of the slice)
+        if with_log_z:  # log Z_r: exact candidates + the slice's rest, as the single-device layer estimates it
             approx = ops.lut_score(lut, local.packed_codes, self.local_classes, local._bias32())
-            kept = torch.isfinite(logits)  # consistent_candidates drops some: they keep their LUT score
-            rest = approx.scatter(1, classes, torch.where(kept, -math.inf, approx.gather(1, classes)))
-            log_z = torch.logaddexp(torch.logsumexp(logits, dim=1), torch.logsumexp(rest, dim=1))
+            # consistent_candidates drops some candidates (logit -inf): pointing them at the best kept
+            # class (a repeat) leaves them in the rest, where they count with their LUT score
+            kept = torch.isfinite(logits)
+            classes_z = torch.where(kept, classes, classes[:, :1])
+            bias = None if local.bias is None else local.bias.detach()
+            log_z = log_partition(flat, local.weight.detach(), bias, logits, classes_z, approx)
         values, ids = logits[:, :k_r], classes[:, :k_r] + self.offset
         ids = torch.where(torch.isfinite(values), ids, self.num_classes)  # dropped: lose every comparison
         if k_r < k:  # a slice smaller than k: pad with entries that lose every comparison
