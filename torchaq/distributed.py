@@ -61,7 +61,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .layer import QuantizedSoftmax, default_candidates
+from ._checks import check_int
+from .layer import QuantizedSoftmax, check_sampling_args, default_candidates, draw_top_p
 from .quantizer import MAX_FIT_ROWS
 from .partition import log_partition
 from .rescore import exact_logits
@@ -458,9 +459,8 @@ class VocabParallelQuantizedSoftmax(nn.Module):
             h = copy_to_parallel_region(h, self.group)
         return F.linear(h, self.local.weight, self.local.bias)
 
-    def _check_k(self, k, name: str = "k") -> None:
-        if not _is_int(k) or not 1 <= k <= self.num_classes:
-            raise ValueError(f"{name} must be an integer in [1, V={self.num_classes}], got {k!r}")
+    def _check_k(self, k, name: str = "k") -> int:
+        return check_int(k, name, 1, self.num_classes, f"in [1, V={self.num_classes}]")
 
     def _candidates(self, candidates: Optional[int], k: int) -> int:
         if candidates is None:
@@ -591,18 +591,10 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         does not rely on per-rank random states agreeing. With the same ``generator`` seed the
         draw equals the single-device layer's whenever the merged top-``top_k`` does.
         """
-        self._check_k(top_k, "top_k")
-        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        top_k = self._check_k(top_k, "top_k")
+        top_p, temperature = check_sampling_args(top_p, temperature)
         values, ids, _ = self._merged(h, top_k, candidates)
-        logits = values / temperature
-        if top_p is not None and top_p < 1:
-            probs = logits.softmax(dim=1)
-            before = probs.cumsum(dim=1) - probs
-            logits = logits.masked_fill(before >= top_p, -math.inf)
-        choice = torch.multinomial(logits.softmax(dim=1).to(generator.device if generator is not None else logits.device), 1, generator=generator)
+        choice = draw_top_p(values, top_p, temperature, generator)
         tokens = ids.gather(1, choice.to(ids.device)).squeeze(1).contiguous()
         dist.broadcast(tokens, src=self._root, group=self.group)
         return tokens.reshape(h.shape[:-1])

@@ -28,6 +28,29 @@ def default_candidates(k: int, num_classes: int) -> int:
     return min(num_classes, max(MIN_CANDIDATES, CANDIDATES_PER_K * k))
 
 
+def check_sampling_args(top_p, temperature):
+    """``(top_p, temperature)`` as floats after checking them (``top_p`` in (0, 1] or None, ``temperature`` > 0)."""
+    if top_p is not None:
+        top_p = check_real(top_p, "top_p", "a number in (0, 1]", lambda p: 0 < p <= 1)
+    temperature = check_real(temperature, "temperature", "a finite number > 0", lambda t: 0 < t < math.inf)
+    return top_p, temperature
+
+
+def draw_top_p(logits: Tensor, top_p: Optional[float], temperature: float, generator: Optional[torch.Generator]) -> Tensor:
+    """One draw per row from ``softmax(logits / temperature)`` over ``(B, k)`` logits sorted best first,
+    restricted with ``top_p`` to the smallest prefix whose probability reaches it (Hugging Face's
+    ``TopPLogitsWarper``); returns the ``(B, 1)`` positions drawn."""
+    logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        probs = logits.softmax(dim=1)
+        before = probs.cumsum(dim=1) - probs  # mass of the strictly better classes
+        logits = logits.masked_fill(before >= top_p, -math.inf)  # always keeps the best class
+    probs = logits.softmax(dim=1)
+    if generator is not None:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator).to(logits.device)
+
+
 class QuantizedSoftmax(nn.Module):
     """An output layer ``logits = h @ W.T + b`` whose top-k search runs on quantized weights.
 
@@ -391,16 +414,9 @@ class QuantizedSoftmax(nn.Module):
         ``TopPLogitsWarper``). ``generator`` makes draws reproducible.
         """
         top_k = self._check_k(top_k, "top_k")
-        if top_p is not None:
-            top_p = check_real(top_p, "top_p", "a number in (0, 1]", lambda p: 0 < p <= 1)
-        temperature = check_real(temperature, "temperature", "a finite number > 0", lambda t: 0 < t < math.inf)
+        top_p, temperature = check_sampling_args(top_p, temperature)
         logits, classes, _ = self.candidate_logits(h, candidates, top_k)
-        logits = logits[:, :top_k] / temperature
-        if top_p is not None and top_p < 1:
-            probs = logits.softmax(dim=1)
-            before = probs.cumsum(dim=1) - probs  # mass of the strictly better classes
-            logits = logits.masked_fill(before >= top_p, -math.inf)  # always keeps the best class
-        choice = torch.multinomial(logits.softmax(dim=1), 1, generator=generator)
+        choice = draw_top_p(logits[:, :top_k], top_p, temperature, generator)
         return classes.gather(1, choice).reshape(h.shape[:-1])
 
     sampled_softmax_loss = layer_sampled_softmax_loss
