@@ -222,18 +222,23 @@ def estimator_gap(model, head, stream, method, args, num_sampled, rows=64):
 
 def reused_full_row(path, args):
     """The full-softmax row of a results file this script wrote (checked: same seed, steps, batch, d)."""
-    deadline = time.time() + 3600
-    while not Path(path).is_file() and time.time() < deadline:
-        time.sleep(20)
-    lines = Path(path).read_text().splitlines()
+    if path.startswith("git:"):  # git:REV:PATH, a results file as committed at REV
+        import subprocess
+
+        lines = subprocess.run(["git", "show", path[4:]], capture_output=True, text=True, check=True,
+                               cwd=Path(__file__).resolve().parents[1]).stdout.splitlines()
+    else:
+        lines = Path(path).read_text().splitlines()
     want = f"train_lm: {args.steps} steps x {args.batch * 64} tokens, d = {args.dim}, V = "
     header = next((ln for ln in lines if ln.startswith("train_lm: ")), "")
     if not header.startswith(want) or f"seed = {args.seed}," not in header:
         raise ValueError(f"{path} is not a train_lm result with the same steps, batch, d and seed: {header!r}")
     cells = next(ln for ln in lines if ln.startswith("| full |")).strip("|").split("|")
     cells = [c.strip() for c in cells]
-    return dict(method=f"full (from {Path(path).name})", num_sampled=None, ppl=float(cells[2]), head_ms=float(cells[4]),
-                peak_mb=float(cells[5]), refresh_s=float(cells[6]), wall_s=float(cells[7]), gap=0.0)
+    if cells[1] == "-":  # this version's layout (a num_sampled column)
+        cells = cells[:1] + cells[2:]
+    return dict(method=f"full (from {path})", num_sampled=None, ppl=float(cells[1]), head_ms=float(cells[3]),
+                peak_mb=float(cells[4]), refresh_s=float(cells[5]), wall_s=float(cells[6]), gap=0.0)
 
 
 def main(argv=None):
@@ -250,7 +255,7 @@ def main(argv=None):
     parser.add_argument("--refit-every", type=int, default=200)
     parser.add_argument("--methods", default="full,uniform,unigram,quantized")
     parser.add_argument("--reuse-full", default=None, help="results file of an earlier run of this script (same seed, "
-                        "steps, batch): take its full-softmax row instead of training that arm again")
+                        "steps, batch), or git:REV:PATH: take its full-softmax row instead of training that arm again")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation; batches and draws use seed + 1")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "train_lm.txt"))
     args = parser.parse_args(argv)
@@ -260,9 +265,14 @@ def main(argv=None):
     counts = [int(n) for n in args.num_sampled.split(",")]
     arms = [(m, None if m in ("full", "chunked") else n) for m in args.methods.split(",")
             for n in ([None] if m in ("full", "chunked") else counts)]
-    rows = [train(m, n, train_stream, val_stream, vocab, args) for m, n in arms]
-    if args.reuse_full:  # read at the end: the full arm may be training in another process meanwhile
-        rows.insert(0, reused_full_row(args.reuse_full, args))
+    reused = [reused_full_row(args.reuse_full, args)] if args.reuse_full else []
+    rows = []
+    for m, n in arms:  # the table is written after every arm: a long run that is stopped keeps its finished arms
+        rows.append(train(m, n, train_stream, val_stream, vocab, args))
+        write_table(reused + rows, args, vocab, done=len(rows) == len(arms))
+
+
+def write_table(rows, args, vocab, done):
     full_ppl = next((r["ppl"] for r in rows if r["method"].startswith("full")), None)
     header = (f"train_lm: {args.steps} steps x {args.batch * 64} tokens, d = {args.dim}, V = {vocab}, seed = {args.seed}, "
               f"head optimizer {args.head_optimizer}" + (f" (lr {args.head_lr})" if args.head_optimizer in ("adagrad", "sgd") else "")
@@ -273,7 +283,8 @@ def main(argv=None):
         [[r["method"], r["num_sampled"] or "-", f"{r['ppl']:.1f}",
           f"{r['ppl'] / full_ppl - 1:+.1%}" if full_ppl else "n/a (no full arm)", f"{r['head_ms']:.1f}",
           f"{r['peak_mb']:.0f}", f"{r['refresh_s']:.1f}", f"{r['wall_s']:.0f}", f"{r['gap']:+.3f}"] for r in rows])
-    emit("\n".join([environment(), "python " + " ".join(sys.argv), header, "", table]), args.out)
+    status = "" if done else "\n(unfinished: more arms were still training when this was written)"
+    emit("\n".join([environment(), "python " + " ".join(sys.argv), header, "", table]) + status, args.out)
 
 
 if __name__ == "__main__":
