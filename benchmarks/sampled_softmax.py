@@ -138,10 +138,10 @@ def part_quality(args) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     table, queries = load_minilm(num_queries=8000, seed=0, progress=False)
     vocab, dim = table.shape
-    fit_q, eval_q = queries[:2000], queries[-args.rows:]
+    eval_q = queries[-args.rows:]
     layer = torchaq.QuantizedSoftmax(table, None, num_subspaces=dim // 2, fit=False, progress=False)
     pick = torch.randperm(vocab, generator=torch.Generator().manual_seed(1))[:8192]
-    layer.quantizer.fit(table[pick], queries=fit_q, iters=1, progress=False)  # codebooks from a subsample
+    layer.quantizer.fit(table[pick], iters=1, progress=False)  # isotropic codebooks from a subsample of rows
     layer.refresh()  # every row encoded
 
     def entropy(scale):
@@ -185,7 +185,7 @@ def part_quality(args) -> None:
          "weight-grad cos", "sd of log Z_hat - log Z", "mean log Z_hat - log Z", "ms / step"], rows)
     head = (f"held-out MiniLM hidden states: {args.rows} rows, V = {vocab}, d = {dim}, logits scaled x{scale:.2f} to mean "
             f"entropy {entropy(scale):.2f} nats, targets drawn from that softmax; PQ {dim // 2} subspaces x 4 bits "
-            f"(codebooks fitted on 8192 rows); summed loss; mean over {args.reps} draws")
+            f"(isotropic codebooks fitted on 8192 rows); summed loss; mean over {args.reps} draws")
     emit("\n".join([environment(), "python benchmarks/sampled_softmax.py --part quality", head, "", table_md]), args.out_quality)
 
 
