@@ -97,7 +97,8 @@ def output_layer_loss(method, head, h, y, gen, args, num_sampled=None):
     if method == "chunked":
         return torchaq.chunked_cross_entropy(h.flatten(0, 1), head.weight, head.bias, y.flatten())
     return head.sampled_softmax_loss(h, y, num_sampled=num_sampled, sampler=method, generator=gen,
-                                     num_hard=args.num_hard, class_counts=args.class_counts)
+                                     num_hard=args.num_hard, class_counts=args.class_counts,
+                                     **({"candidate_share": args.candidate_share} if method == "quantized" else {}))
 
 
 class LazyAdamW(torch.optim.Optimizer):
@@ -168,7 +169,7 @@ def train(method, num_sampled, train_stream, val_stream, vocab, args):
     model = TinyLM(vocab, args.dim)
     head = torchaq.QuantizedSoftmax(torch.randn(vocab, args.dim) * 0.02, torch.zeros(vocab),
                                     num_subspaces=args.dim // 2, fit=method == "quantized", progress=False)
-    refresher = torchaq.CodebookRefresher(head, every=args.reencode_every, refit_every=args.refit_every) \
+    refresher = torchaq.CodebookRefresher(head, every=args.reencode_every, refit_every=args.refit_every or None) \
         if method == "quantized" else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     head_opt = head_optimizer(args.head_optimizer, list(head.parameters()), args)
@@ -248,11 +249,13 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--num-sampled", default="1024,4096", help="comma-separated; one arm per sampler and value")
     parser.add_argument("--num-hard", type=int, default=32, help="quantized sampler: exact LUT-top classes per row")
+    parser.add_argument("--candidate-share", type=float, default=torchaq.sampled_softmax.CANDIDATE_SHARE,
+                        help="quantized sampler: share of each row's proposal on its LUT tail candidates")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--head-optimizer", choices=("adamw", "lazyadamw", "adagrad", "sgd"), default="adamw")
     parser.add_argument("--head-lr", type=float, default=0.1, help="with --head-optimizer adagrad / sgd")
     parser.add_argument("--reencode-every", type=int, default=25)
-    parser.add_argument("--refit-every", type=int, default=200)
+    parser.add_argument("--refit-every", type=int, default=200, help="0: never")
     parser.add_argument("--methods", default="full,uniform,unigram,quantized")
     parser.add_argument("--reuse-full", default=None, help="results file of an earlier run of this script (same seed, "
                         "steps, batch), or git:REV:PATH: take its full-softmax row instead of training that arm again")
@@ -276,7 +279,8 @@ def write_table(rows, args, vocab, done):
     full_ppl = next((r["ppl"] for r in rows if r["method"].startswith("full")), None)
     header = (f"train_lm: {args.steps} steps x {args.batch * 64} tokens, d = {args.dim}, V = {vocab}, seed = {args.seed}, "
               f"head optimizer {args.head_optimizer}" + (f" (lr {args.head_lr})" if args.head_optimizer in ("adagrad", "sgd") else "")
-              + f", re-encode every {args.reencode_every}, re-fit every {args.refit_every}")
+              + f", re-encode every {args.reencode_every}, re-fit every {args.refit_every or 'never'}"
+              + f", quantized candidate share {args.candidate_share}")
     table = markdown_table(
         ["method", "num_sampled", "val perplexity (exact softmax)", "vs full", "output layer fwd+bwd ms/step",
          "peak MB of that step", "index refresh s (total)", "wall s", "sampled - full loss at the end (nats)"],

@@ -190,6 +190,8 @@ def test_bf16_autocast_and_compile_agree_with_eager(layer):
         (dict(num_sampled=True), "num_sampled"),
         (dict(num_sampled=64, num_hard=-1), "num_hard"),
         (dict(num_sampled=64, num_candidates=0), "num_candidates"),
+        (dict(num_sampled=64, candidate_share=1.0), "candidate_share"),
+        (dict(num_sampled=64, candidate_share=True), "candidate_share"),
     ],
 )
 def test_bad_arguments(layer, kwargs, match):

@@ -359,6 +359,7 @@ def layer_sampled_softmax_loss(
     num_candidates: int = CANDIDATES_PER_ROW,
     control_variate: bool = True,
     share_draws: bool = True,
+    candidate_share: float = CANDIDATE_SHARE,
 ) -> Tensor:
     """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
 
@@ -386,12 +387,16 @@ def layer_sampled_softmax_loss(
             variate for ``Z`` (module docstring).
         share_draws: quantized sampler: ``False`` gives each row its own ``num_sampled`` draws
             instead of sharing them (slower; for comparison).
+        candidate_share: quantized sampler: ``alpha``, the share of each row's proposal on its
+            tail candidates (the rest is uniform over the ``V`` classes), in ``(0, 1)``.
     """
     num_classes = layer.num_classes
     _check(h, target, num_classes, num_sampled, sampler, reduction)
     for name, value, low in (("num_hard", num_hard, 0), ("num_candidates", num_candidates, 1)):
         if not _is_int(value) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if isinstance(candidate_share, bool) or not isinstance(candidate_share, (int, float)) or not 0 < candidate_share < 1:
+        raise ValueError(f"candidate_share must be a number in (0, 1), got {candidate_share!r}")
     flat = _flat_features(layer, h)
     flat_target = target.reshape(-1).long()
     if sampler == "unigram":
@@ -403,7 +408,7 @@ def layer_sampled_softmax_loss(
         return zero.expand(target.shape) if reduction == "none" else zero
     hard = cv_classes = cv_scores = None
     if sampler == "quantized":
-        proposals = row_proposals(layer, flat, int(num_hard), int(num_candidates))
+        proposals = row_proposals(layer, flat, int(num_hard), int(num_candidates), float(candidate_share))
         if not share_draws:
             loss = per_row_sampled_softmax_loss(flat, flat_target, layer.weight, layer.bias, proposals, num_sampled,
                                                 remove_accidental_hits, generator)
