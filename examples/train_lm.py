@@ -97,7 +97,9 @@ def output_layer_loss(method, head, h, y, gen, args, num_sampled=None):
     if method == "chunked":
         return torchaq.chunked_cross_entropy(h.flatten(0, 1), head.weight, head.bias, y.flatten())
     return head.sampled_softmax_loss(h, y, num_sampled=num_sampled, sampler=method, generator=gen,
-                                     num_hard=args.num_hard, class_counts=args.class_counts,
+                                     num_hard=args.num_hard,
+                                     class_counts=None if method == "quantized" and args.quantized_floor == "uniform"
+                                     else args.class_counts,
                                      **({"candidate_share": args.candidate_share} if method == "quantized" else {}))
 
 
@@ -251,6 +253,8 @@ def main(argv=None):
     parser.add_argument("--num-hard", type=int, default=32, help="quantized sampler: exact LUT-top classes per row")
     parser.add_argument("--candidate-share", type=float, default=torchaq.sampled_softmax.CANDIDATE_SHARE,
                         help="quantized sampler: share of each row's proposal on its LUT tail candidates")
+    parser.add_argument("--quantized-floor", choices=("uniform", "unigram"), default="uniform",
+                        help="quantized sampler: the floor of each row's proposal")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--head-optimizer", choices=("adamw", "lazyadamw", "adagrad", "sgd"), default="adamw")
     parser.add_argument("--head-lr", type=float, default=0.1, help="with --head-optimizer adagrad / sgd")
@@ -280,7 +284,7 @@ def write_table(rows, args, vocab, done):
     header = (f"train_lm: {args.steps} steps x {args.batch * 64} tokens, d = {args.dim}, V = {vocab}, seed = {args.seed}, "
               f"head optimizer {args.head_optimizer}" + (f" (lr {args.head_lr})" if args.head_optimizer in ("adagrad", "sgd") else "")
               + f", re-encode every {args.reencode_every}, re-fit every {args.refit_every or 'never'}"
-              + f", quantized candidate share {args.candidate_share}")
+              + f", quantized candidate share {args.candidate_share}, floor {args.quantized_floor}")
     table = markdown_table(
         ["method", "num_sampled", "val perplexity (exact softmax)", "vs full", "output layer fwd+bwd ms/step",
          "peak MB of that step", "index refresh s (total)", "wall s", "sampled - full loss at the end (nats)"],

@@ -69,9 +69,11 @@ def test_loss_and_gradients_match_float64_reference(remove_hits, with_hard):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-3, atol=1e-5)
 
 
-def test_row_proposals_are_distributions_and_inclusion_probabilities_are_exact(layer):
+@pytest.mark.parametrize("zipf_floor", [False, True])
+def test_row_proposals_are_distributions_and_inclusion_probabilities_are_exact(layer, zipf_floor):
     _, _, h, _ = _data(3, batch=5)
-    props = row_proposals(layer, h, num_hard=4, num_candidates=20)
+    base = (1.0 / torch.arange(1, V + 1).double()) if zipf_floor else None
+    props = row_proposals(layer, h, num_hard=4, num_candidates=20, base=None if base is None else base / base.sum())
     everything = torch.arange(V).expand(5, V)
     q = props.prob(torch.arange(5), everything)
     torch.testing.assert_close(q.sum(1), torch.ones(5, dtype=torch.float64))

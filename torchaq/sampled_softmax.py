@@ -28,10 +28,10 @@ and converges to the full cross-entropy as the draws grow.
   rest its *tail candidates* ``T_b``. Row ``b``'s proposal is the defensive mixture
   (Hesterberg 1995)
 
-      Q_b(c) = alpha * 1[c in T_b] e^{s_bc} / sum_{T_b} e^{s} + (1 - alpha) / V,    alpha = CANDIDATE_SHARE
+      Q_b(c) = alpha * 1[c in T_b] e^{s_bc} / sum_{T_b} e^{s} + (1 - alpha) u(c),    alpha = CANDIDATE_SHARE
 
-  (its own high-probability region past the hard set, plus a uniform floor that keeps every
-  class reachable -- the kernel / MIDX samplers' idea, Blanc & Rendle 2018, Chen et al. arXiv
+  with ``u`` uniform, or the unigram distribution when ``class_counts`` are given (its own
+  high-probability region past the hard set, plus a floor that keeps every class reachable -- the kernel / MIDX samplers' idea, Blanc & Rendle 2018, Chen et al. arXiv
   2501.08563, with the proposal read off the LUT scan). Row ``k`` makes ``n_k`` draws from its
   own ``Q_k`` (``n_k = m // B``, one more for ``m mod B`` random rows), and the batch shares the
   union ``U``: ``pi(c) = 1 - prod_k (1 - Q_k(c))^{n_k}``, the multi-draw form of the balance
@@ -150,19 +150,24 @@ class RowProposals:
     ``values`` / ``indices``: ``(B, C)`` LUT scores and classes, best first (``ops.lut_topk``).
     """
 
-    def __init__(self, values: Tensor, indices: Tensor, num_hard: int, num_classes: int, share: float = CANDIDATE_SHARE):
+    def __init__(self, values: Tensor, indices: Tensor, num_hard: int, num_classes: int, share: float = CANDIDATE_SHARE,
+                 base: Optional[Tensor] = None):
         self.num_classes = num_classes
         self.hard = indices[:, :num_hard]
         self.tail = indices[:, num_hard:]
         self.tail_scores = values[:, num_hard:].float()
         self.share = share if self.tail.shape[1] else 0.0
-        self.floor = (1.0 - self.share) / num_classes
+        # the floor (1 - alpha) * base(c): uniform, or a given distribution (e.g. the unigram)
+        self.base = base.double() if base is not None else None
+        self.floor = (1.0 - self.share) * (self.base if base is not None else
+                                           torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64,
+                                                      device=indices.device))
         # component probability of the tail candidates, without the floor: alpha e^s / sum e^s
         self.tail_logq = math.log(max(self.share, 1e-300)) + torch.log_softmax(self.tail_scores.double(), dim=1)
 
     def prob(self, rows: Tensor, classes: Tensor) -> Tensor:
         """``Q_b(c)`` (float64) for ``classes`` ``(R, n)`` of the rows ``rows`` ``(R,)``."""
-        q = torch.full(classes.shape, self.floor, dtype=torch.float64, device=classes.device)
+        q = self.floor[classes]
         if self.tail.shape[1]:
             tail = self.tail[rows]
             order = tail.argsort(dim=1)
@@ -181,7 +186,11 @@ class RowProposals:
         total = int(owner.numel())
         u = torch.rand(total, generator=generator, device=draw_device).to(device)
         pick = torch.rand(total, generator=generator, device=draw_device).to(device)
-        samples = torch.randint(0, self.num_classes, (total,), generator=generator, device=draw_device).to(device)
+        if self.base is None:
+            samples = torch.randint(0, self.num_classes, (total,), generator=generator, device=draw_device).to(device)
+        else:
+            samples = torch.multinomial(self.base.float().to(draw_device), total, replacement=True,
+                                        generator=generator).to(device)
         if self.tail.shape[1]:
             cdf = self.tail_logq.exp().cumsum(1) / self.share  # per-row CDF of the tail component
             idx = torch.searchsorted(cdf[owner], (u * cdf[owner, -1]).unsqueeze(1)).squeeze(1)
@@ -200,11 +209,12 @@ class RowProposals:
         counts = self._counts(batch, num_sampled, generator)
         samples, _ = self.draw(counts, generator)
         classes = torch.unique(samples)
-        log_floor = math.log1p(-self.floor)
-        log_miss = torch.full((self.num_classes,), num_sampled * log_floor, dtype=torch.float64, device=device)
+        log_floor = torch.log1p(-self.floor.clamp(max=1 - 1e-15))
+        log_miss = num_sampled * log_floor
         if self.tail.shape[1]:
-            q = self.tail_logq.exp() + self.floor
-            delta = counts.unsqueeze(1).double() * (torch.log1p(-q.clamp(max=1 - 1e-15)) - log_floor)
+            floor_tail = self.floor[self.tail]
+            q = self.tail_logq.exp() + floor_tail
+            delta = counts.unsqueeze(1).double().to(device) * (torch.log1p(-q.clamp(max=1 - 1e-15)) - log_floor[self.tail])
             log_miss.index_add_(0, self.tail.reshape(-1), delta.reshape(-1))
         return classes, _log_inclusion(log_miss[classes])
 
@@ -334,7 +344,7 @@ def _flat_features(layer, h: Tensor) -> Tensor:
 
 
 def row_proposals(layer, flat: Tensor, num_hard: int = HARD_PER_ROW, num_candidates: int = CANDIDATES_PER_ROW,
-                  share: float = CANDIDATE_SHARE) -> RowProposals:
+                  share: float = CANDIDATE_SHARE, base: Optional[Tensor] = None) -> RowProposals:
     """The per-row proposals of ``layer`` (a :class:`torchaq.QuantizedSoftmax`) for rows ``flat`` ``(B, d)``: one ``lut_topk`` scan."""
     num_classes = layer.num_classes
     candidates = min(num_classes, max(num_candidates, num_hard, 1))
@@ -342,7 +352,7 @@ def row_proposals(layer, flat: Tensor, num_hard: int = HARD_PER_ROW, num_candida
     with torch.no_grad():
         lut = layer.quantizer.lut(flat.detach().float())
         values, indices = ops.lut_topk(lut, layer.packed_codes, num_classes, candidates, bias)
-    return RowProposals(values, indices, min(num_hard, candidates), num_classes, share)
+    return RowProposals(values, indices, min(num_hard, candidates), num_classes, share, base)
 
 
 def layer_sampled_softmax_loss(
@@ -378,7 +388,9 @@ def layer_sampled_softmax_loss(
         remove_accidental_hits: drop draws equal to the row's target.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape of ``target``). An empty batch
             gives ``0`` (``"mean"`` / ``"sum"``) or an empty tensor.
-        class_counts: ``(V,)`` positive counts for the unigram proposal.
+        class_counts: ``(V,)`` positive counts for the unigram proposal; with the quantized
+            sampler, the floor of every row's proposal is ``(1 - alpha)`` times this unigram
+            distribution instead of uniform.
         generator: a ``torch.Generator`` for reproducible draws.
         num_hard: quantized sampler: each row's LUT-top classes counted exactly.
         num_candidates: quantized sampler: LUT-top classes per row read by the scan (the hard
@@ -408,7 +420,8 @@ def layer_sampled_softmax_loss(
         return zero.expand(target.shape) if reduction == "none" else zero
     hard = cv_classes = cv_scores = None
     if sampler == "quantized":
-        proposals = row_proposals(layer, flat, int(num_hard), int(num_candidates), float(candidate_share))
+        base = None if class_counts is None else unigram_proposal(class_counts.to(flat.device), num_classes)
+        proposals = row_proposals(layer, flat, int(num_hard), int(num_candidates), float(candidate_share), base)
         if not share_draws:
             loss = per_row_sampled_softmax_loss(flat, flat_target, layer.weight, layer.bias, proposals, num_sampled,
                                                 remove_accidental_hits, generator)
