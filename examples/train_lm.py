@@ -253,7 +253,7 @@ def main(argv=None):
     parser.add_argument("--num-hard", type=int, default=32, help="quantized sampler: exact LUT-top classes per row")
     parser.add_argument("--candidate-share", type=float, default=torchaq.sampled_softmax.CANDIDATE_SHARE,
                         help="quantized sampler: share of each row's proposal on its LUT tail candidates")
-    parser.add_argument("--quantized-floor", choices=("uniform", "unigram"), default="uniform",
+    parser.add_argument("--quantized-floor", choices=("uniform", "unigram"), default="unigram",
                         help="quantized sampler: the floor of each row's proposal")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--head-optimizer", choices=("adamw", "lazyadamw", "adagrad", "sgd"), default="adamw")
