@@ -67,7 +67,10 @@ AdamW's decoupled weight decay and momentum keep moving rows that got no gradien
 ``examples/train_lm.py`` compares (``--head-optimizer``): AdamW, Adagrad, SGD and a lazy AdamW
 (moments, decay and step only for the rows with a gradient, like TF's LazyAdam / torch's
 SparseAdam); ``benchmarks/results/train_lm*.txt`` has the measured perplexities, and the README
-states the recommended recipe.
+states the recommended recipe. What mattered most there is the proposal's floor: with a uniform
+floor, half the draws land on random rare classes, whose huge importance weights Adam turns into
+rare normalised steps, while the frequent classes that need a steady negative gradient are drawn
+too seldom; a unigram floor (``class_counts``) draws them every step.
 """
 from __future__ import annotations
 
