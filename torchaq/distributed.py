@@ -66,7 +66,13 @@ from .layer import QuantizedSoftmax, check_sampling_args, default_candidates, dr
 from .quantizer import MAX_FIT_ROWS
 from .partition import log_partition
 from .rescore import exact_logits
-from .sampled_softmax import HARD_PER_ROW, PROPOSAL_ROWS, REDUCTIONS, SAMPLERS, UNIFORM_FLOOR
+from .sampled_softmax import HARD_PER_ROW, REDUCTIONS, SAMPLERS
+
+# the vocabulary-parallel quantized proposal (its own stratified estimator, one proposal shared by
+# the batch): the mean LUT softmax of up to PROPOSAL_ROWS rows of the batch, mixed with
+# UNIFORM_FLOOR of the uniform distribution so that every class stays reachable
+PROPOSAL_ROWS = 32
+UNIFORM_FLOOR = 0.1
 
 __all__ = ["VocabParallelQuantizedSoftmax", "copy_to_parallel_region", "reduce_from_parallel_region", "parallel_logsumexp"]
 
@@ -680,8 +686,10 @@ class VocabParallelQuantizedSoftmax(nn.Module):
                 mass = float(counts.sum())
             else:
                 lut = local.quantizer.lut(flat.detach().float())
-                if num_hard:
-                    _, hard = ops.lut_topk(lut, local.packed_codes, v_r, min(num_hard, v_r), local._bias32())
+                if num_hard:  # the slice's LUT-best rows plus its exact side list, counted exactly
+                    _, hard = local.scan(flat.detach(), min(num_hard, v_r))
+                    if local.side_rows.numel():
+                        hard = torch.cat([hard, local.side_rows.expand(hard.shape[0], -1)], dim=1)
                 rows = min(batch, PROPOSAL_ROWS)
                 pick = torch.linspace(0, batch - 1, rows, device=device).round().long()
                 scores = ops.lut_score(lut[pick], local.packed_codes, v_r, local._bias32())  # (S, V_r)

@@ -283,6 +283,17 @@ class QuantizedSoftmax(nn.Module):
         logits, classes = torch.ops.torchaq.rescore_topk.default(flat, self.weight.detach(), bias, classes, keep)
         return logits, classes, lut
 
+    @torch.no_grad()
+    def scan(self, h: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+        """The LUT scan alone: approximate scores and classes ``(B, k')`` of the best coded rows for
+        ``(B, d)`` rows ``h``, best first, with ``k' = min(k, V - len(side_rows))``. Rows of the
+        exact side list (:attr:`side_rows`) are never returned: callers score them exactly
+        (the sampled softmax adds them to every hard set). Cost: one LUT and one scan of ``V`` codes."""
+        flat = self._flat_h(h)
+        lut = self.quantizer.lut(flat)
+        k = min(self._check_k(k), self.num_classes - self.side_rows.numel())
+        return ops.lut_topk(lut, self.packed_codes, self.num_classes, k, self._scan_bias())
+
     def _bound_complete(self, h: Tensor, logits: Tensor, classes: Tensor, lut: Tensor, k: int):
         """``guarantee="bound"``: add every row the residual bound cannot rule out (also returns the counts)."""
         scores = ops.lut_score(lut, self.packed_codes, self.num_classes, self._bias32())

@@ -1,73 +1,104 @@
-"""Sampled softmax cross-entropy with negatives from the quantized index.
+"""Sampled softmax cross-entropy with per-row proposals read off the quantized index.
 
-The full cross-entropy of a row ``h`` with target ``t`` is ``log Z - l_t`` with
-``Z = sum_c exp(l_c)`` over all ``V`` classes. A sampled softmax replaces ``Z`` by an estimate
-built from a few classes whose logits are computed exactly:
+The full cross-entropy of a row ``h_b`` with target ``t_b`` is ``log Z_b - l_bt`` with
+``Z_b = sum_c exp(l_bc)`` over all ``V`` classes. A sampled softmax replaces ``Z_b`` by an
+estimate built from a few classes whose logits are computed exactly:
 
-* a **hard set** ``H_b`` per row counted exactly (the quantized sampler: the row's own top
-  classes by LUT score, from the fast scan -- the classes that carry most of its mass);
-* the **target** ``t``, always exact;
-* ``m = num_sampled`` classes ``s_j`` drawn with replacement from a proposal ``Q`` with known
-  probabilities, shared by the whole batch, importance-weighted (the logQ correction).
+* the **target** ``t_b``: exact, never importance-weighted ("uncorrected");
+* a **hard set** ``H_b`` (quantized sampler): the row's ``num_hard`` best classes by LUT score,
+  counted exactly, once (the target counts as the target if it is among them);
+* a set ``U`` of **drawn classes shared by the batch**, each counted with a Horvitz-Thompson
+  weight ``1 / pi(c)``, ``pi(c) = P(c in U)``. Draws are made with replacement and
+  de-duplicated: every class is computed once, whatever the number of copies drawn.
 
-    Z_hat = exp(l_t) + sum_{c in H_b, c != t} exp(l_c) + (1 / m') sum_{j: s_j not in H_b u {t}} exp(l_{s_j}) / Q'(s_j)
+    Z_hat_b = e^{l_bt} + sum_{c in H_b, c != t_b} e^{l_bc} + sum_{c in U, c not in E_b} e^{l_bc} / pi(c)
 
-where a draw that lands in ``H_b`` or on the target (an *accidental hit*) is dropped for that
-row, ``m'`` is the number of draws it keeps and ``Q'(c) = Q(c) / (1 - Q(H_b u {t}))`` the
-proposal conditioned on the rest. Given ``m'``, the kept draws are i.i.d. from ``Q'``, so the
-last term is an unbiased estimate of the mass of the remaining classes: ``E[Z_hat] = Z`` and
-the loss ``log Z_hat - l_t`` converges to the full cross-entropy as ``m`` grows (``log`` makes
-it biased low by ``~Var(Z_hat) / 2 Z^2`` for finite ``m``). If ``Q`` is the exact softmax,
-every kept draw contributes exactly the remaining mass, ``Z_hat = Z`` and the loss *is* the
-full cross-entropy for any ``m``. With ``remove_accidental_hits=False`` draws of the target are
-kept as negatives (as in TensorFlow's ``sampled_softmax_loss``), which over-counts
-``exp(l_t)`` on average.
+with ``E_b = H_b u {t_b}`` (``remove_accidental_hits=False``: ``E_b = H_b``, draws of the target
+count as negatives too, as in TensorFlow's ``sampled_softmax_loss``, which over-counts
+``e^{l_bt}``). ``E[Z_hat_b] = Z_b`` exactly (Horvitz & Thompson, JASA 1952: ``E[1[c in U] /
+pi(c)] = 1``); the loss ``log Z_hat_b - l_bt`` is biased low by about ``Var(Z_hat_b) / 2 Z_b^2``
+and converges to the full cross-entropy as the draws grow.
 
-Training with Adam (``examples/train_lm.py``: V = 30522, 1024 rows per step, 300 steps,
-validation perplexity with the exact softmax; full softmax 161.1): 1024 draws reach 199.6
-(+24%), 4096 draws 167.0 (+3.7%; seed 1: +3.9%), although the loss estimate itself is accurate (its mean is
-within 0.003 nats of the full cross-entropy at the end). A row gets a negative gradient only on
-the steps it is drawn (or in a hard set), and Adam's per-coordinate normalisation turns those
-rare, importance-weighted spikes into much less movement than the full softmax's small gradient
-on every row at every step; more draws reach more rows per step.
+**Proposals** (``sampler``): with ``m = num_sampled`` draws,
 
-Proposals (``sampler``):
+* ``"uniform"``: ``Q = 1 / V`` for every draw; ``pi(c) = 1 - (1 - Q(c))^m``.
+* ``"unigram"``: ``Q proportional to class_counts``; same ``pi``.
+* ``"quantized"``: per-row proposals from the index. One ``lut_topk`` scan gives each row its
+  ``num_candidates`` best classes by LUT score ``s_bc``: the first ``num_hard`` are ``H_b``, the
+  rest its *tail candidates* ``T_b``. Row ``b``'s proposal is the defensive mixture
+  (Hesterberg 1995)
 
-* ``"uniform"``: ``Q = 1 / V``.
-* ``"unigram"``: ``Q proportional to class_counts`` (e.g. token frequencies; every count > 0).
-* ``"quantized"``: ``H_b`` = the row's ``HARD_PER_ROW`` best classes by LUT score over the
-  ``AnisotropicPQ`` codes of the weight (``lut_topk``), and ``Q`` = the mean over a subsample of
-  ``PROPOSAL_ROWS`` rows of the softmax of their LUT scores, mixed with 10% uniform so that
-  every class keeps a non-zero probability. This is the adaptive-sampler idea (kernel / MIDX
-  samplers) with hard negatives and the proposal read off the index.
+      Q_b(c) = alpha * 1[c in T_b] e^{s_bc} / sum_{T_b} e^{s} + (1 - alpha) u(c),    alpha = CANDIDATE_SHARE
 
-Cost per step for ``B`` rows: ``B * (n + m + 1) * d`` multiply-adds for the exact logits (a
-gather + batched mat-vec for the ``n`` hard classes, one matmul for the shared draws), plus for
-the quantized sampler a LUT scan of the ``B`` rows over ``V`` classes (4-bit SIMD) and exact LUT
-scores of ``PROPOSAL_ROWS`` rows, instead of the full softmax's ``B * V * d`` forward and twice
-that backward. Memory: ``(B, n + m)`` logits instead of ``(B, V)`` logits and their gradient,
-plus the ``(B, n, d)`` gathered hard rows; the weight's gradient is the dense ``(V, d)`` tensor
-autograd keeps for an ``nn.Parameter`` (only the used rows are non-zero).
+  with ``u`` uniform, or the unigram distribution when ``class_counts`` are given (its own
+  high-probability region past the hard set, plus a floor that keeps every class reachable -- the kernel / MIDX samplers' idea, Blanc & Rendle 2018, Chen et al. arXiv
+  2501.08563, with the proposal read off the LUT scan). Row ``k`` makes ``n_k`` draws from its
+  own ``Q_k`` (``n_k = m // B``, one more for ``m mod B`` random rows), and the batch shares the
+  union ``U``: ``pi(c) = 1 - prod_k (1 - Q_k(c))^{n_k}``, the multi-draw form of the balance
+  heuristic (Veach & Guibas 1995; each draw is weighted by the mixture of all rows'
+  proposals, not by its own row's), so every row gets all ``m`` draws' exact logits for one
+  ``(B, |U|)`` matmul. ``share_draws=False`` instead gives each row ``m`` draws of its own,
+  weighted ``1 / (m Q_b(s))`` (a ``(B, m, d)`` gather; ``benchmarks/sampled_softmax.py``
+  compares the two at equal time).
+
+**Control variate** (``control_variate=True``, the default for the quantized sampler): the tail candidates' LUT
+scores are known, so only their quantization error is sampled:
+
+    Z_hat_b = [exact terms] + sum_{c in T_b \\ E_b} e^{s_bc} + sum_{c in U \\ E_b} (e^{l_bc} - 1[c in T_b] e^{s_bc}) / pi(c)
+
+still unbiased; clamped below at the exact terms (the correction can be negative). Its
+gradient is that of the plain estimator rescaled by the new ``Z_hat_b``.
+
+**Cost** per step for ``B`` rows of dimension ``d``: the scan (``B V M`` LUT lookups for ``M``
+subspaces, the SIMD ``lut_topk`` op) plus ``B (|H| + 1 + |U|) d`` multiply-adds for the exact
+logits, ``|U| <= m``; the full softmax is ``3 B V d`` (forward and backward). Memory: ``(B,
+num_candidates)`` scan results and ``(B, |H| + |U|)`` logits instead of ``(B, V)``; the weight
+gradient is the dense ``(V, d)`` tensor autograd keeps for an ``nn.Parameter`` (only used rows
+are non-zero). ``benchmarks/sampled_softmax.py`` measures time, memory and gradient quality;
+``examples/train_lm.py`` measures training.
+
+**Effective sample size**: each step logs, at DEBUG level on the ``"torchaq"`` logger, the mean
+and minimum over rows of ``(sum_c w_bc)^2 / sum_c w_bc^2`` with ``w_bc = e^{l_bc} / pi(c)`` over
+the row's kept draws.
+
+**Optimiser recipe.** A class gets a gradient only on the steps it is drawn (or in a hard set).
+Adam's normalisation turns those rare, importance-weighted gradients into full-size moves, and
+AdamW's decoupled weight decay and momentum keep moving rows that got no gradient at all. What
+``examples/train_lm.py`` compares (``--head-optimizer``): AdamW, Adagrad, SGD and a lazy AdamW
+(moments, decay and step only for the rows with a gradient, like TF's LazyAdam / torch's
+SparseAdam); ``benchmarks/results/train_lm*.txt`` has the measured perplexities, and the README
+states the recommended recipe. What mattered most there is the proposal's floor: with a uniform
+floor, half the draws land on random rare classes, whose huge importance weights Adam turns into
+rare normalised steps, while the frequent classes that need a steady negative gradient are drawn
+too seldom; a unigram floor (``class_counts``) draws them every step.
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Optional
+import numbers
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import ops
+from ._checks import check_features
 from .rescore import exact_logits
+
+logger = logging.getLogger("torchaq")
 
 SAMPLERS = ("quantized", "uniform", "unigram")
 REDUCTIONS = ("mean", "sum", "none")
-# share of the uniform distribution mixed into the quantized proposal (keeps Q > 0 everywhere)
-UNIFORM_FLOOR = 0.1
-# rows of the batch whose exact LUT scores build the quantized proposal
-PROPOSAL_ROWS = 32
 # default number of LUT top classes of each row counted exactly (its hard set H_b)
 HARD_PER_ROW = 32
+# default number of LUT top classes per row (hard set + tail candidates) read by the scan
+CANDIDATES_PER_ROW = 128
+# share alpha of a row's proposal on its tail candidates (the rest is uniform over V)
+CANDIDATE_SHARE = 0.5
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _check(h: Tensor, target: Tensor, num_classes: int, num_sampled: int, sampler: str, reduction: str) -> None:
@@ -75,7 +106,7 @@ def _check(h: Tensor, target: Tensor, num_classes: int, num_sampled: int, sample
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(num_sampled, int) or isinstance(num_sampled, bool) or not 1 <= num_sampled <= num_classes:
+    if not _is_int(num_sampled) or not 1 <= num_sampled <= num_classes:
         raise ValueError(f"num_sampled must be an integer in [1, V={num_classes}], got {num_sampled!r}")
     if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"target must be an int64 tensor of class indices, got {getattr(target, 'dtype', type(target))}")
@@ -88,20 +119,129 @@ def _check(h: Tensor, target: Tensor, num_classes: int, num_sampled: int, sample
 
 
 def unigram_proposal(class_counts: Tensor, num_classes: int) -> Tensor:
-    """``Q(c) = counts[c] / sum(counts)`` after checking the counts (float32 ``(V,)``)."""
+    """``Q(c) = counts[c] / sum(counts)`` after checking the counts (float64 ``(V,)``)."""
     if not isinstance(class_counts, Tensor) or class_counts.shape != (num_classes,):
         raise ValueError(f"class_counts must be a ({num_classes},) tensor, got {getattr(class_counts, 'shape', class_counts)}")
     counts = class_counts.double()
     if not bool(torch.isfinite(counts).all()) or bool((counts <= 0).any()):
         raise ValueError("class_counts must be finite and > 0 for every class (add-one smoothing helps)")
-    return (counts / counts.sum()).float()
+    return counts / counts.sum()
 
 
-def quantized_proposal(lut_scores: Tensor) -> Tensor:
-    """``Q = 0.9 * mean_rows softmax(scores) + 0.1 / V`` from the LUT scores ``(S, V)`` of a subsample of rows."""
-    num_classes = lut_scores.shape[1]
-    q = lut_scores.float().softmax(dim=1).mean(0)
-    return (1 - UNIFORM_FLOOR) * q + UNIFORM_FLOOR / num_classes
+def _log_inclusion(log_miss: Tensor) -> Tensor:
+    """``log pi = log(1 - exp(log_miss))`` where ``log_miss = log P(c not drawn)`` (< 0)."""
+    return torch.log(-torch.expm1(log_miss.clamp(max=-1e-300)))
+
+
+def shared_draws(proposal: Tensor, num_sampled: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+    """``m`` draws with replacement from ``Q`` ``(V,)``: the distinct classes ``U`` (sorted) and ``log pi(U)``.
+
+    ``pi(c) = 1 - (1 - Q(c))^m``: the probability that ``c`` is drawn at least once.
+    """
+    device = proposal.device
+    draw_device = generator.device if generator is not None else device
+    samples = torch.multinomial(proposal.float().to(draw_device), num_sampled, replacement=True, generator=generator)
+    classes = torch.unique(samples.to(device))
+    log_miss = num_sampled * torch.log1p(-proposal.double()[classes])
+    return classes, _log_inclusion(log_miss)
+
+
+class RowProposals:
+    """Per-row proposals ``Q_b`` from the LUT scan (module docstring): hard sets, tail candidates, their log-probabilities.
+
+    ``values`` / ``indices``: ``(B, C)`` LUT scores and classes, best first (``ops.lut_topk``).
+    """
+
+    def __init__(self, values: Tensor, indices: Tensor, num_hard: int, num_classes: int, share: float = CANDIDATE_SHARE,
+                 base: Optional[Tensor] = None, side_rows: Optional[Tensor] = None):
+        self.num_classes = num_classes
+        self.hard = indices[:, :num_hard]
+        if side_rows is not None and side_rows.numel():
+            # the layer's exact side list (rows the codes cannot represent) joins every hard set; the
+            # scan never returns those rows, so the hard set stays distinct and disjoint from the tail
+            self.hard = torch.cat([self.hard, side_rows.to(indices.device).expand(indices.shape[0], -1)], dim=1)
+        self.tail = indices[:, num_hard:]
+        self.tail_scores = values[:, num_hard:].float()
+        self.share = share if self.tail.shape[1] else 0.0
+        # the floor (1 - alpha) * base(c): uniform, or a given distribution (e.g. the unigram)
+        self.base = base.double() if base is not None else None
+        self.floor = (1.0 - self.share) * (self.base if base is not None else
+                                           torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64,
+                                                      device=indices.device))
+        # component probability of the tail candidates, without the floor: alpha e^s / sum e^s
+        self.tail_logq = math.log(max(self.share, 1e-300)) + torch.log_softmax(self.tail_scores.double(), dim=1)
+
+    def prob(self, rows: Tensor, classes: Tensor) -> Tensor:
+        """``Q_b(c)`` (float64) for ``classes`` ``(R, n)`` of the rows ``rows`` ``(R,)``."""
+        q = self.floor[classes]
+        if self.tail.shape[1]:
+            tail = self.tail[rows]
+            order = tail.argsort(dim=1)
+            sorted_tail = tail.gather(1, order)
+            pos = torch.searchsorted(sorted_tail, classes).clamp_(max=tail.shape[1] - 1)
+            hit = sorted_tail.gather(1, pos) == classes
+            logq = self.tail_logq[rows].gather(1, order.gather(1, pos))
+            q = q + torch.where(hit, logq.exp(), 0.0)
+        return q
+
+    def draw(self, counts: Tensor, generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor]:
+        """``counts[k]`` draws from each row's ``Q_k``: ``(samples, owner)``, both ``(sum counts,)``."""
+        device = self.tail.device
+        draw_device = generator.device if generator is not None else device
+        owner = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+        total = int(owner.numel())
+        u = torch.rand(total, generator=generator, device=draw_device).to(device)
+        pick = torch.rand(total, generator=generator, device=draw_device).to(device)
+        if self.base is None:
+            samples = torch.randint(0, self.num_classes, (total,), generator=generator, device=draw_device).to(device)
+        else:
+            samples = torch.multinomial(self.base.float().to(draw_device), total, replacement=True,
+                                        generator=generator).to(device)
+        if self.tail.shape[1]:
+            cdf = self.tail_logq.exp().cumsum(1) / self.share  # per-row CDF of the tail component
+            idx = torch.searchsorted(cdf[owner], (u * cdf[owner, -1]).unsqueeze(1)).squeeze(1)
+            idx = idx.clamp_(max=self.tail.shape[1] - 1)
+            samples = torch.where(pick < self.share, self.tail[owner, idx], samples)
+        return samples, owner
+
+    def shared_draws(self, num_sampled: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """Balance-heuristic draws (``n_k`` from each ``Q_k``): the distinct classes ``U`` and ``log pi(U)``.
+
+        ``log P(c not in U) = sum_k n_k log(1 - Q_k(c))``: the floor's part is the same for
+        every class; each row's tail candidates add their own correction (a scatter-add over
+        the ``B x |T|`` candidates, no ``(B, |U|)`` search).
+        """
+        batch, device = self.tail.shape[0], self.tail.device
+        counts = self._counts(batch, num_sampled, generator)
+        samples, _ = self.draw(counts, generator)
+        classes = torch.unique(samples)
+        log_floor = torch.log1p(-self.floor.clamp(max=1 - 1e-15))
+        log_miss = num_sampled * log_floor
+        if self.tail.shape[1]:
+            floor_tail = self.floor[self.tail]
+            q = self.tail_logq.exp() + floor_tail
+            delta = counts.unsqueeze(1).double().to(device) * (torch.log1p(-q.clamp(max=1 - 1e-15)) - log_floor[self.tail])
+            log_miss.index_add_(0, self.tail.reshape(-1), delta.reshape(-1))
+        return classes, _log_inclusion(log_miss[classes])
+
+    @staticmethod
+    def _counts(batch: int, num_sampled: int, generator: Optional[torch.Generator]) -> Tensor:
+        base, extra = divmod(num_sampled, batch)
+        counts = torch.full((batch,), base, dtype=torch.int64)
+        if extra:
+            gen_cpu = generator if generator is not None and generator.device.type == "cpu" else None
+            counts[torch.randperm(batch, generator=gen_cpu)[:extra]] += 1
+        return counts
+
+
+def _excluded_mask(classes: Tensor, excluded: Tensor) -> Tensor:
+    """``(B, |U|)`` bool: ``classes[j]`` (sorted, distinct) is in row ``b``'s ``excluded`` set ``(B, e)``."""
+    batch, size = excluded.shape[0], classes.numel()
+    mask = torch.zeros((batch, size + 1), dtype=torch.bool, device=classes.device)  # last column: not drawn
+    if size and excluded.shape[1]:
+        pos = torch.searchsorted(classes, excluded).clamp_(max=size - 1)
+        mask.scatter_(1, torch.where(classes[pos] == excluded, pos, size), True)
+    return mask[:, :size]
 
 
 def sampled_softmax_loss(
@@ -109,62 +249,114 @@ def sampled_softmax_loss(
     target: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
-    proposal: Tensor,
-    num_sampled: int,
+    classes: Tensor,
+    log_inclusion: Tensor,
     hard: Optional[Tensor] = None,
     remove_accidental_hits: bool = True,
-    generator: Optional[torch.Generator] = None,
+    cv_classes: Optional[Tensor] = None,
+    cv_scores: Optional[Tensor] = None,
 ) -> Tensor:
-    """Per-row loss ``log Z_hat - l_t`` (module docstring) for rows ``h`` ``(B, d)`` and ``target`` ``(B,)``.
+    """Per-row loss ``log Z_hat_b - l_bt`` (module docstring) for rows ``h`` ``(B, d)`` and ``target`` ``(B,)``.
 
-    ``proposal`` is ``Q`` ``(V,)`` (sums to 1); ``hard`` the optional per-row exact sets ``H_b``,
-    ``(B, n)`` int64 with distinct classes in each row. Gradients flow to ``h``, ``weight`` and
-    ``bias`` through the exact logits.
+    ``classes``: the distinct drawn classes ``U`` (sorted, int64), ``log_inclusion``: ``log
+    pi(U)``; ``hard``: optional per-row exact sets ``(B, n)`` with distinct classes in each row.
+    ``cv_classes`` / ``cv_scores``: optional ``(B, T)`` classes with known approximate scores
+    (the control variate), distinct per row and disjoint from ``hard``. Gradients flow to
+    ``h``, ``weight`` and ``bias`` through the exact logits.
     """
     batch, device = h.shape[0], h.device
     hard = torch.zeros((batch, 0), dtype=torch.int64, device=device) if hard is None else hard
-    draw_device = generator.device if generator is not None else device
-    samples = torch.multinomial(proposal.to(draw_device), num_sampled, replacement=True, generator=generator)
-    samples = samples.to(device)
-    # exact logits: the rows' own hard classes and the target (gather + bmm), the shared draws (one matmul)
     hard_logits = exact_logits(h, weight, bias, hard)  # (B, n)
     target_logit = exact_logits(h, weight, bias, target.unsqueeze(1)).squeeze(1)
-    draw_logits = (h @ weight.index_select(0, samples).T.to(h.dtype)).float()  # (B, m)
+    draw_logits = (h.float() @ weight.index_select(0, classes).float().T)  # (B, |U|), one matmul
     if bias is not None:
-        draw_logits = draw_logits + bias[samples].float()
-
+        draw_logits = draw_logits + bias[classes].float()
     hard_is_target = hard == target.unsqueeze(1)
-    # each row drops the draws that land in its hard set (already counted exactly) and, with
-    # remove_accidental_hits, on its target. Rather than search B * m draws in the rows' sets,
-    # look the B * |excluded| classes up in the sorted draws, mark the first copy of each class
-    # found, and let every draw read the mark of its class's first copy (static shapes throughout)
     excluded = torch.cat([hard, target.unsqueeze(1)], 1) if remove_accidental_hits else hard
-    drawn, order = samples.sort()
-    first_copy = torch.empty_like(order)
-    first_copy[order] = torch.searchsorted(drawn, drawn)  # per draw: where its class starts in `drawn`
-    pos = torch.searchsorted(drawn, excluded).clamp_(max=num_sampled - 1)
-    marked = torch.zeros((batch, num_sampled + 1), dtype=torch.bool, device=device)  # last column: not drawn
-    marked.scatter_(1, torch.where(drawn[pos] == excluded, pos, num_sampled), True)
-    keep_draw = ~marked[:, first_copy]
-    q_excluded = proposal[hard].sum(1)  # Q(H_b)
+    drop = _excluded_mask(classes, excluded)
+    weighted = (draw_logits - log_inclusion.float().unsqueeze(0)).masked_fill(drop, -math.inf)
+    terms = torch.cat([target_logit.unsqueeze(1), hard_logits.masked_fill(hard_is_target, -math.inf), weighted], dim=1)
+    if logger.isEnabledFor(logging.DEBUG) and batch:
+        with torch.no_grad():
+            w = torch.softmax(weighted.detach(), dim=1).nan_to_num_(0.0)
+            ess = 1.0 / (w * w).sum(1).clamp_min(1e-30)
+            ess = torch.where(torch.isfinite(weighted).any(1), ess, 0.0)
+            logger.debug("torchaq sampled softmax: %d distinct draws, ESS per row mean %.1f min %.1f",
+                         classes.numel(), float(ess.mean()), float(ess.min()))
+    if cv_classes is None:
+        return torch.logsumexp(terms, dim=1) - target_logit
+    # control variate: Z = exact + sum_{T \ E} e^{s} + sum_{U \ E} (e^l - 1[c in T] e^s) / pi
+    cv_scores = cv_scores.float()
+    cv_keep = torch.ones_like(cv_classes, dtype=torch.bool)
     if remove_accidental_hits:
-        q_excluded = q_excluded + torch.where(hard_is_target.any(1), 0.0, proposal[target])
-    kept = keep_draw.sum(1, keepdim=True).clamp_min(1)
-    # log of the importance weight 1 / (m' Q'(s)) with Q' = Q / (1 - Q(excluded))
-    log_weight = (
-        torch.log((1 - q_excluded).clamp_min(1e-12)).unsqueeze(1)
-        - torch.log(kept.float())
-        - torch.log(proposal[samples]).unsqueeze(0)
-    )
-    terms = torch.cat(
-        [
-            target_logit.unsqueeze(1),  # the target counts once, as the positive
-            hard_logits.masked_fill(hard_is_target, -math.inf),
-            (draw_logits + log_weight).masked_fill(~keep_draw, -math.inf),
-        ],
-        dim=1,
-    )
+        cv_keep = cv_classes != target.unsqueeze(1)
+    shift = terms.detach().amax(1)
+    if cv_scores.shape[1]:
+        shift = torch.maximum(shift, cv_scores.amax(1))
+    positive = torch.exp(terms - shift.unsqueeze(1)).sum(1)
+    exact_part = torch.exp(terms[:, : 1 + hard.shape[1]] - shift.unsqueeze(1)).sum(1)
+    lut_sum = torch.where(cv_keep, torch.exp(cv_scores - shift.unsqueeze(1)), 0.0).sum(1)
+    # the drawn classes that are tail candidates of the row: subtract e^{s} / pi for them
+    size = classes.numel()
+    if size and cv_classes.shape[1]:
+        pos = torch.searchsorted(classes, cv_classes.contiguous()).clamp_(max=size - 1)
+        in_u = (classes[pos] == cv_classes) & cv_keep
+        correction = torch.where(in_u, torch.exp(cv_scores - log_inclusion.float()[pos] - shift.unsqueeze(1)), 0.0).sum(1)
+    else:
+        correction = torch.zeros_like(lut_sum)
+    z = positive + (lut_sum - correction)
+    z = torch.maximum(z, exact_part)  # the correction can overshoot: never below the exact terms
+    return shift + torch.log(z) - target_logit
+
+
+def per_row_sampled_softmax_loss(
+    h: Tensor, target: Tensor, weight: Tensor, bias: Optional[Tensor], proposals: RowProposals, num_sampled: int,
+    remove_accidental_hits: bool = True, generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Each row's own ``m`` draws from its ``Q_b``, weighted ``1 / (m' Q_b'(s))`` (excluded set removed), no sharing.
+
+    ``Z_hat_b = e^{l_t} + sum_{H_b \\ t} e^{l} + (1 - Q_b(E_b)) / m' sum_{kept j} e^{l_{s_j}} / Q_b(s_j)``:
+    the kept draws are i.i.d. from ``Q_b`` conditioned on ``not in E_b``. Cost ``B m d`` as a
+    gather + batched mat-vec (memory ``(B, m, d)``).
+    """
+    batch, device = h.shape[0], h.device
+    hard = proposals.hard
+    rows = torch.arange(batch, device=device)
+    counts = torch.full((batch,), num_sampled, dtype=torch.int64)
+    samples, _ = proposals.draw(counts, generator)
+    samples = samples.view(batch, num_sampled)
+    hard_logits = exact_logits(h, weight, bias, hard)
+    target_logit = exact_logits(h, weight, bias, target.unsqueeze(1)).squeeze(1)
+    draw_logits = exact_logits(h, weight, bias, samples)
+    hard_is_target = hard == target.unsqueeze(1)
+    excluded = torch.cat([hard, target.unsqueeze(1)], 1) if remove_accidental_hits else hard
+    keep = ~(samples.unsqueeze(2) == excluded.unsqueeze(1)).any(2)
+    q_draw = proposals.prob(rows, samples)
+    q_excl = proposals.prob(rows, excluded)
+    if remove_accidental_hits:  # the target counted once even if it is in the hard set
+        q_excl = torch.where(torch.cat([torch.zeros_like(hard_is_target), hard_is_target.any(1, keepdim=True)], 1), 0.0, q_excl)
+    kept = keep.sum(1, keepdim=True).clamp_min(1)
+    log_w = (torch.log((1 - q_excl.sum(1)).clamp_min(1e-12)).unsqueeze(1) - torch.log(kept.double()) - torch.log(q_draw)).float()
+    terms = torch.cat([target_logit.unsqueeze(1), hard_logits.masked_fill(hard_is_target, -math.inf),
+                       (draw_logits + log_w).masked_fill(~keep, -math.inf)], dim=1)
     return torch.logsumexp(terms, dim=1) - target_logit
+
+
+def _flat_features(layer, h: Tensor) -> Tensor:
+    check_features(h, layer.dim, "h", layer.weight.device, "layer")
+    if not torch.compiler.is_compiling() and h.numel() and not bool(torch.isfinite(h).all()):
+        raise ValueError("h contains NaN or Inf")
+    return h.reshape(-1, layer.dim)
+
+
+def row_proposals(layer, flat: Tensor, num_hard: int = HARD_PER_ROW, num_candidates: int = CANDIDATES_PER_ROW,
+                  share: float = CANDIDATE_SHARE, base: Optional[Tensor] = None) -> RowProposals:
+    """The per-row proposals of ``layer`` (a :class:`torchaq.QuantizedSoftmax`) for rows ``flat`` ``(B, d)``: one ``lut_topk`` scan."""
+    num_classes = layer.num_classes
+    candidates = min(num_classes, max(num_candidates, num_hard, 1))
+    with torch.no_grad():
+        values, indices = layer.scan(flat.detach(), candidates)
+    return RowProposals(values, indices, min(num_hard, indices.shape[1]), num_classes, share, base, layer.side_rows)
 
 
 def layer_sampled_softmax_loss(
@@ -178,57 +370,80 @@ def layer_sampled_softmax_loss(
     class_counts: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     num_hard: int = HARD_PER_ROW,
+    num_candidates: int = CANDIDATES_PER_ROW,
+    control_variate: bool = True,
+    share_draws: bool = True,
+    candidate_share: float = CANDIDATE_SHARE,
 ) -> Tensor:
     """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
 
-    ``log Z_hat - logit_target`` where ``Z_hat`` counts the target and (quantized sampler) a
-    hard set of LUT-top classes exactly and estimates the rest from ``num_sampled`` classes
-    drawn from a proposal ``Q`` with the logQ correction, accidental hits removed. ``E[Z_hat]
-    = Z``: the loss converges to the full cross-entropy as ``num_sampled`` grows, and equals it
-    when ``Q`` is the exact softmax. See this module's docstring for the estimator, its cost
-    (``B (|H| + m) d`` instead of ``B V d``) and its memory. Available as
-    :meth:`torchaq.QuantizedSoftmax.sampled_softmax_loss`.
+    ``log Z_hat - logit_target`` where ``Z_hat`` counts the target and (quantized sampler) each
+    row's hard set of LUT-top classes exactly, and estimates the rest from ``num_sampled``
+    draws shared by the batch with Horvitz-Thompson weights; with ``sampler="quantized"`` every
+    row draws from its own proposal read off the LUT scan and the batch shares the draws
+    (balance heuristic). ``E[Z_hat] = Z``. See this module's docstring for the estimator, its
+    cost (``B V M`` LUT lookups + ``B (|H| + m) d`` instead of ``3 B V d``), its memory and the
+    optimiser recipe. Available as :meth:`torchaq.QuantizedSoftmax.sampled_softmax_loss`.
 
     Args:
         layer: the :class:`torchaq.QuantizedSoftmax` (``self`` when called as a method).
-        num_sampled: draws from the proposal, ``1 <= num_sampled <= V``. With Adam, more
-            draws train closer to the full softmax (module docstring: 1024 vs 4096 draws).
-        sampler: ``"quantized"`` (proposal and hard negatives from the LUT scores of the
-            quantized index), ``"uniform"``, or ``"unigram"`` (needs ``class_counts``).
+        num_sampled: draws, ``1 <= num_sampled <= V`` (with replacement, de-duplicated).
+        sampler: ``"quantized"``, ``"uniform"``, or ``"unigram"`` (needs ``class_counts``).
         remove_accidental_hits: drop draws equal to the row's target.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape of ``target``).
-        class_counts: ``(V,)`` positive counts for the unigram proposal.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape of ``target``). An empty batch
+            gives ``0`` (``"mean"`` / ``"sum"``) or an empty tensor.
+        class_counts: ``(V,)`` positive counts for the unigram proposal; with the quantized
+            sampler, the floor of every row's proposal is ``(1 - alpha)`` times this unigram
+            distribution instead of uniform.
         generator: a ``torch.Generator`` for reproducible draws.
-        num_hard: quantized sampler only: each row's LUT-top classes counted exactly.
+        num_hard: quantized sampler: each row's LUT-top classes counted exactly.
+        num_candidates: quantized sampler: LUT-top classes per row read by the scan (the hard
+            set plus the tail candidates the row's proposal concentrates on).
+        control_variate: quantized sampler: add the tail candidates' LUT scores as a control
+            variate for ``Z`` (module docstring).
+        share_draws: quantized sampler: ``False`` gives each row its own ``num_sampled`` draws
+            instead of sharing them (slower; for comparison).
+        candidate_share: quantized sampler: ``alpha``, the share of each row's proposal on its
+            tail candidates (the rest is uniform over the ``V`` classes), in ``(0, 1)``.
     """
     num_classes = layer.num_classes
     _check(h, target, num_classes, num_sampled, sampler, reduction)
-    if not isinstance(num_hard, int) or isinstance(num_hard, bool) or num_hard < 0:
-        raise ValueError(f"num_hard must be an integer >= 0, got {num_hard!r}")
-    flat = layer._flat_h(h)
+    for name, value, low in (("num_hard", num_hard, 0), ("num_candidates", num_candidates, 1)):
+        if not _is_int(value) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if isinstance(candidate_share, bool) or not isinstance(candidate_share, (int, float)) or not 0 < candidate_share < 1:
+        raise ValueError(f"candidate_share must be a number in (0, 1), got {candidate_share!r}")
+    flat = _flat_features(layer, h)
     flat_target = target.reshape(-1).long()
-    hard = None
-    if sampler == "uniform":
-        proposal = torch.full((num_classes,), 1.0 / num_classes, device=flat.device)
-    elif sampler == "unigram":
+    if sampler == "unigram":
         if class_counts is None:
             raise ValueError('sampler="unigram" needs class_counts (a (V,) tensor of positive counts)')
         proposal = unigram_proposal(class_counts.to(flat.device), num_classes)
+    if flat.shape[0] == 0:  # nothing to estimate; keep the graph connected to h and the weights
+        zero = flat.sum() * 0.0 + layer.weight.sum() * 0.0
+        return zero.expand(target.shape) if reduction == "none" else zero
+    hard = cv_classes = cv_scores = None
+    if sampler == "quantized":
+        base = None if class_counts is None else unigram_proposal(class_counts.to(flat.device), num_classes)
+        proposals = row_proposals(layer, flat, int(num_hard), int(num_candidates), float(candidate_share), base)
+        if not share_draws:
+            loss = per_row_sampled_softmax_loss(flat, flat_target, layer.weight, layer.bias, proposals, num_sampled,
+                                                remove_accidental_hits, generator)
+            return _reduce(loss, target, reduction)
+        classes, log_pi = proposals.shared_draws(num_sampled, generator)
+        hard = proposals.hard
+        if control_variate:
+            cv_classes, cv_scores = proposals.tail, proposals.tail_scores
     else:
-        with torch.no_grad():
-            lut = layer.quantizer.lut(flat.detach().float())
-            # every row's own LUT-top classes, counted exactly (the fast scan op), plus the layer's
-            # exact side list (rows the codes cannot represent; the scan never returns them)
-            scan_k = min(num_hard, num_classes - layer.side_rows.numel())
-            _, hard = ops.lut_topk(lut, layer.packed_codes, num_classes, scan_k, layer._scan_bias())
-            hard = layer._with_side_rows(hard)
-            draw_device = generator.device if generator is not None else flat.device
-            pick = torch.randperm(flat.shape[0], generator=generator, device=draw_device)[:PROPOSAL_ROWS]
-            scores = ops.lut_score(lut[pick.to(flat.device)], layer.packed_codes, num_classes, layer._bias32())
-            proposal = quantized_proposal(scores)
-    loss = sampled_softmax_loss(
-        flat, flat_target, layer.weight, layer.bias, proposal, num_sampled, hard, remove_accidental_hits, generator
-    )
+        if sampler == "uniform":
+            proposal = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64, device=flat.device)
+        classes, log_pi = shared_draws(proposal, num_sampled, generator)
+    loss = sampled_softmax_loss(flat, flat_target, layer.weight, layer.bias, classes, log_pi, hard,
+                                remove_accidental_hits, cv_classes, cv_scores)
+    return _reduce(loss, target, reduction)
+
+
+def _reduce(loss: Tensor, target: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
