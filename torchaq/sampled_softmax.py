@@ -178,7 +178,7 @@ class RowProposals:
             tail = self.tail[rows]
             order = tail.argsort(dim=1)
             sorted_tail = tail.gather(1, order)
-            pos = torch.searchsorted(sorted_tail, classes).clamp_(max=tail.shape[1] - 1)
+            pos = torch.searchsorted(sorted_tail, classes.contiguous()).clamp_(max=tail.shape[1] - 1)
             hit = sorted_tail.gather(1, pos) == classes
             logq = self.tail_logq[rows].gather(1, order.gather(1, pos))
             q = q + torch.where(hit, logq.exp(), 0.0)
