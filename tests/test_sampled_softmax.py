@@ -1,4 +1,5 @@
 """Sampled softmax: the estimator against a float64 hand-built reference, limits, samplers, refresher."""
+import copy
 import logging
 import re
 
@@ -23,9 +24,15 @@ def _data(seed=0, batch=24):
 
 
 @pytest.fixture(scope="module")
-def layer():
+def _fitted_layer():
     weight, bias, _, _ = _data()
     return torchaq.QuantizedSoftmax(weight, bias, num_subspaces=8, progress=False)
+
+
+@pytest.fixture
+def layer(_fitted_layer):
+    """A fresh copy per test (fitted once per module): gradients, refreshes and refits stay in their test."""
+    return copy.deepcopy(_fitted_layer)
 
 
 def _hand_reference(h, target, weight, bias, classes, log_pi, hard, remove_hits):
