@@ -21,6 +21,7 @@
 #include "rescore.h"
 #include "rescore_kernels.h"
 #include "scan.h"
+#include "topk.h"  // order_bits / from_order_bits: the scans' float <-> ordered-integer keys
 
 namespace torchaq {
 namespace cpu {
@@ -63,20 +64,6 @@ DotsFn dots_kernel() {  // the kernel set the scans use (honours TORCHAQ_FORCE_S
   if (std::strcmp(isa, "avx512") == 0) return dots_avx512;
   if (std::strcmp(isa, "avx2") == 0) return dots_avx2;
   return dots_scalar;
-}
-
-// Unsigned integer with the order of the float (as in topk.h; -0.0 counted as +0.0).
-inline uint32_t order_bits(float f) {
-  f += 0.0f;
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u ^ (uint32_t(int32_t(u) >> 31) | 0x80000000u);
-}
-inline float from_order_bits(uint32_t u) {
-  u = (u & 0x80000000u) ? (u ^ 0x80000000u) : ~u;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
 }
 
 // Per-thread scratch, reused across calls (no allocation on the hot path once warm).
