@@ -13,7 +13,6 @@ Contract checked here (stated in torchaq/csrc/scan.cpp):
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -23,7 +22,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import torchaq
+import torchaq  # noqa: F401  (loads the C++ kernels)
+from conftest import ISAS, isa
 from torchaq import ops
 from torchaq._backends import CPU_EXTENSION_LOADED
 
@@ -32,25 +32,12 @@ RECALL_TOL = 0.95  # mean recall@10 of the exact top-10 on gaussian LUTs, 4-bit 
 if CPU_EXTENSION_LOADED:
     from torchaq import _C
 
-ISAS = ("scalar", "avx2", "avx512")
 
 
 # that the extension loads at all is tested in test_backends.py, outside this module's skip
 pytestmark = pytest.mark.skipif(not CPU_EXTENSION_LOADED, reason="torchaq._C not built")
 
 
-@contextlib.contextmanager
-def isa(name: str):
-    """Select a kernel set (capped at what the CPU supports); the switch is read at every call."""
-    old = os.environ.get("TORCHAQ_CPU_ISA")
-    os.environ["TORCHAQ_CPU_ISA"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TORCHAQ_CPU_ISA"]
-        else:
-            os.environ["TORCHAQ_CPU_ISA"] = old
 
 
 def make_case(batch, n, m, bits, seed, scale=1.0, bias=False, lut_values=None):

@@ -8,29 +8,12 @@ returns bit-identical results.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
 
+from conftest import ISAS, isa
 from torchaq import ops
 from torchaq._backends import CPU_EXTENSION_LOADED
-
-ISAS = ("scalar", "avx2", "avx512")
-
-
-@contextlib.contextmanager
-def isa(name: str):
-    old = os.environ.get("TORCHAQ_CPU_ISA")
-    os.environ["TORCHAQ_CPU_ISA"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TORCHAQ_CPU_ISA"]
-        else:
-            os.environ["TORCHAQ_CPU_ISA"] = old
 
 
 def make(batch, v, d, c, seed=0, bias=True, dtype=torch.float32):
