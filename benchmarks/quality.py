@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -146,25 +147,34 @@ def _describe_pq(pq) -> str:
     return ""
 
 
+def _fit_and_score(quantizer_cls, s: Setting, threshold: Optional[float], calibrate: bool, iters: Optional[int],
+                   args, split_times: bool) -> Result:
+    """Fit a torchaq quantizer (+ calibration queries), encode the table, LUT scores, top-100."""
+    kwargs = {"progress": args.progress}
+    if iters is not None:
+        kwargs["iters"] = iters
+    if calibrate:
+        kwargs["queries"] = s.calib
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    quantizer = quantizer_cls(s.table.shape[1], s.num_subspaces, bits=4, threshold=threshold, seed=0)
+    quantizer.fit(s.table, **kwargs)
+    t1 = time.perf_counter()
+    codes = quantizer.encode(s.table)
+    t2 = time.perf_counter()
+    cands = _topk_chunked(lambda q: quantizer.score(q, codes), s.queries)
+    notes = [f"fit {t1 - t0:.1f} s + encode {t2 - t1:.1f} s"] if split_times else []
+    if calibrate:
+        notes.append(_describe_pq(quantizer))
+    return score_candidates(s, cands, t2 - t0, "; ".join(notes))
+
+
 def run_torchaq(s: Setting, threshold: Optional[float], calibrate: bool, args) -> Result:
     """torchaq.AnisotropicPQ: fit (+ calibration queries) + encode, LUT scores, top-100."""
     AnisotropicPQ, why = _torchaq_pq()
     if AnisotropicPQ is None:
         return Result(note=f"torchaq.AnisotropicPQ unavailable ({why})")
-    d = s.table.shape[1]
-    kwargs = {"progress": args.progress}
-    if args.iters is not None:
-        kwargs["iters"] = args.iters
-    if calibrate:
-        kwargs["queries"] = s.calib
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    pq = AnisotropicPQ(d, s.num_subspaces, bits=4, threshold=threshold, seed=0)
-    pq.fit(s.table, **kwargs)
-    codes = pq.encode(s.table)
-    fit_s = time.perf_counter() - t0
-    cands = _topk_chunked(lambda q: pq.score(q, codes), s.queries)
-    return score_candidates(s, cands, fit_s, _describe_pq(pq) if calibrate else "")
+    return _fit_and_score(AnisotropicPQ, s, threshold, calibrate, args.iters, args, split_times=False)
 
 
 def run_faiss(s: Setting, args) -> Result:
@@ -210,24 +220,7 @@ def run_torchaq_aq(s: Setting, threshold: Optional[float], calibrate: bool, args
         from torchaq import AnisotropicAQ
     except Exception as e:  # noqa: BLE001
         return Result(note=f"torchaq.AnisotropicAQ unavailable ({type(e).__name__}: {e})")
-    d = s.table.shape[1]
-    kwargs = {"progress": args.progress}
-    if args.aq_iters is not None:
-        kwargs["iters"] = args.aq_iters
-    if calibrate:
-        kwargs["queries"] = s.calib
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    aq = AnisotropicAQ(d, s.num_subspaces, bits=4, threshold=threshold, seed=0)
-    aq.fit(s.table, **kwargs)
-    t1 = time.perf_counter()
-    codes = aq.encode(s.table)
-    t2 = time.perf_counter()
-    cands = _topk_chunked(lambda q: aq.score(q, codes), s.queries)
-    note = f"fit {t1 - t0:.1f} s + encode {t2 - t1:.1f} s"
-    if calibrate:
-        note += f"; {_describe_pq(aq)}"
-    return score_candidates(s, cands, t2 - t0, note)
+    return _fit_and_score(AnisotropicAQ, s, threshold, calibrate, args.aq_iters, args, split_times=True)
 
 
 def aq_method_list(args) -> list[tuple[str, Callable[[Setting], Result]]]:
@@ -413,8 +406,6 @@ def encode_timing(v: int, d: int, m: int) -> list:
 
 def fit_timing(args) -> str:
     """Time AnisotropicPQ.fit per phase and the encoders, at LLM-head sizes (and the MiniLM head)."""
-    import torch.profiler  # noqa: F401 - the phases come from AnisotropicPQ.fit_seconds
-
     from benchmarks.common import markdown_table
 
     header = ["setting", "V x d", "M", "queries", "fit s", *[f"{p} s" for p in FIT_PHASES], "other s",
