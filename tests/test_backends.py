@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-import torchaq
 from torchaq import layout, ops
 from torchaq._backends import CPU_EXTENSION_LOADED
 
