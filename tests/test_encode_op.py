@@ -104,3 +104,24 @@ def test_quantizer_encode_uses_the_op_and_keeps_quality():
     ref = anisotropic_encode_reference(xp, pq.codebooks, pq.row_eta(xp), 10)
     codes = pq.encode(x).long()
     assert (codes == ref).all(1).float().mean() >= 0.98
+
+
+@needs_cpp
+@pytest.mark.parametrize("n", [1, 7, 9, 37])
+def test_eight_row_blocks_match_the_row_kernel(monkeypatch, n):
+    """The AVX2 K=16 descent runs eight rows per vector: short blocks, a zero row and large eta
+    (many moves per round) give the per-row (baseline) kernel's codes exactly."""
+    x, cb, _ = _case(max(n, 8), 40, 16, 2, seed=7)
+    x, eta = x[:n].contiguous(), 1 + 200 * torch.rand(n, generator=torch.Generator().manual_seed(8))
+    if n > 1:
+        x[n // 2] = 0
+    got = ops.anisotropic_encode(x, cb, eta, 10)
+    monkeypatch.setenv("TORCHAQ_FORCE_SCALAR", "1")
+    row_kernel = ops.anisotropic_encode(x, cb, eta, 10)
+    assert torch.equal(got, row_kernel)
+    assert not torch.equal(got, ops.pq_encode(x, cb))  # the descent moved something
+    for rounds in (1, 2):
+        monkeypatch.delenv("TORCHAQ_FORCE_SCALAR")
+        fast = ops.anisotropic_encode(x, cb, eta, rounds)
+        monkeypatch.setenv("TORCHAQ_FORCE_SCALAR", "1")
+        assert torch.equal(fast, ops.anisotropic_encode(x, cb, eta, rounds))

@@ -14,7 +14,9 @@
 // This is torchaq.encode.anisotropic_encode_reference, row by row; codes can differ from it only
 // where two candidates' losses are within float rounding (sums are accumulated in another order).
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -73,8 +75,19 @@ inline int64_t first_argmin(const float* __restrict v, int64_t K) {
   return best;
 }
 
+#if defined(__AVX2__)
+// K = 16 descent with AVX2, eight rows at once, one per lane (descend_rows8_k16 below).
+inline void descend_rows8_k16(const EncodeProblem& p, int64_t r0, int64_t r1, float* scratch);
+#endif
+
 template <int64_t KC>
 inline void encode_rows_k(const EncodeProblem& p, int64_t r0, int64_t r1, float* scratch) {
+#if defined(__AVX2__)
+  if (KC == 16 && p.eta != nullptr && p.max_rounds > 0) {
+    descend_rows8_k16(p, r0, r1, scratch);
+    return;
+  }
+#endif
   const int64_t M = p.M, K = KC > 0 ? KC : p.K, D = p.M * p.dsub;
   float* __restrict dots = scratch;
   float* __restrict dist = dots + M * K;
@@ -131,6 +144,108 @@ inline void encode_rows_k(const EncodeProblem& p, int64_t r0, int64_t r1, float*
     }
   }
 }
+
+#if defined(__AVX2__)
+// The same descent as encode_rows_k for K = 16, on eight rows at once: lane l of every vector is
+// row r + l. One row's descent is a serial chain over the M subspaces (each step reads the |r|^2
+// and <r, x> the previous one left), so one row at a time waits on latency; eight independent
+// chains fill the vector instead. Per lane every float operation is the scalar kernel's, in the
+// same order (candidates j = 0..15 scanned with a strict <, which keeps the first argmin; |r|^2 and
+// <r, x> summed over m in order), so the codes are bit-identical to the per-row kernel. A lane
+// whose row has converged keeps running rounds with the others: a round that moves nothing leaves
+// the state as it was, so the next one moves nothing either. Short blocks repeat their last row.
+// Scratch (encode_scratch_floats): per row dots/e as in encode_rows_k, plus the block's dots and e
+// as (M, 16, 8) and the current code's e and dot as (M, 8).
+inline void descend_rows8_k16(const EncodeProblem& p, int64_t r0, int64_t r1, float* scratch) {
+  constexpr int64_t K = 16, L = 8;
+  const int64_t M = p.M, D = p.M * p.dsub;
+  float* __restrict dots = scratch;
+  float* __restrict dist = dots + M * K;
+  float* __restrict xsq_sub = dist + M * K;
+  float* __restrict tmp = xsq_sub + M;
+  float* __restrict bd = tmp + 2 * K;     // (M, K, L) dots of the block
+  float* __restrict be = bd + M * K * L;  // (M, K, L) e of the block
+  float* __restrict cur_e = be + M * K * L;  // (M, L) e of the current code
+  float* __restrict cur_d = cur_e + M * L;   // (M, L) dot of the current code
+  std::vector<int32_t> code8(M * L);
+  alignas(32) float x_sq8[L], coef8[L];
+  for (int64_t b0 = r0; b0 < r1; b0 += L) {
+    const int64_t nb = std::min<int64_t>(L, r1 - b0);
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t r = b0 + std::min<int64_t>(l, nb - 1);
+      const float* x = p.x + r * D;
+      row_dots<K>(p, x, dots, xsq_sub);
+      float x_sq = 0.f;
+      for (int64_t t = 0; t < D; ++t) x_sq = x_sq + x[t] * x[t];
+      x_sq8[l] = x_sq;
+      coef8[l] = x_sq > 0.f ? (p.eta[r] - 1.f) / x_sq : 0.f;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* __restrict hm = p.half_sq + m * K;
+        const float* __restrict cs = p.code_sq + m * K;
+        const float* __restrict dm = dots + m * K;
+        for (int64_t j = 0; j < K; ++j) tmp[j] = hm[j] - dm[j];
+        const int64_t c = first_argmin16(tmp);
+        const float xs = xsq_sub[m];
+        for (int64_t j = 0; j < K; ++j) {
+          const float e = (xs - 2.f * dm[j]) + cs[j];
+          bd[(m * K + j) * L + l] = dm[j];
+          be[(m * K + j) * L + l] = e;
+        }
+        code8[m * L + l] = int32_t(c);
+        cur_d[m * L + l] = dm[c];
+        cur_e[m * L + l] = be[(m * K + c) * L + l];
+      }
+    }
+    const __m256 coef = _mm256_load_ps(coef8), x_sq = _mm256_load_ps(x_sq8);
+    const __m256 inf = _mm256_set1_ps(__builtin_inff());
+    for (int64_t round = 0; round < p.max_rounds; ++round) {
+      __m256 r_sq = _mm256_setzero_ps(), dot_sum = _mm256_setzero_ps();
+      for (int64_t m = 0; m < M; ++m) {
+        r_sq = _mm256_add_ps(r_sq, _mm256_loadu_ps(cur_e + m * L));
+        dot_sum = _mm256_add_ps(dot_sum, _mm256_loadu_ps(cur_d + m * L));
+      }
+      __m256 r_dot_x = _mm256_sub_ps(x_sq, dot_sum);
+      __m256 moved_any = _mm256_setzero_ps();
+      for (int64_t m = 0; m < M; ++m) {
+        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(code8.data() + m * L));
+        const __m256 d_cur = _mm256_loadu_ps(cur_e + m * L), p_cur = _mm256_loadu_ps(cur_d + m * L);
+        const __m256 a = _mm256_sub_ps(r_sq, d_cur), b = _mm256_add_ps(r_dot_x, p_cur);
+        const float* __restrict em = be + m * K * L;
+        const float* __restrict dm = bd + m * K * L;
+        __m256 best_l = inf, best_e = d_cur, best_d = p_cur, cur_l = inf;
+        __m256i best_j = _mm256_setzero_si256();
+        for (int64_t j = 0; j < K; ++j) {
+          const __m256 e = _mm256_loadu_ps(em + j * L), d = _mm256_loadu_ps(dm + j * L);
+          const __m256 bj = _mm256_sub_ps(b, d);
+          const __m256 loss = _mm256_add_ps(_mm256_add_ps(a, e), _mm256_mul_ps(_mm256_mul_ps(coef, bj), bj));
+          const __m256 lt = _mm256_cmp_ps(loss, best_l, _CMP_LT_OQ);
+          const __m256i jv = _mm256_set1_epi32(int32_t(j));
+          best_l = _mm256_blendv_ps(best_l, loss, lt);
+          best_e = _mm256_blendv_ps(best_e, e, lt);
+          best_d = _mm256_blendv_ps(best_d, d, lt);
+          best_j = _mm256_castps_si256(
+              _mm256_blendv_ps(_mm256_castsi256_ps(best_j), _mm256_castsi256_ps(jv), lt));
+          cur_l = _mm256_blendv_ps(cur_l, loss, _mm256_castsi256_ps(_mm256_cmpeq_epi32(c, jv)));
+        }
+        const __m256 mv = _mm256_cmp_ps(best_l, cur_l, _CMP_LT_OQ);
+        if (_mm256_movemask_ps(mv) == 0) continue;
+        moved_any = _mm256_or_ps(moved_any, mv);
+        r_sq = _mm256_blendv_ps(r_sq, _mm256_add_ps(r_sq, _mm256_sub_ps(best_e, d_cur)), mv);
+        r_dot_x = _mm256_blendv_ps(r_dot_x, _mm256_add_ps(r_dot_x, _mm256_sub_ps(p_cur, best_d)), mv);
+        _mm256_storeu_ps(cur_e + m * L, _mm256_blendv_ps(d_cur, best_e, mv));
+        _mm256_storeu_ps(cur_d + m * L, _mm256_blendv_ps(p_cur, best_d, mv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(code8.data() + m * L),
+                            _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(c), _mm256_castsi256_ps(best_j), mv)));
+      }
+      if (_mm256_movemask_ps(moved_any) == 0) break;
+    }
+    for (int64_t l = 0; l < nb; ++l) {
+      int64_t* __restrict codes = p.codes + (b0 + l) * M;
+      for (int64_t m = 0; m < M; ++m) codes[m] = code8[m * L + l];
+    }
+  }
+}
+#endif
 
 // Compile-time K for the two code widths (the K loops become whole SIMD vectors).
 inline void encode_rows_impl(const EncodeProblem& p, int64_t r0, int64_t r1, float* scratch) {

@@ -21,7 +21,10 @@ struct EncodeProblem {
 };
 
 // Floats of scratch one call of encode_rows needs.
-inline int64_t encode_scratch_floats(const EncodeProblem& p) { return 2 * p.M * p.K + p.M + 2 * p.K + 64; }
+// (K = 16 with AVX2 adds the eight-row block of descend_rows8_k16: 2 (M, 16, 8) + 2 (M, 8).)
+inline int64_t encode_scratch_floats(const EncodeProblem& p) {
+  return 2 * p.M * p.K + p.M + 2 * p.K + 64 + (p.K == 16 ? 2 * p.M * 16 * 8 + 2 * p.M * 8 : 0);
+}
 
 // Encodes rows [r0, r1) with `scratch` (encode_scratch_floats floats, owned by the caller).
 void encode_rows_scalar(const EncodeProblem& p, int64_t r0, int64_t r1, float* scratch);
