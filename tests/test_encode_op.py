@@ -111,7 +111,7 @@ def test_quantizer_encode_uses_the_op_and_keeps_quality():
 def test_eight_row_blocks_match_the_row_kernel(monkeypatch, n):
     """The AVX2 K=16 descent runs eight rows per vector: short blocks, a zero row and large eta
     (many moves per round) give the per-row (baseline) kernel's codes exactly."""
-    x, cb, _ = _case(max(n, 8), 40, 16, 2, seed=7)
+    x, cb, _ = _case(64, 40, 16, 2, seed=7)
     x, eta = x[:n].contiguous(), 1 + 200 * torch.rand(n, generator=torch.Generator().manual_seed(8))
     if n > 1:
         x[n // 2] = 0
