@@ -13,7 +13,7 @@ where ``B_i`` selects codeword ``c_im`` in every subspace (so ``B_i C = x~_i``),
 The matrix is block-diagonal codeword counts plus a sum of rank-one terms that couple all
 subspaces (``r_par`` involves every subspace), far too large to form for real sizes
 (``(M K dsub)^2``). We solve it matrix-free with preconditioned conjugate gradients: applying
-the matrix is one decode plus one scatter-add over the data, and the Jacobi preconditioner is
+the matrix is one decode plus one scatter-add over the data (``torch.ops.torchaq.anisotropic_normal_apply``), and the Jacobi preconditioner is
 its exact diagonal. ScaNN itself only runs per-subspace k-means and applies the anisotropic
 loss at encoding time; this joint update is where we improve on it.
 """
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-from .encode import row_chunks
 
 CG_MAX_ITERS = 50
 CG_TOL = 1e-5
@@ -33,34 +31,33 @@ class _NormalEquations:
 
     def __init__(self, x: Tensor, codes: Tensor, eta: Tensor, num_codewords: int):
         n, m = codes.shape
-        self.x, self.codes, self.m, self.k = x, codes, m, num_codewords
+        self.x, self.m, self.k = x, m, num_codewords
         self.dsub = x.shape[1] // m
-        x_norm = x.norm(dim=1, keepdim=True)
-        self.unit = torch.where(x_norm > 0, x / x_norm.clamp_min(1e-30), torch.zeros_like(x))
-        self.eta_minus_1 = (eta - 1).unsqueeze(1)
-        self.slots = codes + torch.arange(m, device=x.device) * num_codewords  # (N, M)
+        x_sq = (x * x).sum(1)
+        # coef_i = (eta_i - 1) / |x_i|^2, so that (eta - 1) <u, v> u = coef <x, v> x; zero rows: 0
+        self.coef = torch.where(x_sq > 0, (eta - 1) / x_sq.clamp_min(1e-30), torch.zeros_like(x_sq)).float()
+        # the product reads the codes once per CG iteration: one byte each when they fit
+        self.codes = codes.to(torch.uint8) if num_codewords <= 256 else codes.long()
+        self.slots = (codes.long() + torch.arange(m, device=x.device) * num_codewords).reshape(-1)  # (N * M,)
         self.rhs = self._scatter(eta.unsqueeze(1) * x)
-        # exact diagonal of A: sum over the points using codeword j of 1 + (eta - 1) u_{m,t}^2
-        self.diag = self._scatter(1 + self.eta_minus_1 * self.unit * self.unit)
+        # exact diagonal of A: sum over the points using codeword j of 1 + coef x_{m,t}^2
+        self.diag = self._scatter(1 + self.coef.unsqueeze(1) * x * x)
         self.diag = torch.where(self.diag > 0, self.diag, torch.ones_like(self.diag))
+        del self.slots  # only the two scatters above need the int64 slots
 
     def _scatter(self, per_point: Tensor) -> Tensor:
         """``sum_i B_i^T v_i`` for ``v`` of shape ``(N, D)``: add each subspace slice to its codeword."""
         out = torch.zeros(self.m * self.k, self.dsub, dtype=torch.float32, device=per_point.device)
-        out.index_add_(0, self.slots.reshape(-1), per_point.reshape(-1, self.dsub))
+        out.index_add_(0, self.slots, per_point.reshape(-1, self.dsub))
         return out.reshape(self.m, self.k, self.dsub)
 
     def apply(self, c: Tensor) -> Tensor:
-        """``A c = sum_i B_i^T (x~_i + (eta_i - 1) <u_i, x~_i> u_i)`` with ``x~_i = B_i c``."""
-        out = torch.zeros(self.m * self.k, self.dsub, dtype=torch.float32, device=c.device)
-        flat = c.reshape(-1, self.dsub)
-        for start, stop in row_chunks(self.codes.shape[0], self.x.shape[1] * 4):
-            # decode as one index_select over the stacked codewords (faster than a two-index gather)
-            x_hat = flat.index_select(0, self.slots[start:stop].reshape(-1)).reshape(stop - start, -1)
-            u = self.unit[start:stop]
-            w_x_hat = x_hat + self.eta_minus_1[start:stop] * (x_hat * u).sum(1, keepdim=True) * u
-            out.index_add_(0, self.slots[start:stop].reshape(-1), w_x_hat.reshape(-1, self.dsub))
-        return out.reshape(self.m, self.k, self.dsub)
+        """``A c = sum_i B_i^T (x~_i + coef_i <x_i, x~_i> x_i)`` with ``x~_i = B_i c``
+        (``torch.ops.torchaq.anisotropic_normal_apply``: C++ on CPU, :mod:`torchaq.normal_apply`'s
+        reference elsewhere)."""
+        from . import ops
+
+        return ops.anisotropic_normal_apply(self.x, self.codes, self.coef, c.contiguous())
 
 
 def _dot(a: Tensor, b: Tensor) -> float:

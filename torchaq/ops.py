@@ -403,3 +403,35 @@ def rescore_topk(
     reference (:func:`torchaq.rescore.exact_logits` then a sort) gathers a ``(B, C, d)`` block.
     """
     return torch.ops.torchaq.rescore_topk(h, weight, bias, candidates, k)
+
+
+# --------------------------------------------------------------------------------------------
+# anisotropic_normal_apply: the product A c of the joint codebook update (torchaq/normal_apply.py)
+# --------------------------------------------------------------------------------------------
+_LIB.define("anisotropic_normal_apply(Tensor x, Tensor codes, Tensor coef, Tensor codebooks) -> Tensor")
+
+
+@torch.library.register_fake("torchaq::anisotropic_normal_apply")
+def _normal_apply_fake(x: Tensor, codes: Tensor, coef: Tensor, codebooks: Tensor) -> Tensor:
+    from .normal_apply import check_normal_apply_args
+
+    check_normal_apply_args(x, codes, coef, codebooks)
+    return codebooks.new_empty(codebooks.shape)
+
+
+@torch.library.impl(_LIB, "anisotropic_normal_apply", "CompositeExplicitAutograd")
+def _normal_apply_ref(x: Tensor, codes: Tensor, coef: Tensor, codebooks: Tensor) -> Tensor:
+    from .normal_apply import normal_apply_reference
+
+    return normal_apply_reference(x, codes, coef, codebooks)
+
+
+def anisotropic_normal_apply(x: Tensor, codes: Tensor, coef: Tensor, codebooks: Tensor) -> Tensor:
+    """``(A c)[m, j] = sum_{i: codes[i, m] = j} x~_{i,m} + coef_i <x~_i, x_i> x_{i,m}`` (``x~ = decode(codes, c)``).
+
+    The normal-equations product of :func:`torchaq.codebook_update.joint_codebook_update`
+    (:mod:`torchaq.normal_apply`). ``x`` float32 ``(N, M * dsub)``, ``codes`` int64 or uint8
+    ``(N, M)``, ``coef`` float32 ``(N,)``, ``codebooks`` float32 ``(M, K, dsub)``; returns
+    ``(M, K, dsub)``. Cost ``O(N M dsub)``.
+    """
+    return torch.ops.torchaq.anisotropic_normal_apply(x, codes, coef, codebooks)

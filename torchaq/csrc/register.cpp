@@ -9,6 +9,7 @@
 
 #include "aq_encode.h"
 #include "encode.h"
+#include "normal_apply.h"
 #include "rescore.h"
 #include "scan.h"
 #include "scan_kernels.h"
@@ -21,6 +22,7 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("anisotropic_encode", &torchaq::cpu::anisotropic_encode_cpu);
   m.impl("aq_encode", &torchaq::cpu::aq_encode_cpu);
   m.impl("rescore_topk", &torchaq::cpu::rescore_topk_cpu);
+  m.impl("anisotropic_normal_apply", &torchaq::cpu::normal_apply_cpu);
 }
 
 namespace {
