@@ -97,3 +97,71 @@ def test_bad_inputs(impl):
     bad[3, 2] = -1
     with pytest.raises(ValueError, match="codes must be in"):
         fn(x, bad, coef, cb)
+
+
+# --------------------------------------------------------------------------------- anisotropic_normal_rhs
+def test_rhs_reference_is_the_dense_system():
+    """b = sum_i B_i^T W_i x_i = sum_i B_i^T eta_i x_i, and diag A matches the dense A's diagonal."""
+    n, m, k, dsub = 30, 3, 4, 2
+    x, codes, coef, _, eta = _case(n, m, k, dsub, seed=9)
+    from torchaq.normal_apply import normal_rhs_reference
+
+    rhs, diag = normal_rhs_reference(x, codes, eta, coef, k)
+    want_b = torch.zeros(m, k, dsub, dtype=torch.float64)
+    want_diag = torch.zeros(m, k, dsub, dtype=torch.float64)
+    for i in range(n):
+        u = (x[i] / x[i].norm()).double()
+        w = torch.eye(m * dsub, dtype=torch.float64) + (eta[i] - 1).double() * torch.outer(u, u)
+        wx = w @ x[i].double()
+        for s in range(m):
+            want_b[s, codes[i, s]] += wx[s * dsub : (s + 1) * dsub]
+            want_diag[s, codes[i, s]] += w.diagonal()[s * dsub : (s + 1) * dsub]
+    torch.testing.assert_close(rhs, want_b.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(diag, want_diag.float(), rtol=1e-4, atol=1e-4)
+
+
+@needs_cpp
+@pytest.mark.parametrize("n,m,k,dsub", [(300, 16, 16, 2), (200, 7, 16, 3), (100, 5, 256, 1), (64, 9, 16, 4)])
+@pytest.mark.parametrize("code_dtype", [torch.int64, torch.uint8])
+def test_rhs_cpp_matches_reference(n, m, k, dsub, code_dtype):
+    from torchaq.normal_apply import normal_rhs_reference
+
+    x, codes, coef, _, eta = _case(n, m, k, dsub, seed=n + 2 * m)
+    codes = codes.to(code_dtype)
+    rhs, diag = ops.anisotropic_normal_rhs(x, codes, eta, coef, k)
+    ref_rhs, ref_diag = normal_rhs_reference(x, codes, eta, coef, k)
+    torch.testing.assert_close(rhs, ref_rhs, rtol=1e-4, atol=1e-4 * float(ref_rhs.abs().max()))
+    torch.testing.assert_close(diag, ref_diag, rtol=1e-4, atol=1e-4 * float(ref_diag.abs().max()))
+    counts = torch.zeros(m, k)
+    counts[torch.arange(m).expand(n, m), codes.long()] = 1
+    assert ((diag.amax(-1) > 0) == (counts > 0)).all()  # exactly the used codewords get a diagonal
+
+
+def test_rhs_opcheck():
+    x, codes, coef, _, eta = _case(40, 4, 16, 2, seed=10)
+    torch.library.opcheck(torch.ops.torchaq.anisotropic_normal_rhs.default, (x, codes, eta, coef, 16))
+    torch.library.opcheck(torch.ops.torchaq.anisotropic_normal_rhs.default, (x, codes.to(torch.uint8), eta, coef, 16))
+
+
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_rhs_bad_inputs(impl):
+    from torchaq.normal_apply import normal_rhs_reference
+
+    fn = ops.anisotropic_normal_rhs if impl == "op" else normal_rhs_reference
+    x, codes, coef, _, eta = _case(20, 4, 16, 2, seed=11)
+    with pytest.raises(ValueError, match="not a multiple of M"):
+        fn(x[:, :7].contiguous(), codes, eta, coef, 16)
+    with pytest.raises(TypeError, match="eta must be float32"):
+        fn(x, codes, eta.double(), coef, 16)
+    with pytest.raises(ValueError, match="eta must have shape"):
+        fn(x, codes, eta[:4], coef, 16)
+    with pytest.raises(TypeError, match="x must be float32"):
+        fn(x.double(), codes, eta, coef, 16)
+    with pytest.raises(TypeError, match="codes must be int64 or uint8"):
+        fn(x, codes.int(), eta, coef, 16)
+    with pytest.raises(ValueError, match="coef must have shape"):
+        fn(x, codes, eta, coef[:2], 16)
+    with pytest.raises(ValueError, match="num_codewords"):
+        fn(x, codes, eta, coef, 0)
+    with pytest.raises(ValueError, match="codes must be in"):
+        fn(x, codes, eta, coef, 8)  # codes up to 15 with 8 codewords

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import ops
+
 CG_MAX_ITERS = 50
 CG_TOL = 1e-5
 
@@ -33,30 +35,19 @@ class _NormalEquations:
         n, m = codes.shape
         self.x, self.m, self.k = x, m, num_codewords
         self.dsub = x.shape[1] // m
-        x_sq = (x * x).sum(1)
+        x_sq = torch.linalg.vector_norm(x, dim=1) ** 2
         # coef_i = (eta_i - 1) / |x_i|^2, so that (eta - 1) <u, v> u = coef <x, v> x; zero rows: 0
         self.coef = torch.where(x_sq > 0, (eta - 1) / x_sq.clamp_min(1e-30), torch.zeros_like(x_sq)).float()
         # the product reads the codes once per CG iteration: one byte each when they fit
         self.codes = codes.to(torch.uint8) if num_codewords <= 256 else codes.long()
-        self.slots = (codes.long() + torch.arange(m, device=x.device) * num_codewords).reshape(-1)  # (N * M,)
-        self.rhs = self._scatter(eta.unsqueeze(1) * x)
-        # exact diagonal of A: sum over the points using codeword j of 1 + coef x_{m,t}^2
-        self.diag = self._scatter(1 + self.coef.unsqueeze(1) * x * x)
-        self.diag = torch.where(self.diag > 0, self.diag, torch.ones_like(self.diag))
-        del self.slots  # only the two scatters above need the int64 slots
-
-    def _scatter(self, per_point: Tensor) -> Tensor:
-        """``sum_i B_i^T v_i`` for ``v`` of shape ``(N, D)``: add each subspace slice to its codeword."""
-        out = torch.zeros(self.m * self.k, self.dsub, dtype=torch.float32, device=per_point.device)
-        out.index_add_(0, self.slots, per_point.reshape(-1, self.dsub))
-        return out.reshape(self.m, self.k, self.dsub)
+        # b and the exact diagonal of A (sum over the points using codeword j of 1 + coef x_{m,t}^2)
+        self.rhs, diag = ops.anisotropic_normal_rhs(x, self.codes, eta.float().contiguous(), self.coef, num_codewords)
+        self.diag = torch.where(diag > 0, diag, torch.ones_like(diag))
 
     def apply(self, c: Tensor) -> Tensor:
         """``A c = sum_i B_i^T (x~_i + coef_i <x_i, x~_i> x_i)`` with ``x~_i = B_i c``
         (``torch.ops.torchaq.anisotropic_normal_apply``: C++ on CPU, :mod:`torchaq.normal_apply`'s
         reference elsewhere)."""
-        from . import ops
-
         return ops.anisotropic_normal_apply(self.x, self.codes, self.coef, c.contiguous())
 
 

@@ -435,3 +435,33 @@ def anisotropic_normal_apply(x: Tensor, codes: Tensor, coef: Tensor, codebooks: 
     ``(M, K, dsub)``. Cost ``O(N M dsub)``.
     """
     return torch.ops.torchaq.anisotropic_normal_apply(x, codes, coef, codebooks)
+
+
+_LIB.define(
+    "anisotropic_normal_rhs(Tensor x, Tensor codes, Tensor eta, Tensor coef, int num_codewords) -> (Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake("torchaq::anisotropic_normal_rhs")
+def _normal_rhs_fake(x: Tensor, codes: Tensor, eta: Tensor, coef: Tensor, num_codewords: int):
+    from .normal_apply import check_normal_rhs_args
+
+    check_normal_rhs_args(x, codes, eta, coef, num_codewords)
+    m = codes.shape[1]
+    shape = (m, num_codewords, x.shape[1] // m)
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@torch.library.impl(_LIB, "anisotropic_normal_rhs", "CompositeExplicitAutograd")
+def _normal_rhs_ref(x: Tensor, codes: Tensor, eta: Tensor, coef: Tensor, num_codewords: int):
+    from .normal_apply import normal_rhs_reference
+
+    return normal_rhs_reference(x, codes, eta, coef, num_codewords)
+
+
+def anisotropic_normal_rhs(x: Tensor, codes: Tensor, eta: Tensor, coef: Tensor, num_codewords: int):
+    """``(b, diag A)`` of the joint codebook update's normal equations (:mod:`torchaq.normal_apply`):
+    ``b[m, j] = sum eta_i x_{i,m}``, ``diag[m, j] = sum 1 + coef_i x_{i,m}^2`` over the rows with
+    ``codes[i, m] = j``; two ``(M, num_codewords, dsub)`` float32 tensors. Cost ``O(N M dsub)``.
+    """
+    return torch.ops.torchaq.anisotropic_normal_rhs(x, codes, eta, coef, num_codewords)

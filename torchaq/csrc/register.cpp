@@ -23,6 +23,7 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("aq_encode", &torchaq::cpu::aq_encode_cpu);
   m.impl("rescore_topk", &torchaq::cpu::rescore_topk_cpu);
   m.impl("anisotropic_normal_apply", &torchaq::cpu::normal_apply_cpu);
+  m.impl("anisotropic_normal_rhs", &torchaq::cpu::normal_rhs_cpu);
 }
 
 namespace {
