@@ -6,7 +6,7 @@
 //   L2 code     c_m = first argmin_j  |C_m[j]|^2 / 2 - dots[m, j]
 // and, with eta (Guo et al. 2020, section 4.2; ScaNN's noise-shaped coordinate descent):
 //   e[m, j]     = (|x_m|^2 - 2 dots[m, j]) + |C_m[j]|^2
-//   coef        = (eta - 1) / |x|^2   (0 for a zero row)
+//   coef        = (eta - 1) / |x|^2   (0 for a zero row; |x|^2 summed as in row_sq)
 //   per round:  |r|^2 = sum_m e[m, c_m], <r, x> = |x|^2 - sum_m dots[m, c_m], then for m = 0..M-1
 //     loss_j = ((|r|^2 - e[m, c]) + e[m, j]) + (coef * b_j) * b_j,  b_j = (<r, x> + dots[m, c]) - dots[m, j]
 //     move to the first argmin j if loss_j < loss_c, updating |r|^2 and <r, x>;
@@ -48,10 +48,20 @@ inline void row_dots(const EncodeProblem& p, const float* __restrict x, float* _
   }
 }
 
+// |x|^2 in eight interleaved partial sums (element t goes to sum t % 8), added in a fixed tree:
+// not one serial chain of D additions, and the same value whether or not the compiler vectorises.
+inline float row_sq(const float* __restrict x, int64_t D) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t t = 0;
+  for (; t + 8 <= D; t += 8)
+    for (int u = 0; u < 8; ++u) acc[u] = acc[u] + x[t + u] * x[t + u];
+  for (; t < D; ++t) acc[t & 7] = acc[t & 7] + x[t] * x[t];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 #if defined(__AVX2__)
 // K = 16 with AVX2: vector minimum, then the first lane equal to it (the same index as below).
-inline int64_t first_argmin16(const float* __restrict v) {
-  const __m256 a = _mm256_loadu_ps(v), b = _mm256_loadu_ps(v + 8);
+inline int64_t first_argmin16_regs(const __m256 a, const __m256 b) {
   __m128 m4 = _mm_min_ps(_mm256_castps256_ps128(_mm256_min_ps(a, b)), _mm256_extractf128_ps(_mm256_min_ps(a, b), 1));
   m4 = _mm_min_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_min_ss(m4, _mm_shuffle_ps(m4, m4, 1));
@@ -59,6 +69,18 @@ inline int64_t first_argmin16(const float* __restrict v) {
   const unsigned mask = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(a, bm, _CMP_EQ_OQ))) |
                         (unsigned(_mm256_movemask_ps(_mm256_cmp_ps(b, bm, _CMP_EQ_OQ))) << 8);
   return __builtin_ctz(mask);
+}
+
+inline int64_t first_argmin16(const float* __restrict v) {
+  return first_argmin16_regs(_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8));
+}
+
+// The L2 code of one subspace, first argmin_j of hm[j] - dm[j], in registers: the same values
+// as the scalar loop through tmp, without a 16-float store read back as two vectors (which
+// defeats store-to-load forwarding and stalls).
+inline int64_t l2_code16(const float* __restrict hm, const float* __restrict dm) {
+  return first_argmin16_regs(_mm256_sub_ps(_mm256_loadu_ps(hm), _mm256_loadu_ps(dm)),
+                             _mm256_sub_ps(_mm256_loadu_ps(hm + 8), _mm256_loadu_ps(dm + 8)));
 }
 #endif
 
@@ -100,12 +122,17 @@ inline void encode_rows_k(const EncodeProblem& p, int64_t r0, int64_t r1, float*
     for (int64_t m = 0; m < M; ++m) {
       const float* __restrict hm = p.half_sq + m * K;
       const float* __restrict dm = dots + m * K;
+#if defined(__AVX2__)
+      if (KC == 16) {
+        codes[m] = l2_code16(hm, dm);
+        continue;
+      }
+#endif
       for (int64_t j = 0; j < K; ++j) tmp[j] = hm[j] - dm[j];
       codes[m] = first_argmin(tmp, K);
     }
     if (p.eta == nullptr || p.max_rounds <= 0) continue;
-    float x_sq = 0.f;
-    for (int64_t t = 0; t < D; ++t) x_sq = x_sq + x[t] * x[t];
+    const float x_sq = row_sq(x, D);
     const float coef = x_sq > 0.f ? (p.eta[r] - 1.f) / x_sq : 0.f;
     for (int64_t m = 0; m < M; ++m) {
       const float* __restrict cs = p.code_sq + m * K;
@@ -175,16 +202,14 @@ inline void descend_rows8_k16(const EncodeProblem& p, int64_t r0, int64_t r1, fl
       const int64_t r = b0 + std::min<int64_t>(l, nb - 1);
       const float* x = p.x + r * D;
       row_dots<K>(p, x, dots, xsq_sub);
-      float x_sq = 0.f;
-      for (int64_t t = 0; t < D; ++t) x_sq = x_sq + x[t] * x[t];
+      const float x_sq = row_sq(x, D);
       x_sq8[l] = x_sq;
       coef8[l] = x_sq > 0.f ? (p.eta[r] - 1.f) / x_sq : 0.f;
       for (int64_t m = 0; m < M; ++m) {
         const float* __restrict hm = p.half_sq + m * K;
         const float* __restrict cs = p.code_sq + m * K;
         const float* __restrict dm = dots + m * K;
-        for (int64_t j = 0; j < K; ++j) tmp[j] = hm[j] - dm[j];
-        const int64_t c = first_argmin16(tmp);
+        const int64_t c = l2_code16(hm, dm);
         const float xs = xsq_sub[m];
         for (int64_t j = 0; j < K; ++j) {
           const float e = (xs - 2.f * dm[j]) + cs[j];
