@@ -181,45 +181,63 @@ inline void encode_rows_k(const EncodeProblem& p, int64_t r0, int64_t r1, float*
 // <r, x> summed over m in order), so the codes are bit-identical to the per-row kernel. A lane
 // whose row has converged keeps running rounds with the others: a round that moves nothing leaves
 // the state as it was, so the next one moves nothing either. Short blocks repeat their last row.
-// Scratch (encode_scratch_floats): per row dots/e as in encode_rows_k, plus the block's dots and e
-// as (M, 16, 8) and the current code's e and dot as (M, 8).
+// Scratch (encode_scratch_floats): the block's dots and e as (M, 16, 8) and the current code's e
+// and dot as (M, 8), after the space encode_rows_k uses; the block's rows transposed (D, 8).
 inline void descend_rows8_k16(const EncodeProblem& p, int64_t r0, int64_t r1, float* scratch) {
   constexpr int64_t K = 16, L = 8;
-  const int64_t M = p.M, D = p.M * p.dsub;
-  float* __restrict dots = scratch;
-  float* __restrict dist = dots + M * K;
-  float* __restrict xsq_sub = dist + M * K;
-  float* __restrict tmp = xsq_sub + M;
-  float* __restrict bd = tmp + 2 * K;     // (M, K, L) dots of the block
+  const int64_t M = p.M, dsub = p.dsub, D = p.M * p.dsub;
+  float* __restrict bd = scratch + 2 * M * K + M + 2 * K;  // (M, K, L) dots of the block
   float* __restrict be = bd + M * K * L;  // (M, K, L) e of the block
   float* __restrict cur_e = be + M * K * L;  // (M, L) e of the current code
   float* __restrict cur_d = cur_e + M * L;   // (M, L) dot of the current code
   std::vector<int32_t> code8(M * L);
+  std::vector<float> xt_buf(D * L);
+  float* __restrict xt = xt_buf.data();  // (D, L): the block's rows, transposed
   alignas(32) float x_sq8[L], coef8[L];
   for (int64_t b0 = r0; b0 < r1; b0 += L) {
     const int64_t nb = std::min<int64_t>(L, r1 - b0);
     for (int64_t l = 0; l < L; ++l) {
       const int64_t r = b0 + std::min<int64_t>(l, nb - 1);
       const float* x = p.x + r * D;
-      row_dots<K>(p, x, dots, xsq_sub);
+      for (int64_t t = 0; t < D; ++t) xt[t * L + l] = x[t];
       const float x_sq = row_sq(x, D);
       x_sq8[l] = x_sq;
       coef8[l] = x_sq > 0.f ? (p.eta[r] - 1.f) / x_sq : 0.f;
-      for (int64_t m = 0; m < M; ++m) {
-        const float* __restrict hm = p.half_sq + m * K;
-        const float* __restrict cs = p.code_sq + m * K;
-        const float* __restrict dm = dots + m * K;
-        const int64_t c = l2_code16(hm, dm);
-        const float xs = xsq_sub[m];
-        for (int64_t j = 0; j < K; ++j) {
-          const float e = (xs - 2.f * dm[j]) + cs[j];
-          bd[(m * K + j) * L + l] = dm[j];
-          be[(m * K + j) * L + l] = e;
-        }
-        code8[m * L + l] = int32_t(c);
-        cur_d[m * L + l] = dm[c];
-        cur_e[m * L + l] = be[(m * K + c) * L + l];
+    }
+    // row_dots, the L2 code and e of encode_rows_k, lane-wise (the same operations in the same
+    // order per lane; the strict < over j = 0..15 keeps the first argmin like first_argmin16)
+    for (int64_t m = 0; m < M; ++m) {
+      const float* __restrict hm = p.half_sq + m * K;
+      const float* __restrict cs = p.code_sq + m * K;
+      const float* __restrict cm = p.cbt + m * dsub * K;
+      __m256 d[K];
+      for (int64_t j = 0; j < K; ++j) d[j] = _mm256_setzero_ps();
+      __m256 xs = _mm256_setzero_ps();
+      for (int64_t t = 0; t < dsub; ++t) {
+        const __m256 xv = _mm256_loadu_ps(xt + (m * dsub + t) * L);
+        const float* __restrict ct = cm + t * K;
+        for (int64_t j = 0; j < K; ++j) d[j] = _mm256_add_ps(d[j], _mm256_mul_ps(xv, _mm256_set1_ps(ct[j])));
+        xs = _mm256_add_ps(xs, _mm256_mul_ps(xv, xv));
       }
+      __m256 best_h = _mm256_set1_ps(__builtin_inff()), best_e = _mm256_setzero_ps(), best_d = best_e;
+      __m256i best_j = _mm256_setzero_si256();
+      const __m256 two = _mm256_set1_ps(2.f);
+      for (int64_t j = 0; j < K; ++j) {
+        const __m256 e = _mm256_add_ps(_mm256_sub_ps(xs, _mm256_mul_ps(two, d[j])), _mm256_set1_ps(cs[j]));
+        const __m256 h = _mm256_sub_ps(_mm256_set1_ps(hm[j]), d[j]);
+        _mm256_storeu_ps(bd + (m * K + j) * L, d[j]);
+        _mm256_storeu_ps(be + (m * K + j) * L, e);
+        // j = 0 always takes (h < inf, or h is inf and then index 0 is the scalar answer too)
+        const __m256 lt = j == 0 ? _mm256_castsi256_ps(_mm256_set1_epi32(-1)) : _mm256_cmp_ps(h, best_h, _CMP_LT_OQ);
+        best_h = _mm256_blendv_ps(best_h, h, lt);
+        best_e = _mm256_blendv_ps(best_e, e, lt);
+        best_d = _mm256_blendv_ps(best_d, d[j], lt);
+        best_j = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(best_j),
+                                                      _mm256_castsi256_ps(_mm256_set1_epi32(int32_t(j))), lt));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(code8.data() + m * L), best_j);
+      _mm256_storeu_ps(cur_e + m * L, best_e);
+      _mm256_storeu_ps(cur_d + m * L, best_d);
     }
     const __m256 coef = _mm256_load_ps(coef8), x_sq = _mm256_load_ps(x_sq8);
     const __m256 inf = _mm256_set1_ps(__builtin_inff());
