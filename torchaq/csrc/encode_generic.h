@@ -181,14 +181,16 @@ inline void encode_rows_k(const EncodeProblem& p, int64_t r0, int64_t r1, float*
 // <r, x> summed over m in order), so the codes are bit-identical to the per-row kernel. A lane
 // whose row has converged keeps running rounds with the others: a round that moves nothing leaves
 // the state as it was, so the next one moves nothing either. Short blocks repeat their last row.
-// Scratch (encode_scratch_floats): the block's dots and e as (M, 16, 8) and the current code's e
-// and dot as (M, 8), after the space encode_rows_k uses; the block's rows transposed (D, 8).
+// Scratch (encode_scratch_floats): the block's dots as (M, 16, 8), its |x_m|^2 and the current
+// code's e and dot as (M, 8), after the space encode_rows_k uses; the block's rows transposed
+// (D, 8). e is recomputed in every round from the dots (the same three operations as in the
+// prologue, so the same value): half the memory a round streams.
 inline void descend_rows8_k16(const EncodeProblem& p, int64_t r0, int64_t r1, float* scratch) {
   constexpr int64_t K = 16, L = 8;
   const int64_t M = p.M, dsub = p.dsub, D = p.M * p.dsub;
   float* __restrict bd = scratch + 2 * M * K + M + 2 * K;  // (M, K, L) dots of the block
-  float* __restrict be = bd + M * K * L;  // (M, K, L) e of the block
-  float* __restrict cur_e = be + M * K * L;  // (M, L) e of the current code
+  float* __restrict xs8 = bd + M * K * L;  // (M, L) |x_m|^2 of the block's rows
+  float* __restrict cur_e = xs8 + M * L;     // (M, L) e of the current code
   float* __restrict cur_d = cur_e + M * L;   // (M, L) dot of the current code
   std::vector<int32_t> code8(M * L);
   std::vector<float> xt_buf(D * L);
@@ -219,6 +221,7 @@ inline void descend_rows8_k16(const EncodeProblem& p, int64_t r0, int64_t r1, fl
         for (int64_t j = 0; j < K; ++j) d[j] = _mm256_add_ps(d[j], _mm256_mul_ps(xv, _mm256_set1_ps(ct[j])));
         xs = _mm256_add_ps(xs, _mm256_mul_ps(xv, xv));
       }
+      _mm256_storeu_ps(xs8 + m * L, xs);
       __m256 best_h = _mm256_set1_ps(__builtin_inff()), best_e = _mm256_setzero_ps(), best_d = best_e;
       __m256i best_j = _mm256_setzero_si256();
       const __m256 two = _mm256_set1_ps(2.f);
@@ -226,7 +229,6 @@ inline void descend_rows8_k16(const EncodeProblem& p, int64_t r0, int64_t r1, fl
         const __m256 e = _mm256_add_ps(_mm256_sub_ps(xs, _mm256_mul_ps(two, d[j])), _mm256_set1_ps(cs[j]));
         const __m256 h = _mm256_sub_ps(_mm256_set1_ps(hm[j]), d[j]);
         _mm256_storeu_ps(bd + (m * K + j) * L, d[j]);
-        _mm256_storeu_ps(be + (m * K + j) * L, e);
         // j = 0 always takes (h < inf, or h is inf and then index 0 is the scalar answer too)
         const __m256 lt = j == 0 ? _mm256_castsi256_ps(_mm256_set1_epi32(-1)) : _mm256_cmp_ps(h, best_h, _CMP_LT_OQ);
         best_h = _mm256_blendv_ps(best_h, h, lt);
@@ -240,7 +242,7 @@ inline void descend_rows8_k16(const EncodeProblem& p, int64_t r0, int64_t r1, fl
       _mm256_storeu_ps(cur_d + m * L, best_d);
     }
     const __m256 coef = _mm256_load_ps(coef8), x_sq = _mm256_load_ps(x_sq8);
-    const __m256 inf = _mm256_set1_ps(__builtin_inff());
+    const __m256 inf = _mm256_set1_ps(__builtin_inff()), two = _mm256_set1_ps(2.f);
     for (int64_t round = 0; round < p.max_rounds; ++round) {
       __m256 r_sq = _mm256_setzero_ps(), dot_sum = _mm256_setzero_ps();
       for (int64_t m = 0; m < M; ++m) {
@@ -253,32 +255,48 @@ inline void descend_rows8_k16(const EncodeProblem& p, int64_t r0, int64_t r1, fl
         const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(code8.data() + m * L));
         const __m256 d_cur = _mm256_loadu_ps(cur_e + m * L), p_cur = _mm256_loadu_ps(cur_d + m * L);
         const __m256 a = _mm256_sub_ps(r_sq, d_cur), b = _mm256_add_ps(r_dot_x, p_cur);
-        const float* __restrict em = be + m * K * L;
         const float* __restrict dm = bd + m * K * L;
-        __m256 best_l = inf, best_e = d_cur, best_d = p_cur, cur_l = inf;
-        __m256i best_j = _mm256_setzero_si256();
-        for (int64_t j = 0; j < K; ++j) {
-          const __m256 e = _mm256_loadu_ps(em + j * L), d = _mm256_loadu_ps(dm + j * L);
-          const __m256 bj = _mm256_sub_ps(b, d);
-          const __m256 loss = _mm256_add_ps(_mm256_add_ps(a, e), _mm256_mul_ps(_mm256_mul_ps(coef, bj), bj));
-          const __m256 lt = _mm256_cmp_ps(loss, best_l, _CMP_LT_OQ);
-          const __m256i jv = _mm256_set1_epi32(int32_t(j));
-          best_l = _mm256_blendv_ps(best_l, loss, lt);
-          best_e = _mm256_blendv_ps(best_e, e, lt);
-          best_d = _mm256_blendv_ps(best_d, d, lt);
-          best_j = _mm256_castps_si256(
-              _mm256_blendv_ps(_mm256_castsi256_ps(best_j), _mm256_castsi256_ps(jv), lt));
-          cur_l = _mm256_blendv_ps(cur_l, loss, _mm256_castsi256_ps(_mm256_cmpeq_epi32(c, jv)));
+        const float* __restrict cs = p.code_sq + m * K;
+        const __m256 xs = _mm256_loadu_ps(xs8 + m * L);
+        // the current code's candidate loss, as the scan computes it at j = c (e[c] = d_cur and
+        // dots[c] = p_cur exactly)
+        const __m256 bc = _mm256_sub_ps(b, p_cur);
+        const __m256 cur_l = _mm256_add_ps(_mm256_add_ps(a, d_cur), _mm256_mul_ps(_mm256_mul_ps(coef, bc), bc));
+        // two running minima, j = 0..7 and j = 8..15 (half the dependency chain); the upper one
+        // wins only if strictly smaller, so the first argmin is kept
+        __m256 best_l[2] = {inf, inf}, best_e[2] = {d_cur, d_cur}, best_d[2] = {p_cur, p_cur};
+        __m256i best_j[2] = {_mm256_setzero_si256(), _mm256_set1_epi32(8)};
+        for (int64_t j = 0; j < K / 2; ++j) {
+          for (int h = 0; h < 2; ++h) {
+            const int64_t jj = j + h * (K / 2);
+            const __m256 d = _mm256_loadu_ps(dm + jj * L);
+            // e exactly as the prologue computed it: (|x_m|^2 - 2 dots) + |C_m[j]|^2
+            const __m256 e = _mm256_add_ps(_mm256_sub_ps(xs, _mm256_mul_ps(two, d)), _mm256_set1_ps(cs[jj]));
+            const __m256 bj = _mm256_sub_ps(b, d);
+            const __m256 loss = _mm256_add_ps(_mm256_add_ps(a, e), _mm256_mul_ps(_mm256_mul_ps(coef, bj), bj));
+            const __m256 lt = _mm256_cmp_ps(loss, best_l[h], _CMP_LT_OQ);
+            best_l[h] = _mm256_blendv_ps(best_l[h], loss, lt);
+            best_e[h] = _mm256_blendv_ps(best_e[h], e, lt);
+            best_d[h] = _mm256_blendv_ps(best_d[h], d, lt);
+            best_j[h] = _mm256_castps_si256(_mm256_blendv_ps(
+                _mm256_castsi256_ps(best_j[h]), _mm256_castsi256_ps(_mm256_set1_epi32(int32_t(jj))), lt));
+          }
         }
-        const __m256 mv = _mm256_cmp_ps(best_l, cur_l, _CMP_LT_OQ);
+        const __m256 hi = _mm256_cmp_ps(best_l[1], best_l[0], _CMP_LT_OQ);
+        const __m256 best_lv = _mm256_blendv_ps(best_l[0], best_l[1], hi);
+        const __m256 best_ev = _mm256_blendv_ps(best_e[0], best_e[1], hi);
+        const __m256 best_dv = _mm256_blendv_ps(best_d[0], best_d[1], hi);
+        const __m256i best_jv = _mm256_castps_si256(
+            _mm256_blendv_ps(_mm256_castsi256_ps(best_j[0]), _mm256_castsi256_ps(best_j[1]), hi));
+        const __m256 mv = _mm256_cmp_ps(best_lv, cur_l, _CMP_LT_OQ);
         if (_mm256_movemask_ps(mv) == 0) continue;
         moved_any = _mm256_or_ps(moved_any, mv);
-        r_sq = _mm256_blendv_ps(r_sq, _mm256_add_ps(r_sq, _mm256_sub_ps(best_e, d_cur)), mv);
-        r_dot_x = _mm256_blendv_ps(r_dot_x, _mm256_add_ps(r_dot_x, _mm256_sub_ps(p_cur, best_d)), mv);
-        _mm256_storeu_ps(cur_e + m * L, _mm256_blendv_ps(d_cur, best_e, mv));
-        _mm256_storeu_ps(cur_d + m * L, _mm256_blendv_ps(p_cur, best_d, mv));
+        r_sq = _mm256_blendv_ps(r_sq, _mm256_add_ps(r_sq, _mm256_sub_ps(best_ev, d_cur)), mv);
+        r_dot_x = _mm256_blendv_ps(r_dot_x, _mm256_add_ps(r_dot_x, _mm256_sub_ps(p_cur, best_dv)), mv);
+        _mm256_storeu_ps(cur_e + m * L, _mm256_blendv_ps(d_cur, best_ev, mv));
+        _mm256_storeu_ps(cur_d + m * L, _mm256_blendv_ps(p_cur, best_dv, mv));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(code8.data() + m * L),
-                            _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(c), _mm256_castsi256_ps(best_j), mv)));
+                            _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(c), _mm256_castsi256_ps(best_jv), mv)));
       }
       if (_mm256_movemask_ps(moved_any) == 0) break;
     }

@@ -21,9 +21,9 @@ struct EncodeProblem {
 };
 
 // Floats of scratch one call of encode_rows needs.
-// (K = 16 with AVX2 adds the eight-row block of descend_rows8_k16: 2 (M, 16, 8) + 2 (M, 8).)
+// (K = 16 with AVX2 adds the eight-row block of descend_rows8_k16: (M, 16, 8) + 3 (M, 8).)
 inline int64_t encode_scratch_floats(const EncodeProblem& p) {
-  return 2 * p.M * p.K + p.M + 2 * p.K + 64 + (p.K == 16 ? 2 * p.M * 16 * 8 + 2 * p.M * 8 : 0);
+  return 2 * p.M * p.K + p.M + 2 * p.K + 64 + (p.K == 16 ? p.M * 16 * 8 + 3 * p.M * 8 : 0);
 }
 
 // Encodes rows [r0, r1) with `scratch` (encode_scratch_floats floats, owned by the caller).
