@@ -47,6 +47,31 @@ def test_incremental_refresh_equals_full_reencode(bits, monkeypatch):
     assert torch.equal(layer.packed_codes, _full_codes(layer))
 
 
+def test_incremental_side_rows_equal_the_full_pass(monkeypatch):
+    """The side list and residual norms after an incremental refresh equal refresh_side_rows()'s,
+    and the incremental refresh does not decode all rows."""
+    layer = _layer()
+    rows = torch.tensor([3, 64, 65, 900])
+    with torch.no_grad():
+        layer.weight[rows] *= 40  # huge rows: they must enter the side list
+    decoded = []
+    original = layer.quantizer.decode
+    monkeypatch.setattr(layer.quantizer, "decode", lambda c, dtype=None: decoded.append(c.shape[0]) or original(c, dtype))
+    layer.refresh()
+    assert decoded == [len(rows)]
+    monkeypatch.undo()
+    side, norms = layer.side_rows.clone(), layer.residual_norms.clone()
+    assert set(rows.tolist()) <= set(side.tolist())
+    layer.refresh_side_rows()
+    assert torch.equal(side, layer.side_rows)
+    torch.testing.assert_close(norms, layer.residual_norms)
+    # a version bump with no real change keeps the list
+    with torch.no_grad():
+        layer.weight.add_(0.0)
+    layer.refresh()
+    assert torch.equal(side, layer.side_rows)
+
+
 def test_refit_and_new_codebooks_reencode_everything(monkeypatch):
     layer = _layer()
     with torch.no_grad():

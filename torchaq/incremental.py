@@ -58,3 +58,32 @@ def write_packed_rows(packed: Tensor, rows: Tensor, codes: Tensor, bits: int) ->
         pairs = codes
     rows = rows.to(packed.device)
     packed[rows // ops.BLOCK, :, rows % ops.BLOCK] = pairs.to(packed.device, torch.uint8)
+
+
+def update_side_rows(layer, rows: Tensor, codes: Optional[Tensor]) -> None:
+    """After an incremental re-encode of ``rows`` (``codes`` their new uint8 codes): refresh the
+    layer's residual norms and exact side list touching only those rows.
+
+    :meth:`torchaq.QuantizedSoftmax.refresh_side_rows` decodes all ``V`` rows (``O(V d)``); here
+    the row norms and residual norms of the other rows are the ones cached at the last refresh
+    (their weight and codes did not change), so the cost is ``O(n d)`` for ``n`` changed rows plus
+    ``O(V log V)`` for the side list's robust statistics
+    (:func:`torchaq.outliers.select_side_rows_from_norms`, the same rule). Falls back to the full
+    pass when nothing is cached.
+    """
+    from . import outliers
+
+    norms = getattr(layer, "_row_norms", None)
+    res = layer.residual_norms
+    if norms is None or norms.shape != res.shape or norms.device != res.device or not bool(torch.isfinite(res).all()):
+        layer.refresh_side_rows()
+        return
+    if rows.numel():
+        weight = layer.weight.detach()[rows.to(layer.weight.device)].float()
+        recon = layer.quantizer.decode(codes, dtype=torch.float32).to(weight.device)
+        norms = norms.clone()
+        norms[rows] = weight.norm(dim=1)
+        res = res.clone()
+        res[rows] = outliers.residual_norms(weight, recon)
+        layer._row_norms, layer.residual_norms = norms, res
+    layer.side_rows = outliers.select_side_rows_from_norms(norms, res)

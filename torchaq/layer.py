@@ -187,12 +187,14 @@ class QuantizedSoftmax(nn.Module):
         rows = incremental.changed_rows(fingerprint, self._fingerprint) if same_index else None
         if rows is None:
             self.packed_codes = self.quantizer.pack(self.quantizer.encode(weight))
-        elif rows.numel():
-            codes = self.quantizer.encode(weight[rows])
-            incremental.write_packed_rows(self.packed_codes, rows, codes, self.quantizer.bits)
+            self.refresh_side_rows()
+        else:
+            codes = self.quantizer.encode(weight[rows]) if rows.numel() else None
+            if codes is not None:
+                incremental.write_packed_rows(self.packed_codes, rows, codes, self.quantizer.bits)
+            incremental.update_side_rows(self, rows, codes)  # the side list, touching only these rows
         self._fingerprint, self._encode_key = fingerprint, self._encoding_key()
         self._refresh_version = self._weight_version()
-        self.refresh_side_rows()
         return self
 
     def _encoding_key(self) -> tuple:
@@ -327,6 +329,7 @@ class QuantizedSoftmax(nn.Module):
         recon = self.quantizer.decode(codes, dtype=torch.float32).to(weight.device)
         queries = None if queries is None else self._flat_h(queries, "queries")
         self.residual_norms = outliers.residual_norms(weight, recon)
+        self._row_norms = weight.float().norm(dim=1)  # kept for incremental refreshes
         self.side_rows = outliers.select_side_rows(weight, recon, queries)
         return self.side_rows
 

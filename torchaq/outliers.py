@@ -85,8 +85,7 @@ def row_statistics(weight: Tensor, reconstruction: Tensor, queries: Optional[Ten
     """Robust z-scores ``(V, 3 or 4)`` of norm, residual norm, relative residual (and observed error)."""
     x = weight.detach().float()
     r = x - reconstruction.float()
-    norm, res = x.norm(dim=1), r.norm(dim=1)
-    stats = [robust_z(norm), robust_z(res), robust_z(res / norm.clamp_min(1e-30))]
+    stats = _norm_statistics(x.norm(dim=1), r.norm(dim=1))
     if queries is not None and queries.shape[0]:
         q = queries.detach().float()
         if q.shape[0] > MAX_ERROR_QUERIES:
@@ -96,6 +95,31 @@ def row_statistics(weight: Tensor, reconstruction: Tensor, queries: Optional[Ten
             worst[start : start + 8192] = (q @ r[start : start + 8192].T).abs().amax(0)
         stats.append(robust_z(worst))
     return torch.stack(stats, dim=1)
+
+
+def _norm_statistics(norm: Tensor, res: Tensor) -> list:
+    """Robust z-scores of the row norms, the residual norms and their ratio (three ``(V,)``)."""
+    return [robust_z(norm), robust_z(res), robust_z(res / norm.clamp_min(1e-30))]
+
+
+def select_side_rows_from_norms(
+    norm: Tensor, res: Tensor, threshold: float = DEFAULT_THRESHOLD, max_rows: Optional[int] = None
+) -> Tensor:
+    """:func:`select_side_rows` without queries, from the row norms ``|x_i|`` and residual norms
+    ``|x_i - x~_i|`` (``(V,)`` each) -- what an incremental refresh keeps per row. Cost ``O(V log V)``."""
+    return _pick_side_rows(torch.stack(_norm_statistics(norm, res), dim=1).amax(dim=1), threshold, max_rows)
+
+
+def _pick_side_rows(z: Tensor, threshold: float, max_rows: Optional[int]) -> Tensor:
+    num_classes = z.shape[0]
+    cap = default_max_rows(num_classes) if max_rows is None else min(int(max_rows), num_classes // 2)
+    if cap <= 0 or num_classes < 2:
+        return torch.zeros(0, dtype=torch.int64, device=z.device)
+    z = torch.nan_to_num(z, nan=0.0)
+    marked = (z > threshold).nonzero().squeeze(1)
+    if marked.numel() > cap:
+        marked = marked[z[marked].topk(cap).indices]
+    return marked.sort().values.to(torch.int64)
 
 
 def select_side_rows(
@@ -117,12 +141,7 @@ def select_side_rows(
     cap = default_max_rows(num_classes) if max_rows is None else min(int(max_rows), num_classes // 2)
     if cap <= 0 or num_classes < 2:
         return torch.zeros(0, dtype=torch.int64, device=weight.device)
-    z = row_statistics(weight, reconstruction, queries).amax(dim=1)
-    z = torch.nan_to_num(z, nan=0.0)
-    marked = (z > threshold).nonzero().squeeze(1)
-    if marked.numel() > cap:
-        marked = marked[z[marked].topk(cap).indices]
-    return marked.sort().values.to(torch.int64)
+    return _pick_side_rows(row_statistics(weight, reconstruction, queries).amax(dim=1), threshold, max_rows)
 
 
 def residual_norms(weight: Tensor, reconstruction: Tensor) -> Tensor:
