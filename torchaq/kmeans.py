@@ -13,22 +13,36 @@ from torch import Tensor
 from .encode import l2_encode
 
 
+def _sums_and_counts(x: Tensor, codes: Tensor, num_codewords: int):
+    """Per-codeword sums ``(M, K, dsub)`` and point counts ``(M, K)`` of the subspace slices of ``x``.
+
+    One pass of ``torch.ops.torchaq.anisotropic_normal_rhs`` with ``eta = 1`` and ``coef = 0``
+    (its right-hand side is then the plain sum and its diagonal the count), so no ``(N * M,)``
+    index tensor is built. Cost ``O(N M dsub)``.
+    """
+    from . import ops
+
+    n = x.shape[0]
+    small = codes.to(torch.uint8) if num_codewords <= 256 else codes.long()
+    ones, zeros = x.new_ones(n), x.new_zeros(n)
+    sums, counts = ops.anisotropic_normal_rhs(x.float().contiguous(), small, ones, zeros, num_codewords)
+    return sums, counts[..., 0]
+
+
 def subspace_means(x: Tensor, codes: Tensor, num_codewords: int, previous: Optional[Tensor] = None) -> Tensor:
     """Per-subspace centroids ``C_m[j] = mean{x_m[n] : codes[n, m] = j}``.
 
     This is the minimiser of the L2 loss for fixed codes. A codeword with no point keeps its
     ``previous`` value (or zero).
     """
-    n, m = codes.shape
-    dsub = x.shape[1] // m
-    slot = (codes + torch.arange(m, device=codes.device) * num_codewords).reshape(-1)  # (N*M,)
-    sums = torch.zeros(m * num_codewords, dsub, dtype=torch.float32, device=x.device)
-    sums.index_add_(0, slot, x.reshape(n * m, dsub))
-    counts = torch.bincount(slot, minlength=m * num_codewords).to(torch.float32)
-    means = sums / counts.clamp_min(1).unsqueeze(1)
+    return _means(*_sums_and_counts(x, codes, num_codewords), previous)
+
+
+def _means(sums: Tensor, counts: Tensor, previous: Optional[Tensor]) -> Tensor:
+    means = sums / counts.clamp_min(1).unsqueeze(-1)
     if previous is not None:
-        means = torch.where(counts.unsqueeze(1) > 0, means, previous.reshape(-1, dsub))
-    return means.reshape(m, num_codewords, dsub)
+        means = torch.where(counts.unsqueeze(-1) > 0, means, previous)
+    return means
 
 
 def subspace_kmeans(
@@ -52,10 +66,9 @@ def subspace_kmeans(
     codebooks = x[init_rows].reshape(k, m, dsub).transpose(0, 1).contiguous()
     for _ in range(iters):
         codes = l2_encode(x, codebooks)
-        new = subspace_means(x, codes, k)
-        empty = torch.bincount(
-            (codes + torch.arange(m, device=x.device) * k).reshape(-1), minlength=m * k
-        ).reshape(m, k) == 0
+        sums, counts = _sums_and_counts(x, codes, k)
+        new = _means(sums, counts, None)
+        empty = counts == 0
         if bool(empty.any()):
             # re-seed empty codewords with random points of that subspace
             sub, word = empty.nonzero(as_tuple=True)
