@@ -45,6 +45,10 @@ def test_incremental_refresh_equals_full_reencode(bits, monkeypatch):
     torch.optim.SGD([layer.weight], lr=0.5).step()
     layer.refresh()
     assert torch.equal(layer.packed_codes, _full_codes(layer))
+    # ... and the side list and residual norms of that full pass are refresh_side_rows()'s
+    side, norms = layer.side_rows.clone(), layer.residual_norms.clone()
+    layer.refresh_side_rows()
+    assert torch.equal(side, layer.side_rows) and torch.equal(norms, layer.residual_norms)
 
 
 def test_incremental_side_rows_equal_the_full_pass(monkeypatch):

@@ -21,6 +21,9 @@ from . import ops
 # directions of the fingerprint: a change that happens to be orthogonal to all of them (to float
 # precision) goes unnoticed; four make that practically impossible for a real update
 FINGERPRINT_DIRECTIONS = 4
+# above this share of moved rows refresh() re-encodes and re-packs everything in one pass (the same
+# codes) instead of gathering, encoding and scattering the moved rows
+FULL_PASS_SHARE = 0.5
 
 
 def fingerprint_directions(dim: int, device: torch.device) -> Tensor:
@@ -87,3 +90,18 @@ def update_side_rows(layer, rows: Tensor, codes: Optional[Tensor]) -> None:
         res[rows] = outliers.residual_norms(weight, recon)
         layer._row_norms, layer.residual_norms = norms, res
     layer.side_rows = outliers.select_side_rows_from_norms(norms, res)
+
+
+def all_side_rows(layer, codes: Tensor) -> None:
+    """:meth:`torchaq.QuantizedSoftmax.refresh_side_rows` (no queries) after a full re-encode, from
+    the uint8 ``(V, M)`` ``codes`` just computed: no unpacking, and the row and residual norms are
+    computed once (the side-list rule reads exactly these two). Caches the row norms for
+    :func:`update_side_rows`. Cost ``O(V d)``.
+    """
+    from . import outliers
+
+    weight = layer.weight.detach().float()
+    recon = layer.quantizer.decode(codes, dtype=torch.float32).to(weight.device)
+    layer._row_norms = weight.norm(dim=1)
+    layer.residual_norms = outliers.residual_norms(weight, recon)
+    layer.side_rows = outliers.select_side_rows_from_norms(layer._row_norms, layer.residual_norms)

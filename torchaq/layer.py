@@ -185,9 +185,12 @@ class QuantizedSoftmax(nn.Module):
             return self
         fingerprint = incremental.row_fingerprint(weight, incremental.fingerprint_directions(self.dim, weight.device))
         rows = incremental.changed_rows(fingerprint, self._fingerprint) if same_index else None
+        if rows is not None and rows.numel() > self.num_classes * incremental.FULL_PASS_SHARE:
+            rows = None  # most rows moved (e.g. an AdamW step): the full pass is cheaper than row scatters
         if rows is None:
-            self.packed_codes = self.quantizer.pack(self.quantizer.encode(weight))
-            self.refresh_side_rows()
+            codes = self.quantizer.encode(weight)
+            self.packed_codes = self.quantizer.pack(codes)
+            incremental.all_side_rows(self, codes)  # refresh_side_rows() from the codes in hand
         else:
             codes = self.quantizer.encode(weight[rows]) if rows.numel() else None
             if codes is not None:

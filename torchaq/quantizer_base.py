@@ -101,7 +101,10 @@ class ScoreAwareQuantizer(nn.Module):
             raise ValueError(f"{name} has {x.shape[1]} columns but the quantizer has dim={self.dim}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        if not has_data(x):
+        if not has_data(x) or x.numel() == 0:
+            return
+        lo, hi = torch.aminmax(x)  # one pass, no (N, dim) mask: NaN propagates, an Inf is an extreme
+        if bool(torch.isfinite(lo) & torch.isfinite(hi)):
             return
         bad = ~torch.isfinite(x).all(dim=1)
         if bool(bad.any()):
