@@ -167,10 +167,12 @@ class QuantizedSoftmax(nn.Module):
         """Re-encode the weight rows that changed since the last refresh; ``refit=True`` re-learns the codebooks.
 
         Only rows whose fingerprint (:mod:`torchaq.incremental`: projections onto fixed random
-        directions) changed are re-encoded, so the cost grows with the rows a step moved, plus one
-        ``O(V d)`` fingerprint pass (``benchmarks/refresh.py`` measures it); if
-        ``weight._version`` did not move nothing is done at all. A full re-encode (first refresh, new codebooks, another device)
-        is one anisotropic encoding pass over the ``V`` rows, ``O(V M K (dsub + rounds))``.
+        directions) changed are re-encoded, and only their residual norms recomputed (the side list
+        is re-picked from cached per-row norms, ``O(V log V)``), so the cost grows with the rows a
+        step moved, plus one ``O(V d)`` fingerprint pass (``benchmarks/refresh.py`` measures it); if
+        ``weight._version`` did not move nothing is done at all. A full re-encode (first refresh,
+        new codebooks, another device, or more than half the rows moved) is one anisotropic
+        encoding pass over the ``V`` rows, ``O(V M K (dsub + rounds))``, plus one decode for the side list.
         Re-fitting runs :meth:`torchaq.AnisotropicPQ.fit` (k-means plus ``fit_iters`` alternations).
         """
         weight = self.weight.detach()
