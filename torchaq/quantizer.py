@@ -30,6 +30,10 @@ CALIBRATION_ROWS = 4096
 # k-means only initialises the codebooks: like FAISS (256 points per centroid) it runs on a
 # random sample of the training rows
 KMEANS_POINTS_PER_CODEWORD = 256
+# queries (at most) of each calibration slice, selection and check: the finalists of the
+# successive halving differ by less than the sampling noise of 1000 queries, so PQ uses more of
+# the queries it is given (AQ keeps quantizer_base.CALIBRATION_QUERIES)
+PQ_CALIBRATION_QUERIES = 2 * CALIBRATION_QUERIES
 # CG iterations of each joint codebook update inside fit (warm-started; the next alternation
 # continues where it stopped)
 FIT_CG_ITERS = 10
@@ -198,8 +202,8 @@ class AnisotropicPQ(ScoreAwareQuantizer):
         Args:
             x: the vectors to quantize (e.g. the rows of an output layer's weight).
             queries: optional ``(B, dim)`` sample queries (e.g. hidden states); enables query
-                calibration of the anisotropy (needs at least 20 rows; up to 1000 are used to
-                select and up to 1000 others to check, scoring the training rows).
+                calibration of the anisotropy (needs at least 20 rows; up to 2000 are used to
+                select and up to 2000 others to check, scoring the training rows).
             iters: alternations of encoding and joint codebook update after k-means.
             progress: show a tqdm progress bar.
             max_rows: learn the codebooks from a seeded random sample of this many rows when
@@ -246,7 +250,7 @@ class AnisotropicPQ(ScoreAwareQuantizer):
         and the winner's ``iters`` alternations on all rows.
         """
         qp = self.pad(queries)[torch.randperm(queries.shape[0], generator=generator).to(queries.device)]
-        half = min(CALIBRATION_QUERIES, qp.shape[0] // 2)
+        half = min(PQ_CALIBRATION_QUERIES, qp.shape[0] // 2)
         select, check = qp[:half], qp[half : 2 * half]
         sub = sample_rows(xp, CALIBRATION_ROWS, generator)
         with self._phase("calibration scoring"):
