@@ -12,10 +12,12 @@ default candidates). One run prints, and writes to ``benchmarks/results/layer.tx
    ``topk``, and FAISS ``IndexPQFastScan`` at the same bits (M = 192, 4-bit, trained by FAISS on
    the same table) searching 100 candidates, re-ranked by the same exact re-score
    (:func:`torchaq.ops.rescore_topk`), with the speed-up of torchaq over each;
-3. where the time of ``topk`` goes, per batch size (1 thread): input checks, LUT, scan with the
-   top-C selection (and that selection alone, estimated as scan(top-C) - scan(top-1)), the fused
-   exact re-score + top-k, the rest (Python and dispatch); and, for comparison, the re-score path
-   it replaced (gather of the rows, batched mat-vec, sort);
+3. where the time of ``topk`` goes, per batch size (1 thread): the one ``layer_topk`` op and, inside
+   it, the LUT, the scan with the top-C selection (and that selection alone, estimated as
+   scan(top-C) - scan(top-1)), the re-score (int8 shortlist of the candidates and the side list, then
+   the exact pass over the shortlist; and the same without the shortlist), the rest (Python and
+   dispatch); and, for comparison, the re-score path of earlier versions (gather of the rows,
+   batched mat-vec, sort);
 4. queries/s vs recall@10 (1 thread, batch 1 and 64) while the number of candidates varies, for
    torchaq, FAISS + re-rank and the dense layer, as ann-benchmarks plots it; drawn to
    ``benchmarks/results/layer.png`` when matplotlib is installed.
@@ -189,43 +191,52 @@ def profile(layer, queries, batches, min_run_time):
     torch.set_num_threads(1)
     weight, packed, n = layer.weight.detach(), layer.packed_codes, layer.num_classes
     c = torchaq.layer.default_candidates(K, n) if layer.candidates is None else layer.candidates
+    r = torchaq.layer.default_shortlist(K)
     timer = lambda fn: time_call(fn, min_run_time=min_run_time, cpu_time=True).ms  # noqa: E731
+    q, side = layer.quantizer, layer.side_rows
+    w8, scale = torchaq.layer_topk.quantize_rows_int8(weight)
     rows = []
     for b in batches:
         h = queries[:b].contiguous()
-        lut = layer.quantizer.lut(h)
+        lut = q.lut(h)
         _, cand = ops.lut_topk(lut, packed, n, c)
         gathered = weight.index_select(0, cand.reshape(-1)).view(b, c, -1)
         logits = torch.bmm(gathered, h.unsqueeze(2)).squeeze(2)
+        op = lambda shortlist=True: torchaq.layer_topk.layer_topk(  # noqa: E731
+            h, h, q.codebooks, packed, n, c, None, weight, None, side, w8 if shortlist else None,
+            scale if shortlist else None, r, K)
         t = dict(
             total=timer(lambda: layer.topk(h, k=K)),
-            checks=timer(lambda: layer._flat_h(h)),
-            lut=timer(lambda: layer.quantizer.lut(h)),
+            op=timer(op),
+            op_exact=timer(lambda: op(False)),
+            lut=timer(lambda: ops.compute_lut(h, q.codebooks)),
             scan=timer(lambda: ops.lut_topk(lut, packed, n, c)),
             scan1=timer(lambda: ops.lut_topk(lut, packed, n, 1)),
-            rescore=timer(lambda: ops.rescore_topk(h, weight, None, cand, K)),
             old_gather=timer(lambda: weight.index_select(0, cand.reshape(-1))),
             old_bmm=timer(lambda: torch.bmm(gathered, h.unsqueeze(2))),
             old_sort=timer(lambda: logits.sort(dim=1, descending=True)),
             old_rescore=timer(lambda: exact_logits(h, weight, None, cand).sort(dim=1, descending=True)),
         )
         t["select"] = max(0.0, t["scan"] - t["scan1"])
-        t["rest"] = t["total"] - t["checks"] - t["lut"] - t["scan"] - t["rescore"]
-        rows.append((b, c, t))
+        t["rescore"] = max(0.0, t["op"] - t["lut"] - t["scan"])
+        t["rescore_exact"] = max(0.0, t["op_exact"] - t["lut"] - t["scan"])
+        t["rest"] = max(0.0, t["total"] - t["op"])
+        rows.append((b, c, len(side), r, t))
         print(f"  profile batch={b}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()), flush=True)
     return rows
 
 
 def profile_table(rows) -> str:
     body = []
-    for b, c, t in rows:
+    for b, c, s, r, t in rows:
         pct = lambda x: f"{x:.3f} ({100 * x / t['total']:.0f}%)"  # noqa: E731
-        body.append([b, c, f"{t['total']:.3f}", pct(t["checks"]), pct(t["lut"]), pct(t["scan"]), pct(t["select"]),
-                     pct(t["rescore"]), pct(max(t["rest"], 0.0)),
+        body.append([b, f"{c} + {s}", r, f"{t['total']:.3f}", pct(t["op"]), pct(t["lut"]), pct(t["scan"]),
+                     pct(t["select"]), pct(t["rescore"]), f"{t['rescore_exact']:.3f}", pct(t["rest"]),
                      f"{t['old_gather']:.3f} / {t['old_bmm']:.3f} / {t['old_sort']:.3f} = {t['old_rescore']:.3f}"])
     return markdown_table(
-        ["batch", "C", "topk ms", "input checks", "LUT", "scan + top-C", "of which top-C selection",
-         "re-score + top-k (fused)", "Python + dispatch", "replaced path: gather / bmm / sort = total ms"], body)
+        ["batch", "candidates (scan + side list)", "shortlist", "topk ms", "layer_topk op", "LUT", "scan + top-C",
+         "of which top-C selection", "re-score: int8 shortlist + exact", "same, all exact (ms)",
+         "Python + dispatch", "replaced path: gather / bmm / sort = total ms"], body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +342,8 @@ def main(argv=None) -> str:
         f"MiniLM vocab (real hidden states, {eval_q.shape[0]} held-out queries): V = {layer.num_classes}, "
         f"d = {layer.dim}, {q.bits}-bit x {q.num_subspaces} subspaces = {q.bits * q.num_subspaces} bits/class, "
         f"rule {q.rule}{' (fitted without calibration queries: --no-calibrate)' if args.no_calibrate else ''}, "
-        f"topk(k={K}) re-scores {cands} candidates; "
+        f"topk(k={K}) takes {cands} scan candidates + {layer.side_rows.numel()} side rows, ranks them by int8 "
+        f"rows and re-scores the best {torchaq.layer.default_shortlist(K)} exactly; "
         + (f"fit {fit_s:.1f} s" if fit_s is not None else "fitted layer loaded from benchmarks/.cache"),
         "",
         "## Quality",

@@ -403,3 +403,11 @@ def rescore_topk(
     reference (:func:`torchaq.rescore.exact_logits` then a sort) gathers a ``(B, C, d)`` block.
     """
     return torch.ops.torchaq.rescore_topk(h, weight, bias, candidates, k)
+
+
+# --------------------------------------------------------------------------------------------
+# layer_topk: LUT + scan + exact re-score of the candidates and the side list, one op (layer_topk.py)
+# --------------------------------------------------------------------------------------------
+from . import layer_topk as _layer_topk  # noqa: E402
+
+_layer_topk._register(_LIB)

@@ -21,6 +21,7 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("anisotropic_encode", &torchaq::cpu::anisotropic_encode_cpu);
   m.impl("aq_encode", &torchaq::cpu::aq_encode_cpu);
   m.impl("rescore_topk", &torchaq::cpu::rescore_topk_cpu);
+  m.impl("layer_topk", &torchaq::cpu::layer_topk_cpu);
 }
 
 namespace {
