@@ -6,17 +6,24 @@ columns, float32), it returns ``(values, indices)`` of shape ``(B, min(k, C' + S
 1. ``lut = compute_lut(queries, codebooks)`` (``LUT[b, m, j] = <q_m, C_m[j]>``);
 2. ``C' = min(candidates, num_classes)`` classes per row by LUT score (``lut_topk`` with
    ``scan_bias``: the scan's ranking, the de-quantized 4-bit sums of FAISS fast-scan / ScaNN LUT16);
-3. those classes plus the ``S`` ids of ``side_rows`` (the exact side list, the same for every row),
-   re-scored exactly and ranked by ``rescore_topk``: ``logit = <h_b, W[c]> + bias[c]`` in float32,
+3. those classes plus the ``S`` ids of ``side_rows`` (the exact side list, the same for every row);
+4. optional int8 shortlist (``weight_i8``, ``row_scale``: :func:`quantize_rows_int8`, per-row
+   symmetric int8 as in LLM.int8()'s vector-wise quantization): when a row has more than
+   ``R = max(shortlist, min(k, C' + S))`` distinct classes, they are ranked by
+   ``row_scale[c] * <h_b, weight_i8[c]> (+ bias[c])`` and only the best ``R`` go on;
+5. exact re-score and ranking (``rescore_topk``): ``logit = <h_b, W[c]> + bias[c]`` in float32,
    best first, ties by class id, a class offered twice counted once.
 
-So the result equals ``rescore_topk(h, weight, bias, cat([lut_topk(...)[1], side_rows]), k)``
-(the reference below computes exactly that), and ``values`` are exact logits; only the membership
-of the top-``k`` is approximate. The CPU kernel (``torchaq/csrc/layer_topk.cpp``) runs the three
-steps in one call -- one dispatch, the scan's candidates selected but not sorted, the side rows
-read in place -- which is what batch 1 pays for. Cost: the LUT (``B M K dsub``), the scan
-(``B V M`` table look-ups plus the top-``C'`` selection) and ``B (C' + S) d`` multiply-adds.
-``h`` containing NaN or Inf raises ``ValueError``.
+Without the shortlist the result equals ``rescore_topk(h, weight, bias, cat([lut_topk(...)[1],
+side_rows]), k)``; ``values`` are exact logits either way, only the membership of the top-``k`` is
+approximate. The CPU kernel (``torchaq/csrc/layer_topk.cpp``) runs the steps in one call -- one
+dispatch, the scan's candidates selected but not sorted, the side rows read in place, the int8
+scores as exact integer sums against the query rounded to int16 (rescore_i8_kernels.h), equal on
+every kernel set; the reference below scores them in float, so the two can differ only where two
+int8 scores tie at the shortlist's edge. Cost: the LUT (``B M K dsub``), the scan (``B V M`` table
+look-ups plus the top-``C'`` selection), ``B (C' + S) d`` int8 multiply-adds over rows a quarter
+the size of float rows, and ``B R d`` exact float multiply-adds (``B (C' + S) d`` without the
+shortlist). ``h`` containing NaN or Inf raises ``ValueError``.
 """
 from __future__ import annotations
 
@@ -145,3 +152,14 @@ def quantize_rows_int8(weight: Tensor) -> Tuple[Tensor, Tensor]:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     w8 = torch.round(w / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
     return w8.contiguous(), scale.contiguous()
+
+
+def layer_topk(
+    h: Tensor, queries: Tensor, codebooks: Tensor, packed: Tensor, num_classes: int, candidates: int,
+    scan_bias: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], side_rows: Tensor,
+    weight_i8: Optional[Tensor] = None, row_scale: Optional[Tensor] = None, shortlist: int = 0, k: int = 10,
+) -> Tuple[Tensor, Tensor]:
+    """LUT, scan, (int8 shortlist,) exact re-score of the candidates and the side list, top-``k``:
+    see the module docstring."""
+    return torch.ops.torchaq.layer_topk(h, queries, codebooks, packed, num_classes, candidates, scan_bias, weight,
+                                        bias, side_rows, weight_i8, row_scale, shortlist, k)
