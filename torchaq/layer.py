@@ -28,15 +28,15 @@ def default_candidates(k: int, num_classes: int) -> int:
     return min(num_classes, max(MIN_CANDIDATES, CANDIDATES_PER_K * k))
 
 
-# topk(k) re-scores exactly only the best max(64, 4 k) of its candidates by an int8 copy of the
+# topk(k) re-scores exactly only the best max(32, 4 k) of its candidates by an int8 copy of the
 # weight rows (layer_topk.py): int8 rows cost a quarter of the memory traffic of the float rows,
 # and their ranking error is far below the LUT's (benchmarks/layer.py measures the recall).
-MIN_SHORTLIST = 64
+MIN_SHORTLIST = 32
 SHORTLIST_PER_K = 4
 
 
 def default_shortlist(k: int) -> int:
-    """``max(64, 4 k)`` candidates re-scored exactly by :meth:`QuantizedSoftmax.topk` after the int8 ranking."""
+    """``max(32, 4 k)`` candidates re-scored exactly by :meth:`QuantizedSoftmax.topk` after the int8 ranking."""
     return max(MIN_SHORTLIST, SHORTLIST_PER_K * k)
 
 
