@@ -191,3 +191,15 @@ def test_layer_warns_when_the_weight_changed_without_refresh(fitted):
         v, i = layer.topk(h)
     # the int8 shortlist follows the new weight at once; values are exact logits of the new weight
     torch.testing.assert_close(v, _exact(layer, h).gather(1, i), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not CPU_EXTENSION_LOADED, reason="C++ extension not built")
+@pytest.mark.parametrize("k", [5, 64])  # one-pass and two-pass top-k
+def test_gfni_scan_equals_the_shift_and_mask_scan(fitted, monkeypatch, k):
+    layer, h = fitted[(4, True)]
+    lut = layer.quantizer.lut(torch.cat([h, h, h]))
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("TORCHAQ_NO_GFNI", flag)
+        out[flag] = ops.lut_topk(lut, layer.packed_codes, layer.num_classes, k, layer._bias32())
+    assert torch.equal(out["0"][0], out["1"][0]) and torch.equal(out["0"][1], out["1"][1])
