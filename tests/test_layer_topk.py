@@ -203,3 +203,16 @@ def test_gfni_scan_equals_the_shift_and_mask_scan(fitted, monkeypatch, k):
         monkeypatch.setenv("TORCHAQ_NO_GFNI", flag)
         out[flag] = ops.lut_topk(lut, layer.packed_codes, layer.num_classes, k, layer._bias32())
     assert torch.equal(out["0"][0], out["1"][0]) and torch.equal(out["0"][1], out["1"][1])
+
+
+@pytest.mark.parametrize("side", [False, True])
+def test_layer_topk_equals_the_composed_path_with_a_bias(fitted, side):
+    # the scan must rank with the layer's bias whether or not there is a side list
+    layer, h = copy.deepcopy(fitted[(4, True)][0]), fitted[(4, True)][1]
+    if not side:
+        layer.side_rows = layer.side_rows[:0]
+    layer.shortlist = False
+    for cand in (12, 64):
+        want = layer.candidate_logits(h, cand, 10, keep=10)[:2]
+        got = layer.topk(h, k=10, candidates=cand)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])

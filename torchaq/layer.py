@@ -335,8 +335,9 @@ class QuantizedSoftmax(nn.Module):
         if candidates < k:
             raise ValueError(f"candidates={candidates} must be >= k={k}")
         scan_k = min(candidates, num_classes - side.shape[0])
-        exclude = side.shape[0] and (bias is not None or scan_k + side.shape[0] >= num_classes)
-        scan_bias = self._scan_bias() if exclude else None
+        # the scan ranks with the layer's bias; the side rows' exclusion only where it matters
+        exclude = side.shape[0] > 0 and scan_k + side.shape[0] >= num_classes
+        scan_bias = self._scan_bias() if bias is not None or exclude else None
         queries = self.quantizer.pad(h) if pad else h.float()
         w8, scale = (st[9] if st[8] == st[10] else self._shortlist_rows(weight)) if self.shortlist else (None, None)
         return torch.ops.torchaq.layer_topk.default(
