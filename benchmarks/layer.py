@@ -301,7 +301,8 @@ def plot(points, path: Path) -> bool:
         ax.set_title(f"MiniLM vocab 30522 x 384, 768 bits, batch {b}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
-    fig.text(0.5, 0.005, "labels: candidates re-scored exactly", ha="center", fontsize=8)
+    fig.text(0.5, 0.005, "labels: scan candidates (torchaq: ranked by int8 rows, the best max(32, 4k) re-scored "
+             "exactly; FAISS: all re-scored exactly)", ha="center", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
