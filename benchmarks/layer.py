@@ -309,6 +309,11 @@ def plot(points, path: Path) -> bool:
     return True
 
 
+def _shown(path: Path) -> Path:
+    """``path`` relative to the repository when it lies inside it (``--out`` may point elsewhere)."""
+    return path.relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
+
+
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -368,7 +373,7 @@ def main(argv=None) -> str:
     if points:
         png = Path(args.out).with_suffix(".png") if args.out else None
         drawn = plot(points, png) if png is not None else False
-        text += ["", f"## queries/s vs recall@10 (1 thread){f' -- plot: {png.relative_to(ROOT)}' if drawn else ''}",
+        text += ["", f"## queries/s vs recall@10 (1 thread){f' -- plot: {_shown(png)}' if drawn else ''}",
                  curve_table(points)]
     text += ["", f"total benchmark time {time.perf_counter() - start:.0f} s"]
     out = "\n".join(text)
