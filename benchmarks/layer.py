@@ -12,10 +12,12 @@ default candidates). One run prints, and writes to ``benchmarks/results/layer.tx
    ``topk``, and FAISS ``IndexPQFastScan`` at the same bits (M = 192, 4-bit, trained by FAISS on
    the same table) searching 100 candidates, re-ranked by the same exact re-score
    (:func:`torchaq.ops.rescore_topk`), with the speed-up of torchaq over each;
-3. where the time of ``topk`` goes, per batch size (1 thread): input checks, LUT, scan with the
-   top-C selection (and that selection alone, estimated as scan(top-C) - scan(top-1)), the fused
-   exact re-score + top-k, the rest (Python and dispatch); and, for comparison, the re-score path
-   it replaced (gather of the rows, batched mat-vec, sort);
+3. where the time of ``topk`` goes, per batch size (1 thread): the one ``layer_topk`` op and, inside
+   it, the LUT, the scan with the top-C selection (and that selection alone, estimated as
+   scan(top-C) - scan(top-1)), the re-score (int8 shortlist of the candidates and the side list, then
+   the exact pass over the shortlist; and the same without the shortlist), the rest (Python and
+   dispatch); and, for comparison, the re-score path of earlier versions (gather of the rows,
+   batched mat-vec, sort);
 4. queries/s vs recall@10 (1 thread, batch 1 and 64) while the number of candidates varies, for
    torchaq, FAISS + re-rank and the dense layer, as ann-benchmarks plots it; drawn to
    ``benchmarks/results/layer.png`` when matplotlib is installed.
@@ -134,6 +136,9 @@ def quality(layer, queries, index=None):
     true = logits.topk(SAMPLE_K, dim=1)
     idx = batched(lambda q: layer.topk(q, k=K)[1], queries)
     out = dict(recall1=(idx[:, 0] == true.indices[:, 0]).float().mean().item(), recall10=recall(idx, true.indices[:, :K]))
+    shortlist, layer.shortlist = layer.shortlist, False  # the same layer, every candidate re-scored exactly
+    out["recall10_exact"] = recall(batched(lambda q: layer.topk(q, k=K)[1], queries), true.indices[:, :K])
+    layer.shortlist = shortlist
     vals50, idx50 = layer.topk(queries, k=SAMPLE_K)
     p = torch.zeros_like(logits).scatter_(1, true.indices, true.values.softmax(1))
     q = torch.zeros_like(logits).scatter_(1, idx50, vals50.softmax(1))
@@ -189,43 +194,52 @@ def profile(layer, queries, batches, min_run_time):
     torch.set_num_threads(1)
     weight, packed, n = layer.weight.detach(), layer.packed_codes, layer.num_classes
     c = torchaq.layer.default_candidates(K, n) if layer.candidates is None else layer.candidates
+    r = torchaq.layer.default_shortlist(K)
     timer = lambda fn: time_call(fn, min_run_time=min_run_time, cpu_time=True).ms  # noqa: E731
+    q, side = layer.quantizer, layer.side_rows
+    w8, scale = torchaq.layer_topk.quantize_rows_int8(weight)
     rows = []
     for b in batches:
         h = queries[:b].contiguous()
-        lut = layer.quantizer.lut(h)
+        lut = q.lut(h)
         _, cand = ops.lut_topk(lut, packed, n, c)
         gathered = weight.index_select(0, cand.reshape(-1)).view(b, c, -1)
         logits = torch.bmm(gathered, h.unsqueeze(2)).squeeze(2)
+        op = lambda shortlist=True: torchaq.layer_topk.layer_topk(  # noqa: E731
+            h, h, q.codebooks, packed, n, c, None, weight, None, side, w8 if shortlist else None,
+            scale if shortlist else None, r, K)
         t = dict(
             total=timer(lambda: layer.topk(h, k=K)),
-            checks=timer(lambda: layer._flat_h(h)),
-            lut=timer(lambda: layer.quantizer.lut(h)),
+            op=timer(op),
+            op_exact=timer(lambda: op(False)),
+            lut=timer(lambda: ops.compute_lut(h, q.codebooks)),
             scan=timer(lambda: ops.lut_topk(lut, packed, n, c)),
             scan1=timer(lambda: ops.lut_topk(lut, packed, n, 1)),
-            rescore=timer(lambda: ops.rescore_topk(h, weight, None, cand, K)),
             old_gather=timer(lambda: weight.index_select(0, cand.reshape(-1))),
             old_bmm=timer(lambda: torch.bmm(gathered, h.unsqueeze(2))),
             old_sort=timer(lambda: logits.sort(dim=1, descending=True)),
             old_rescore=timer(lambda: exact_logits(h, weight, None, cand).sort(dim=1, descending=True)),
         )
         t["select"] = max(0.0, t["scan"] - t["scan1"])
-        t["rest"] = t["total"] - t["checks"] - t["lut"] - t["scan"] - t["rescore"]
-        rows.append((b, c, t))
+        t["rescore"] = max(0.0, t["op"] - t["lut"] - t["scan"])
+        t["rescore_exact"] = max(0.0, t["op_exact"] - t["lut"] - t["scan"])
+        t["rest"] = max(0.0, t["total"] - t["op"])
+        rows.append((b, c, len(side), r, t))
         print(f"  profile batch={b}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()), flush=True)
     return rows
 
 
 def profile_table(rows) -> str:
     body = []
-    for b, c, t in rows:
+    for b, c, s, r, t in rows:
         pct = lambda x: f"{x:.3f} ({100 * x / t['total']:.0f}%)"  # noqa: E731
-        body.append([b, c, f"{t['total']:.3f}", pct(t["checks"]), pct(t["lut"]), pct(t["scan"]), pct(t["select"]),
-                     pct(t["rescore"]), pct(max(t["rest"], 0.0)),
+        body.append([b, f"{c} + {s}", r, f"{t['total']:.3f}", pct(t["op"]), pct(t["lut"]), pct(t["scan"]),
+                     pct(t["select"]), pct(t["rescore"]), f"{t['rescore_exact']:.3f}", pct(t["rest"]),
                      f"{t['old_gather']:.3f} / {t['old_bmm']:.3f} / {t['old_sort']:.3f} = {t['old_rescore']:.3f}"])
     return markdown_table(
-        ["batch", "C", "topk ms", "input checks", "LUT", "scan + top-C", "of which top-C selection",
-         "re-score + top-k (fused)", "Python + dispatch", "replaced path: gather / bmm / sort = total ms"], body)
+        ["batch", "candidates (scan + side list)", "shortlist", "topk ms", "layer_topk op", "LUT", "scan + top-C",
+         "of which top-C selection", "re-score: int8 shortlist + exact", "same, all exact (ms)",
+         "Python + dispatch", "replaced path: gather / bmm / sort = total ms"], body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,11 +301,17 @@ def plot(points, path: Path) -> bool:
         ax.set_title(f"MiniLM vocab 30522 x 384, 768 bits, batch {b}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
-    fig.text(0.5, 0.005, "labels: candidates re-scored exactly", ha="center", fontsize=8)
+    fig.text(0.5, 0.005, "labels: scan candidates (torchaq: ranked by int8 rows, the best max(32, 4k) re-scored "
+             "exactly; FAISS: all re-scored exactly)", ha="center", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the repository when it lies inside it (``--out`` may point elsewhere)."""
+    return path.relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,14 +351,17 @@ def main(argv=None) -> str:
         f"MiniLM vocab (real hidden states, {eval_q.shape[0]} held-out queries): V = {layer.num_classes}, "
         f"d = {layer.dim}, {q.bits}-bit x {q.num_subspaces} subspaces = {q.bits * q.num_subspaces} bits/class, "
         f"rule {q.rule}{' (fitted without calibration queries: --no-calibrate)' if args.no_calibrate else ''}, "
-        f"topk(k={K}) re-scores {cands} candidates; "
+        f"topk(k={K}) takes {cands} scan candidates + {layer.side_rows.numel()} side rows, ranks them by int8 "
+        f"rows and re-scores the best {torchaq.layer.default_shortlist(K)} exactly; "
         + (f"fit {fit_s:.1f} s" if fit_s is not None else "fitted layer loaded from benchmarks/.cache"),
         "",
         "## Quality",
         markdown_table(
-            ["recall@1", "recall@10", "TV top-50 (mean / max)", "abs log Z err (mean / max)",
+            ["recall@1", "recall@10", "recall@10 without the int8 shortlist", "TV top-50 (mean / max)",
+             "abs log Z err (mean / max)",
              f"FAISS fast-scan {q.num_subspaces}x4 + re-rank {FAISS_CANDIDATES}: recall@10"],
-            [[f"{qual['recall1']:.4f}", f"{qual['recall10']:.4f}", f"{qual['tv']:.4f} / {qual['tv_max']:.3f}",
+            [[f"{qual['recall1']:.4f}", f"{qual['recall10']:.4f}", f"{qual['recall10_exact']:.4f}",
+              f"{qual['tv']:.4f} / {qual['tv_max']:.3f}",
               f"{qual['logz_mean']:.2e} / {qual['logz_max']:.2e}", f"{qual.get('faiss_recall10', float('nan')):.4f}"]]),
         "",
         "## Batch sweep: topk(k=10) latency (median; 1 thread: CPU time of the calling thread, 2 threads: wall clock)",
@@ -350,7 +373,7 @@ def main(argv=None) -> str:
     if points:
         png = Path(args.out).with_suffix(".png") if args.out else None
         drawn = plot(points, png) if png is not None else False
-        text += ["", f"## queries/s vs recall@10 (1 thread){f' -- plot: {png.relative_to(ROOT)}' if drawn else ''}",
+        text += ["", f"## queries/s vs recall@10 (1 thread){f' -- plot: {_shown(png)}' if drawn else ''}",
                  curve_table(points)]
     text += ["", f"total benchmark time {time.perf_counter() - start:.0f} s"]
     out = "\n".join(text)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _backends, incremental, ops, outliers
+from . import _backends, incremental, layer_topk, ops, outliers
 from ._checks import check_features, check_int, check_real, has_data
 from .aq import AnisotropicAQ
 from .partition import log_partition
@@ -26,6 +26,18 @@ CANDIDATES_PER_K = 16
 def default_candidates(k: int, num_classes: int) -> int:
     """``min(V, max(256, 16 k))`` candidates re-scored exactly by :meth:`QuantizedSoftmax.topk`."""
     return min(num_classes, max(MIN_CANDIDATES, CANDIDATES_PER_K * k))
+
+
+# topk(k) re-scores exactly only the best max(32, 4 k) of its candidates by an int8 copy of the
+# weight rows (layer_topk.py): int8 rows cost a quarter of the memory traffic of the float rows,
+# and their ranking error is far below the LUT's (benchmarks/layer.py measures the recall).
+MIN_SHORTLIST = 32
+SHORTLIST_PER_K = 4
+
+
+def default_shortlist(k: int) -> int:
+    """``max(32, 4 k)`` candidates re-scored exactly by :meth:`QuantizedSoftmax.topk` after the int8 ranking."""
+    return max(MIN_SHORTLIST, SHORTLIST_PER_K * k)
 
 
 def check_sampling_args(top_p, temperature):
@@ -132,6 +144,8 @@ class QuantizedSoftmax(nn.Module):
             self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone())
         self.num_classes, self.dim = num_classes, dim
         self.candidates = candidates
+        # topk's int8 shortlist stage: True (default size, default_shortlist), an int, or False (off)
+        self.shortlist = True
         quantizer_cls = AnisotropicAQ if quantizer == "aq" else AnisotropicPQ
         self.quantizer = quantizer_cls(
             dim, max(1, dim // 2) if num_subspaces is None else num_subspaces, bits=bits, threshold=threshold, eta=eta, seed=seed
@@ -301,6 +315,100 @@ class QuantizedSoftmax(nn.Module):
         k = min(self._check_k(k), self.num_classes - self.side_rows.numel())
         return ops.lut_topk(lut, self.packed_codes, self.num_classes, k, self._scan_bias())
 
+    def _topk_one_op(self, h: Tensor, candidates: Optional[int], k: int) -> Tuple[Tensor, Tensor]:
+        """``candidate_logits(h, candidates, k, keep=k)[:2]`` as one ``torchaq::layer_topk`` call
+        (:mod:`torchaq.layer_topk`), for PQ layers: at batch 1 the Python around the scan (module
+        attribute look-ups, several op dispatches) otherwise costs a third of the call, so the tensors
+        the op reads are gathered once (:meth:`_one_op_state`). When the layer has no bias and the coded
+        rows cannot run out (``C + S < V``), the scan runs without the side-row exclusion bias: a side
+        row it returns is a repeat the re-score counts once (a biased scan costs more than the slot)."""
+        st = None if torch.compiler.is_compiling() else self._one_op_state()
+        if st is None:
+            if not isinstance(self.quantizer, AnisotropicPQ):
+                return self.candidate_logits(h, candidates, k, keep=k)[:2]
+            # traced (torch.compile) or AQ-free fallback: no cached pointers, no int8 shortlist
+            st = self._one_op_tensors() + (None, None, (None, None), None)
+        weight, bias, codebooks, packed, side, pad, num_classes = st[:7]
+        if not self._stale_warned and self._refresh_version is not None and st[8] != self._refresh_version:
+            self._warn_if_stale()
+        if not isinstance(h, Tensor) or h.dim() != 2 or h.device != weight.device:
+            h = self._flat_h(h, finite=False)  # the op refuses a non-finite h
+        elif h.shape[1] != self.dim or not h.is_floating_point():
+            check_features(h, self.dim, "h", weight.device, "layer")
+        if candidates is None:  # >= k (k <= V was checked)
+            candidates = min(self.candidates or default_candidates(k, num_classes), num_classes)
+        else:
+            candidates = self._check_k(candidates, "candidates")
+        if candidates < k:
+            raise ValueError(f"candidates={candidates} must be >= k={k}")
+        scan_k = min(candidates, num_classes - side.shape[0])
+        # the scan ranks with the layer's bias; the side rows' exclusion only where it matters
+        exclude = side.shape[0] > 0 and scan_k + side.shape[0] >= num_classes
+        scan_bias = self._scan_bias() if bias is not None or exclude else None
+        queries = self.quantizer.pad(h) if pad else h.float()
+        w8, scale = (st[9] if st[8] == st[10] else self._shortlist_rows(weight)) if self.shortlist else (None, None)
+        return torch.ops.torchaq.layer_topk.default(
+            h, queries, codebooks, packed, num_classes, scan_k, scan_bias, weight, bias, side, w8, scale,
+            default_shortlist(k) if self.shortlist is True else int(self.shortlist), k)
+
+    def _shortlist_rows(self, weight: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The int8 copy of the weight rows (:func:`torchaq.layer_topk.quantize_rows_int8`) that ranks
+        the candidates before the exact re-score, cached per weight version (float32 weights only)."""
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return None, None
+        try:
+            version = weight._version
+        except RuntimeError:  # inference tensors have no version counter (and cannot change)
+            version = None
+        key = (weight.data_ptr(), version)
+        cached = self.__dict__.get("_shortlist_cache")
+        if cached is None or cached[0] != key:
+            cached = (key,) + layer_topk.quantize_rows_int8(weight)
+            self.__dict__["_shortlist_cache"] = cached
+        return cached[1], cached[2]
+
+    def _one_op_tensors(self) -> tuple:
+        """What ``layer_topk`` reads: weight, bias, codebooks, packed codes, side list, whether ``h``
+        needs padding, ``V`` (parameters as they are: ``topk`` runs under ``no_grad``)."""
+        q = self.quantizer
+        q._check_fitted()
+        return (self.weight, self.bias, q.codebooks, self.packed_codes, self.side_rows, q.padded_dim != q.dim,
+                self.num_classes)
+
+    def _one_op_state(self) -> Optional[tuple]:
+        """:meth:`_one_op_tensors`, cached (None for AQ layers). Any attribute assignment on the layer
+        (``refresh``, ``load_state_dict``, a new parameter) and ``.to()`` / ``_apply`` drop the cache;
+        so does a parameter whose ``.data`` was swapped (checked by pointer)."""
+        st = self.__dict__.get("_one_op_cache")
+        weight = self._parameters["weight"]
+        if st is not None and st[0] is weight and weight.data_ptr() == st[7] and (
+                st[2] is self._modules["quantizer"]._buffers.get("codebooks")):
+            try:
+                version = weight._version
+            except RuntimeError:  # inference tensors have no version counter
+                version = None
+            if version != st[8]:  # the weight changed in place: the int8 rows may need an update
+                st = st[:8] + (version,) + st[9:]
+                self.__dict__["_one_op_cache"] = st
+            return st
+        if not isinstance(self.quantizer, AnisotropicPQ):
+            return None
+        st = self._one_op_tensors()
+        version = self._weight_version()
+        w8 = self._shortlist_rows(st[0]) if self.shortlist else (None, None)
+        # (..., data pointer, weight version now, int8 rows and scales, weight version of the int8 rows)
+        st = st + (st[0].data_ptr(), version, w8, version)
+        self.__dict__["_one_op_cache"] = st
+        return st
+
+    def __setattr__(self, name, value):
+        self.__dict__["_one_op_cache"] = None
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__["_one_op_cache"] = None
+        return super()._apply(fn, recurse)
+
     def _bound_complete(self, h: Tensor, logits: Tensor, classes: Tensor, lut: Tensor, k: int):
         """``guarantee="bound"``: add every row the residual bound cannot rule out (also returns the counts)."""
         scores = ops.lut_score(lut, self.packed_codes, self.num_classes, self._bias32())
@@ -367,7 +475,6 @@ class QuantizedSoftmax(nn.Module):
         state_dict.setdefault(prefix + "residual_norms", torch.full((self.num_classes,), math.inf))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-    @torch.no_grad()
     def topk(
         self, h: Tensor, k: int = 10, candidates: Optional[int] = None, guarantee: Optional[str] = None
     ) -> Tuple[Tensor, Tensor]:
@@ -379,12 +486,20 @@ class QuantizedSoftmax(nn.Module):
         other row whose Cauchy-Schwarz bound ``s_i + |h| |W_i - decode(code_i)|`` reaches the
         ``k``-th exact logit found is re-scored too (:func:`torchaq.outliers.bound_complete`;
         costs a float LUT score pass over all ``V`` classes on top).
+
+        Candidates are ranked by an int8 copy of their weight rows first and only the best
+        ``shortlist`` of them (attribute; ``True``: :func:`default_shortlist`, ``False``: all) are
+        re-scored exactly (:mod:`torchaq.layer_topk`); values stay exact logits.
         """
-        k = self._check_k(k)
+        if torch.is_grad_enabled():  # no autograd here (a no_grad decorator costs more at batch 1)
+            with torch.no_grad():
+                return self.topk(h, k, candidates, guarantee)
+        if type(k) is not int or not 0 < k <= self.num_classes:
+            k = self._check_k(k)
         if guarantee not in (None, "bound"):
             raise ValueError(f'guarantee must be None or "bound", got {guarantee!r}')
         if guarantee is None:
-            logits, classes, _ = self.candidate_logits(h, candidates, k, keep=k)
+            logits, classes = self._topk_one_op(h, candidates, k)
         else:
             logits, classes, lut = self.candidate_logits(h, candidates, k)
             logits, classes, _ = self._bound_complete(h, logits, classes, lut, k)

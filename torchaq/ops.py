@@ -465,3 +465,11 @@ def anisotropic_normal_rhs(x: Tensor, codes: Tensor, eta: Tensor, coef: Tensor, 
     ``codes[i, m] = j``; two ``(M, num_codewords, dsub)`` float32 tensors. Cost ``O(N M dsub)``.
     """
     return torch.ops.torchaq.anisotropic_normal_rhs(x, codes, eta, coef, num_codewords)
+
+
+# --------------------------------------------------------------------------------------------
+# layer_topk: LUT + scan + exact re-score of the candidates and the side list, one op (layer_topk.py)
+# --------------------------------------------------------------------------------------------
+from . import layer_topk as _layer_topk  # noqa: E402
+
+_layer_topk._register(_LIB)

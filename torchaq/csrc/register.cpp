@@ -24,6 +24,7 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("rescore_topk", &torchaq::cpu::rescore_topk_cpu);
   m.impl("anisotropic_normal_apply", &torchaq::cpu::normal_apply_cpu);
   m.impl("anisotropic_normal_rhs", &torchaq::cpu::normal_rhs_cpu);
+  m.impl("layer_topk", &torchaq::cpu::layer_topk_cpu);
 }
 
 namespace {

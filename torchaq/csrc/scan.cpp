@@ -348,9 +348,11 @@ void quantize_lut(const at::Tensor& lut, int64_t P, uint8_t* qlut, float* inv_sc
 // Merge the TB partial top-k of every query into the sorted output; value(q, key) de-quantizes.
 // Sorting packs (key order bits, inverted index) into one uint64, so that a plain descending
 // integer sort is the (key desc, index asc) order.
+// With sorted = false each query's k winners come in no particular order (a selection instead of
+// a sort: callers that re-score the candidates, such as layer_topk, do not need the order).
 template <typename ValueFn>
 void merge_topk(TopK* topk, int64_t B, int64_t TB, int64_t kk, float* values, int64_t* indices,
-                ValueFn value) {
+                ValueFn value, bool sorted = true) {
   // a sort of TB * k keys per query: two queries already pay for a thread
   at::parallel_for(0, B, 2, [&](int64_t begin, int64_t end) {
     thread_local std::vector<uint64_t> cand;  // reused: no allocation per call
@@ -362,7 +364,10 @@ void merge_topk(TopK* topk, int64_t B, int64_t TB, int64_t kk, float* values, in
         for (int64_t i = 0; i < t.size; ++i)
           cand.push_back(uint64_t(order_bits(t.key[i])) << 32 | uint64_t(0xFFFFFFFFu - uint32_t(t.idx[i])));
       }
-      std::sort(cand.begin(), cand.end(), std::greater<uint64_t>());
+      if (sorted)
+        std::sort(cand.begin(), cand.end(), std::greater<uint64_t>());
+      else if (int64_t(cand.size()) > kk)
+        std::nth_element(cand.begin(), cand.begin() + kk, cand.end(), std::greater<uint64_t>());
       for (int64_t i = 0; i < kk; ++i) {  // every class is offered, so cand.size() >= kk
         const uint64_t c = cand[size_t(i)];
         values[q * kk + i] = value(q, from_order_bits(uint32_t(c >> 32)));
@@ -404,6 +409,12 @@ const char* active_isa() {
 std::tuple<at::Tensor, at::Tensor> lut_topk_cpu(const at::Tensor& lut_in, const at::Tensor& packed_in,
                                                 int64_t num_classes, int64_t k,
                                                 const std::optional<at::Tensor>& bias_in) {
+  return lut_topk_cpu_impl(lut_in, packed_in, num_classes, k, bias_in, /*sorted=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor> lut_topk_cpu_impl(const at::Tensor& lut_in, const at::Tensor& packed_in,
+                                                     int64_t num_classes, int64_t k,
+                                                     const std::optional<at::Tensor>& bias_in, bool sorted) {
   const int64_t bits = check_scan_args(lut_in, packed_in, num_classes, bias_in);
   TORCH_CHECK_VALUE(k >= 0, "k must be >= 0, got ", k);
   TORCH_CHECK_VALUE(num_classes < (int64_t(1) << 31), "lut_topk: num_classes must be < 2^31, got ", num_classes);
@@ -429,11 +440,12 @@ std::tuple<at::Tensor, at::Tensor> lut_topk_cpu(const at::Tensor& lut_in, const 
   // offsets, the two-pass block maxima and selection scratch, and the kept pass-1 sums (if they fit)
   const int64_t cap = 2 * kk + 2 * kBlock, stride = cap + 16;  // see TopK
   const int64_t ntopk = plan.TB * B, ntasks = plan.TQ * plan.TB;
-  const bool keep_sums = four && B * nblocks * kBlock * 2 <= kMaxKeptSumsBytes;
+  const int64_t sums_queries = std::min(plan.qchunk, two_pass_sub_batch(nblocks));  // per task (topk.h)
+  const bool keep_sums = four && ntasks * sums_queries * nblocks * kBlock * 2 <= kMaxKeptSumsBytes;
   Scratch scratch({ntopk * (stride + cap) * 4, ntopk * (stride + 2 * cap) * 4, ntopk * int64_t(sizeof(TopK)),
                    work_bytes(plan, P), four ? B * 2 * P * 16 : 0, four ? 4 * B : 0, four ? 4 * B : 0,
                    four ? B : 0, four ? B * nblocks * 4 : 0,
-                   four ? ntasks * (nblocks + 16) * 4 : 0, keep_sums ? B * nblocks * kBlock * 2 : 0});
+                   four ? ntasks * (nblocks + 16) * 4 : 0, keep_sums ? ntasks * sums_queries * nblocks * kBlock * 2 : 0});
   float* keys = scratch.take<float>(ntopk * (stride + cap));
   int32_t* ids = scratch.take<int32_t>(ntopk * (stride + 2 * cap));
   TopK* topk = scratch.take<TopK>(ntopk);
@@ -458,20 +470,20 @@ std::tuple<at::Tensor, at::Tensor> lut_topk_cpu(const at::Tensor& lut_in, const 
     for (int64_t n = (nblocks - 1) * kBlock; has_bias && n < num_classes; ++n) bias_tail[n % kBlock] = bias_ptr[n];
     float* bmax = scratch.take<float>(B * nblocks);
     uint32_t* select = scratch.take<uint32_t>(ntasks * (nblocks + 16));
-    uint16_t* bsums = keep_sums ? scratch.take<uint16_t>(B * nblocks * kBlock) : nullptr;
+    uint16_t* bsums = keep_sums ? scratch.take<uint16_t>(ntasks * sums_queries * nblocks * kBlock) : nullptr;
     Topk4Args a{packed.const_data_ptr<uint8_t>(), P, num_classes, qlut, inv_scale, offset, bias_ptr, bias_tail,
-                nblocks, bmax, bsums, select};
+                nblocks, bmax, bsums, select, sums_queries};
     run_tasks(plan, B, nblocks, P, topk, work, [&](const Task& t) { kern.topk4(a, t); });
     merge_topk(topk, B, plan.TB, kk, vals, idx, [&](int64_t q, float key) {
       // with a bias the key already is the de-quantized score; without, it is the uint16 sum
       return has_bias ? key : key * inv_scale[q] + offset[q];
-    });
+    }, sorted);
     exact_rows_fallback(lut, packed, num_classes, bias, coarse, values, indices);
   } else {
     FloatScanArgs a{packed.const_data_ptr<uint8_t>(), P, M, num_classes, lut.const_data_ptr<float>(),
                     has_bias ? bias->const_data_ptr<float>() : nullptr, nullptr};
     run_tasks(plan, B, nblocks, P, topk, work, [&](const Task& t) { kern.topk8(a, t); });
-    merge_topk(topk, B, plan.TB, kk, vals, idx, [](int64_t, float key) { return key; });
+    merge_topk(topk, B, plan.TB, kk, vals, idx, [](int64_t, float key) { return key; }, sorted);
   }
   return {values, indices};
 }

@@ -10,6 +10,11 @@ namespace cpu {
 
 std::tuple<at::Tensor, at::Tensor> lut_topk_cpu(const at::Tensor& lut, const at::Tensor& packed, int64_t num_classes,
                                                 int64_t k, const std::optional<at::Tensor>& bias);
+// lut_topk_cpu with sorted = false: the same k classes per query, in no particular order (the
+// values still match their classes); for callers that re-score the candidates anyway.
+std::tuple<at::Tensor, at::Tensor> lut_topk_cpu_impl(const at::Tensor& lut, const at::Tensor& packed,
+                                                     int64_t num_classes, int64_t k,
+                                                     const std::optional<at::Tensor>& bias, bool sorted);
 at::Tensor compute_lut_cpu(const at::Tensor& queries, const at::Tensor& codebooks);
 at::Tensor lut_score_cpu(const at::Tensor& lut, const at::Tensor& packed, int64_t num_classes,
                          const std::optional<at::Tensor>& bias);

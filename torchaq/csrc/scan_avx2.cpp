@@ -22,8 +22,11 @@ inline __m256i table(const uint8_t* T) {
 
 // uint16 sums of the 32 classes of one block for Q queries (quantized tables T, tstride apart),
 // as even classes (even[j]) and odd classes (odd[j]).
+// Not inlined on purpose: inlined into the scan loops (whose two-pass bookkeeping keeps many values
+// live), the compiler spilled the table pointers and the loop counter of this, the hottest loop, to
+// the stack.
 template <int Q>
-inline void block_sums(const uint8_t* codes, int64_t P, const uint8_t* T, int64_t tstride, __m256i* even,
+__attribute__((noinline)) void block_sums(const uint8_t* codes, int64_t P, const uint8_t* T, int64_t tstride, __m256i* even,
                        __m256i* odd) {
   const __m256i m0f = _mm256_set1_epi8(0x0f);
   __m256i A[Q], B[Q];
@@ -126,7 +129,7 @@ void scan_group(const Topk4Args& a, const Task& t, int64_t q, int64_t c0, int64_
           }
         }
         a.bmax[(q + j) * a.nblocks + blk] = best;
-        if (a.bsums != nullptr) store_sums(a.bsums + ((q + j) * a.nblocks + blk) * kBlock, even[j], odd[j]);
+        if (a.bsums != nullptr) store_sums(a.bsums + ((q + j - t.q0) * a.nblocks + blk) * kBlock, even[j], odd[j]);
       } else {
         block_keys<kBias>(a, q + j, base, even[j], odd[j], k);
         emit(a, t.topk[q + j - t.q0], base, k);
@@ -158,36 +161,47 @@ void topk4_impl(const Topk4Args& a, const Task& t) {
     scan_all<kBias, false>(a, t);
     return;
   }
-  scan_all<kBias, true>(a, t);
   uint32_t* sel = a.select + t.id * (a.nblocks + 16);
-  for (int64_t q = t.q0; q < t.q1; ++q) {  // pass 2
-    TopK& h = t.topk[q - t.q0];
-    const float* bm = a.bmax + q * a.nblocks;
-    const float T = block_bound(h, bm + t.blk0, nb, sel);
-    // the blocks to revisit, listed without a branch per block, then visited with their kept
-    // sums requested kAhead blocks early (see scan_avx512.cpp)
-    int64_t n = 0;
-    for (int64_t blk = t.blk0; blk < t.blk1; ++blk) {
-      sel[n] = uint32_t(blk);
-      n += (bm[blk] >= T) | (blk * kBlock + kBlock > a.num_classes);
-    }
-    constexpr int64_t kAhead = 8;
-    const uint16_t* qsums = a.bsums != nullptr ? a.bsums + q * a.nblocks * kBlock : nullptr;
-    if (qsums != nullptr)
-      for (int64_t i = 0; i < n && i < kAhead; ++i) _mm_prefetch(reinterpret_cast<const char*>(qsums + sel[i] * kBlock), _MM_HINT_T0);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t blk = sel[i], base = blk * kBlock;
-      __m256i even, odd;
-      __m256 k[4];
-      if (qsums != nullptr) {
-        if (i + kAhead < n)
-          _mm_prefetch(reinterpret_cast<const char*>(qsums + sel[i + kAhead] * kBlock), _MM_HINT_T0);
-        load_sums(qsums + blk * kBlock, &even, &odd);
-      } else {
-        block_sums<1>(a.packed + blk * a.P * kBlock, a.P, a.qlut + q * tstride, tstride, &even, &odd);
+  uint16_t* sums = a.bsums != nullptr ? a.bsums + t.id * a.sums_queries * a.nblocks * kBlock : nullptr;
+  // pass 1 then pass 2 per sub-batch of queries, whose kept sums stay in cache (topk.h)
+  const int64_t sub = sums != nullptr ? a.sums_queries : t.q1 - t.q0;
+  for (int64_t s0 = t.q0; s0 < t.q1; s0 += sub) {
+    Task st = t;
+    st.q0 = s0;
+    st.q1 = min64(t.q1, s0 + sub);
+    st.topk = t.topk + (s0 - t.q0);
+    Topk4Args sa = a;
+    sa.bsums = sums;
+    scan_all<kBias, true>(sa, st);
+    for (int64_t q = st.q0; q < st.q1; ++q) {  // pass 2
+      TopK& h = t.topk[q - t.q0];
+      const float* bm = a.bmax + q * a.nblocks;
+      const float T = block_bound(h, bm + t.blk0, nb, sel);
+      // the blocks to revisit, listed without a branch per block, then visited with their kept
+      // sums requested kAhead blocks early (see scan_avx512.cpp)
+      int64_t n = 0;
+      for (int64_t blk = t.blk0; blk < t.blk1; ++blk) {
+        sel[n] = uint32_t(blk);
+        n += (bm[blk] >= T) | (blk * kBlock + kBlock > a.num_classes);
       }
-      block_keys<kBias>(a, q, base, even, odd, k);
-      emit(a, h, base, k);
+      constexpr int64_t kAhead = 8;
+      const uint16_t* qsums = sums != nullptr ? sums + (q - s0) * a.nblocks * kBlock : nullptr;
+      if (qsums != nullptr)
+        for (int64_t i = 0; i < n && i < kAhead; ++i) _mm_prefetch(reinterpret_cast<const char*>(qsums + sel[i] * kBlock), _MM_HINT_T0);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t blk = sel[i], base = blk * kBlock;
+        __m256i even, odd;
+        __m256 k[4];
+        if (qsums != nullptr) {
+          if (i + kAhead < n)
+            _mm_prefetch(reinterpret_cast<const char*>(qsums + sel[i + kAhead] * kBlock), _MM_HINT_T0);
+          load_sums(qsums + blk * kBlock, &even, &odd);
+        } else {
+          block_sums<1>(a.packed + blk * a.P * kBlock, a.P, a.qlut + q * tstride, tstride, &even, &odd);
+        }
+        block_keys<kBias>(a, q, base, even, odd, k);
+        emit(a, h, base, k);
+      }
     }
   }
 }

@@ -11,6 +11,8 @@
 // guarantees every true sum is < 2^16.
 #include <immintrin.h>
 
+#include <cstdlib>
+
 #include "scan_generic.h"
 #include "simd_util.h"
 
@@ -52,8 +54,11 @@ inline void lookup_add(const uint8_t* tab, __m512i lo, __m512i hi, __m512i& A, _
 
 // uint16 sums of the 32 classes of one block for Q queries (expanded tables xt, xstride apart),
 // as even classes (even[j]) and odd classes (odd[j]).
+// Not inlined on purpose: inlined into the scan loops (whose two-pass bookkeeping keeps many values
+// live), the compiler spilled the table pointers and the loop counter of this, the hottest loop, to
+// the stack.
 template <int Q>
-inline void block_sums(const uint8_t* codes, int64_t P, const uint8_t* xt, int64_t xstride, __m256i* even,
+__attribute__((noinline)) void block_sums(const uint8_t* codes, int64_t P, const uint8_t* xt, int64_t xstride, __m256i* even,
                        __m256i* odd) {
   const int64_t PF = P / 2;
   const __m512i m0f = _mm512_set1_epi8(0x0f);
@@ -69,6 +74,36 @@ inline void block_sums(const uint8_t* codes, int64_t P, const uint8_t* xt, int64
     const __m512i c = _mm512_maskz_loadu_epi8(0xFFFFFFFFull, codes + 64 * PF);
     const __m512i lo = _mm512_and_si512(c, m0f);
     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), m0f);
+    for (int j = 0; j < Q; ++j) lookup_add(xt + j * xstride + PF * 128, lo, hi, A[j], B[j]);
+  }
+  for (int j = 0; j < Q; ++j) {
+    // the two 256-bit halves hold the same 32 classes (different subspaces): fold them
+    const __m256i Af = _mm256_add_epi16(_mm512_castsi512_si256(A[j]), _mm512_extracti64x4_epi64(A[j], 1));
+    odd[j] = _mm256_add_epi16(_mm512_castsi512_si256(B[j]), _mm512_extracti64x4_epi64(B[j], 1));
+    even[j] = _mm256_sub_epi16(Af, _mm256_slli_epi16(odd[j], 8));
+  }
+}
+
+// block_sums with GFNI: one gf2p8affineqb (a bit matrix applied to every byte: x >> 4 within the
+// byte) extracts the high nibbles instead of a 16-bit shift and a mask. Same lookups, same sums.
+constexpr long long kShr4Matrix = 0x1020408000000000LL;  // row i (byte 7 - i) picks bit i + 4, i < 4
+template <int Q>
+__attribute__((noinline, target("gfni"))) void block_sums_gfni(const uint8_t* codes, int64_t P, const uint8_t* xt, int64_t xstride, __m256i* even,
+                       __m256i* odd) {
+  const int64_t PF = P / 2;
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  __m512i A[Q], B[Q];
+  for (int j = 0; j < Q; ++j) A[j] = B[j] = _mm512_setzero_si512();
+  for (int64_t r = 0; r < PF; ++r) {
+    const __m512i c = _mm512_loadu_si512(codes + 64 * r);
+    const __m512i lo = _mm512_and_si512(c, m0f);
+    const __m512i hi = _mm512_gf2p8affine_epi64_epi8(c, _mm512_set1_epi64(kShr4Matrix), 0);
+    for (int j = 0; j < Q; ++j) lookup_add(xt + j * xstride + r * 128, lo, hi, A[j], B[j]);
+  }
+  if (P & 1) {  // last single row: load 32 bytes, the upper half of the table is zero
+    const __m512i c = _mm512_maskz_loadu_epi8(0xFFFFFFFFull, codes + 64 * PF);
+    const __m512i lo = _mm512_and_si512(c, m0f);
+    const __m512i hi = _mm512_gf2p8affine_epi64_epi8(c, _mm512_set1_epi64(kShr4Matrix), 0);
     for (int j = 0; j < Q; ++j) lookup_add(xt + j * xstride + PF * 128, lo, hi, A[j], B[j]);
   }
   for (int j = 0; j < Q; ++j) {
@@ -129,12 +164,15 @@ inline void emit(const Topk4Args& a, TopK& h, int64_t base, __m512 ke, __m512 ko
 
 // Scan blocks [c0, c1) for queries q .. q + Q - 1: offer every block (one pass), or record each
 // block's best key in a.bmax (pass 1 of the two-pass top-k, see block_bound).
-template <int Q, bool kBias, bool kTwoPass>
+template <int Q, bool kBias, bool kTwoPass, bool kGfni>
 void scan_group(const Topk4Args& a, const Task& t, int64_t q, const uint8_t* xt, int64_t xstride, int64_t c0,
                 int64_t c1) {
   for (int64_t blk = c0; blk < c1; ++blk) {
     __m256i even[Q], odd[Q];
-    block_sums<Q>(a.packed + blk * a.P * kBlock, a.P, xt, xstride, even, odd);
+    if (kGfni)
+      block_sums_gfni<Q>(a.packed + blk * a.P * kBlock, a.P, xt, xstride, even, odd);
+    else
+      block_sums<Q>(a.packed + blk * a.P * kBlock, a.P, xt, xstride, even, odd);
     const int64_t base = blk * kBlock;
     for (int j = 0; j < Q; ++j) {
       __m512 ke, ko;
@@ -149,7 +187,7 @@ void scan_group(const Topk4Args& a, const Task& t, int64_t q, const uint8_t* xt,
           }
         }
         a.bmax[(q + j) * a.nblocks + blk] = best;
-        if (a.bsums != nullptr) store_sums(a.bsums + ((q + j) * a.nblocks + blk) * kBlock, even[j], odd[j]);
+        if (a.bsums != nullptr) store_sums(a.bsums + ((q + j - t.q0) * a.nblocks + blk) * kBlock, even[j], odd[j]);
       } else {
         block_keys<kBias>(a, q + j, base, even[j], odd[j], ke, ko);
         emit(a, t.topk[q + j - t.q0], base, ke, ko);
@@ -158,67 +196,80 @@ void scan_group(const Topk4Args& a, const Task& t, int64_t q, const uint8_t* xt,
   }
 }
 
-template <bool kBias, bool kTwoPass>
+template <bool kBias, bool kTwoPass, bool kGfni>
 void scan_all(const Topk4Args& a, const Task& t, const uint8_t* xt, int64_t xstride) {
   const int64_t cb = chunk_blocks(a.P);
   for (int64_t c0 = t.blk0; c0 < t.blk1; c0 += cb) {
     const int64_t c1 = min64(t.blk1, c0 + cb);
     int64_t q = t.q0;
     for (; q + kGroup <= t.q1; q += kGroup)
-      scan_group<kGroup, kBias, kTwoPass>(a, t, q, xt + (q - t.q0) * xstride, xstride, c0, c1);
+      scan_group<kGroup, kBias, kTwoPass, kGfni>(a, t, q, xt + (q - t.q0) * xstride, xstride, c0, c1);
     const uint8_t* x = xt + (q - t.q0) * xstride;
     switch (t.q1 - q) {
-      case 3: scan_group<3, kBias, kTwoPass>(a, t, q, x, xstride, c0, c1); break;
-      case 2: scan_group<2, kBias, kTwoPass>(a, t, q, x, xstride, c0, c1); break;
-      case 1: scan_group<1, kBias, kTwoPass>(a, t, q, x, xstride, c0, c1); break;
+      case 3: scan_group<3, kBias, kTwoPass, kGfni>(a, t, q, x, xstride, c0, c1); break;
+      case 2: scan_group<2, kBias, kTwoPass, kGfni>(a, t, q, x, xstride, c0, c1); break;
+      case 1: scan_group<1, kBias, kTwoPass, kGfni>(a, t, q, x, xstride, c0, c1); break;
       default: break;
     }
   }
 }
 
-template <bool kBias>
+template <bool kBias, bool kGfni>
 void topk4_impl(const Topk4Args& a, const Task& t) {
   const int64_t P = a.P, xstride = (P + 1) / 2 * 128;
   uint8_t* xt = t.work;
   for (int64_t q = t.q0; q < t.q1; ++q) expand_tables(a.qlut + q * (2 * P * 16), P, xt + (q - t.q0) * xstride);
   const int64_t nb = t.blk1 - t.blk0;
   if (!use_two_pass(a, t)) {
-    scan_all<kBias, false>(a, t, xt, xstride);
+    scan_all<kBias, false, kGfni>(a, t, xt, xstride);
     return;
   }
-  scan_all<kBias, true>(a, t, xt, xstride);
   uint32_t* sel = a.select + t.id * (a.nblocks + 16);
-  for (int64_t q = t.q0; q < t.q1; ++q) {  // pass 2
-    TopK& h = t.topk[q - t.q0];
-    const float* bm = a.bmax + q * a.nblocks;
-    const float T = block_bound(h, bm + t.blk0, nb, sel);
-    const uint8_t* x = xt + (q - t.q0) * xstride;
-    // List the blocks to revisit without a branch per block (sel is free again after
-    // block_bound), then revisit them with their kept sums requested kAhead blocks early: at
-    // large batch the sums of pass 1 have left the cache by now, and a branch per block would
-    // leave one miss at a time in flight.
-    int64_t n = 0;
-    for (int64_t blk = t.blk0; blk < t.blk1; ++blk) {
-      sel[n] = uint32_t(blk);
-      n += (bm[blk] >= T) | (blk * kBlock + kBlock > a.num_classes);
-    }
-    constexpr int64_t kAhead = 8;
-    const uint16_t* qsums = a.bsums != nullptr ? a.bsums + q * a.nblocks * kBlock : nullptr;
-    if (qsums != nullptr)
-      for (int64_t i = 0; i < n && i < kAhead; ++i) _mm_prefetch(reinterpret_cast<const char*>(qsums + sel[i] * kBlock), _MM_HINT_T0);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t blk = sel[i], base = blk * kBlock;
-      __m256i even, odd;
-      __m512 ke, ko;
-      if (qsums != nullptr) {
-        if (i + kAhead < n)
-          _mm_prefetch(reinterpret_cast<const char*>(qsums + sel[i + kAhead] * kBlock), _MM_HINT_T0);
-        load_sums(qsums + blk * kBlock, &even, &odd);
-      } else {
-        block_sums<1>(a.packed + blk * P * kBlock, P, x, xstride, &even, &odd);
+  uint16_t* sums = a.bsums != nullptr ? a.bsums + t.id * a.sums_queries * a.nblocks * kBlock : nullptr;
+  // pass 1 then pass 2 per sub-batch of queries, whose kept sums stay in cache (topk.h)
+  const int64_t sub = sums != nullptr ? a.sums_queries : t.q1 - t.q0;
+  for (int64_t s0 = t.q0; s0 < t.q1; s0 += sub) {
+    Task st = t;
+    st.q0 = s0;
+    st.q1 = min64(t.q1, s0 + sub);
+    st.topk = t.topk + (s0 - t.q0);
+    Topk4Args sa = a;
+    sa.bsums = sums;
+    scan_all<kBias, true, kGfni>(sa, st, xt + (s0 - t.q0) * xstride, xstride);
+    for (int64_t q = st.q0; q < st.q1; ++q) {  // pass 2
+      TopK& h = t.topk[q - t.q0];
+      const float* bm = a.bmax + q * a.nblocks;
+      const float T = block_bound(h, bm + t.blk0, nb, sel);
+      const uint8_t* x = xt + (q - t.q0) * xstride;
+      // List the blocks to revisit without a branch per block (sel is free again after
+      // block_bound), then revisit them with their kept sums requested kAhead blocks early (a
+      // branch per block would leave one miss at a time in flight).
+      int64_t n = 0;
+      for (int64_t blk = t.blk0; blk < t.blk1; ++blk) {
+        sel[n] = uint32_t(blk);
+        n += (bm[blk] >= T) | (blk * kBlock + kBlock > a.num_classes);
       }
-      block_keys<kBias>(a, q, base, even, odd, ke, ko);
-      emit(a, h, base, ke, ko);
+      constexpr int64_t kAhead = 8;
+      const uint16_t* qsums = sums != nullptr ? sums + (q - s0) * a.nblocks * kBlock : nullptr;
+      if (qsums != nullptr)
+        for (int64_t i = 0; i < n && i < kAhead; ++i) _mm_prefetch(reinterpret_cast<const char*>(qsums + sel[i] * kBlock), _MM_HINT_T0);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t blk = sel[i], base = blk * kBlock;
+        __m256i even, odd;
+        __m512 ke, ko;
+        if (qsums != nullptr) {
+          if (i + kAhead < n)
+            _mm_prefetch(reinterpret_cast<const char*>(qsums + sel[i + kAhead] * kBlock), _MM_HINT_T0);
+          load_sums(qsums + blk * kBlock, &even, &odd);
+        } else {
+          if (kGfni)
+          block_sums_gfni<1>(a.packed + blk * P * kBlock, P, x, xstride, &even, &odd);
+        else
+          block_sums<1>(a.packed + blk * P * kBlock, P, x, xstride, &even, &odd);
+        }
+        block_keys<kBias>(a, q, base, even, odd, ke, ko);
+        emit(a, h, base, ke, ko);
+      }
     }
   }
 }
@@ -272,10 +323,17 @@ void lut_tree(const float* q, const float* c, int64_t b0, int64_t b1, int64_t M,
 }  // namespace
 
 void topk4_avx512(const Topk4Args& a, const Task& t) {
+  // GFNI where the CPU has it (TORCHAQ_NO_GFNI=1 turns it off: the tests compare both paths)
+  static const bool has_gfni = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("gfni") != 0;
+  }();
+  const char* off = std::getenv("TORCHAQ_NO_GFNI");
+  const bool gfni = has_gfni && !(off != nullptr && off[0] == '1');
   if (a.bias != nullptr) {
-    topk4_impl<true>(a, t);
+    gfni ? topk4_impl<true, true>(a, t) : topk4_impl<true, false>(a, t);
   } else {
-    topk4_impl<false>(a, t);
+    gfni ? topk4_impl<false, true>(a, t) : topk4_impl<false, false>(a, t);
   }
 }
 void compute_lut_avx512(const float* q, const float* c, const float* ct, int64_t b0, int64_t b1, int64_t M,

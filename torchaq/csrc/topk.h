@@ -158,6 +158,17 @@ inline float block_bound(TopK& t, const float* bmax, int64_t nb, uint32_t* tmp) 
   return T;
 }
 
+// The two-pass kernels run pass 1 and pass 2 on sub-batches of this many queries of a task (a
+// multiple of 4, at least 4), so that the pass-1 sums kept for pass 2 -- 64 bytes per block and
+// query -- stay in the core's cache between the two passes instead of streaming B * nblocks * 64
+// bytes to memory and back; the codes are read once per sub-batch instead (from the shared cache at
+// V = 30k). The driver allocates the kept sums for one sub-batch per task.
+constexpr int64_t kKeptSumsBudget = int64_t(512) << 10;
+inline int64_t two_pass_sub_batch(int64_t nblocks) {
+  const int64_t n = kKeptSumsBudget / (nblocks * kBlock * 2) / 4 * 4;
+  return n < 4 ? 4 : n;
+}
+
 // One pass suits a small k (few blocks ever hold a candidate) or few blocks (pass 2 would revisit
 // most of them). The crossover k was found with benchmarks/cpu_scan.py before pass 2 kept the
 // pass-1 sums and has not been re-tuned since; it moves with V and the ISA.
