@@ -169,16 +169,20 @@ def part_quality(args) -> None:
     small = norms < norms.median()
     configs = [
         ("uniform", dict(sampler="uniform")),
-        ("quantized, no control variate", dict(sampler="quantized", control_variate=False)),
-        ("quantized (default: shared draws + control variate)", dict(sampler="quantized")),
-        ("quantized, 64 hard / 512 candidates", dict(sampler="quantized", num_hard=64, num_candidates=512)),
+        ("quantized, top-128 candidates, no control variate", dict(sampler="quantized", proposal="candidates",
+                                                                   control_variate=False)),
+        ("quantized, top-128 candidates + their control variate", dict(sampler="quantized", proposal="candidates")),
+        ("quantized (default: whole-LUT mixture + LUT-sum control variate)", dict(sampler="quantized")),
+        ("quantized, whole-LUT mixture, no floor (lut_share 1)", dict(sampler="quantized", lut_share=1.0)),
+        ("quantized, whole-LUT mixture, 64 hard", dict(sampler="quantized", num_hard=64)),
     ]
     rows = []
     for m in (512, 2048):
         for name, kw in configs:
             rows.append(quality_row(name, m, kw, layer, target, g, big_g, small, full_loss, grads, args.reps))
     for m in (4, 16):  # each row its own m draws: (B, m, d) gathers
-        rows.append(quality_row("quantized, per-row draws (no sharing)", m, dict(sampler="quantized", share_draws=False),
+        rows.append(quality_row("quantized, top-128 candidates, per-row draws (no sharing)", m,
+                                dict(sampler="quantized", proposal="candidates", share_draws=False),
                                 layer, target, g, big_g, small, full_loss, grads, args.reps))
     table_md = markdown_table(
         ["sampler", "num_sampled", "mean cos(h grad)", "cos, rows below median |grad|", "batch rel. sq. error",

@@ -80,14 +80,17 @@ import numbers
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_features
+from .lut_proposal import LUT_SHARE, layer_lut_cv_loss
 from .rescore import exact_logits
 
 logger = logging.getLogger("torchaq")
 
 SAMPLERS = ("quantized", "uniform", "unigram")
+PROPOSALS = ("lut", "candidates")
 REDUCTIONS = ("mean", "sum", "none")
 # default number of LUT top classes of each row counted exactly (its hard set H_b)
 HARD_PER_ROW = 32
@@ -284,7 +287,7 @@ def sampled_softmax_loss(
             logger.debug("torchaq sampled softmax: %d distinct draws, ESS per row mean %.1f min %.1f",
                          classes.numel(), float(ess.mean()), float(ess.min()))
     if cv_classes is None:
-        return torch.logsumexp(terms, dim=1) - target_logit
+        return _log1p_rest(terms[:, 1:], target_logit)
     # control variate: Z = exact + sum_{T \ E} e^{s} + sum_{U \ E} (e^l - 1[c in T] e^s) / pi
     cv_scores = cv_scores.float()
     cv_keep = torch.ones_like(cv_classes, dtype=torch.bool)
@@ -293,8 +296,6 @@ def sampled_softmax_loss(
     shift = terms.detach().amax(1)
     if cv_scores.shape[1]:
         shift = torch.maximum(shift, cv_scores.amax(1))
-    positive = torch.exp(terms - shift.unsqueeze(1)).sum(1)
-    exact_part = torch.exp(terms[:, : 1 + hard.shape[1]] - shift.unsqueeze(1)).sum(1)
     lut_sum = torch.where(cv_keep, torch.exp(cv_scores - shift.unsqueeze(1)), 0.0).sum(1)
     # the drawn classes that are tail candidates of the row: subtract e^{s} / pi for them
     size = classes.numel()
@@ -304,9 +305,11 @@ def sampled_softmax_loss(
         correction = torch.where(in_u, torch.exp(cv_scores - log_inclusion.float()[pos] - shift.unsqueeze(1)), 0.0).sum(1)
     else:
         correction = torch.zeros_like(lut_sum)
-    z = positive + (lut_sum - correction)
-    z = torch.maximum(z, exact_part)  # the correction can overshoot: never below the exact terms
-    return shift + torch.log(z) - target_logit
+    others = torch.exp(terms[:, 1:] - shift.unsqueeze(1)).sum(1)
+    hard_part = torch.exp(terms[:, 1: 1 + hard.shape[1]] - shift.unsqueeze(1)).sum(1)
+    rest = torch.maximum(others + (lut_sum - correction), hard_part)  # the correction can overshoot: never below the exact terms
+    # log Z_hat - l_t = log(1 + R_hat e^{-l_t}) (see _log1p_rest)
+    return F.softplus(shift + torch.log(rest.clamp_min(1e-30)) - target_logit)
 
 
 def per_row_sampled_softmax_loss(
@@ -339,7 +342,17 @@ def per_row_sampled_softmax_loss(
     log_w = (torch.log((1 - q_excl.sum(1)).clamp_min(1e-12)).unsqueeze(1) - torch.log(kept.double()) - torch.log(q_draw)).float()
     terms = torch.cat([target_logit.unsqueeze(1), hard_logits.masked_fill(hard_is_target, -math.inf),
                        (draw_logits + log_w).masked_fill(~keep, -math.inf)], dim=1)
-    return torch.logsumexp(terms, dim=1) - target_logit
+    return _log1p_rest(terms[:, 1:], target_logit)
+
+
+def _log1p_rest(others: Tensor, target_logit: Tensor) -> Tensor:
+    """``log(e^{l_t} + sum_j e^{o_j}) - l_t = softplus(logsumexp(o) - l_t)`` for ``others`` ``(B, n)`` (``-inf``: absent).
+
+    Its gradient in ``l_t`` is ``-(1 - p_t)`` computed from the other terms, not ``p_t - 1``,
+    which float32 rounds to 0 when the target is near-certain (the float32 full softmax's own error).
+    """
+    floor = target_logit.detach().unsqueeze(1) - 200.0  # keeps an all-absent row finite (its loss is 0)
+    return F.softplus(torch.logsumexp(torch.cat([others, floor], 1), dim=1) - target_logit)
 
 
 def _flat_features(layer, h: Tensor) -> Tensor:
@@ -374,6 +387,8 @@ def layer_sampled_softmax_loss(
     control_variate: bool = True,
     share_draws: bool = True,
     candidate_share: float = CANDIDATE_SHARE,
+    proposal: str = "lut",
+    lut_share: Optional[float] = None,
 ) -> Tensor:
     """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
 
@@ -403,8 +418,14 @@ def layer_sampled_softmax_loss(
             variate for ``Z`` (module docstring).
         share_draws: quantized sampler: ``False`` gives each row its own ``num_sampled`` draws
             instead of sharing them (slower; for comparison).
-        candidate_share: quantized sampler: ``alpha``, the share of each row's proposal on its
-            tail candidates (the rest is uniform over the ``V`` classes), in ``(0, 1)``.
+        candidate_share: quantized sampler, ``proposal="candidates"``: ``alpha``, the share of each
+            row's proposal on its tail candidates (the rest is the floor), in ``(0, 1)``.
+        proposal: quantized sampler: ``"lut"`` (default) draws from the batch mixture of every
+            row's LUT softmax over all ``V`` classes with the LUT sum as control variate
+            (:mod:`torchaq.lut_proposal`); ``"candidates"`` from each row's LUT-top
+            ``num_candidates`` plus a floor (this module's docstring).
+        lut_share: ``proposal="lut"``: the mixture's share on the LUT softmax, in ``(0, 1]``
+            (default :data:`torchaq.lut_proposal.LUT_SHARE`; the rest is the floor).
     """
     num_classes = layer.num_classes
     _check(h, target, num_classes, num_sampled, sampler, reduction)
@@ -413,6 +434,12 @@ def layer_sampled_softmax_loss(
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if isinstance(candidate_share, bool) or not isinstance(candidate_share, (int, float)) or not 0 < candidate_share < 1:
         raise ValueError(f"candidate_share must be a number in (0, 1), got {candidate_share!r}")
+    if proposal not in PROPOSALS:
+        raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
+    if lut_share is None:
+        lut_share = LUT_SHARE
+    if isinstance(lut_share, bool) or not isinstance(lut_share, (int, float)) or not 0 < lut_share <= 1:
+        raise ValueError(f"lut_share must be a number in (0, 1], got {lut_share!r}")
     flat = _flat_features(layer, h)
     flat_target = target.reshape(-1).long()
     if sampler == "unigram":
@@ -425,6 +452,10 @@ def layer_sampled_softmax_loss(
     hard = cv_classes = cv_scores = None
     if sampler == "quantized":
         base = None if class_counts is None else unigram_proposal(class_counts.to(flat.device), num_classes)
+        if proposal == "lut" and share_draws:
+            loss = layer_lut_cv_loss(layer, flat, flat_target, num_sampled, int(num_hard), int(num_candidates),
+                                     float(lut_share), base, remove_accidental_hits, generator, control_variate)
+            return _reduce(loss, target, reduction)
         proposals = row_proposals(layer, flat, int(num_hard), int(num_candidates), float(candidate_share), base)
         if not share_draws:
             loss = per_row_sampled_softmax_loss(flat, flat_target, layer.weight, layer.bias, proposals, num_sampled,
