@@ -153,6 +153,26 @@ def test_partition_estimate_and_its_gradient_are_unbiased(layer):
     assert float(se_w) < 0.15 * float(gw.norm())
 
 
+def test_row_subsampled_pass_stays_unbiased(layer):
+    """lut_rows < B: the mixture of a few rows' LUT softmaxes, the control variate on those rows only."""
+    _, _, h, target = _data(8, batch=10)
+    z = torch.logsumexp(layer(h), 1).exp()
+    reps = 300
+    # a heavy floor (lut_share 0.5) bounds the weights of the rows outside the pass, so that a few
+    # hundred repetitions see the mean
+    est = torch.stack([_z_hat(layer, h, target, s, 24, lut_rows=4, lut_share=0.5).detach() for s in range(reps)])
+    ratio = est.mean(0) / z
+    se = est.std(0) / z / reps**0.5
+    assert bool(((ratio - 1).abs() < 4 * se + 1e-3).all()), (ratio, se)
+    assert float(se.max()) > 1e-4
+    # every row's loss is finite and the subsample changes with the generator
+    a = layer.sampled_softmax_loss(h, target, num_sampled=16, lut_rows=3, reduction="none",
+                                   generator=torch.Generator().manual_seed(0))
+    b = layer.sampled_softmax_loss(h, target, num_sampled=16, lut_rows=3, reduction="none",
+                                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and bool(torch.isfinite(a).all())
+
+
 def test_loss_gradient_converges_to_the_full_softmax(layer):
     _, _, h, target = _data(5, batch=16)
     x = (h * 2.0).requires_grad_()
@@ -204,6 +224,9 @@ def test_side_rows_are_exact_and_excluded(layer):
     (dict(lut_share=1.5), "lut_share"),
     (dict(lut_share=True), "lut_share"),
     (dict(lut_share="0.5"), "lut_share"),
+    (dict(lut_rows=0), "lut_rows"),
+    (dict(lut_rows=True), "lut_rows"),
+    (dict(lut_rows=2.0), "lut_rows"),
 ])
 def test_bad_arguments(layer, kwargs, match):
     _, _, h, target = _data()

@@ -12,8 +12,8 @@ the exact logits of the drawn classes:
 
       r(c) proportional to sum_b a_b 1[c not in E_b] e^{s_bc},   a_b = 1 / sum_{c in T_b} e^{s_bc}
 
-  (``T_b`` the row's next LUT-top classes after ``H_b``: ``a_b`` makes every row weigh about
-  the same in the mixture), ``u`` uniform or the unigram distribution (``class_counts``), and
+  (``T_b`` the row's next LUT-top classes after ``H_b``, with the scan's scores: ``a_b`` makes
+  every row weigh about the same in the mixture; any positive ``a_b`` keeps the estimator exact), ``u`` uniform or the unigram distribution (``class_counts``), and
   ``alpha = lut_share``. Every class with ``e^{s_bc} > 0`` for some row can be drawn: no
   class outside a top-``C`` list is left to the floor alone. ``m`` draws are made with
   replacement from ``Q`` and de-duplicated into ``U``; ``pi(c) = 1 - (1 - Q(c))^m`` is the
@@ -121,7 +121,7 @@ class LutMixture:
             if bool(inside.any()):  # drop each row's exact classes from its LUT sum and its mixture part
                 pos = (row_base * (stop - start) + (exact - start)).masked_select(inside)
                 e.view(-1).index_fill_(0, pos, 0.0)
-            rest += e.sum(1, dtype=torch.float64)
+            rest += e.sum(1).double()
             mix[start:stop] = e.T @ row_weight
         total = float(mix.sum(dtype=torch.float64))
         self.log_rest = torch.log(rest) + shift.double()  # log S_b (-inf when nothing is left)
@@ -186,18 +186,22 @@ def lut_cv_loss(h: Tensor, target: Tensor, weight: Tensor, bias: Optional[Tensor
 
 def layer_lut_cv_loss(layer, flat: Tensor, target: Tensor, num_sampled: int, num_hard: int, num_candidates: int,
                       lut_share: float, base: Optional[Tensor], remove_accidental_hits: bool,
-                      generator: Optional[torch.Generator], control_variate: bool = True) -> Tensor:
+                      generator: Optional[torch.Generator], control_variate: bool = True,
+                      lut_rows: Optional[int] = None) -> Tensor:
     """The per-row loss for ``layer`` (flattened rows ``flat``, ``target`` ``(B,)``): scan, LUT pass, draws, loss.
 
     ``control_variate=False`` keeps the proposal but drops ``S_b`` and the ``e^{s}`` corrections
-    (the plain Horvitz-Thompson estimate, for comparison)."""
+    (the plain Horvitz-Thompson estimate, for comparison). ``lut_rows = R < B``: the LUT pass
+    runs on ``R`` rows drawn at random (cost ``R V M`` instead of ``B V M``); the mixture is
+    theirs, and the other rows use the plain estimate (still unbiased: the proposal does not
+    depend on the draws and ``pi`` is exact)."""
     from .sampled_softmax import row_proposals
 
     with torch.no_grad():
         props = row_proposals(layer, flat, num_hard, max(num_candidates, num_hard + 1), 0.5, None)
         hard = props.hard
         lut = layer.quantizer.lut(flat.detach())
-        tail_s = _row_scores(layer, flat, props.tail)  # (B, T) LUT scores of each row's tail candidates
+        tail_s = props.tail_scores  # (B, T) the scan's scores of each row's tail candidates
         shift = tail_s.amax(1) if tail_s.shape[1] else torch.zeros(flat.shape[0], device=flat.device)
         row_weight = (1.0 / torch.exp(tail_s - shift.unsqueeze(1)).sum(1)) if tail_s.shape[1] else \
             torch.ones(flat.shape[0], device=flat.device)
@@ -205,22 +209,24 @@ def layer_lut_cv_loss(layer, flat: Tensor, target: Tensor, num_sampled: int, num
         if remove_accidental_hits:  # the target counted once: drop its copy when it is in the hard set
             excluded = excluded.clone()
             excluded[:, -1] = torch.where((hard == target.unsqueeze(1)).any(1), -1, target)
+        batch = flat.shape[0]
+        rows = None
+        if lut_rows is not None and lut_rows < batch:
+            gen_cpu = generator if generator is not None and generator.device.type == "cpu" else None
+            rows = torch.randperm(batch, generator=gen_cpu)[:lut_rows].sort().values.to(flat.device)
+            lut, excluded, shift, row_weight = lut[rows], excluded[rows], shift[rows], row_weight[rows]
         mixture = LutMixture(layer, lut, excluded, shift.float(), row_weight.float(), lut_share, base)
         classes, log_pi = mixture.draws(num_sampled, generator)
-        draw_lut = lut_logits(layer, flat, classes)
-        log_rest = mixture.log_rest
+        if rows is None:
+            draw_lut = lut_logits(layer, flat, classes)
+            log_rest = mixture.log_rest
+        else:  # the control variate for the rows of the pass only
+            draw_lut = torch.full((batch, classes.numel()), -math.inf, device=flat.device)
+            draw_lut[rows] = lut_logits(layer, flat[rows], classes)
+            log_rest = torch.full((batch,), -math.inf, dtype=torch.float64, device=flat.device)
+            log_rest[rows] = mixture.log_rest
         if not control_variate:
             draw_lut, log_rest = torch.full_like(draw_lut, -math.inf), torch.full_like(log_rest, -math.inf)
     return lut_cv_loss(flat, target, layer.weight, layer.bias, hard, classes, log_pi, draw_lut, log_rest,
                        remove_accidental_hits)
 
-
-def _row_scores(layer, flat: Tensor, classes: Tensor) -> Tensor:
-    """``s_bc`` ``(B, n)`` for per-row classes ``(B, n)``: decoded codes, a batched mat-vec."""
-    batch, n = classes.shape
-    if n == 0:
-        return flat.new_zeros((batch, 0))
-    recon = layer.quantizer.decode(codes_of(layer, classes.reshape(-1)), dtype=torch.float32).view(batch, n, -1)
-    out = torch.bmm(recon, flat.detach().float().unsqueeze(2)).squeeze(2)
-    bias = layer._scan_bias()
-    return out + bias[classes] if bias is not None else out

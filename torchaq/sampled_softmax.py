@@ -389,6 +389,7 @@ def layer_sampled_softmax_loss(
     candidate_share: float = CANDIDATE_SHARE,
     proposal: str = "lut",
     lut_share: Optional[float] = None,
+    lut_rows: Optional[int] = None,
 ) -> Tensor:
     """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
 
@@ -426,6 +427,9 @@ def layer_sampled_softmax_loss(
             ``num_candidates`` plus a floor (this module's docstring).
         lut_share: ``proposal="lut"``: the mixture's share on the LUT softmax, in ``(0, 1]``
             (default :data:`torchaq.lut_proposal.LUT_SHARE`; the rest is the floor).
+        lut_rows: ``proposal="lut"``: run the LUT pass over all ``V`` classes for this many
+            random rows of the batch only (``None``: every row); the others use the plain
+            estimate with the same draws. Cost of the pass ``lut_rows * V * M``.
     """
     num_classes = layer.num_classes
     _check(h, target, num_classes, num_sampled, sampler, reduction)
@@ -440,6 +444,8 @@ def layer_sampled_softmax_loss(
         lut_share = LUT_SHARE
     if isinstance(lut_share, bool) or not isinstance(lut_share, (int, float)) or not 0 < lut_share <= 1:
         raise ValueError(f"lut_share must be a number in (0, 1], got {lut_share!r}")
+    if lut_rows is not None and (not _is_int(lut_rows) or lut_rows < 1):
+        raise ValueError(f"lut_rows must be None or an integer >= 1, got {lut_rows!r}")
     flat = _flat_features(layer, h)
     flat_target = target.reshape(-1).long()
     if sampler == "unigram":
@@ -454,7 +460,8 @@ def layer_sampled_softmax_loss(
         base = None if class_counts is None else unigram_proposal(class_counts.to(flat.device), num_classes)
         if proposal == "lut" and share_draws:
             loss = layer_lut_cv_loss(layer, flat, flat_target, num_sampled, int(num_hard), int(num_candidates),
-                                     float(lut_share), base, remove_accidental_hits, generator, control_variate)
+                                     float(lut_share), base, remove_accidental_hits, generator, control_variate,
+                                     None if lut_rows is None else int(lut_rows))
             return _reduce(loss, target, reduction)
         proposals = row_proposals(layer, flat, int(num_hard), int(num_candidates), float(candidate_share), base)
         if not share_draws:
