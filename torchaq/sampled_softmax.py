@@ -17,13 +17,22 @@ with ``E_b = H_b u {t_b}`` (``remove_accidental_hits=False``: ``E_b = H_b``, dra
 count as negatives too, as in TensorFlow's ``sampled_softmax_loss``, which over-counts
 ``e^{l_bt}``). ``E[Z_hat_b] = Z_b`` exactly (Horvitz & Thompson, JASA 1952: ``E[1[c in U] /
 pi(c)] = 1``); the loss ``log Z_hat_b - l_bt`` is biased low by about ``Var(Z_hat_b) / 2 Z_b^2``
-and converges to the full cross-entropy as the draws grow.
+and converges to the full cross-entropy as the draws grow. It is evaluated as
+``softplus(log R_hat_b - l_bt)`` with ``R_hat_b = Z_hat_b - e^{l_bt}`` (every term but the
+target's), so that its derivative in ``l_bt``, ``-(1 - p_t)``, is computed from the other
+terms: written as ``logsumexp - l_bt`` it is ``p_t - 1``, which float32 rounds to 0 (or to a
+multiple of 6e-8) on a row whose target is near-certain -- the float32 full softmax
+(``F.cross_entropy``) has that error too.
 
 **Proposals** (``sampler``): with ``m = num_sampled`` draws,
 
 * ``"uniform"``: ``Q = 1 / V`` for every draw; ``pi(c) = 1 - (1 - Q(c))^m``.
 * ``"unigram"``: ``Q proportional to class_counts``; same ``pi``.
-* ``"quantized"``: per-row proposals from the index. One ``lut_topk`` scan gives each row its
+* ``"quantized"``, ``proposal="lut"``: the batch mixture of every row's softmax of the LUT
+  scores over all ``V`` classes, with the LUT sum as control variate (only the quantization
+  error is sampled): :mod:`torchaq.lut_proposal` has the estimator, its gradient and its cost
+  (one extra ``lut_score`` pass over ``V`` for ``lut_rows`` rows of the batch).
+* ``"quantized"``, ``proposal="candidates"``: per-row proposals from the index. One ``lut_topk`` scan gives each row its
   ``num_candidates`` best classes by LUT score ``s_bc``: the first ``num_hard`` are ``H_b``, the
   rest its *tail candidates* ``T_b``. Row ``b``'s proposal is the defensive mixture
   (Hesterberg 1995)
@@ -41,7 +50,8 @@ and converges to the full cross-entropy as the draws grow.
   weighted ``1 / (m Q_b(s))`` (a ``(B, m, d)`` gather; ``benchmarks/sampled_softmax.py``
   compares the two at equal time).
 
-**Control variate** (``control_variate=True``, the default for the quantized sampler): the tail candidates' LUT
+**Control variate** (``control_variate=True``, the default for the quantized sampler; this is
+the ``"candidates"`` proposal's, the ``"lut"`` one is in :mod:`torchaq.lut_proposal`): the tail candidates' LUT
 scores are known, so only their quantization error is sampled:
 
     Z_hat_b = [exact terms] + sum_{c in T_b \\ E_b} e^{s_bc} + sum_{c in U \\ E_b} (e^{l_bc} - 1[c in T_b] e^{s_bc}) / pi(c)
