@@ -44,6 +44,11 @@ the Horvitz-Thompson estimate of ``dZ_b`` (unbiased) over the control-variate ``
 grow. Differentiating ``S_b`` through the decoded codes (``sum_c e^{s_bc} x~_c``) would need a
 ``(B, V) x (V, d)`` product, the cost of the full softmax's forward, so it is not done.
 
+**Row subsample** (``lut_rows = R < B``): the pass over ``V`` runs for ``R`` rows drawn at
+random; ``r`` is their mixture and only they get the control variate, the other rows the plain
+Horvitz-Thompson estimate with the same draws. Still exact in expectation (the proposal does
+not depend on the draws; ``pi`` is exact), at ``R / B`` of the pass's cost.
+
 **Cost** per step: the ``lut_topk`` scan for ``H_b`` and ``T_b``, one ``lut_score`` pass over
 ``V`` in chunks of classes (``B V M`` lookups, ``B V`` exponentials and two ``B V`` reductions;
 memory ``O(B chunk)``, never ``(B, V)``), ``m`` draws from a ``(V,)`` distribution, the decoded
@@ -112,11 +117,13 @@ class LutMixture:
         mix = torch.empty(num_classes, dtype=torch.float32, device=device)
         row_base = torch.arange(batch, device=device).unsqueeze(1)
         valid = exact >= 0
+        lut = lut.clone()
+        lut[:, 0, :] -= shift.unsqueeze(1)  # every score of row b comes out as s_bc - shift_b (no extra pass)
         for start in range(0, num_classes, chunk):
             stop = min(num_classes, start + chunk)
             scores = ops.lut_score(lut, packed[start // block: (stop + block - 1) // block], stop - start,
                                    None if bias is None else bias[start:stop])
-            e = scores.sub_(shift.unsqueeze(1)).clamp_(max=80.0).exp_()
+            e = scores.clamp_(max=80.0).exp_()
             inside = valid & (exact >= start) & (exact < stop)
             if bool(inside.any()):  # drop each row's exact classes from its LUT sum and its mixture part
                 pos = (row_base * (stop - start) + (exact - start)).masked_select(inside)
