@@ -7,8 +7,8 @@ Two parts, one results file each:
   synthetic weights, at ``V = 30522, d = 128, B = 1024`` (``examples/train_lm.py``'s shape) and
   ``V = 131072, d = 256, B = 512``. Rows: the full softmax, ``torchaq.chunked_cross_entropy``
   (exact, ``O(B chunk)`` memory), and the uniform / unigram / quantized samplers at each
-  ``--num-sampled`` (quantized: both proposals, ``candidates`` and ``lut``, the latter also with
-  its LUT pass on 128 rows, ``lut/128``). The quantized sampler's time includes the index refresh amortised over
+  ``--num-sampled`` (quantized: both proposals, ``candidates`` and ``lut`` -- the default, its
+  LUT pass on ``torchaq.lut_proposal.LUT_ROWS`` rows -- and ``lut/all``, the pass on every row). The quantized sampler's time includes the index refresh amortised over
   ``--reencode-every`` steps (the time of one ``layer.refresh()`` divided by it). CPU time of
   the thread (one torch thread), so other processes on a shared machine do not inflate it.
   Memory: what autograd saves for backward (unique storages seen by ``saved_tensors_hooks``,
@@ -72,7 +72,7 @@ def loss_fn(method, layer, h, target, num_sampled, gen, counts):
     proposal, _, rows = proposal.partition("/")
     extra = {"proposal": proposal} if proposal else {}
     if rows:
-        extra["lut_rows"] = int(rows)
+        extra["lut_rows"] = None if rows == "all" else int(rows)
     return layer.sampled_softmax_loss(h, target, num_sampled=num_sampled, sampler=sampler, generator=gen,
                                       class_counts=counts, **extra)
 
@@ -126,7 +126,7 @@ def part_time(args) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             state = os.path.join(tmp, "layer.pt")
             torch.save(make_layer(vocab, dim, fit=True).state_dict(), state)
-            samplers = ("uniform", "unigram", "quantized candidates", "quantized lut", "quantized lut/128")
+            samplers = ("uniform", "unigram", "quantized candidates", "quantized lut", "quantized lut/all")
             runs = [("full", 0), ("chunked", 0)] + [(m, n) for n in counts for m in samplers]
             for method, n in runs:
                 cmd = [sys.executable, __file__, "--child", method, "--shape", f"{vocab},{dim},{batch}",
@@ -186,14 +186,16 @@ def part_quality(args) -> None:
         ("quantized, top-128 candidates, no control variate", dict(sampler="quantized", proposal="candidates",
                                                                    control_variate=False)),
         ("quantized, top-128 candidates + their control variate", dict(sampler="quantized", proposal="candidates")),
-        ("quantized, whole-LUT mixture + LUT-sum control variate", dict(sampler="quantized", proposal="lut")),
-        ("quantized, whole-LUT mixture, no floor (lut_share 1)", dict(sampler="quantized", proposal="lut",
-                                                                      lut_share=1.0)),
-        ("quantized, whole-LUT mixture, LUT pass on 64 of the rows", dict(sampler="quantized", proposal="lut",
-                                                                          lut_rows=64)),
-        ("quantized, whole-LUT mixture, 64 hard", dict(sampler="quantized", proposal="lut", num_hard=64)),
-        ("quantized, whole-LUT mixture, 128 hard / 256 candidates", dict(sampler="quantized", proposal="lut",
-                                                                          num_hard=128, num_candidates=256)),
+        ("quantized, whole-LUT mixture + LUT-sum control variate, LUT pass on every row",
+         dict(sampler="quantized", proposal="lut", lut_rows=None)),
+        ("quantized (default: whole-LUT mixture, LUT pass on 128 rows)", dict(sampler="quantized")),
+        ("quantized, whole-LUT mixture, every row, no floor (lut_share 1)",
+         dict(sampler="quantized", proposal="lut", lut_rows=None, lut_share=1.0)),
+        ("quantized, whole-LUT mixture, LUT pass on 64 rows", dict(sampler="quantized", proposal="lut", lut_rows=64)),
+        ("quantized, whole-LUT mixture, every row, 64 hard",
+         dict(sampler="quantized", proposal="lut", lut_rows=None, num_hard=64)),
+        ("quantized, whole-LUT mixture, every row, 128 hard / 256 candidates",
+         dict(sampler="quantized", proposal="lut", lut_rows=None, num_hard=128, num_candidates=256)),
         ("quantized, top candidates, 64 hard / 512 candidates", dict(sampler="quantized", proposal="candidates",
                                                                       num_hard=64, num_candidates=512)),
     ]

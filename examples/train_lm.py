@@ -101,7 +101,7 @@ def output_layer_loss(method, head, h, y, gen, args, num_sampled=None):
                                      class_counts=None if method == "quantized" and args.quantized_floor == "uniform"
                                      else args.class_counts,
                                      **({"candidate_share": args.candidate_share, "proposal": args.proposal,
-                                         "lut_share": args.lut_share, "lut_rows": args.lut_rows}
+                                         "lut_share": args.lut_share, "lut_rows": args.lut_rows or None}
                                         if method == "quantized" else {}))
 
 
@@ -257,8 +257,8 @@ def main(argv=None):
                         help="quantized sampler: whole-LUT mixture + LUT-sum control variate, or top candidates + floor")
     parser.add_argument("--lut-share", type=float, default=torchaq.lut_proposal.LUT_SHARE,
                         help="--proposal lut: the mixture's share on the LUT softmax (the rest is the floor)")
-    parser.add_argument("--lut-rows", type=int, default=None,
-                        help="--proposal lut: rows of the batch whose LUT pass over V forms the mixture (default: all)")
+    parser.add_argument("--lut-rows", type=int, default=torchaq.lut_proposal.LUT_ROWS,
+                        help="--proposal lut: rows of the batch whose LUT pass over V forms the mixture; 0: all rows")
     parser.add_argument("--candidate-share", type=float, default=torchaq.sampled_softmax.CANDIDATE_SHARE,
                         help="quantized sampler: share of each row's proposal on its LUT tail candidates")
     parser.add_argument("--quantized-floor", choices=("uniform", "unigram"), default="unigram",

@@ -94,7 +94,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_features
-from .lut_proposal import LUT_SHARE, layer_lut_cv_loss
+from .lut_proposal import LUT_ROWS, LUT_SHARE, layer_lut_cv_loss
 from .rescore import exact_logits
 
 logger = logging.getLogger("torchaq")
@@ -399,7 +399,7 @@ def layer_sampled_softmax_loss(
     candidate_share: float = CANDIDATE_SHARE,
     proposal: str = "lut",
     lut_share: Optional[float] = None,
-    lut_rows: Optional[int] = None,
+    lut_rows: Optional[int] = LUT_ROWS,
 ) -> Tensor:
     """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
 
@@ -438,8 +438,9 @@ def layer_sampled_softmax_loss(
         lut_share: ``proposal="lut"``: the mixture's share on the LUT softmax, in ``(0, 1]``
             (default :data:`torchaq.lut_proposal.LUT_SHARE`; the rest is the floor).
         lut_rows: ``proposal="lut"``: run the LUT pass over all ``V`` classes for this many
-            random rows of the batch only (``None``: every row); the others use the plain
-            estimate with the same draws. Cost of the pass ``lut_rows * V * M``.
+            random rows of the batch only (default :data:`torchaq.lut_proposal.LUT_ROWS`;
+            ``None``: every row); the others use the plain estimate with the same draws. Cost of
+            the pass ``min(lut_rows, B) * V * M``.
     """
     num_classes = layer.num_classes
     _check(h, target, num_classes, num_sampled, sampler, reduction)
