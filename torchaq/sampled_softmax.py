@@ -80,7 +80,10 @@ SparseAdam); ``benchmarks/results/train_lm*.txt`` has the measured perplexities,
 states the recommended recipe. What mattered most there is the proposal's floor: with a uniform
 floor, half the draws land on random rare classes, whose huge importance weights Adam turns into
 rare normalised steps, while the frequent classes that need a steady negative gradient are drawn
-too seldom; a unigram floor (``class_counts``) draws them every step.
+too seldom; a unigram floor (``class_counts``) draws them every step. Next came the proposal
+itself: with AdamW and the unigram floor, the whole-LUT mixture (``proposal="lut"``) trains
+closer to the full softmax than the top candidates at equal draws, and its LUT pass on every
+row closer than on a subset (``lut_rows``), at a higher step time (the README has the table).
 """
 from __future__ import annotations
 
