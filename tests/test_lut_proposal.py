@@ -43,6 +43,13 @@ def test_codes_and_lut_logits_match_the_scan(layer):
     torch.testing.assert_close(lut_proposal.lut_logits(layer, h, classes), scores[:, classes], rtol=1e-5, atol=1e-5)
 
 
+def test_lut_logits_match_the_scan_with_additive_codes():
+    weight, bias, h, _ = _data(1, batch=5)
+    layer = torchaq.QuantizedSoftmax(weight, bias, num_subspaces=4, quantizer="aq", progress=False, fit_iters=1)
+    scores = ops.lut_score(layer.quantizer.lut(h), layer.packed_codes, V, layer._scan_bias())
+    torch.testing.assert_close(lut_proposal.lut_logits(layer, h, torch.arange(V)), scores, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("floor", ["uniform", "zipf"])
 def test_mixture_matches_dense_reference_over_chunks(layer, monkeypatch, floor):
     """S_b and Q from the chunked pass (several chunks forced) equal a dense (B, V) computation."""
