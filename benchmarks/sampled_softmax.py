@@ -7,8 +7,8 @@ Two parts, one results file each:
   synthetic weights, at ``V = 30522, d = 128, B = 1024`` (``examples/train_lm.py``'s shape) and
   ``V = 131072, d = 256, B = 512``. Rows: the full softmax, ``torchaq.chunked_cross_entropy``
   (exact, ``O(B chunk)`` memory), and the uniform / unigram / quantized samplers at each
-  ``--num-sampled`` (quantized: both proposals, ``candidates`` and ``lut`` -- the default, its
-  LUT pass on ``torchaq.lut_proposal.LUT_ROWS`` rows -- and ``lut/all``, the pass on every row). The quantized sampler's time includes the index refresh amortised over
+  ``--num-sampled`` (quantized: both proposals, ``candidates`` and ``lut`` with its LUT pass on
+  128 rows, 64 rows or every row: ``lut/128``, ``lut/64``, ``lut/all``). The quantized sampler's time includes the index refresh amortised over
   ``--reencode-every`` steps (the time of one ``layer.refresh()`` divided by it). CPU time of
   the thread (one torch thread), so other processes on a shared machine do not inflate it.
   Memory: what autograd saves for backward (unique storages seen by ``saved_tensors_hooks``,
@@ -133,7 +133,8 @@ def part_time(args) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             state = os.path.join(tmp, "layer.pt")
             torch.save(make_layer(vocab, dim, fit=True).state_dict(), state)
-            samplers = ("uniform", "unigram", "quantized candidates", "quantized lut", "quantized lut/all")
+            samplers = ("uniform", "unigram", "quantized candidates", "quantized lut/128", "quantized lut/64",
+                        "quantized lut/all")
             runs = [("full", 0), ("chunked", 0)] + [(m, n) for n in counts for m in samplers]
             for method, n in runs:
                 cmd = [sys.executable, __file__, "--child", method, "--shape", f"{vocab},{dim},{batch}",
@@ -196,10 +197,11 @@ def part_quality(args) -> None:
         ("quantized, top-128 candidates + their control variate", dict(sampler="quantized", proposal="candidates")),
         ("quantized, whole-LUT mixture + LUT-sum control variate, LUT pass on every row",
          dict(sampler="quantized", proposal="lut", lut_rows=None)),
-        ("quantized (default: whole-LUT mixture, LUT pass on 128 rows)", dict(sampler="quantized")),
+        ("quantized, whole-LUT mixture, LUT pass on 128 rows", dict(sampler="quantized", proposal="lut",
+                                                                     lut_rows=128)),
+        ("quantized (default: whole-LUT mixture, LUT pass on 64 rows)", dict(sampler="quantized")),
         ("quantized, whole-LUT mixture, every row, no floor (lut_share 1)",
          dict(sampler="quantized", proposal="lut", lut_rows=None, lut_share=1.0)),
-        ("quantized, whole-LUT mixture, LUT pass on 64 rows", dict(sampler="quantized", proposal="lut", lut_rows=64)),
         ("quantized, whole-LUT mixture, every row, 64 hard",
          dict(sampler="quantized", proposal="lut", lut_rows=None, num_hard=64)),
         ("quantized, whole-LUT mixture, every row, 128 hard / 256 candidates",

@@ -74,7 +74,7 @@ logger = logging.getLogger("torchaq")
 # default share alpha of the mixture proposal on the LUT softmax (the rest is the floor u)
 LUT_SHARE = 0.9
 # default number of rows of the batch whose LUT pass over V forms the mixture (None: all rows)
-LUT_ROWS = 128
+LUT_ROWS = 64
 # (B, chunk) float32 blocks of LUT scores: about this many elements
 _CHUNK_ELEMENTS = 8 << 20
 
