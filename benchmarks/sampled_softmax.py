@@ -197,6 +197,8 @@ def part_quality(args) -> None:
         ("quantized, top-128 candidates + their control variate", dict(sampler="quantized", proposal="candidates")),
         ("quantized, whole-LUT mixture + LUT-sum control variate, LUT pass on every row",
          dict(sampler="quantized", proposal="lut", lut_rows=None)),
+        ("quantized, whole-LUT mixture, every row, no control variate (plain Horvitz-Thompson)",
+         dict(sampler="quantized", proposal="lut", lut_rows=None, control_variate=False)),
         ("quantized, whole-LUT mixture, LUT pass on 128 rows", dict(sampler="quantized", proposal="lut",
                                                                      lut_rows=128)),
         ("quantized (default: whole-LUT mixture, LUT pass on 64 rows)", dict(sampler="quantized")),
