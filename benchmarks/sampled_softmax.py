@@ -7,7 +7,8 @@ Two parts, one results file each:
   synthetic weights, at ``V = 30522, d = 128, B = 1024`` (``examples/train_lm.py``'s shape) and
   ``V = 131072, d = 256, B = 512``. Rows: the full softmax, ``torchaq.chunked_cross_entropy``
   (exact, ``O(B chunk)`` memory), and the uniform / unigram / quantized samplers at each
-  ``--num-sampled``. The quantized sampler's time includes the index refresh amortised over
+  ``--num-sampled`` (quantized: both proposals, ``candidates`` and ``lut`` with its LUT pass on
+  128 rows, 64 rows or every row: ``lut/128``, ``lut/64``, ``lut/all``). The quantized sampler's time includes the index refresh amortised over
   ``--reencode-every`` steps (the time of one ``layer.refresh()`` divided by it). CPU time of
   the thread (one torch thread), so other processes on a shared machine do not inflate it.
   Memory: what autograd saves for backward (unique storages seen by ``saved_tensors_hooks``,
@@ -18,7 +19,12 @@ Two parts, one results file each:
   against the full softmax's: mean per-row cosine of the ``h`` gradient (all rows, and the rows
   below the median ``|grad|``), the batch relative squared error ``sum |g_s - g|^2 / sum |g|^2``,
   the weight-gradient cosine, the spread of ``log Z_hat - log Z`` (the control variate's effect),
-  and the time of the step.
+  and the time of the step. The reference is the full softmax's gradient in float64 in a form
+  exact on confident rows (``reference_gradients``) and cosines are taken between normalised
+  rows; the float32 full softmax (``F.cross_entropy``) is a row of the table: it rounds ``1 -
+  p_t`` away on confident rows, so measured against it (or with ``F.cosine_similarity``, whose
+  eps zeroes the cosine of rows of norm ~1e-12) every method's cosine on the small-gradient
+  rows stalls near 0.9 whatever the number of draws.
 
     python benchmarks/sampled_softmax.py --part time
     python benchmarks/sampled_softmax.py --part quality
@@ -62,8 +68,13 @@ def loss_fn(method, layer, h, target, num_sampled, gen, counts):
         return F.cross_entropy(layer(h), target)
     if method == "chunked":
         return torchaq.chunked_cross_entropy(h, layer.weight, layer.bias, target)
-    return layer.sampled_softmax_loss(h, target, num_sampled=num_sampled, sampler=method, generator=gen,
-                                      class_counts=counts)
+    sampler, _, proposal = method.partition(" ")  # "quantized lut" / "quantized lut/128" / "quantized candidates"
+    proposal, _, rows = proposal.partition("/")
+    extra = {"proposal": proposal} if proposal else {}
+    if rows:
+        extra["lut_rows"] = None if rows == "all" else int(rows)
+    return layer.sampled_softmax_loss(h, target, num_sampled=num_sampled, sampler=sampler, generator=gen,
+                                      class_counts=counts, **extra)
 
 
 def one_method(method, vocab, dim, batch, num_sampled, min_time, state, reencode_every) -> dict:
@@ -91,8 +102,15 @@ def one_method(method, vocab, dim, batch, num_sampled, min_time, state, reencode
 
     timing = time_call(step, min_run_time=min_time, cpu_time=True)
     refresh_ms = 0.0
-    if method == "quantized":
-        refresh_ms = time_call(lambda: layer.refresh(), min_run_time=min_time, warmup=0, cpu_time=True).ms / reencode_every
+    if method.startswith("quantized"):
+        noise = 1e-3 * torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(2))
+
+        def refresh_after_a_step():  # an optimiser step moves every row (AdamW decays them all): re-encode
+            with torch.no_grad():
+                layer.weight.add_(noise)
+            layer.refresh()
+
+        refresh_ms = time_call(refresh_after_a_step, min_run_time=min_time, warmup=0, cpu_time=True).ms / reencode_every
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {h.untyped_storage().data_ptr()}
     saved.clear()
     step()
@@ -115,7 +133,9 @@ def part_time(args) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             state = os.path.join(tmp, "layer.pt")
             torch.save(make_layer(vocab, dim, fit=True).state_dict(), state)
-            runs = [("full", 0), ("chunked", 0)] + [(m, n) for n in counts for m in ("uniform", "unigram", "quantized")]
+            samplers = ("uniform", "unigram", "quantized candidates", "quantized lut/128", "quantized lut/64",
+                        "quantized lut/all")
+            runs = [("full", 0), ("chunked", 0)] + [(m, n) for n in counts for m in samplers]
             for method, n in runs:
                 cmd = [sys.executable, __file__, "--child", method, "--shape", f"{vocab},{dim},{batch}",
                        "--num-sampled", str(n), "--min-time", str(args.min_time), "--state", state,
@@ -128,7 +148,8 @@ def part_time(args) -> None:
              "speed-up vs full", "saved for backward MB", "peak MB of the step"],
             [[r["method"], r["num_sampled"], f"{r['ms']:.1f}", f"{r['refresh_ms']:.1f}", f"{r['ms'] + r['refresh_ms']:.1f}",
               f"{full / (r['ms'] + r['refresh_ms']):.1f}x", f"{r['saved_mb']:.1f}", f"{r['peak_mb']:.0f}"] for r in rows])
-        tables.append(f"V = {vocab}, d = {dim}, B = {batch}; refresh = one re-encode / {args.reencode_every} steps\n\n{table}")
+        tables.append(f"V = {vocab}, d = {dim}, B = {batch}; refresh = one re-encode of every row (all moved by a step) / "
+                      f"{args.reencode_every} steps\n\n{table}")
     emit("\n\n".join([environment(), "python benchmarks/sampled_softmax.py --part time"] + tables), args.out)
 
 
@@ -164,29 +185,77 @@ def part_quality(args) -> None:
         loss.sum().backward()
         return x.grad.clone(), layer.weight.grad.clone(), loss.detach()
 
-    g, big_g, full_loss = grads(lambda x: F.cross_entropy(layer(x), target, reduction="none"))
+    g, big_g, full_loss = reference_gradients(h, table, target)
     norms = g.norm(dim=1)
     small = norms < norms.median()
+    rows = [quality_row("full softmax, float32 (F.cross_entropy)", "-", None, layer, target, g, big_g, small,
+                        full_loss, grads, 1)]
     configs = [
         ("uniform", dict(sampler="uniform")),
-        ("quantized, no control variate", dict(sampler="quantized", control_variate=False)),
-        ("quantized (default: shared draws + control variate)", dict(sampler="quantized")),
-        ("quantized, 64 hard / 512 candidates", dict(sampler="quantized", num_hard=64, num_candidates=512)),
+        ("quantized, top-128 candidates, no control variate", dict(sampler="quantized", proposal="candidates",
+                                                                   control_variate=False)),
+        ("quantized, top-128 candidates + their control variate", dict(sampler="quantized", proposal="candidates")),
+        ("quantized, whole-LUT mixture + LUT-sum control variate, LUT pass on every row",
+         dict(sampler="quantized", proposal="lut", lut_rows=None)),
+        ("quantized, whole-LUT mixture, every row, no control variate (plain Horvitz-Thompson)",
+         dict(sampler="quantized", proposal="lut", lut_rows=None, control_variate=False)),
+        ("quantized, whole-LUT mixture, LUT pass on 128 rows", dict(sampler="quantized", proposal="lut",
+                                                                     lut_rows=128)),
+        ("quantized (default: whole-LUT mixture, LUT pass on 64 rows)", dict(sampler="quantized")),
+        ("quantized, whole-LUT mixture, every row, no floor (lut_share 1)",
+         dict(sampler="quantized", proposal="lut", lut_rows=None, lut_share=1.0)),
+        ("quantized, whole-LUT mixture, every row, 64 hard",
+         dict(sampler="quantized", proposal="lut", lut_rows=None, num_hard=64)),
+        ("quantized, whole-LUT mixture, every row, 128 hard / 256 candidates",
+         dict(sampler="quantized", proposal="lut", lut_rows=None, num_hard=128, num_candidates=256)),
+        ("quantized, top candidates, 64 hard / 512 candidates", dict(sampler="quantized", proposal="candidates",
+                                                                      num_hard=64, num_candidates=512)),
     ]
-    rows = []
     for m in (512, 2048):
         for name, kw in configs:
             rows.append(quality_row(name, m, kw, layer, target, g, big_g, small, full_loss, grads, args.reps))
     for m in (4, 16):  # each row its own m draws: (B, m, d) gathers
-        rows.append(quality_row("quantized, per-row draws (no sharing)", m, dict(sampler="quantized", share_draws=False),
+        rows.append(quality_row("quantized, top-128 candidates, per-row draws (no sharing)", m,
+                                dict(sampler="quantized", proposal="candidates", share_draws=False),
                                 layer, target, g, big_g, small, full_loss, grads, args.reps))
     table_md = markdown_table(
         ["sampler", "num_sampled", "mean cos(h grad)", "cos, rows below median |grad|", "batch rel. sq. error",
          "weight-grad cos", "sd of log Z_hat - log Z", "mean log Z_hat - log Z", "ms / step"], rows)
     head = (f"held-out MiniLM hidden states: {args.rows} rows, V = {vocab}, d = {dim}, logits scaled x{scale:.2f} to mean "
             f"entropy {entropy(scale):.2f} nats, targets drawn from that softmax; PQ {dim // 2} subspaces x 4 bits "
-            f"(isotropic codebooks fitted on 8192 rows); summed loss; mean over {args.reps} draws")
+            f"(isotropic codebooks fitted on 8192 rows); summed loss; mean over {args.reps} draws; reference: the full "
+            f"softmax's gradient in float64 with 1 - p_t = sum of the other p (reference_gradients); cosines of "
+            f"normalised rows")
     emit("\n".join([environment(), "python benchmarks/sampled_softmax.py --part quality", head, "", table_md]), args.out_quality)
+
+
+def reference_gradients(h, weight, target):
+    """The full softmax's summed-loss gradients in float64, in the form that keeps confident rows exact.
+
+    ``dL/dh_b = sum_{c != t} p_bc (w_c - w_t)`` and ``dL/dw_c = sum_b (p_bc - 1[c = t_b]) h_b`` with
+    ``1 - p_bt`` taken as ``sum_{c != t} p_bc``: ``p_t - 1`` itself rounds to 0 (float32) or to
+    a multiple of 1e-16 (float64) on a row whose target is near-certain, so autograd of the
+    cross-entropy gets those rows' direction wrong in either precision. Returns float64 ``(g_h,
+    g_W, loss)``.
+    """
+    h64, w64 = h.double(), weight.double()
+    logits = h64 @ w64.T
+    logp = logits.log_softmax(1)
+    p_other = logp.exp().scatter(1, target.unsqueeze(1), 0.0)
+    rest = p_other.sum(1, keepdim=True)
+    g = p_other @ w64 - rest * w64[target]
+    big_g = p_other.T @ h64
+    big_g.index_add_(0, target, -rest * h64)
+    return g, big_g, -logp.gather(1, target.unsqueeze(1)).squeeze(1)
+
+
+def row_cosine(a, b):
+    """Per-row cosine in float64 after normalising each row (``F.cosine_similarity``'s eps turns the
+    cosine of two rows of norm ~1e-12 into 0)."""
+    a, b = a.double(), b.double()
+    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return (a * b).sum(1)
 
 
 def quality_row(name, m, kw, layer, target, g, big_g, small, full_loss, grads, reps):
@@ -195,15 +264,18 @@ def quality_row(name, m, kw, layer, target, g, big_g, small, full_loss, grads, r
     cos, cos_small, rel, wcos, dz, secs = [], [], [], [], [], []
     for r in range(reps):
         t0 = time.perf_counter()
-        gs, big_gs, loss = grads(lambda x: layer.sampled_softmax_loss(
-            x, target, num_sampled=m, reduction="none", generator=torch.Generator().manual_seed(r), **kw))
+        if kw is None:
+            gs, big_gs, loss = grads(lambda x: F.cross_entropy(layer(x), target, reduction="none"))
+        else:
+            gs, big_gs, loss = grads(lambda x: layer.sampled_softmax_loss(
+                x, target, num_sampled=m, reduction="none", generator=torch.Generator().manual_seed(r), **kw))
         secs.append(time.perf_counter() - t0)
-        c = F.cosine_similarity(gs, g, dim=1)
+        c = row_cosine(gs, g)
         cos.append(float(c.mean()))
         cos_small.append(float(c[small].mean()))
-        rel.append(float(((gs - g) ** 2).sum() / (g**2).sum()))
-        wcos.append(float(F.cosine_similarity(big_gs.flatten(), big_g.flatten(), dim=0)))
-        dz.append(loss - full_loss)  # log Z_hat - log Z per row
+        rel.append(float(((gs.double() - g) ** 2).sum() / (g**2).sum()))
+        wcos.append(float(row_cosine(big_gs.reshape(1, -1), big_g.reshape(1, -1))))
+        dz.append(loss.double() - full_loss)  # log Z_hat - log Z per row
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     diffs = torch.stack(dz)
     spread = float(diffs.std(0).mean()) if reps > 1 else float("nan")

@@ -100,7 +100,9 @@ def output_layer_loss(method, head, h, y, gen, args, num_sampled=None):
                                      num_hard=args.num_hard,
                                      class_counts=None if method == "quantized" and args.quantized_floor == "uniform"
                                      else args.class_counts,
-                                     **({"candidate_share": args.candidate_share} if method == "quantized" else {}))
+                                     **({"candidate_share": args.candidate_share, "proposal": args.proposal,
+                                         "lut_share": args.lut_share, "lut_rows": args.lut_rows or None}
+                                        if method == "quantized" else {}))
 
 
 class LazyAdamW(torch.optim.Optimizer):
@@ -251,6 +253,12 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--num-sampled", default="1024,4096", help="comma-separated; one arm per sampler and value")
     parser.add_argument("--num-hard", type=int, default=32, help="quantized sampler: exact LUT-top classes per row")
+    parser.add_argument("--proposal", choices=("lut", "candidates"), default="lut",
+                        help="quantized sampler: whole-LUT mixture + LUT-sum control variate, or top candidates + floor")
+    parser.add_argument("--lut-share", type=float, default=torchaq.lut_proposal.LUT_SHARE,
+                        help="--proposal lut: the mixture's share on the LUT softmax (the rest is the floor)")
+    parser.add_argument("--lut-rows", type=int, default=torchaq.lut_proposal.LUT_ROWS,
+                        help="--proposal lut: rows of the batch whose LUT pass over V forms the mixture; 0: all rows")
     parser.add_argument("--candidate-share", type=float, default=torchaq.sampled_softmax.CANDIDATE_SHARE,
                         help="quantized sampler: share of each row's proposal on its LUT tail candidates")
     parser.add_argument("--quantized-floor", choices=("uniform", "unigram"), default="unigram",
@@ -284,7 +292,10 @@ def write_table(rows, args, vocab, done):
     header = (f"train_lm: {args.steps} steps x {args.batch * 64} tokens, d = {args.dim}, V = {vocab}, seed = {args.seed}, "
               f"head optimizer {args.head_optimizer}" + (f" (lr {args.head_lr})" if args.head_optimizer in ("adagrad", "sgd") else "")
               + f", re-encode every {args.reencode_every}, re-fit every {args.refit_every or 'never'}"
-              + f", quantized candidate share {args.candidate_share}, floor {args.quantized_floor}")
+              + (f", quantized proposal lut (share {args.lut_share}, LUT pass on "
+                 f"{args.lut_rows or 'all'} rows)" if args.proposal == "lut"
+                 else f", quantized proposal candidates (share {args.candidate_share})")
+              + f", floor {args.quantized_floor}")
     table = markdown_table(
         ["method", "num_sampled", "val perplexity (exact softmax)", "vs full", "output layer fwd+bwd ms/step",
          "peak MB of that step", "index refresh s (total)", "wall s", "sampled - full loss at the end (nats)"],

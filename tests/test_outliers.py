@@ -134,19 +134,23 @@ def test_side_list_survives_state_dict_and_refresh(planted):
     assert 777 in fresh.side_rows.tolist() and set(rows.tolist()) <= set(fresh.side_rows.tolist())
 
 
-def test_sampled_softmax_hard_set_holds_the_side_rows(planted, monkeypatch):
+@pytest.mark.parametrize("proposal", ["lut", "candidates"])
+def test_sampled_softmax_hard_set_holds_the_side_rows(planted, monkeypatch, proposal):
     layer, _, _, rows, h = planted
-    from torchaq import sampled_softmax
+    from torchaq import lut_proposal, sampled_softmax
 
     seen = {}
-    original = sampled_softmax.sampled_softmax_loss
+    module, name, pos = ((lut_proposal, "lut_cv_loss", 4) if proposal == "lut"
+                         else (sampled_softmax, "sampled_softmax_loss", 6))
+    original = getattr(module, name)
 
     def spy(*args, **kwargs):
-        seen["hard"] = args[6]
+        seen["hard"] = args[pos]
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sampled_softmax, "sampled_softmax_loss", spy)
-    loss = layer.sampled_softmax_loss(h, rows, num_sampled=64, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(module, name, spy)
+    loss = layer.sampled_softmax_loss(h, rows, num_sampled=64, generator=torch.Generator().manual_seed(0),
+                                      proposal=proposal)
     hard = seen["hard"]
     assert torch.isfinite(loss)
     assert all(set(layer.side_rows.tolist()) <= set(r.tolist()) for r in hard)

@@ -17,13 +17,22 @@ with ``E_b = H_b u {t_b}`` (``remove_accidental_hits=False``: ``E_b = H_b``, dra
 count as negatives too, as in TensorFlow's ``sampled_softmax_loss``, which over-counts
 ``e^{l_bt}``). ``E[Z_hat_b] = Z_b`` exactly (Horvitz & Thompson, JASA 1952: ``E[1[c in U] /
 pi(c)] = 1``); the loss ``log Z_hat_b - l_bt`` is biased low by about ``Var(Z_hat_b) / 2 Z_b^2``
-and converges to the full cross-entropy as the draws grow.
+and converges to the full cross-entropy as the draws grow. It is evaluated as
+``softplus(log R_hat_b - l_bt)`` with ``R_hat_b = Z_hat_b - e^{l_bt}`` (every term but the
+target's), so that its derivative in ``l_bt``, ``-(1 - p_t)``, is computed from the other
+terms: written as ``logsumexp - l_bt`` it is ``p_t - 1``, which float32 rounds to 0 (or to a
+multiple of 6e-8) on a row whose target is near-certain -- the float32 full softmax
+(``F.cross_entropy``) has that error too.
 
 **Proposals** (``sampler``): with ``m = num_sampled`` draws,
 
 * ``"uniform"``: ``Q = 1 / V`` for every draw; ``pi(c) = 1 - (1 - Q(c))^m``.
 * ``"unigram"``: ``Q proportional to class_counts``; same ``pi``.
-* ``"quantized"``: per-row proposals from the index. One ``lut_topk`` scan gives each row its
+* ``"quantized"``, ``proposal="lut"``: the batch mixture of every row's softmax of the LUT
+  scores over all ``V`` classes, with the LUT sum as control variate (only the quantization
+  error is sampled): :mod:`torchaq.lut_proposal` has the estimator, its gradient and its cost
+  (one extra ``lut_score`` pass over ``V`` for ``lut_rows`` rows of the batch).
+* ``"quantized"``, ``proposal="candidates"``: per-row proposals from the index. One ``lut_topk`` scan gives each row its
   ``num_candidates`` best classes by LUT score ``s_bc``: the first ``num_hard`` are ``H_b``, the
   rest its *tail candidates* ``T_b``. Row ``b``'s proposal is the defensive mixture
   (Hesterberg 1995)
@@ -41,7 +50,8 @@ and converges to the full cross-entropy as the draws grow.
   weighted ``1 / (m Q_b(s))`` (a ``(B, m, d)`` gather; ``benchmarks/sampled_softmax.py``
   compares the two at equal time).
 
-**Control variate** (``control_variate=True``, the default for the quantized sampler): the tail candidates' LUT
+**Control variate** (``control_variate=True``, the default for the quantized sampler; this is
+the ``"candidates"`` proposal's, the ``"lut"`` one is in :mod:`torchaq.lut_proposal`): the tail candidates' LUT
 scores are known, so only their quantization error is sampled:
 
     Z_hat_b = [exact terms] + sum_{c in T_b \\ E_b} e^{s_bc} + sum_{c in U \\ E_b} (e^{l_bc} - 1[c in T_b] e^{s_bc}) / pi(c)
@@ -70,7 +80,10 @@ SparseAdam); ``benchmarks/results/train_lm*.txt`` has the measured perplexities,
 states the recommended recipe. What mattered most there is the proposal's floor: with a uniform
 floor, half the draws land on random rare classes, whose huge importance weights Adam turns into
 rare normalised steps, while the frequent classes that need a steady negative gradient are drawn
-too seldom; a unigram floor (``class_counts``) draws them every step.
+too seldom; a unigram floor (``class_counts``) draws them every step. Next came the proposal
+itself: with AdamW and the unigram floor, the whole-LUT mixture (``proposal="lut"``) trains
+closer to the full softmax than the top candidates at equal draws, and its LUT pass on every
+row closer than on a subset (``lut_rows``), at a higher step time (the README has the table).
 """
 from __future__ import annotations
 
@@ -80,14 +93,17 @@ import numbers
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_features
+from .lut_proposal import LUT_ROWS, LUT_SHARE, layer_lut_cv_loss
 from .rescore import exact_logits
 
 logger = logging.getLogger("torchaq")
 
 SAMPLERS = ("quantized", "uniform", "unigram")
+PROPOSALS = ("lut", "candidates")
 REDUCTIONS = ("mean", "sum", "none")
 # default number of LUT top classes of each row counted exactly (its hard set H_b)
 HARD_PER_ROW = 32
@@ -284,7 +300,7 @@ def sampled_softmax_loss(
             logger.debug("torchaq sampled softmax: %d distinct draws, ESS per row mean %.1f min %.1f",
                          classes.numel(), float(ess.mean()), float(ess.min()))
     if cv_classes is None:
-        return torch.logsumexp(terms, dim=1) - target_logit
+        return _log1p_rest(terms[:, 1:], target_logit)
     # control variate: Z = exact + sum_{T \ E} e^{s} + sum_{U \ E} (e^l - 1[c in T] e^s) / pi
     cv_scores = cv_scores.float()
     cv_keep = torch.ones_like(cv_classes, dtype=torch.bool)
@@ -293,8 +309,6 @@ def sampled_softmax_loss(
     shift = terms.detach().amax(1)
     if cv_scores.shape[1]:
         shift = torch.maximum(shift, cv_scores.amax(1))
-    positive = torch.exp(terms - shift.unsqueeze(1)).sum(1)
-    exact_part = torch.exp(terms[:, : 1 + hard.shape[1]] - shift.unsqueeze(1)).sum(1)
     lut_sum = torch.where(cv_keep, torch.exp(cv_scores - shift.unsqueeze(1)), 0.0).sum(1)
     # the drawn classes that are tail candidates of the row: subtract e^{s} / pi for them
     size = classes.numel()
@@ -304,9 +318,11 @@ def sampled_softmax_loss(
         correction = torch.where(in_u, torch.exp(cv_scores - log_inclusion.float()[pos] - shift.unsqueeze(1)), 0.0).sum(1)
     else:
         correction = torch.zeros_like(lut_sum)
-    z = positive + (lut_sum - correction)
-    z = torch.maximum(z, exact_part)  # the correction can overshoot: never below the exact terms
-    return shift + torch.log(z) - target_logit
+    others = torch.exp(terms[:, 1:] - shift.unsqueeze(1)).sum(1)
+    hard_part = torch.exp(terms[:, 1: 1 + hard.shape[1]] - shift.unsqueeze(1)).sum(1)
+    rest = torch.maximum(others + (lut_sum - correction), hard_part)  # the correction can overshoot: never below the exact terms
+    # log Z_hat - l_t = log(1 + R_hat e^{-l_t}) (see _log1p_rest)
+    return F.softplus(shift + torch.log(rest.clamp_min(1e-30)) - target_logit)
 
 
 def per_row_sampled_softmax_loss(
@@ -339,7 +355,17 @@ def per_row_sampled_softmax_loss(
     log_w = (torch.log((1 - q_excl.sum(1)).clamp_min(1e-12)).unsqueeze(1) - torch.log(kept.double()) - torch.log(q_draw)).float()
     terms = torch.cat([target_logit.unsqueeze(1), hard_logits.masked_fill(hard_is_target, -math.inf),
                        (draw_logits + log_w).masked_fill(~keep, -math.inf)], dim=1)
-    return torch.logsumexp(terms, dim=1) - target_logit
+    return _log1p_rest(terms[:, 1:], target_logit)
+
+
+def _log1p_rest(others: Tensor, target_logit: Tensor) -> Tensor:
+    """``log(e^{l_t} + sum_j e^{o_j}) - l_t = softplus(logsumexp(o) - l_t)`` for ``others`` ``(B, n)`` (``-inf``: absent).
+
+    Its gradient in ``l_t`` is ``-(1 - p_t)`` computed from the other terms, not ``p_t - 1``,
+    which float32 rounds to 0 when the target is near-certain (the float32 full softmax's own error).
+    """
+    floor = target_logit.detach().unsqueeze(1) - 200.0  # keeps an all-absent row finite (its loss is 0)
+    return F.softplus(torch.logsumexp(torch.cat([others, floor], 1), dim=1) - target_logit)
 
 
 def _flat_features(layer, h: Tensor) -> Tensor:
@@ -374,6 +400,9 @@ def layer_sampled_softmax_loss(
     control_variate: bool = True,
     share_draws: bool = True,
     candidate_share: float = CANDIDATE_SHARE,
+    proposal: str = "lut",
+    lut_share: Optional[float] = None,
+    lut_rows: Optional[int] = LUT_ROWS,
 ) -> Tensor:
     """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
 
@@ -403,8 +432,18 @@ def layer_sampled_softmax_loss(
             variate for ``Z`` (module docstring).
         share_draws: quantized sampler: ``False`` gives each row its own ``num_sampled`` draws
             instead of sharing them (slower; for comparison).
-        candidate_share: quantized sampler: ``alpha``, the share of each row's proposal on its
-            tail candidates (the rest is uniform over the ``V`` classes), in ``(0, 1)``.
+        candidate_share: quantized sampler, ``proposal="candidates"``: ``alpha``, the share of each
+            row's proposal on its tail candidates (the rest is the floor), in ``(0, 1)``.
+        proposal: quantized sampler: ``"lut"`` (default) draws from the batch mixture of every
+            row's LUT softmax over all ``V`` classes with the LUT sum as control variate
+            (:mod:`torchaq.lut_proposal`); ``"candidates"`` from each row's LUT-top
+            ``num_candidates`` plus a floor (this module's docstring).
+        lut_share: ``proposal="lut"``: the mixture's share on the LUT softmax, in ``(0, 1]``
+            (default :data:`torchaq.lut_proposal.LUT_SHARE`; the rest is the floor).
+        lut_rows: ``proposal="lut"``: run the LUT pass over all ``V`` classes for this many
+            random rows of the batch only (default :data:`torchaq.lut_proposal.LUT_ROWS`;
+            ``None``: every row); the others use the plain estimate with the same draws. Cost of
+            the pass ``min(lut_rows, B) * V * M``.
     """
     num_classes = layer.num_classes
     _check(h, target, num_classes, num_sampled, sampler, reduction)
@@ -413,6 +452,14 @@ def layer_sampled_softmax_loss(
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if isinstance(candidate_share, bool) or not isinstance(candidate_share, (int, float)) or not 0 < candidate_share < 1:
         raise ValueError(f"candidate_share must be a number in (0, 1), got {candidate_share!r}")
+    if proposal not in PROPOSALS:
+        raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
+    if lut_share is None:
+        lut_share = LUT_SHARE
+    if isinstance(lut_share, bool) or not isinstance(lut_share, (int, float)) or not 0 < lut_share <= 1:
+        raise ValueError(f"lut_share must be a number in (0, 1], got {lut_share!r}")
+    if lut_rows is not None and (not _is_int(lut_rows) or lut_rows < 1):
+        raise ValueError(f"lut_rows must be None or an integer >= 1, got {lut_rows!r}")
     flat = _flat_features(layer, h)
     flat_target = target.reshape(-1).long()
     if sampler == "unigram":
@@ -425,6 +472,11 @@ def layer_sampled_softmax_loss(
     hard = cv_classes = cv_scores = None
     if sampler == "quantized":
         base = None if class_counts is None else unigram_proposal(class_counts.to(flat.device), num_classes)
+        if proposal == "lut" and share_draws:
+            loss = layer_lut_cv_loss(layer, flat, flat_target, num_sampled, int(num_hard), int(num_candidates),
+                                     float(lut_share), base, remove_accidental_hits, generator, control_variate,
+                                     None if lut_rows is None else int(lut_rows))
+            return _reduce(loss, target, reduction)
         proposals = row_proposals(layer, flat, int(num_hard), int(num_candidates), float(candidate_share), base)
         if not share_draws:
             loss = per_row_sampled_softmax_loss(flat, flat_target, layer.weight, layer.bias, proposals, num_sampled,
