@@ -65,7 +65,7 @@ from ._checks import check_int
 from .layer import QuantizedSoftmax, check_sampling_args, default_candidates, draw_top_p
 from .quantizer import MAX_FIT_ROWS
 from .partition import log_partition
-from .rescore import exact_logits
+from .rescore import exact_logits, gather_rows, logits_of_rows
 from .sampled_softmax import HARD_PER_ROW, REDUCTIONS, SAMPLERS
 
 # the vocabulary-parallel quantized proposal (its own stratified estimator, one proposal shared by
@@ -755,10 +755,11 @@ def _slice_log_mass(
     only the hard set is excluded) and the kept ones weighted by ``(1 - Q(E_b)) / (m' Q(s))``.
     """
     batch = h.shape[0]
-    hard_logits = exact_logits(h, weight, bias, hard)  # (B, n)
-    target_logit = exact_logits(h, weight, bias, local_target.unsqueeze(1)).squeeze(1)
+    hard_rows, target_rows, draw_rows = gather_rows(weight, hard, local_target.unsqueeze(1), samples)
+    hard_logits = logits_of_rows(h, hard_rows, bias, hard)  # (B, n)
+    target_logit = logits_of_rows(h, target_rows, bias, local_target.unsqueeze(1)).squeeze(1)
     hard_is_target = (hard == local_target.unsqueeze(1)) & owned.unsqueeze(1)
-    draw_logits = (h @ weight.index_select(0, samples).T.to(h.dtype)).float()
+    draw_logits = (h @ draw_rows.T.to(h.dtype)).float()
     if bias is not None:
         draw_logits = draw_logits + bias[samples].float()
     # excluded classes per row, sorted, padded with -1 (never a class id)

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .rescore import exact_logits
+from .rescore import gather_rows, logits_of_rows
 
 logger = logging.getLogger("torchaq")
 
@@ -162,9 +162,10 @@ def lut_cv_loss(h: Tensor, target: Tensor, weight: Tensor, bias: Optional[Tensor
     """
     from .sampled_softmax import _excluded_mask
 
-    hard_logits = exact_logits(h, weight, bias, hard)
-    target_logit = exact_logits(h, weight, bias, target.unsqueeze(1)).squeeze(1)
-    draw_logits = h.float() @ weight.index_select(0, classes).float().T
+    hard_rows, target_rows, draw_rows = gather_rows(weight, hard, target.unsqueeze(1), classes)
+    hard_logits = logits_of_rows(h, hard_rows, bias, hard)
+    target_logit = logits_of_rows(h, target_rows, bias, target.unsqueeze(1)).squeeze(1)
+    draw_logits = h.float() @ draw_rows.float().T
     if bias is not None:
         draw_logits = draw_logits + bias[classes].float()
     hard_is_target = hard == target.unsqueeze(1)

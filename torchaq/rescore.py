@@ -1,10 +1,31 @@
 """Exact re-scoring of a few classes per row: the step after every LUT scan."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+
+def gather_rows(weight: Tensor, *indices: Tensor) -> Tuple[Tensor, ...]:
+    """The rows ``weight[i]`` for each index tensor ``i``, shaped ``(*i.shape, d)``, from one ``index_select``.
+
+    One gather for all index tensors, not one each: the backward of an ``index_select`` on a
+    ``(V, d)`` weight zero-fills a dense ``(V, d)`` gradient, so a loss that reads a hard set, the
+    targets and the draws through one gather pays one ``V * d`` fill (plus the ``index_add`` of
+    the rows it read) instead of three fills and two dense additions.
+    """
+    rows = weight.index_select(0, torch.cat([i.reshape(-1) for i in indices]))
+    parts = rows.split([i.numel() for i in indices])
+    return tuple(part.view(*i.shape, weight.shape[1]) for part, i in zip(parts, indices))
+
+
+def logits_of_rows(h: Tensor, rows: Tensor, bias: Optional[Tensor], candidates: Tensor) -> Tensor:
+    """``<h_b, rows[b, c]> + bias[candidates[b, c]]``, float32 ``(B, C)``, for rows gathered by :func:`gather_rows`."""
+    out = torch.bmm(rows.float(), h.float().unsqueeze(2)).squeeze(2)
+    if bias is not None:
+        out = out + bias[candidates].float()
+    return out
 
 
 def exact_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], candidates: Tensor) -> Tensor:
@@ -15,8 +36,4 @@ def exact_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], candidates: 
     differentiable in ``h``, ``weight`` and ``bias`` (the sampled softmax trains through it).
     """
     # index_select copies whole rows, which is cheaper than advanced indexing weight[candidates]
-    rows = weight.index_select(0, candidates.reshape(-1)).view(*candidates.shape, weight.shape[1])  # (B, C, d)
-    out = torch.bmm(rows.float(), h.float().unsqueeze(2)).squeeze(2)
-    if bias is not None:
-        out = out + bias[candidates].float()
-    return out
+    return logits_of_rows(h, gather_rows(weight, candidates)[0], bias, candidates)

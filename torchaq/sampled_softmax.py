@@ -98,7 +98,7 @@ from torch import Tensor
 
 from ._checks import check_features
 from .lut_proposal import LUT_ROWS, LUT_SHARE, layer_lut_cv_loss
-from .rescore import exact_logits
+from .rescore import gather_rows, logits_of_rows
 
 logger = logging.getLogger("torchaq")
 
@@ -282,9 +282,10 @@ def sampled_softmax_loss(
     """
     batch, device = h.shape[0], h.device
     hard = torch.zeros((batch, 0), dtype=torch.int64, device=device) if hard is None else hard
-    hard_logits = exact_logits(h, weight, bias, hard)  # (B, n)
-    target_logit = exact_logits(h, weight, bias, target.unsqueeze(1)).squeeze(1)
-    draw_logits = (h.float() @ weight.index_select(0, classes).float().T)  # (B, |U|), one matmul
+    hard_rows, target_rows, draw_rows = gather_rows(weight, hard, target.unsqueeze(1), classes)
+    hard_logits = logits_of_rows(h, hard_rows, bias, hard)  # (B, n)
+    target_logit = logits_of_rows(h, target_rows, bias, target.unsqueeze(1)).squeeze(1)
+    draw_logits = h.float() @ draw_rows.float().T  # (B, |U|), one matmul
     if bias is not None:
         draw_logits = draw_logits + bias[classes].float()
     hard_is_target = hard == target.unsqueeze(1)
@@ -341,9 +342,10 @@ def per_row_sampled_softmax_loss(
     counts = torch.full((batch,), num_sampled, dtype=torch.int64)
     samples, _ = proposals.draw(counts, generator)
     samples = samples.view(batch, num_sampled)
-    hard_logits = exact_logits(h, weight, bias, hard)
-    target_logit = exact_logits(h, weight, bias, target.unsqueeze(1)).squeeze(1)
-    draw_logits = exact_logits(h, weight, bias, samples)
+    hard_rows, target_rows, draw_rows = gather_rows(weight, hard, target.unsqueeze(1), samples)
+    hard_logits = logits_of_rows(h, hard_rows, bias, hard)
+    target_logit = logits_of_rows(h, target_rows, bias, target.unsqueeze(1)).squeeze(1)
+    draw_logits = logits_of_rows(h, draw_rows, bias, samples)
     hard_is_target = hard == target.unsqueeze(1)
     excluded = torch.cat([hard, target.unsqueeze(1)], 1) if remove_accidental_hits else hard
     keep = ~(samples.unsqueeze(2) == excluded.unsqueeze(1)).any(2)
