@@ -182,7 +182,27 @@ def test_state_dict_roundtrip(fitted, data):
     other = torchaq.AnisotropicAQ(24, 6)
     other.load_state_dict(torch.load(buf, weights_only=False))
     assert other.rule == fitted.rule
-    assert torch.equal(other.encode(data[:50]), fitted.encode(data[:50]))
+    fresh = _sphere(50, 24, 11)  # rows fit did not see: both encode from the greedy start
+    assert torch.equal(other.encode(fresh), fitted.encode(fresh))
+    assert torch.equal(other.decode(other.encode(fresh)), fitted.decode(fitted.encode(fresh)))
+
+
+def test_encode_warm_starts_training_rows(data):
+    """Rows fit trained on start from fit's codes (torchaq.aq_warm): never worse, and better than cold."""
+    aq = torchaq.AnisotropicAQ(24, 6, threshold=None, seed=0).fit(data, iters=3, progress=False)
+    cold = torchaq.AnisotropicAQ(24, 6, threshold=None, seed=0)
+    cold.load_state_dict(aq.state_dict())  # same codebooks, no warm starts
+    warm_loss, cold_loss = aq.loss(data), cold.loss(data)
+    assert warm_loss.mean() < 0.99 * cold_loss.mean(), (warm_loss.mean(), cold_loss.mean())
+    # a mixed batch in any order: known rows keep their warm codes, unknown rows are encoded cold
+    fresh = _sphere(40, 24, 12)
+    mixed = torch.cat([fresh[:20], data[:300].flip(0), fresh[20:]])
+    codes, cold_codes = aq.encode(mixed), cold.encode(mixed)
+    assert torch.equal(codes[:20], cold_codes[:20]) and torch.equal(codes[320:], cold_codes[320:])
+    assert aq.loss(mixed[20:320], codes[20:320]).mean() < 0.99 * aq.loss(mixed[20:320], cold_codes[20:320]).mean()
+    # new codebooks (load_state_dict writes in place) invalidate the warm starts
+    aq.load_state_dict(cold.state_dict())
+    assert torch.equal(aq.encode(data[:100]), cold.encode(data[:100]))
 
 
 def test_bad_arguments(fitted, data):
