@@ -199,6 +199,9 @@ def test_encode_warm_starts_training_rows(data):
     mixed = torch.cat([fresh[:20], data[:300].flip(0), fresh[20:]])
     codes, cold_codes = aq.encode(mixed), cold.encode(mixed)
     assert torch.equal(codes[:20], cold_codes[:20]) and torch.equal(codes[320:], cold_codes[320:])
+    # a row's codes do not depend on its batch (per-row perturbations): shards, refreshes, the whole table
+    assert torch.equal(codes[20:320], aq.encode(data[:300]).flip(0))
+    assert torch.equal(codes[:20], aq.encode(fresh[:20])) and torch.equal(codes[5], aq.encode(fresh[5:6])[0])
     assert aq.loss(mixed[20:320], codes[20:320]).mean() < 0.99 * aq.loss(mixed[20:320], cold_codes[20:320]).mean()
     # new codebooks (load_state_dict writes in place) invalidate the warm starts
     aq.load_state_dict(cold.state_dict())

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from . import ops
 from ._checks import check_features, check_int
 from .aq_update import aq_codebook_update
-from .aq_warm import WarmStarts, lookup
+from .aq_warm import WarmStarts, lookup, row_keys, row_perturbations
 from .calibrate import RECALL_CANDIDATES, RECALL_K, AnisotropyRule
 from .loss import score_aware_loss
 from .quantizer_base import (
@@ -301,22 +301,24 @@ class AnisotropicAQ(ScoreAwareQuantizer):
         Either way ``encode_ils_iters`` rounds of iterated local search follow, which never raise
         a row's loss above its start's. The warm starts live only in the fitted object (not in
         ``state_dict``): a loaded quantizer encodes every row from the greedy start.
-        Deterministic: the perturbations are drawn from ``seed``.
+        Deterministic per row: a row's perturbations are drawn from its exact key and ``seed``
+        (:func:`torchaq.aq_warm.row_perturbations`), so its codes do not depend on the batch.
         """
         self._check_fitted()
         self._check_rows(x, "x")
         xf = x.float().to(self.codebooks.device).contiguous()
-        generator = torch.Generator().manual_seed(self.seed + 1)
-        books, eta_rows = self.codebooks.float(), self.row_eta(xf)
-        warm = lookup(self._warm, xf) if getattr(self, "_warm_key", None) == self._codebooks_key() else None
-        if warm is None:
-            return self._search(xf, books, eta_rows, None, self.encode_ils_iters, generator).to(torch.uint8)
-        found, start = warm
-        perturb = self._perturbations(self.encode_ils_iters, xf.shape[0], generator, xf.device)
+        books, eta_rows = self.codebooks.float().contiguous(), self.row_eta(xf).contiguous()
+        warm = lookup(self._warm, xf) if self._warm_key == self._codebooks_key() else None
+        found, start = warm if warm is not None else (None, torch.zeros((xf.shape[0], self.num_codebooks),
+                                                                       dtype=torch.int64, device=xf.device))
+        perturb = row_perturbations(row_keys(xf), self.encode_ils_iters, PERTURBATIONS,
+                                    self.num_codebooks * self.num_codewords, self.seed + 1)
+        if found is None:
+            return ops.aq_encode(xf, books, start, eta_rows, perturb, ICM_ITERS, True).to(torch.uint8)
         codes = start.clone()
         for rows, greedy in ((found.nonzero().squeeze(1), False), ((~found).nonzero().squeeze(1), True)):
             if rows.numel():
-                codes[rows] = ops.aq_encode(xf[rows], books.contiguous(), start[rows], eta_rows[rows].contiguous(),
+                codes[rows] = ops.aq_encode(xf[rows], books, start[rows], eta_rows[rows].contiguous(),
                                             perturb[:, rows].contiguous(), ICM_ITERS, greedy)
         return codes.to(torch.uint8)
 

@@ -14,6 +14,10 @@ and summed over the row; all integer, so the key of a row never depends on the b
 (a matmul fingerprint would: BLAS blocking changes the rounding). Two different rows share a
 key with negligible probability, and even then only the start of their search is shared.
 
+The same keys seed each row's perturbations in :meth:`torchaq.AnisotropicAQ.encode`
+(:func:`row_perturbations`), so a row's codes never depend on the batch it is encoded in (a
+shard of a vocabulary-parallel layer, a refresh of the rows that changed, the whole table).
+
 Cost: ``O(N d)`` integer operations for the keys, ``O(N log T)`` to look ``N`` rows up among
 ``T`` training rows (a sorted key array), ``T (8 + M)`` bytes kept.
 """
@@ -44,6 +48,21 @@ def row_keys(x: Tensor) -> Tensor:
     lo, hi = bits & 0xFFFF, (bits >> 16) & 0xFFFF
     w_lo, w_hi = _weights(x.shape[1], x.device)
     return (lo * w_lo).sum(1) + (hi * w_hi).sum(1)
+
+
+# the perturbations: v = ((key mod P) * A + B) mod P per (round, slot), P prime, A, B < P drawn
+# from the quantizer's seed; products stay below 2**62
+_PRIME = 2**31 - 1
+
+
+def row_perturbations(keys: Tensor, rounds: int, count: int, mk: int, seed: int) -> Tensor:
+    """``(rounds, N, count)`` int64 in ``[0, mk)``: pseudo-random perturbations that depend only on each row's key and ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    ab = torch.randint(1, _PRIME, (2, rounds, 1, count), generator=gen, dtype=torch.int64).to(keys.device)
+    base = (keys % _PRIME).view(1, -1, 1)
+    mixed = (base * ab[0] + ab[1]) % _PRIME
+    mixed = (mixed * ab[0].flip(0) + ab[1].flip(2)) % _PRIME  # a second round decorrelates nearby keys
+    return mixed % mk
 
 
 class WarmStarts:
