@@ -270,3 +270,15 @@ def test_layer_with_aq_quantizer():
     torch.testing.assert_close(other.topk(h, k=5)[0], layer.topk(h, k=5)[0])
     with pytest.raises(ValueError, match="quantizer"):
         torchaq.QuantizedSoftmax(weight, quantizer="opq", progress=False)
+
+
+def test_warm_started_anisotropic_updates_stay_bounded():
+    """The CG operator carries the ridge: repeated warm-started updates do not drift along the
+    null space of B^T B (codewords growing without bound while the decodes stay put)."""
+    x, books, codes, _, _ = _case(n=600, m=6, d=16, seed=4)
+    eta = torch.full((x.shape[0],), 4.0)
+    books = aq_codebook_update(x, codes, eta, books)
+    first = float(books.norm())
+    for _ in range(6):
+        books = aq_codebook_update(x, codes, eta, books)
+    assert float(books.norm()) < 1.05 * first, (first, float(books.norm()))

@@ -22,10 +22,11 @@ from .quantizer_base import (
     sample_rows,
 )
 
-# alternations of (codebook update, encode) each calibration candidate gets from the isotropic fit
-CALIBRATION_ROUNDS = 2
+# alternations of (codebook update, encode) after the isotropic fit: every calibration candidate
+# gets one, the winner the rest
+CALIBRATION_ROUNDS = 3
 # constant-eta candidates of the calibration (besides isotropic and the constructor's rule)
-AQ_ETA_GRID = (2.0, 4.0, 6.0)
+AQ_ETA_GRID = (2.0, 4.0)
 # held-out queries of each calibration slice (selection, check) at most
 AQ_CALIBRATION_QUERIES = 2500
 # LSQ++ search: ICM sweeps after each start / perturbation, perturbed codes per round
@@ -67,10 +68,14 @@ class AnisotropicAQ(ScoreAwareQuantizer):
     rounds of (codebook update, encoding warm-started from the previous codes). The anisotropy
     is set as in :class:`torchaq.AnisotropicPQ` (``threshold=T``, ``eta=e`` or ``threshold=None``
     for isotropic). ``fit(x, queries=...)`` calibrates it as the PQ does: after the isotropic
-    fit, each candidate (the constructor's rule and a grid of constant ``eta``) gets
-    ``CALIBRATION_ROUNDS`` rounds of its own (update, encoding) and is scored by held-out recall;
-    the best one finishes its ``iters`` rounds, and the fit falls back to isotropic if the result
-    loses on a second held-out query slice.
+    fit, each candidate (the constructor's rule and a grid of constant ``eta``) gets one round of
+    its own (update, encoding) and is scored by held-out recall; the best one gets
+    ``CALIBRATION_ROUNDS - 1`` more, and the fit falls back to isotropic if the result loses on a
+    second held-out query slice.
+
+    Training follows LSQ++ (Martinez et al., ECCV 2018): SR-D noise on the codebooks after each
+    update (annealed to zero), ``FIT_ILS_ITERS`` local-search rounds per encoding, and ``encode``
+    starts the rows ``fit`` trained on from the codes ``fit`` found (:mod:`torchaq.aq_warm`).
 
     Cost: ``fit`` is ``O(rows * M K d)`` for inner products plus ``O(rows * M K)`` per ICM sweep
     and ``O(M K)`` per code change, ``O((M K)^3)`` per codebook update; ``encode`` of ``N`` rows
@@ -216,7 +221,7 @@ class AnisotropicAQ(ScoreAwareQuantizer):
         calib_rounds = min(CALIBRATION_ROUNDS, iters)
         total = 1 + iters
         if queries is not None:
-            total += (len(rules) - 1) * calib_rounds
+            total += len(rules) - 1 + max(0, calib_rounds - 1)
         with tqdm(total=total, desc="AnisotropicAQ.fit", disable=not progress, leave=False) as bar:
             bar.set_postfix_str("init", refresh=False)
             start, start_codes = self._init(xf, generator)
@@ -262,9 +267,11 @@ class AnisotropicAQ(ScoreAwareQuantizer):
 
         The isotropic fit runs first, exactly as without queries (the query split has its own
         generator). Every other rule re-encodes the isotropic codes under its loss and gets
-        ``calib_rounds`` rounds of (its codebook update, its encoding) from there, without SR-D
-        noise; it is scored by recall on the selection slice. The best one replaces the isotropic
-        result only if it also wins on the check slice, which took no part in the choice.
+        one round of (its codebook update, its encoding) from there, without SR-D noise, and is
+        scored by recall on the selection slice; the best one gets ``calib_rounds - 1`` more rounds
+        and replaces the isotropic result only if it also wins on the check slice, which took no
+        part in the choice. Cost: ``iters + (candidates - 1) + calib_rounds - 1`` rounds, the
+        anisotropic ones dearer (conjugate gradients in the codebook update).
         Returns ``(codebooks, codes)``.
         """
         qgen = torch.Generator().manual_seed(self.seed + 2)
@@ -277,14 +284,16 @@ class AnisotropicAQ(ScoreAwareQuantizer):
         best_rule, best = isotropic, iso
         for rule in rules[1:]:
             codes = self._search(x, iso[0], self.row_eta(x, rule), iso[1], 0, generator)
-            books, codes = self._alternate(x, rule, iso[0], codes, calib_rounds, generator, bar, schedule=(0, 0))
+            books, codes = self._alternate(x, rule, iso[0], codes, min(1, calib_rounds), generator, bar, schedule=(0, 0))
             scores[str(rule)] = self._recall(select, x, codes, books)
             if scores[str(rule)] > scores[str(best_rule)]:
                 best_rule, best = rule, (books, codes)
         final, final_rule = iso, isotropic
-        # the check slice was not used to choose: keep isotropic unless the winner also wins there
-        if best_rule is not isotropic and self._recall(check, x, best[1], best[0]) >= self._recall(check, x, iso[1], iso[0]):
-            final, final_rule = best, best_rule
+        if best_rule is not isotropic:
+            best = self._alternate(x, best_rule, best[0], best[1], calib_rounds - 1, generator, bar, schedule=(0, 0))
+            # the check slice was not used to choose: keep isotropic unless the winner also wins there
+            if self._recall(check, x, best[1], best[0]) >= self._recall(check, x, iso[1], iso[0]):
+                final, final_rule = best, best_rule
         self.rule = final_rule
         self.calibration = scores
         return final
