@@ -246,6 +246,29 @@ class AnisotropicAQ(ScoreAwareQuantizer):
     def _codebooks_key(self) -> tuple:
         return (self.codebooks.data_ptr(), self.codebooks._version, str(self.rule))
 
+    def warm_state(self) -> Optional[dict]:
+        """The warm starts of :meth:`encode` for the current codebooks (row keys and codes, CPU), or None.
+
+        Not part of ``state_dict``; :class:`torchaq.distributed.VocabParallelQuantizedSoftmax` sends
+        it with the fitted state so that every rank encodes its rows as the fitting rank would.
+        """
+        if self._warm is None or self._warm_key != self._codebooks_key():
+            return None
+        return {"keys": self._warm.keys.cpu(), "codes": self._warm.codes.cpu()}
+
+    def load_warm_state(self, state: Optional[dict]) -> None:
+        """Install :meth:`warm_state` of a quantizer with the same codebooks (after ``load_state_dict``)."""
+        if state is None:
+            self._warm = self._warm_key = None
+            return
+        keys, codes = state["keys"], state["codes"]
+        if keys.dim() != 1 or codes.dim() != 2 or codes.shape != (keys.shape[0], self.num_codebooks):
+            raise ValueError(f"warm state must hold (T,) keys and (T, {self.num_codebooks}) codes, "
+                             f"got {tuple(keys.shape)} and {tuple(codes.shape)}")
+        warm = WarmStarts.__new__(WarmStarts)
+        warm.keys, warm.codes = keys.to(self.codebooks.device), codes.to(self.codebooks.device, torch.uint8)
+        self._warm, self._warm_key = warm, self._codebooks_key()
+
     def _candidate_rules(self) -> List[AnisotropyRule]:
         rules = [AnisotropyRule("isotropic"), self.rule] + [AnisotropyRule("eta", v) for v in AQ_ETA_GRID]
         return list(dict.fromkeys(rules))
