@@ -282,3 +282,30 @@ def test_warm_started_anisotropic_updates_stay_bounded():
     for _ in range(6):
         books = aq_codebook_update(x, codes, eta, books)
     assert float(books.norm()) < 1.05 * first, (first, float(books.norm()))
+
+
+def test_calibration_isotropic_path_is_the_plain_fit(data, monkeypatch):
+    """The query split has its own generator: with isotropic as the only candidate, a calibrated fit
+    is bitwise the plain isotropic fit (so 'never below isotropic' compares against the real thing)."""
+    import torchaq.aq as aq_module
+
+    monkeypatch.setattr(aq_module, "AQ_ETA_GRID", ())
+    q = _sphere(300, 24, 5)
+    plain = torchaq.AnisotropicAQ(24, 6, threshold=None, seed=0).fit(data, iters=2, progress=False)
+    calibrated = torchaq.AnisotropicAQ(24, 6, threshold=None, seed=0).fit(data, queries=q, iters=2, progress=False)
+    assert list(calibrated.calibration) == ["isotropic"] and calibrated.rule == plain.rule
+    assert torch.equal(calibrated.codebooks, plain.codebooks)
+    assert torch.equal(calibrated.encode(data), plain.encode(data))
+
+
+def test_warm_state_roundtrip_and_bad_input(data):
+    aq = torchaq.AnisotropicAQ(24, 6, threshold=None, seed=0).fit(data, iters=1, progress=False)
+    other = torchaq.AnisotropicAQ(24, 6, threshold=None, seed=0)
+    other.load_state_dict(aq.state_dict())
+    assert not torch.equal(other.encode(data), aq.encode(data))  # cold vs warm
+    other.load_warm_state(aq.warm_state())
+    assert torch.equal(other.encode(data), aq.encode(data))
+    with pytest.raises(ValueError, match="warm state"):
+        other.load_warm_state({"keys": torch.zeros(5, dtype=torch.int64), "codes": torch.zeros(5, 3, dtype=torch.uint8)})
+    other.load_warm_state(None)
+    assert other.warm_state() is None
