@@ -556,7 +556,8 @@ def main(argv=None) -> None:
             f"FAISS IndexLocalSearchQuantizerFastScan (inner product, ST_LUT_nonorm): trained on the first "
             f"{args.lsq_train_rows} rows, train_iters={args.lsq_train_iters}, "
             f"encode_ils_iters={args.lsq_encode_ils_iters}; torchaq AQ fits on all rows "
-            f"(iters={args.aq_iters if args.aq_iters is not None else 'default'}), calibrated row built "
+            f"(iters={args.aq_iters if args.aq_iters is not None else 'default'}) and its encode starts each "
+            f"row from the codes fit found for it (torchaq.aq_warm); calibrated row built "
             f"with threshold={args.calib_threshold}.",
             header[3],
             f"threads: {torch.get_num_threads()} (torch and FAISS); the machine is shared with other jobs: "

@@ -10,10 +10,10 @@ from tqdm.auto import tqdm
 from . import ops
 from ._checks import check_features, check_int
 from .aq_update import aq_codebook_update
+from .aq_warm import WarmStarts, lookup, row_keys, row_perturbations
 from .calibrate import RECALL_CANDIDATES, RECALL_K, AnisotropyRule
 from .loss import score_aware_loss
 from .quantizer_base import (
-    CALIBRATION_QUERIES,
     MAX_FIT_ROWS,
     UNSET,
     ScoreAwareQuantizer,
@@ -22,16 +22,23 @@ from .quantizer_base import (
     sample_rows,
 )
 
-# alternations of (codebook update, encode) each calibration candidate gets from the isotropic fit
-CALIBRATION_ROUNDS = 2
+# alternations of (codebook update, encode) after the isotropic fit: every calibration candidate
+# gets one, the winner the rest
+CALIBRATION_ROUNDS = 3
 # constant-eta candidates of the calibration (besides isotropic and the constructor's rule)
-AQ_ETA_GRID = (2.0, 4.0, 6.0)
+AQ_ETA_GRID = (2.0, 4.0)
+# held-out queries of each calibration slice (selection, check) at most
+AQ_CALIBRATION_QUERIES = 2500
 # LSQ++ search: ICM sweeps after each start / perturbation, perturbed codes per round
 ICM_ITERS = 4
 PERTURBATIONS = 4
 # iterated-local-search rounds inside fit (per alternation) and in encode
-FIT_ILS_ITERS = 2
+FIT_ILS_ITERS = 4
 ENCODE_ILS_ITERS = 8
+# LSQ++'s SR-D: after the codebook update of alternation t of T, every codeword gets Gaussian noise
+# of per-dimension standard deviation SRD_SCALE * (1 - (t + 1) / T) ** SRD_POWER * std(x[:, i]) / M
+SRD_SCALE = 1.0
+SRD_POWER = 0.5
 
 
 class AnisotropicAQ(ScoreAwareQuantizer):
@@ -61,10 +68,14 @@ class AnisotropicAQ(ScoreAwareQuantizer):
     rounds of (codebook update, encoding warm-started from the previous codes). The anisotropy
     is set as in :class:`torchaq.AnisotropicPQ` (``threshold=T``, ``eta=e`` or ``threshold=None``
     for isotropic). ``fit(x, queries=...)`` calibrates it as the PQ does: after the isotropic
-    fit, each candidate (the constructor's rule and a grid of constant ``eta``) gets
-    ``CALIBRATION_ROUNDS`` rounds of its own (update, encoding) and is scored by held-out recall;
-    the best one finishes its ``iters`` rounds, and the fit falls back to isotropic if the result
-    loses on a second held-out query slice.
+    fit, each candidate (the constructor's rule and a grid of constant ``eta``) gets one round of
+    its own (update, encoding) and is scored by held-out recall; the best one gets
+    ``CALIBRATION_ROUNDS - 1`` more, and the fit falls back to isotropic if the result loses on a
+    second held-out query slice.
+
+    Training follows LSQ++ (Martinez et al., ECCV 2018): SR-D noise on the codebooks after each
+    update (annealed to zero), ``FIT_ILS_ITERS`` local-search rounds per encoding, and ``encode``
+    starts the rows ``fit`` trained on from the codes ``fit`` found (:mod:`torchaq.aq_warm`).
 
     Cost: ``fit`` is ``O(rows * M K d)`` for inner products plus ``O(rows * M K)`` per ICM sweep
     and ``O(M K)`` per code change, ``O((M K)^3)`` per codebook update; ``encode`` of ``N`` rows
@@ -98,6 +109,8 @@ class AnisotropicAQ(ScoreAwareQuantizer):
         seed = check_int(seed, "seed", what="(it seeds the initialisation and the search)")
         self.encode_ils_iters = check_int(encode_ils_iters, "encode_ils_iters", low=0)
         self._init_quantizer(dim, num_codebooks, bits, seed, parse_rule(threshold, eta), (num_codebooks, 2**bits, dim))
+        self._warm: Optional[WarmStarts] = None  # codes fit found for its rows (encode's warm starts)
+        self._warm_key: Optional[tuple] = None
 
     codes_name = "num_codebooks"
 
@@ -154,15 +167,28 @@ class AnisotropicAQ(ScoreAwareQuantizer):
         books = aq_codebook_update(x, codes, eta_rows, books)
         return books, self._search(x, books, eta_rows, codes, FIT_ILS_ITERS, generator)
 
-    def _alternate(self, x, rule, codebooks, codes, rounds, generator, bar):
-        """``rounds`` of (joint codebook update, warm-started LSQ++ encoding) for ``rule``."""
+    def _alternate(self, x, rule, codebooks, codes, rounds, generator, bar, schedule=None):
+        """``rounds`` of (joint codebook update, SR-D noise, warm-started LSQ++ encoding) for ``rule``,
+        then a last codebook update for the final codes. Returns ``(codebooks, codes)``.
+
+        ``schedule = (first, total)``: these are rounds ``first .. first + rounds - 1`` of an
+        annealing over ``total`` rounds (default: ``(0, rounds)``); the noise of round ``t`` is
+        LSQ++'s SR-D (Martinez et al., ECCV 2018), ``SRD_SCALE (1 - (t+1)/total)^SRD_POWER std(x) / M``
+        per dimension, so the last round of the schedule adds none.
+        """
         eta_rows = self.row_eta(x, rule)
-        for _ in range(rounds):
+        first, total = (0, rounds) if schedule is None else schedule
+        std = x.std(0) if x.shape[0] > 1 else torch.zeros_like(x[0])
+        for t in range(first, first + rounds):
             codebooks = aq_codebook_update(x, codes, eta_rows, codebooks)
+            temperature = max(0.0, 1.0 - (t + 1) / total) ** SRD_POWER if total > 0 else 0.0
+            if SRD_SCALE > 0 and temperature > 0:
+                noise = torch.randn(codebooks.shape, generator=generator).to(x.device)
+                codebooks = codebooks + (SRD_SCALE * temperature / self.num_codebooks) * noise * std
             codes = self._search(x, codebooks, eta_rows, codes, FIT_ILS_ITERS, generator)
             bar.update(1)
             bar.set_postfix_str(f"{rule}", refresh=False)
-        return codebooks, codes
+        return aq_codebook_update(x, codes, eta_rows, codebooks), codes
 
     @torch.no_grad()  # x may be an nn.Parameter: fitting builds no autograd state
     def fit(
@@ -195,7 +221,7 @@ class AnisotropicAQ(ScoreAwareQuantizer):
         calib_rounds = min(CALIBRATION_ROUNDS, iters)
         total = 1 + iters
         if queries is not None:
-            total += (len(rules) - 1) * calib_rounds + iters - calib_rounds
+            total += len(rules) - 1 + max(0, calib_rounds - 1)
         with tqdm(total=total, desc="AnisotropicAQ.fit", disable=not progress, leave=False) as bar:
             bar.set_postfix_str("init", refresh=False)
             start, start_codes = self._init(xf, generator)
@@ -204,15 +230,44 @@ class AnisotropicAQ(ScoreAwareQuantizer):
                 eta_rows = self.row_eta(xf)
                 if self.rule.kind != "isotropic":
                     start_codes = self._search(xf, start, eta_rows, start_codes, 0, generator)
-                codebooks, _ = self._alternate(xf, self.rule, start, start_codes, iters, generator, bar)
+                codebooks, codes = self._alternate(xf, self.rule, start, start_codes, iters, generator, bar)
             else:
-                codebooks = self._calibrate(xf, queries, start, start_codes, rules, iters, calib_rounds,
-                                            generator, bar)
+                codebooks, codes = self._calibrate(xf, queries, start, start_codes, rules, iters, calib_rounds,
+                                                   generator, bar)
                 bar.update(bar.total - bar.n)
         self.codebooks = codebooks.contiguous()
         self.fitted = True
         self._fit_dtype = x.dtype
+        # encode() starts the rows fit saw from the codes fit found for them (torchaq.aq_warm)
+        self._warm = WarmStarts(xf, codes)
+        self._warm_key = self._codebooks_key()
         return self
+
+    def _codebooks_key(self) -> tuple:
+        return (self.codebooks.data_ptr(), self.codebooks._version, str(self.rule))
+
+    def warm_state(self) -> Optional[dict]:
+        """The warm starts of :meth:`encode` for the current codebooks (row keys and codes, CPU), or None.
+
+        Not part of ``state_dict``; :class:`torchaq.distributed.VocabParallelQuantizedSoftmax` sends
+        it with the fitted state so that every rank encodes its rows as the fitting rank would.
+        """
+        if self._warm is None or self._warm_key != self._codebooks_key():
+            return None
+        return {"keys": self._warm.keys.cpu(), "codes": self._warm.codes.cpu()}
+
+    def load_warm_state(self, state: Optional[dict]) -> None:
+        """Install :meth:`warm_state` of a quantizer with the same codebooks (after ``load_state_dict``)."""
+        if state is None:
+            self._warm = self._warm_key = None
+            return
+        keys, codes = state["keys"], state["codes"]
+        if keys.dim() != 1 or codes.dim() != 2 or codes.shape != (keys.shape[0], self.num_codebooks):
+            raise ValueError(f"warm state must hold (T,) keys and (T, {self.num_codebooks}) codes, "
+                             f"got {tuple(keys.shape)} and {tuple(codes.shape)}")
+        warm = WarmStarts.__new__(WarmStarts)
+        warm.keys, warm.codes = keys.to(self.codebooks.device), codes.to(self.codebooks.device, torch.uint8)
+        self._warm, self._warm_key = warm, self._codebooks_key()
 
     def _candidate_rules(self) -> List[AnisotropyRule]:
         rules = [AnisotropyRule("isotropic"), self.rule] + [AnisotropyRule("eta", v) for v in AQ_ETA_GRID]
@@ -230,32 +285,38 @@ class AnisotropicAQ(ScoreAwareQuantizer):
         hit_c = (exact.unsqueeze(2) == top.unsqueeze(1)).any(2).float().mean()
         return 0.5 * float(hit_k + hit_c)
 
-    def _calibrate(self, x, queries, start, start_codes, rules, iters, calib_rounds, generator, bar) -> Tensor:
+    def _calibrate(self, x, queries, start, start_codes, rules, iters, calib_rounds, generator, bar):
         """Pick the rule with the best held-out recall; never end worse than isotropic on the check slice.
 
-        The isotropic fit runs first; every other rule gets ``calib_rounds`` rounds of (its
-        codebook update, its encoding) from there and is scored by recall on the selection slice;
-        the best one runs its remaining ``iters - calib_rounds`` rounds.
+        The isotropic fit runs first, exactly as without queries (the query split has its own
+        generator). Every other rule re-encodes the isotropic codes under its loss and gets
+        one round of (its codebook update, its encoding) from there, without SR-D noise, and is
+        scored by recall on the selection slice; the best one gets ``calib_rounds - 1`` more rounds
+        and replaces the isotropic result only if it also wins on the check slice, which took no
+        part in the choice. Cost: ``iters + (candidates - 1) + calib_rounds - 1`` rounds, the
+        anisotropic ones dearer (conjugate gradients in the codebook update).
+        Returns ``(codebooks, codes)``.
         """
-        qf = queries.float()[torch.randperm(queries.shape[0], generator=generator).to(queries.device)]
-        half = min(CALIBRATION_QUERIES, qf.shape[0] // 2)
+        qgen = torch.Generator().manual_seed(self.seed + 2)
+        qf = queries.float()[torch.randperm(queries.shape[0], generator=qgen).to(queries.device)]
+        half = min(AQ_CALIBRATION_QUERIES, qf.shape[0] // 2)
         select, check = qf[:half], qf[half: 2 * half]
         isotropic = rules[0]
-        iso_books, iso_codes = self._alternate(x, isotropic, start, start_codes, iters, generator, bar)
-        scores = {str(isotropic): self._recall(select, x, iso_codes, iso_books)}
-        best_rule, best = isotropic, (iso_books, iso_codes)
+        iso = self._alternate(x, isotropic, start, start_codes, iters, generator, bar)
+        scores = {str(isotropic): self._recall(select, x, iso[1], iso[0])}
+        best_rule, best = isotropic, iso
         for rule in rules[1:]:
-            codes = self._search(x, iso_books, self.row_eta(x, rule), iso_codes, 0, generator)
-            books, codes = self._alternate(x, rule, iso_books, codes, calib_rounds, generator, bar)
+            codes = self._search(x, iso[0], self.row_eta(x, rule), iso[1], 0, generator)
+            books, codes = self._alternate(x, rule, iso[0], codes, min(1, calib_rounds), generator, bar, schedule=(0, 0))
             scores[str(rule)] = self._recall(select, x, codes, books)
             if scores[str(rule)] > scores[str(best_rule)]:
                 best_rule, best = rule, (books, codes)
-        final, final_rule = iso_books, isotropic
+        final, final_rule = iso, isotropic
         if best_rule is not isotropic:
-            books, codes = self._alternate(x, best_rule, best[0], best[1], iters - calib_rounds, generator, bar)
-            # the check slice was not used to choose: fall back if the winner loses there
-            if self._recall(check, x, codes, books) >= self._recall(check, x, iso_codes, iso_books):
-                final, final_rule = books, best_rule
+            best = self._alternate(x, best_rule, best[0], best[1], calib_rounds - 1, generator, bar, schedule=(0, 0))
+            # the check slice was not used to choose: keep isotropic unless the winner also wins there
+            if self._recall(check, x, best[1], best[0]) >= self._recall(check, x, iso[1], iso[0]):
+                final, final_rule = best, best_rule
         self.rule = final_rule
         self.calibration = scores
         return final
@@ -267,13 +328,30 @@ class AnisotropicAQ(ScoreAwareQuantizer):
     def encode(self, x: Tensor) -> Tensor:
         """Score-aware LSQ++ codes of the rows of ``x`` (``(N, dim)``) -> ``(N, M)`` uint8.
 
-        Deterministic: the perturbations are drawn from ``seed``.
+        A row that the last ``fit`` trained on (matched exactly, :mod:`torchaq.aq_warm`) starts its
+        search from the codes ``fit`` ended with; any other row from the greedy residual encoding.
+        Either way ``encode_ils_iters`` rounds of iterated local search follow, which never raise
+        a row's loss above its start's. The warm starts live only in the fitted object (not in
+        ``state_dict``): a loaded quantizer encodes every row from the greedy start.
+        Deterministic per row: a row's perturbations are drawn from its exact key and ``seed``
+        (:func:`torchaq.aq_warm.row_perturbations`), so its codes do not depend on the batch.
         """
         self._check_fitted()
         self._check_rows(x, "x")
         xf = x.float().to(self.codebooks.device).contiguous()
-        generator = torch.Generator().manual_seed(self.seed + 1)
-        codes = self._search(xf, self.codebooks.float(), self.row_eta(xf), None, self.encode_ils_iters, generator)
+        books, eta_rows = self.codebooks.float().contiguous(), self.row_eta(xf).contiguous()
+        warm = lookup(self._warm, xf) if self._warm_key == self._codebooks_key() else None
+        found, start = warm if warm is not None else (None, torch.zeros((xf.shape[0], self.num_codebooks),
+                                                                       dtype=torch.int64, device=xf.device))
+        perturb = row_perturbations(row_keys(xf), self.encode_ils_iters, PERTURBATIONS,
+                                    self.num_codebooks * self.num_codewords, self.seed + 1)
+        if found is None:
+            return ops.aq_encode(xf, books, start, eta_rows, perturb, ICM_ITERS, True).to(torch.uint8)
+        codes = start.clone()
+        for rows, greedy in ((found.nonzero().squeeze(1), False), ((~found).nonzero().squeeze(1), True)):
+            if rows.numel():
+                codes[rows] = ops.aq_encode(xf[rows], books, start[rows], eta_rows[rows].contiguous(),
+                                            perturb[:, rows].contiguous(), ICM_ITERS, greedy)
         return codes.to(torch.uint8)
 
     @torch.no_grad()

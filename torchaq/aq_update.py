@@ -20,8 +20,11 @@ gradients preconditioned by that same factor (exact when ``eta = 1``, so few ite
 needed when ``eta`` is moderate), warm-started from the current codebooks.
 
 ``B^T B`` is singular (adding ``v`` to every codeword of one codebook and subtracting it from
-another changes no decode), so the factor gets a tiny ridge; the ridge only picks a solution
-among the equivalent ones (and sends unused codewords to zero).
+another changes no decode), so both solves minimise ``L(C) + ridge |C|^2`` with a tiny ridge: it
+picks the smallest of the equivalent solutions (and sends unused codewords to zero). The ridge
+must be in the CG operator too, not only in its preconditioner: without it the iterations drift
+along the null space, and over a few warm-started updates the codewords grow until float32 can no
+longer represent their sum.
 
 Cost: ``O(N M^2)`` to count co-occurrences, ``O((M K)^3)`` to factor, ``O(N M d + (M K)^2 d)``
 per CG iteration (sparse decode, sparse scatter, triangular solves).
@@ -108,7 +111,7 @@ def aq_codebook_update(x: Tensor, codes: Tensor, eta: Tensor, codebooks: Tensor,
         return iso.reshape(m, k, d)
     # anisotropic: PCG on the normal equations, preconditioned by (B^T B + ridge)^-1
     factor32 = factor.float()
-    gram32 = gram.float()
+    gram32 = (gram + ridge * torch.eye(m * k, dtype=torch.float64, device=x.device)).float()
     x_norm = x.norm(dim=1, keepdim=True)
     unit = torch.where(x_norm > 0, x / x_norm.clamp_min(1e-30), torch.zeros_like(x))
 

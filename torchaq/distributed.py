@@ -423,7 +423,7 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         send[: mine.shape[0]] = mine
         gathered = [torch.empty_like(send) for _ in range(self.world_size)] if self.rank == 0 else None
         dist.gather(send, gathered, dst=self._root, group=group)
-        state = [None, None]
+        state = [None, None, None]  # error, state_dict, AQ warm starts (codes fit found: torchaq.aq_warm)
         if self.rank == 0:
             try:
                 if ids is None:
@@ -439,6 +439,7 @@ class VocabParallelQuantizedSoftmax(nn.Module):
                     queries = local._flat_h(queries, "queries")
                 q.fit(rows, queries=queries, iters=local._fit_iters, progress=local._progress, max_rows=max_rows)
                 state[1] = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in q.state_dict().items()}
+                state[2] = q.warm_state() if hasattr(q, "warm_state") else None
             except (TypeError, ValueError, RuntimeError) as exc:
                 state[0] = (type(exc).__name__, str(exc))
         dist.broadcast_object_list(state, src=self._root, group=group)
@@ -449,6 +450,8 @@ class VocabParallelQuantizedSoftmax(nn.Module):
             )
         if self.rank != 0:
             q.load_state_dict(state[1])
+            if hasattr(q, "load_warm_state"):
+                q.load_warm_state(state[2])
 
     # ---------------------------------------------------------------------------------------
     # the layer

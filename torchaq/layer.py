@@ -101,7 +101,10 @@ class QuantizedSoftmax(nn.Module):
         quantizer: ``"pq"`` (:class:`torchaq.AnisotropicPQ`, the default) or ``"aq"``
             (:class:`torchaq.AnisotropicAQ`: additive codes, ``num_subspaces`` codebooks of
             full-width codewords; higher recall at equal bits, a LUT costing ``d`` times more per
-            codebook and a slower fit / refresh).
+            codebook and a slower fit / refresh). ``"pq"`` stays the default: with the default
+            ``d / 2`` codebooks AQ's LUT costs ``8 d^2`` multiply-adds per query and its fit
+            ``O((M K)^3)`` per update; AQ pays off with far fewer codebooks, e.g. ``d / 4`` at
+            half the bits (``benchmarks/aq_layer.py``, ``quality.py --aq``).
     """
 
     def __init__(
