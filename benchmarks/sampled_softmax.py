@@ -8,7 +8,8 @@ Two parts, one results file each:
   ``V = 131072, d = 256, B = 512``. Rows: the full softmax, ``torchaq.chunked_cross_entropy``
   (exact, ``O(B chunk)`` memory), and the uniform / unigram / quantized samplers at each
   ``--num-sampled`` (quantized: both proposals, ``candidates`` and ``lut`` with its LUT pass on
-  128 rows, 64 rows or every row: ``lut/128``, ``lut/64``, ``lut/all``). The quantized sampler's time includes the index refresh amortised over
+  128 rows, 64 rows or every row: ``lut/128``, ``lut/64``, ``lut/all``; ``lut/64+hard96``: the
+  default with a hard set of 96 of 192 candidates). The quantized sampler's time includes the index refresh amortised over
   ``--reencode-every`` steps (the time of one ``layer.refresh()`` divided by it). CPU time of
   the thread (one torch thread), so other processes on a shared machine do not inflate it.
   Memory: what autograd saves for backward (unique storages seen by ``saved_tensors_hooks``,
@@ -68,11 +69,14 @@ def loss_fn(method, layer, h, target, num_sampled, gen, counts):
         return F.cross_entropy(layer(h), target)
     if method == "chunked":
         return torchaq.chunked_cross_entropy(h, layer.weight, layer.bias, target)
-    sampler, _, proposal = method.partition(" ")  # "quantized lut" / "quantized lut/128" / "quantized candidates"
+    sampler, _, proposal = method.partition(" ")  # "quantized lut" / "quantized lut/128" / "quantized lut/64+hard96"
+    proposal, _, hard = proposal.partition("+hard")
     proposal, _, rows = proposal.partition("/")
     extra = {"proposal": proposal} if proposal else {}
     if rows:
         extra["lut_rows"] = None if rows == "all" else int(rows)
+    if hard:  # a larger hard set: num_hard = H, num_candidates = 2 H
+        extra.update(num_hard=int(hard), num_candidates=2 * int(hard))
     return layer.sampled_softmax_loss(h, target, num_sampled=num_sampled, sampler=sampler, generator=gen,
                                       class_counts=counts, **extra)
 
@@ -134,7 +138,7 @@ def part_time(args) -> None:
             state = os.path.join(tmp, "layer.pt")
             torch.save(make_layer(vocab, dim, fit=True).state_dict(), state)
             samplers = ("uniform", "unigram", "quantized candidates", "quantized lut/128", "quantized lut/64",
-                        "quantized lut/all")
+                        "quantized lut/all", "quantized lut/64+hard96")
             runs = [("full", 0), ("chunked", 0)] + [(m, n) for n in counts for m in samplers]
             for method, n in runs:
                 cmd = [sys.executable, __file__, "--child", method, "--shape", f"{vocab},{dim},{batch}",
@@ -208,6 +212,7 @@ def part_quality(args) -> None:
          dict(sampler="quantized", proposal="lut", lut_rows=None, num_hard=64)),
         ("quantized, whole-LUT mixture, every row, 128 hard / 256 candidates",
          dict(sampler="quantized", proposal="lut", lut_rows=None, num_hard=128, num_candidates=256)),
+        ("quantized, default + 96 hard / 192 candidates", dict(sampler="quantized", num_hard=96, num_candidates=192)),
         ("quantized, top candidates, 64 hard / 512 candidates", dict(sampler="quantized", proposal="candidates",
                                                                       num_hard=64, num_candidates=512)),
     ]

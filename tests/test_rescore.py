@@ -133,3 +133,28 @@ def test_threads_give_identical_results():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_gather_rows_one_node_matches_separate_index_selects():
+    from torchaq.rescore import gather_rows
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 8, generator=gen, requires_grad=True)
+    a = torch.randint(0, 50, (4, 3), generator=gen)
+    b = torch.tensor([[7], [7], [0], [49]])
+    c = torch.tensor([1, 7, 7, 30])  # repeated rows accumulate
+    ra, rb, rc = gather_rows(weight, a, b, c)
+    assert ra.shape == (4, 3, 8) and rb.shape == (4, 1, 8) and rc.shape == (4, 8)
+    torch.testing.assert_close(rc, weight.detach()[c])
+    (ra.sum() * 2 + (rb ** 2).sum() + rc[:, 0].sum()).backward()
+    ours = weight.grad.clone()
+    weight.grad = None
+    (weight[a].sum() * 2 + (weight[b] ** 2).sum() + weight[c][:, 0].sum()).backward()
+    torch.testing.assert_close(ours, weight.grad)
+    weight.grad = None
+    ra, rb, rc = gather_rows(weight, a, b, c)  # an unused output gets no gradient
+    rb.sum().backward()
+    expected = torch.zeros_like(weight).index_add_(0, b.reshape(-1), torch.ones(4, 8))
+    torch.testing.assert_close(weight.grad, expected)
+    with torch.no_grad():  # no autograd node without grad
+        assert gather_rows(weight, a)[0].grad_fn is None

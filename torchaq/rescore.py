@@ -7,17 +7,40 @@ import torch
 from torch import Tensor
 
 
-def gather_rows(weight: Tensor, *indices: Tensor) -> Tuple[Tensor, ...]:
-    """The rows ``weight[i]`` for each index tensor ``i``, shaped ``(*i.shape, d)``, from one ``index_select``.
+class _GatherRows(torch.autograd.Function):
+    """``weight.index_select`` for several index tensors whose backward fills one dense gradient."""
 
-    One gather for all index tensors, not one each: the backward of an ``index_select`` on a
-    ``(V, d)`` weight zero-fills a dense ``(V, d)`` gradient, so a loss that reads a hard set, the
-    targets and the draws through one gather pays one ``V * d`` fill (plus the ``index_add`` of
-    the rows it read) instead of three fills and two dense additions.
+    @staticmethod
+    def forward(ctx, weight: Tensor, *indices: Tensor) -> Tuple[Tensor, ...]:
+        ctx.save_for_backward(*indices)
+        ctx.weight_shape = weight.shape
+        return tuple(weight.index_select(0, i.reshape(-1)).view(*i.shape, weight.shape[1]) for i in indices)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: Optional[Tensor]):
+        indices = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            ref = next((g for g in grads if g is not None), None)
+            grad = torch.zeros(ctx.weight_shape, dtype=ref.dtype, device=ref.device)
+            for i, g in zip(indices, grads):
+                if g is not None:
+                    grad.index_add_(0, i.reshape(-1), g.reshape(-1, grad.shape[1]))
+        return (grad,) + (None,) * len(indices)
+
+
+def gather_rows(weight: Tensor, *indices: Tensor) -> Tuple[Tensor, ...]:
+    """The rows ``weight[i]`` for each index tensor ``i``, shaped ``(*i.shape, d)``.
+
+    One autograd node for all index tensors, not one ``index_select`` each: the backward of an
+    ``index_select`` on a ``(V, d)`` weight zero-fills a dense ``(V, d)`` gradient, so a loss
+    that reads a hard set, the targets and the draws pays one ``V * d`` fill plus the
+    ``index_add`` of the rows it read, instead of three fills and two dense additions.
     """
-    rows = weight.index_select(0, torch.cat([i.reshape(-1) for i in indices]))
-    parts = rows.split([i.numel() for i in indices])
-    return tuple(part.view(*i.shape, weight.shape[1]) for part, i in zip(parts, indices))
+    if not torch.is_grad_enabled() or not weight.requires_grad:
+        return tuple(weight.index_select(0, i.reshape(-1)).view(*i.shape, weight.shape[1]) for i in indices)
+    return _GatherRows.apply(weight, *indices)
 
 
 def logits_of_rows(h: Tensor, rows: Tensor, bias: Optional[Tensor], candidates: Tensor) -> Tensor:
