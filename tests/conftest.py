@@ -3,6 +3,7 @@ switch must be set before anything imports triton, so it is set here, first."""
 import contextlib
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -25,3 +26,24 @@ def isa(name: str):
             del os.environ["TORCHAQ_CPU_ISA"]
         else:
             os.environ["TORCHAQ_CPU_ISA"] = old
+
+
+def clustered_softmax_data(num_classes: int, dim: int, seed: int = 0, batch: int = 24):
+    """``(weight, bias, h, target)``: rows around 20 centres and hidden states near their targets' rows,
+    so that the softmax is peaked and the LUT's top classes matter (the sampled-softmax tests)."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(20, dim, generator=gen)
+    weight = centres[torch.randint(0, 20, (num_classes,), generator=gen)] + 0.4 * torch.randn(num_classes, dim, generator=gen)
+    bias = 0.1 * torch.randn(num_classes, generator=gen)
+    target = torch.randint(0, num_classes, (batch,), generator=gen)
+    h = weight[target] + 0.4 * torch.randn(batch, dim, generator=gen)
+    return weight, bias, h, target
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one thread avoids OpenMP barrier waits on a shared, oversubscribed machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,12 +15,7 @@ V, D, M = 1200, 32, 8
 KW = dict(num_subspaces=M, quantizer="aq", fit_iters=2, progress=False, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(seed=0, noise=0.5, batch=64):

@@ -7,19 +7,14 @@ import torch
 import torch.nn.functional as F
 
 import torchaq
+from conftest import clustered_softmax_data
 from torchaq import lut_proposal, ops
 
 V, D = 500, 16
 
 
 def _data(seed=0, batch=24):
-    gen = torch.Generator().manual_seed(seed)
-    centres = torch.randn(20, D, generator=gen)
-    weight = centres[torch.randint(0, 20, (V,), generator=gen)] + 0.4 * torch.randn(V, D, generator=gen)
-    bias = 0.1 * torch.randn(V, generator=gen)
-    target = torch.randint(0, V, (batch,), generator=gen)
-    h = weight[target] + 0.4 * torch.randn(batch, D, generator=gen)
-    return weight, bias, h, target
+    return clustered_softmax_data(V, D, seed, batch)
 
 
 @pytest.fixture(scope="module")

@@ -179,11 +179,7 @@ void topk4_impl(const Topk4Args& a, const Task& t) {
       const float T = block_bound(h, bm + t.blk0, nb, sel);
       // the blocks to revisit, listed without a branch per block, then visited with their kept
       // sums requested kAhead blocks early (see scan_avx512.cpp)
-      int64_t n = 0;
-      for (int64_t blk = t.blk0; blk < t.blk1; ++blk) {
-        sel[n] = uint32_t(blk);
-        n += (bm[blk] >= T) | (blk * kBlock + kBlock > a.num_classes);
-      }
+      const int64_t n = revisit_blocks(bm, t.blk0, t.blk1, T, a.num_classes, sel);
       constexpr int64_t kAhead = 8;
       const uint16_t* qsums = sums != nullptr ? sums + (q - s0) * a.nblocks * kBlock : nullptr;
       if (qsums != nullptr)

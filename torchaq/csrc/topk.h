@@ -158,6 +158,19 @@ inline float block_bound(TopK& t, const float* bmax, int64_t nb, uint32_t* tmp) 
   return T;
 }
 
+// Pass 2's list of blocks to revisit: those whose pass-1 maximum reaches T, plus the last block
+// when it is partial. Written without a branch per block (sel[n] is always written, n advances
+// only for a kept block); returns the count.
+inline int64_t revisit_blocks(const float* bmax, int64_t blk0, int64_t blk1, float T, int64_t num_classes,
+                              uint32_t* sel) {
+  int64_t n = 0;
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    sel[n] = uint32_t(blk);
+    n += (bmax[blk] >= T) | (blk * kBlock + kBlock > num_classes);
+  }
+  return n;
+}
+
 // The two-pass kernels run pass 1 and pass 2 on sub-batches of this many queries of a task (a
 // multiple of 4, at least 4), so that the pass-1 sums kept for pass 2 -- 64 bytes per block and
 // query -- stay in the core's cache between the two passes instead of streaming B * nblocks * 64
