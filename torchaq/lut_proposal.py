@@ -81,13 +81,10 @@ _CHUNK_ELEMENTS = 8 << 20
 
 def codes_of(layer, classes: Tensor) -> Tensor:
     """The ``(n, M)`` codes of the rows ``classes`` ``(n,)`` read from the layer's packed buffer (no full unpack)."""
-    q = layer.quantizer
     packed = layer.packed_codes
     block = packed.shape[2]
     rows = packed[classes // block, :, classes % block]  # (n, P) uint8
-    if q.bits == 4:  # low nibble = even subspace, high nibble = odd subspace
-        rows = torch.stack([rows & 15, rows >> 4], dim=-1).reshape(rows.shape[0], -1)
-    return rows[:, : q.num_subspaces].contiguous()
+    return ops.codes_of_packed_rows(rows, layer.quantizer.num_subspaces, layer.quantizer.bits)
 
 
 def lut_logits(layer, h: Tensor, classes: Tensor) -> Tensor:

@@ -108,13 +108,17 @@ def _unpack_codes_fake(packed: Tensor, num_subspaces: int, bits: int, num_classe
     return packed.new_empty((num_classes, num_subspaces))
 
 
+def codes_of_packed_rows(rows: Tensor, num_subspaces: int, bits: int) -> Tensor:
+    """``(n, M)`` codes from ``(n, P)`` packed rows (``packed[nb, :, i]`` of the classes wanted)."""
+    if bits == 4:  # low nibble = even subspace, high nibble = odd subspace
+        rows = rearrange(torch.stack([rows & 15, rows >> 4], dim=-1), "n p two -> n (p two)")
+    return rows[:, :num_subspaces].contiguous()
+
+
 @torch.library.impl(_LIB, "unpack_codes", "CompositeExplicitAutograd")
 def _unpack_codes_ref(packed: Tensor, num_subspaces: int, bits: int, num_classes: int) -> Tensor:
     check_unpack_args(packed, num_subspaces, bits, num_classes)
-    rows = rearrange(packed, "nb p i -> (nb i) p")
-    if bits == 4:  # low nibble = even subspace, high nibble = odd subspace
-        rows = rearrange(torch.stack([rows & 15, rows >> 4], dim=-1), "n p two -> n (p two)")
-    return rows[:num_classes, :num_subspaces].contiguous()
+    return codes_of_packed_rows(rearrange(packed, "nb p i -> (nb i) p")[:num_classes], num_subspaces, bits)
 
 
 # --------------------------------------------------------------------------------------------
