@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .layout import BLOCK, num_blocks, packed_width
+from .layout import check_compute_lut_args, check_unpack_args
 
 
 def check_layer_topk_args(h, queries, codebooks, packed, num_classes, candidates, scan_bias, weight, bias,
@@ -45,9 +45,7 @@ def check_layer_topk_args(h, queries, codebooks, packed, num_classes, candidates
         raise TypeError(f"queries must be float32, got {queries.dtype}")
     if codebooks.dim() != 3 or codebooks.shape[1] not in (16, 256):
         raise ValueError(f"codebooks must be (M, 16 or 256, dsub), got shape {tuple(codebooks.shape)}")
-    if queries.shape[1] != codebooks.shape[0] * codebooks.shape[2]:
-        raise ValueError(f"queries have {queries.shape[1]} columns but codebooks cover M * dsub = "
-                         f"{codebooks.shape[0] * codebooks.shape[2]}")
+    check_compute_lut_args(queries, codebooks)
     if weight.dim() != 2 or weight.shape[0] != num_classes or weight.shape[1] != h.shape[1]:
         raise ValueError(f"weight must be (num_classes={num_classes}, d={h.shape[1]}), got {tuple(weight.shape)}")
     if not h.is_floating_point() or not weight.is_floating_point():
@@ -60,13 +58,9 @@ def check_layer_topk_args(h, queries, codebooks, packed, num_classes, candidates
                     ("side_rows", side_rows)):
         if t.device != h.device:
             raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
-    bits = 4 if codebooks.shape[1] == 16 else 8
-    width = packed_width(codebooks.shape[0], bits)
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be uint8 (from torchaq.ops.pack_codes), got {packed.dtype}")
-    if packed.dim() != 3 or packed.shape[1] != width or packed.shape[2] != BLOCK or packed.shape[0] != num_blocks(num_classes):
-        raise ValueError(f"packed must be (ceil(num_classes / {BLOCK}), {width}, {BLOCK}) for num_classes={num_classes} "
-                         f"and {codebooks.shape[0]} subspaces of {bits} bits, got shape {tuple(packed.shape)}")
+    check_unpack_args(packed, codebooks.shape[0], 4 if codebooks.shape[1] == 16 else 8, num_classes)
     for name, b in (("scan_bias", scan_bias), ("bias", bias)):
         if b is not None:
             if b.shape != (num_classes,) or not b.is_floating_point() or b.device != h.device:
