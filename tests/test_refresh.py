@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import torchaq
-from torchaq import incremental, ops
+from torchaq import incremental, ops, outliers
 
 V, D = 1200, 16
 
@@ -45,10 +45,17 @@ def test_incremental_refresh_equals_full_reencode(bits, monkeypatch):
     torch.optim.SGD([layer.weight], lr=0.5).step()
     layer.refresh()
     assert torch.equal(layer.packed_codes, _full_codes(layer))
-    # ... and the side list and residual norms of that full pass are refresh_side_rows()'s
-    side, norms = layer.side_rows.clone(), layer.residual_norms.clone()
-    layer.refresh_side_rows()
-    assert torch.equal(side, layer.side_rows) and torch.equal(norms, layer.residual_norms)
+    # ... and the side list and residual norms of that full pass are the side-list rule's
+    rule_side, rule_norms = _side_rows_by_rule(layer)
+    assert torch.equal(layer.side_rows, rule_side) and torch.equal(layer.residual_norms, rule_norms)
+
+
+def _side_rows_by_rule(layer):
+    """:func:`torchaq.outliers.select_side_rows` (no queries) and the residual norms, from the layer's codes."""
+    codes = ops.unpack_codes(layer.packed_codes, layer.quantizer.num_subspaces, layer.quantizer.bits, layer.num_classes)
+    recon = layer.quantizer.decode(codes, dtype=torch.float32)
+    weight = layer.weight.detach()
+    return outliers.select_side_rows(weight, recon), outliers.residual_norms(weight, recon)
 
 
 def test_incremental_side_rows_equal_the_full_pass(monkeypatch):
@@ -66,6 +73,9 @@ def test_incremental_side_rows_equal_the_full_pass(monkeypatch):
     monkeypatch.undo()
     side, norms = layer.side_rows.clone(), layer.residual_norms.clone()
     assert set(rows.tolist()) <= set(side.tolist())
+    rule_side, rule_norms = _side_rows_by_rule(layer)
+    assert torch.equal(side, rule_side)
+    torch.testing.assert_close(norms, rule_norms)
     layer.refresh_side_rows()
     assert torch.equal(side, layer.side_rows)
     torch.testing.assert_close(norms, layer.residual_norms)

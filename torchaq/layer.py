@@ -440,10 +440,13 @@ class QuantizedSoftmax(nn.Module):
         optional ``queries`` add the observed-error statistic of
         :func:`torchaq.outliers.select_side_rows`. Returns ``side_rows``.
         """
-        weight = self.weight.detach()
         codes = ops.unpack_codes(self.packed_codes, self.quantizer.num_subspaces, self.quantizer.bits, self.num_classes)
+        if queries is None:  # the rule reads the row and residual norms alone (also what refresh keeps)
+            incremental.all_side_rows(self, codes)
+            return self.side_rows
+        weight = self.weight.detach()
         recon = self.quantizer.decode(codes, dtype=torch.float32).to(weight.device)
-        queries = None if queries is None else self._flat_h(queries, "queries")
+        queries = self._flat_h(queries, "queries")
         self.residual_norms = outliers.residual_norms(weight, recon)
         self._row_norms = weight.float().norm(dim=1)  # kept for incremental refreshes
         self.side_rows = outliers.select_side_rows(weight, recon, queries)
