@@ -43,14 +43,14 @@ def _version(module: str) -> str:
 
 def environment(extra: str = "") -> str:
     """One header line: host, CPU, threads, Python / torch / FAISS / ScaNN versions, torchaq backends."""
-    from torchaq import _backends
+    from torchaq import backends
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     line = (
         f"{platform.node()} | {cpu_name()} | {os.cpu_count()} cpus, torch threads {torch.get_num_threads()} | "
         f"load avg {load:.2f} | python {platform.python_version()} | torch {torch.__version__} | "
         f"faiss {_version('faiss-cpu')} | scann {_version('scann')} | "
-        f"torchaq C++: {'yes' if _backends.CPU_EXTENSION_LOADED else 'NO (reference)'}"
+        f"torchaq C++: {'yes' if backends.CPU_EXTENSION_LOADED else 'NO (reference)'}"
     )
     return line + (f" | {extra}" if extra else "")
 

@@ -121,7 +121,7 @@ def main() -> None:
     args = ap.parse_args()
     if faiss is None:
         raise SystemExit("faiss-cpu is needed: pip install 'torchaq[bench]'")
-    if not torchaq._backends.CPU_EXTENSION_LOADED:
+    if not torchaq.backends.CPU_EXTENSION_LOADED:
         print("WARNING: torchaq._C not loaded, timing the pure-torch reference")
 
     all_threads = os.cpu_count() or 1

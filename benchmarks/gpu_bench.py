@@ -10,7 +10,7 @@ What is timed (``triton.testing.do_bench``, median, one query batch ``(B, d)`` i
 * ``scan``     = ``lut_topk`` alone; ``GB/s`` = code bytes / scan time (every code byte is read once
   per query tile; at B <= 16 there is one tile, so this is the HBM traffic)
 * ``cublas``   = ``torch.topk(q @ W.T, k)`` with W ``(V, d)`` bf16
-* ``ref``      = the pure-torch reference ops (``compute_lut_reference`` + ``_lut_topk_ref``), only where
+* ``ref``      = the pure-torch reference ops (``compute_lut_reference`` + ``lut_topk_reference``), only where
   it gathers <= 2e9 LUT entries (slower sizes are skipped)
 
 Quantizers (bytes per class = code bytes; bf16 row = 2 d bytes):
@@ -173,14 +173,14 @@ def correctness(dev) -> bool:
         q = torch.randn(batch, m * dsub, generator=g, device=dev).to(torch.bfloat16)
         cb = torch.randn(m, kc, dsub, generator=g, device=dev)
         codes = torch.randint(0, kc, (n, m), generator=g, device=dev, dtype=torch.uint8)
-        packed = ops._pack_codes_ref(codes, bits)
+        packed = ops.pack_codes_reference(codes, bits)
         bias = torch.randn(n, generator=g, device=dev)
         lut = TK.triton_compute_lut(q, cb)
         lut_ref = ops.compute_lut_reference(q, cb)
         e_lut = (lut - lut_ref).abs().max().item()
         v, i = TK.triton_lut_topk(lut_ref, packed, n, k, bias)
-        rv, _ = ops._lut_topk_ref(lut_ref, packed, n, k, bias)
-        full = ops._lut_score_ref(lut_ref, packed, n, bias)
+        rv, _ = ops.lut_topk_reference(lut_ref, packed, n, k, bias)
+        full = ops.lut_score_reference(lut_ref, packed, n, bias)
         e_v = (v - rv).abs().max().item()
         e_i = (full.gather(1, i) - v).abs().max().item()
         uniq = all(row.unique().numel() == row.numel() for row in i)
@@ -238,7 +238,7 @@ def main() -> None:
                     t_cub = bench(lambda: torch.topk(q @ w.T + bias.to(torch.bfloat16), k))
                     m = cb.shape[0]
                     if batch * vocab * m <= (2e9 if not ARGS.dry else 1e9):
-                        t_ref = bench(lambda: ops._lut_topk_ref(ops.compute_lut_reference(q, cb), packed, vocab, k, bias))
+                        t_ref = bench(lambda: ops.lut_topk_reference(ops.compute_lut_reference(q, cb), packed, vocab, k, bias))
                         ref_s = f"{t_ref:9.3f}"
                     else:
                         ref_s = f"{'-':>9}"

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 import torchaq  # noqa: E402
 from benchmarks.common import RESULTS, emit, environment, markdown_table, time_call  # noqa: E402
 from torchaq import ops  # noqa: E402
-from torchaq.rescore import exact_logits  # noqa: E402
+from torchaq.ops.rescore import exact_logits  # noqa: E402
 
 try:
     import faiss
@@ -197,7 +197,7 @@ def profile(layer, queries, batches, min_run_time):
     r = torchaq.layer.default_shortlist(K)
     timer = lambda fn: time_call(fn, min_run_time=min_run_time, cpu_time=True).ms  # noqa: E731
     q, side = layer.quantizer, layer.side_rows
-    w8, scale = torchaq.layer_topk.quantize_rows_int8(weight)
+    w8, scale = torchaq.ops.layer_topk.quantize_rows_int8(weight)
     rows = []
     for b in batches:
         h = queries[:b].contiguous()
@@ -205,7 +205,7 @@ def profile(layer, queries, batches, min_run_time):
         _, cand = ops.lut_topk(lut, packed, n, c)
         gathered = weight.index_select(0, cand.reshape(-1)).view(b, c, -1)
         logits = torch.bmm(gathered, h.unsqueeze(2)).squeeze(2)
-        op = lambda shortlist=True: torchaq.layer_topk.layer_topk(  # noqa: E731
+        op = lambda shortlist=True: torchaq.ops.layer_topk.layer_topk(  # noqa: E731
             h, h, q.codebooks, packed, n, c, None, weight, None, side, w8 if shortlist else None,
             scale if shortlist else None, r, K)
         t = dict(
@@ -346,7 +346,7 @@ def main(argv=None) -> str:
 
     cands = layer.candidates or torchaq.layer.default_candidates(K, layer.num_classes)
     text = [
-        environment(f"torchaq kernels: {torchaq._C.cpu_isa() if torchaq._backends.CPU_EXTENSION_LOADED else 'reference'}"),
+        environment(f"torchaq kernels: {torchaq._C.cpu_isa() if torchaq.backends.CPU_EXTENSION_LOADED else 'reference'}"),
         "",
         f"MiniLM vocab (real hidden states, {eval_q.shape[0]} held-out queries): V = {layer.num_classes}, "
         f"d = {layer.dim}, {q.bits}-bit x {q.num_subspaces} subspaces = {q.bits * q.num_subspaces} bits/class, "

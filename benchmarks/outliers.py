@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, emit, environment, markdown_table, time_call  # noqa: E402
 from benchmarks.real_data import _DEFAULT_CACHE, load_minilm, split  # noqa: E402
 import torchaq  # noqa: E402
-from torchaq import outliers  # noqa: E402
-from torchaq.partition import log_partition  # noqa: E402
+from torchaq.layer import side_list as outliers  # noqa: E402
+from torchaq.layer.partition import log_partition  # noqa: E402
 
 SPECIAL_IDS = (101, 102)  # [CLS], [SEP]
 

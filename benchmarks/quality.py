@@ -366,7 +366,7 @@ def _time(fn):
 def fit_timing_row(label: str, x: torch.Tensor, queries: Optional[torch.Tensor], m: int, args) -> list:
     """One table row: calibrated (or fixed-rule) fit with its phases, then encodes of all rows."""
     AnisotropicPQ, _ = _torchaq_pq()
-    from torchaq.encode import l2_encode
+    from torchaq.ops.encode import l2_encode
 
     v, d = x.shape
     kwargs = {"progress": args.progress}
@@ -385,7 +385,7 @@ def fit_timing_row(label: str, x: torch.Tensor, queries: Optional[torch.Tensor],
 def encode_timing(v: int, d: int, m: int) -> list:
     """Rows of the encoder table: the C++ ops on ``v`` synthetic rows, codebooks from the rows."""
     from torchaq import ops
-    from torchaq.loss import eta as sphere_eta
+    from torchaq.quantizers.loss import eta as sphere_eta
 
     x, _ = low_rank_head(v, d, 1)
     dsub = d // m

@@ -255,11 +255,11 @@ def main(argv=None):
     parser.add_argument("--num-hard", type=int, default=32, help="quantized sampler: exact LUT-top classes per row")
     parser.add_argument("--proposal", choices=("lut", "candidates"), default="lut",
                         help="quantized sampler: whole-LUT mixture + LUT-sum control variate, or top candidates + floor")
-    parser.add_argument("--lut-share", type=float, default=torchaq.lut_proposal.LUT_SHARE,
+    parser.add_argument("--lut-share", type=float, default=torchaq.training.lut_proposal.LUT_SHARE,
                         help="--proposal lut: the mixture's share on the LUT softmax (the rest is the floor)")
-    parser.add_argument("--lut-rows", type=int, default=torchaq.lut_proposal.LUT_ROWS,
+    parser.add_argument("--lut-rows", type=int, default=torchaq.training.lut_proposal.LUT_ROWS,
                         help="--proposal lut: rows of the batch whose LUT pass over V forms the mixture; 0: all rows")
-    parser.add_argument("--candidate-share", type=float, default=torchaq.sampled_softmax.CANDIDATE_SHARE,
+    parser.add_argument("--candidate-share", type=float, default=torchaq.training.sampled_softmax.CANDIDATE_SHARE,
                         help="quantized sampler: share of each row's proposal on its LUT tail candidates")
     parser.add_argument("--quantized-floor", choices=("uniform", "unigram"), default="unigram",
                         help="quantized sampler: the floor of each row's proposal")

@@ -6,9 +6,9 @@ import torch
 
 import torchaq
 from torchaq import ops
-from torchaq.aq_encode import aq_encode_reference
-from torchaq.aq_update import aq_codebook_update
-from torchaq.loss import score_aware_loss
+from torchaq.ops.aq_encode import aq_encode_reference
+from torchaq.quantizers.aq_update import aq_codebook_update
+from torchaq.quantizers.loss import score_aware_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -281,7 +281,7 @@ def test_warm_started_anisotropic_updates_stay_bounded():
 def test_calibration_isotropic_path_is_the_plain_fit(data, monkeypatch):
     """The query split has its own generator: with isotropic as the only candidate, a calibrated fit
     is bitwise the plain isotropic fit (so 'never below isotropic' compares against the real thing)."""
-    import torchaq.aq as aq_module
+    import torchaq.quantizers.aq as aq_module
 
     monkeypatch.setattr(aq_module, "AQ_ETA_GRID", ())
     q = _sphere(300, 24, 5)

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from torchaq import layout, ops
-from torchaq._backends import CPU_EXTENSION_LOADED
+from torchaq import ops
+
+from torchaq.ops import layout
+from torchaq.backends import CPU_EXTENSION_LOADED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +44,9 @@ sys.modules["torchaq._C"] = None          # what an install without the extensio
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import torch, torchaq
-    from torchaq import ops, _backends
-assert not _backends.CPU_EXTENSION_LOADED
+    from torchaq import ops
+    from torchaq import backends
+assert not backends.CPU_EXTENSION_LOADED
 msgs = [str(w.message) for w in caught if "torchaq._C" in str(w.message)]
 assert len(msgs) == 1 and "reference" in msgs[0], msgs
 g = torch.Generator().manual_seed(0)

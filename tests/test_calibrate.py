@@ -1,7 +1,7 @@
-"""torchaq.calibrate.successive_halving: budget, early stopping, the never-below-isotropic rule."""
+"""torchaq.quantizers.calibrate.successive_halving: budget, early stopping, the never-below-isotropic rule."""
 import torch
 
-from torchaq.calibrate import AnisotropyRule, candidate_rules, successive_halving
+from torchaq.quantizers.calibrate import AnisotropyRule, candidate_rules, successive_halving
 
 
 def _run(true_scores):

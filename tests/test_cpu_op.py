@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import torchaq  # noqa: F401  (loads the C++ kernels)
 from conftest import ISAS, isa
 from torchaq import ops
-from torchaq._backends import CPU_EXTENSION_LOADED
+from torchaq.backends import CPU_EXTENSION_LOADED
 
 RECALL_TOL = 0.95  # mean recall@10 of the exact top-10 on gaussian LUTs, 4-bit scan
 
@@ -227,7 +227,7 @@ def test_lut_topk_8bit(batch, n, m, k, bias, seed):
     v, i = run_all_isas(lambda: ops.lut_topk(lut, packed, n, k, b))
     exact = exact_scores(lut, codes, b)
     check_topk(v, i, exact, 1e-5 * (1 + exact.abs().amax(1, keepdim=True)), k)
-    rv, _ = ops._lut_topk_ref(lut, packed, n, k, b)
+    rv, _ = ops.lut_topk_reference(lut, packed, n, k, b)
     torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-5)
 
 
@@ -246,7 +246,7 @@ def test_lut_topk_8bit(batch, n, m, k, bias, seed):
 def test_lut_score(batch, n, m, bits, bias, seed):
     lut, packed, codes, b = make_case(batch, n, m, bits, seed, bias=bias)
     (s,) = run_all_isas(lambda: (ops.lut_score(lut, packed, n, b),))
-    torch.testing.assert_close(s, ops._lut_score_ref(lut, packed, n, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, ops.lut_score_reference(lut, packed, n, b), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("k_entries", [16, 256, 5])
@@ -414,5 +414,5 @@ def test_non_finite_scores_are_refused(bits, bad, where):
         with isa(name), pytest.raises(ValueError, match=f"finite {'lut' if where == 'lut' else 'bias'}"):
             ops.lut_topk(lut, packed, n, 50, b)
     with pytest.raises(ValueError, match="finite"):
-        ops._lut_topk_ref(lut, packed, n, 50, b)
+        ops.lut_topk_reference(lut, packed, n, 50, b)
 

@@ -245,7 +245,7 @@ def _check_mesh(rank: int, world: int) -> None:
 def _check_sampled_fit(rank: int, world: int) -> None:
     """Above MAX_FIT_ROWS the codebooks are fitted on a seeded sample of global rows, the same for any world size."""
     import torchaq
-    import torchaq.distributed as td
+    import torchaq.distributed.layer as td
 
     weight, bias, h, target = _data()
     sizes = SHARDS[world]
@@ -336,9 +336,9 @@ def test_requires_initialized_process_group():
 
 
 def test_allocate_splits_draws_at_least_one_each():
-    from torchaq.distributed import _allocate
+    from torchaq.distributed import shard_sizes
 
-    assert _allocate(10, [1.0, 1.0]) == [5, 5]
-    assert _allocate(3, [1e-9, 1.0, 1e-9]) == [1, 1, 1]
-    assert _allocate(100, [3.0, 1.0]) == [75, 25]
-    assert sum(_allocate(1001, [0.2, 0.3, 0.5])) == 1001
+    assert shard_sizes(10, [1.0, 1.0]) == [5, 5]
+    assert shard_sizes(3, [1e-9, 1.0, 1e-9]) == [1, 1, 1]
+    assert shard_sizes(100, [3.0, 1.0]) == [75, 25]
+    assert sum(shard_sizes(1001, [0.2, 0.3, 0.5])) == 1001

@@ -3,11 +3,12 @@ import pytest
 import torch
 
 import torchaq
-from torchaq import _backends, ops
-from torchaq.encode import anisotropic_encode_reference, decode, l2_encode_reference
-from torchaq.loss import score_aware_loss
+from torchaq import ops
+from torchaq import backends
+from torchaq.ops.encode import anisotropic_encode_reference, decode, pq_encode_reference
+from torchaq.quantizers.loss import score_aware_loss
 
-needs_cpp = pytest.mark.skipif(not _backends.CPU_EXTENSION_LOADED, reason="C++ extension not built")
+needs_cpp = pytest.mark.skipif(not backends.CPU_EXTENSION_LOADED, reason="C++ extension not built")
 
 
 def _case(n, m, k, dsub, seed=0):
@@ -36,7 +37,7 @@ def test_cpp_matches_reference(n, m, k, dsub):
     loss_got = score_aware_loss(x, decode(got, cb), eta)
     torch.testing.assert_close(loss_got.sum(), loss_ref.sum(), rtol=1e-4, atol=1e-4)
     # plain PQ codes and zero rounds agree exactly with the reference's L2 start
-    l2 = l2_encode_reference(x, cb)
+    l2 = pq_encode_reference(x, cb)
     assert torch.equal(ops.pq_encode(x, cb), l2)
     assert torch.equal(ops.anisotropic_encode(x, cb, eta, 0), l2)
     # the descent lowers the loss of the L2 codes (and never raises any row's)

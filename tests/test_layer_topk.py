@@ -10,8 +10,8 @@ import torch
 import torchaq
 from conftest import ISAS, isa
 from torchaq import ops
-from torchaq._backends import CPU_EXTENSION_LOADED
-from torchaq.layer_topk import layer_topk_reference, quantize_rows_int8
+from torchaq.backends import CPU_EXTENSION_LOADED
+from torchaq.ops.layer_topk import layer_topk_reference, quantize_rows_int8
 
 V, D = 2000, 32
 
@@ -35,7 +35,7 @@ def fitted():
 def _args(layer, h, candidates=64, exclude=False, shortlist=None, side=True, k=10):
     q = layer.quantizer
     w8, sc = quantize_rows_int8(layer.weight) if shortlist else (None, None)
-    scan_bias = layer._scan_bias() if exclude else (None if layer.bias is None else layer.bias.detach())
+    scan_bias = layer.scan_bias() if exclude else (None if layer.bias is None else layer.bias.detach())
     side_rows = layer.side_rows if side else layer.side_rows[:0]
     return (h, q.pad(h), q.codebooks, layer.packed_codes, layer.num_classes, candidates, scan_bias,
             layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), side_rows, w8, sc,
@@ -201,7 +201,7 @@ def test_gfni_scan_equals_the_shift_and_mask_scan(fitted, monkeypatch, k):
     out = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("TORCHAQ_NO_GFNI", flag)
-        out[flag] = ops.lut_topk(lut, layer.packed_codes, layer.num_classes, k, layer._bias32())
+        out[flag] = ops.lut_topk(lut, layer.packed_codes, layer.num_classes, k, layer.float_bias())
     assert torch.equal(out["0"][0], out["1"][0]) and torch.equal(out["0"][1], out["1"][1])
 
 

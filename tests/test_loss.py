@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import torchaq
-from torchaq.loss import parallel_perpendicular, score_aware_weights
+from torchaq.quantizers.loss import parallel_perpendicular, score_aware_weights
 
 
 def _unit(v):

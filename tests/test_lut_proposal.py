@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import torchaq
 from conftest import clustered_softmax_data
-from torchaq import lut_proposal, ops
+from torchaq import ops
+from torchaq.training import lut_proposal
 
 V, D = 500, 16
 
@@ -34,14 +35,14 @@ def test_codes_and_lut_logits_match_the_scan(layer):
     codes = ops.unpack_codes(layer.packed_codes, layer.quantizer.num_subspaces, layer.quantizer.bits, V)
     classes = torch.tensor([0, 7, 63, 64, 499, 255])
     assert torch.equal(lut_proposal.codes_of(layer, classes), codes[classes])
-    scores = ops.lut_score(layer.quantizer.lut(h), layer.packed_codes, V, layer._scan_bias())
+    scores = ops.lut_score(layer.quantizer.lut(h), layer.packed_codes, V, layer.scan_bias())
     torch.testing.assert_close(lut_proposal.lut_logits(layer, h, classes), scores[:, classes], rtol=1e-5, atol=1e-5)
 
 
 def test_lut_logits_match_the_scan_with_additive_codes():
     weight, bias, h, _ = _data(1, batch=5)
     layer = torchaq.QuantizedSoftmax(weight, bias, num_subspaces=4, quantizer="aq", progress=False, fit_iters=1)
-    scores = ops.lut_score(layer.quantizer.lut(h), layer.packed_codes, V, layer._scan_bias())
+    scores = ops.lut_score(layer.quantizer.lut(h), layer.packed_codes, V, layer.scan_bias())
     torch.testing.assert_close(lut_proposal.lut_logits(layer, h, torch.arange(V)), scores, rtol=1e-5, atol=1e-4)
 
 
@@ -51,7 +52,7 @@ def test_mixture_matches_dense_reference_over_chunks(layer, monkeypatch, floor):
     monkeypatch.setattr(lut_proposal, "_CHUNK_ELEMENTS", 5 * 64)  # batch 5: one 64-class block per chunk
     _, _, h, target = _data(2, batch=5)
     lut = layer.quantizer.lut(h)
-    scores = ops.lut_score(lut, layer.packed_codes, V, layer._scan_bias()).double()
+    scores = ops.lut_score(lut, layer.packed_codes, V, layer.scan_bias()).double()
     hard = torch.topk(scores, 3, dim=1).indices
     excluded = torch.cat([hard, target.unsqueeze(1)], 1)
     excluded[0, -1] = hard[0, 0]  # a repeated class is dropped once

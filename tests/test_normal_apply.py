@@ -2,10 +2,12 @@
 import pytest
 import torch
 
-from torchaq import _backends, ops
-from torchaq.normal_apply import normal_apply_reference
+from torchaq import ops
 
-needs_cpp = pytest.mark.skipif(not _backends.CPU_EXTENSION_LOADED, reason="C++ extension not built")
+from torchaq import backends
+from torchaq.ops.normal_apply import anisotropic_normal_apply_reference
+
+needs_cpp = pytest.mark.skipif(not backends.CPU_EXTENSION_LOADED, reason="C++ extension not built")
 
 
 def _case(n, m, k, dsub, seed=0):
@@ -33,7 +35,7 @@ def test_reference_is_the_dense_normal_matrix():
         w = torch.eye(m * dsub, dtype=torch.float64) + (eta[i] - 1).double() * torch.outer(u, u)
         big += sel.T @ w @ sel
     want = (big @ cb.double().reshape(-1)).reshape(m, k, dsub).float()
-    torch.testing.assert_close(normal_apply_reference(x, codes, coef, cb), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(anisotropic_normal_apply_reference(x, codes, coef, cb), want, rtol=1e-4, atol=1e-4)
 
 
 @needs_cpp
@@ -43,7 +45,7 @@ def test_cpp_matches_reference(n, m, k, dsub, code_dtype):
     x, codes, coef, cb, _ = _case(n, m, k, dsub, seed=n + m)
     codes = codes.to(code_dtype)
     got = ops.anisotropic_normal_apply(x, codes, coef, cb)
-    ref = normal_apply_reference(x, codes, coef, cb)
+    ref = anisotropic_normal_apply_reference(x, codes, coef, cb)
     assert got.shape == (m, k, dsub) and got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     # an unused codeword gets exactly zero
@@ -74,7 +76,7 @@ def test_opcheck():
 
 @pytest.mark.parametrize("impl", ["op", "reference"])
 def test_bad_inputs(impl):
-    fn = ops.anisotropic_normal_apply if impl == "op" else normal_apply_reference
+    fn = ops.anisotropic_normal_apply if impl == "op" else anisotropic_normal_apply_reference
     x, codes, coef, cb, _ = _case(20, 4, 16, 2, seed=5)
     with pytest.raises(ValueError, match="M \\* dsub"):
         fn(x[:, :7].contiguous(), codes, coef, cb)
@@ -104,9 +106,9 @@ def test_rhs_reference_is_the_dense_system():
     """b = sum_i B_i^T W_i x_i = sum_i B_i^T eta_i x_i, and diag A matches the dense A's diagonal."""
     n, m, k, dsub = 30, 3, 4, 2
     x, codes, coef, _, eta = _case(n, m, k, dsub, seed=9)
-    from torchaq.normal_apply import normal_rhs_reference
+    from torchaq.ops.normal_apply import anisotropic_normal_rhs_reference
 
-    rhs, diag = normal_rhs_reference(x, codes, eta, coef, k)
+    rhs, diag = anisotropic_normal_rhs_reference(x, codes, eta, coef, k)
     want_b = torch.zeros(m, k, dsub, dtype=torch.float64)
     want_diag = torch.zeros(m, k, dsub, dtype=torch.float64)
     for i in range(n):
@@ -124,12 +126,12 @@ def test_rhs_reference_is_the_dense_system():
 @pytest.mark.parametrize("n,m,k,dsub", [(300, 16, 16, 2), (200, 7, 16, 3), (100, 5, 256, 1), (64, 9, 16, 4)])
 @pytest.mark.parametrize("code_dtype", [torch.int64, torch.uint8])
 def test_rhs_cpp_matches_reference(n, m, k, dsub, code_dtype):
-    from torchaq.normal_apply import normal_rhs_reference
+    from torchaq.ops.normal_apply import anisotropic_normal_rhs_reference
 
     x, codes, coef, _, eta = _case(n, m, k, dsub, seed=n + 2 * m)
     codes = codes.to(code_dtype)
     rhs, diag = ops.anisotropic_normal_rhs(x, codes, eta, coef, k)
-    ref_rhs, ref_diag = normal_rhs_reference(x, codes, eta, coef, k)
+    ref_rhs, ref_diag = anisotropic_normal_rhs_reference(x, codes, eta, coef, k)
     torch.testing.assert_close(rhs, ref_rhs, rtol=1e-4, atol=1e-4 * float(ref_rhs.abs().max()))
     torch.testing.assert_close(diag, ref_diag, rtol=1e-4, atol=1e-4 * float(ref_diag.abs().max()))
     counts = torch.zeros(m, k)
@@ -145,9 +147,9 @@ def test_rhs_opcheck():
 
 @pytest.mark.parametrize("impl", ["op", "reference"])
 def test_rhs_bad_inputs(impl):
-    from torchaq.normal_apply import normal_rhs_reference
+    from torchaq.ops.normal_apply import anisotropic_normal_rhs_reference
 
-    fn = ops.anisotropic_normal_rhs if impl == "op" else normal_rhs_reference
+    fn = ops.anisotropic_normal_rhs if impl == "op" else anisotropic_normal_rhs_reference
     x, codes, coef, _, eta = _case(20, 4, 16, 2, seed=11)
     with pytest.raises(ValueError, match="not a multiple of M"):
         fn(x[:, :7].contiguous(), codes, eta, coef, 16)

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import torchaq
-from torchaq import _backends, ops, outliers
-from torchaq.ops import _lut_topk_ref
-from torchaq.partition import log_partition
+from torchaq import ops
+from torchaq import backends
+from torchaq.layer import side_list as outliers
+from torchaq.ops import lut_topk_reference
+from torchaq.layer.partition import log_partition
 
 V, D = 5000, 64
 
@@ -71,7 +73,7 @@ def test_huge_norm_row_does_not_hurt_the_other_queries(clustered, base_recall, f
     assert _recall(idx[other], exact[other], 10) >= base_recall - 0.005
 
 
-@pytest.mark.skipif(not _backends.CPU_EXTENSION_LOADED, reason="C++ extension not built")
+@pytest.mark.skipif(not backends.CPU_EXTENSION_LOADED, reason="C++ extension not built")
 @pytest.mark.parametrize("factor", [100, 1000])
 def test_cpp_scan_falls_back_when_a_codeword_takes_the_lut_range(clustered, factor):
     """The huge row *inside* the codebooks (a bare quantizer): the uint8 table cannot resolve the
@@ -83,7 +85,7 @@ def test_cpp_scan_falls_back_when_a_codeword_takes_the_lut_range(clustered, fact
     packed = q.pack(q.encode(big))
     lut = q.lut(h)
     values, idx = ops.lut_topk(lut, packed, V, 10)
-    ref_values, ref_idx = _lut_topk_ref(lut, packed, V, 10)
+    ref_values, ref_idx = lut_topk_reference(lut, packed, V, 10)
     assert _recall(idx, ops.lut_score(lut, packed, V), 10) >= 0.99
     torch.testing.assert_close(values, ref_values, rtol=1e-5, atol=1e-3)
 
@@ -137,7 +139,8 @@ def test_side_list_survives_state_dict_and_refresh(planted):
 @pytest.mark.parametrize("proposal", ["lut", "candidates"])
 def test_sampled_softmax_hard_set_holds_the_side_rows(planted, monkeypatch, proposal):
     layer, _, _, rows, h = planted
-    from torchaq import lut_proposal, sampled_softmax
+    from torchaq.training import lut_proposal
+    from torchaq.training import sampled_softmax
 
     seen = {}
     module, name, pos = ((lut_proposal, "lut_cv_loss", 4) if proposal == "lut"
@@ -213,21 +216,21 @@ def test_scan_bias_keeps_side_rows_out_on_every_backend(backend):
     gen = torch.Generator().manual_seed(0)
     n, m, k = 300, 4, 20
     lut = torch.randn(5, m, 16, generator=gen)
-    packed = ops._pack_codes_ref(torch.randint(0, 16, (n, m), generator=gen, dtype=torch.uint8), 4)
+    packed = ops.pack_codes_reference(torch.randint(0, 16, (n, m), generator=gen, dtype=torch.uint8), 4)
     side = torch.tensor([3, 50, 77, 299])
     bias = outliers.scan_bias(0.1 * torch.randn(n, generator=gen), side, n, "cpu")
     if backend == "triton":
         pytest.importorskip("triton")
         from torchaq.triton_kernels import triton_lut_topk as scan
     elif backend == "cpp":
-        if not _backends.CPU_EXTENSION_LOADED:
+        if not backends.CPU_EXTENSION_LOADED:
             pytest.skip("C++ extension not built")
         scan = ops.lut_topk
     else:
-        scan = _lut_topk_ref
+        scan = lut_topk_reference
     _, idx = scan(lut, packed, n, k, bias)
     assert not torch.isin(idx, side).any()
-    full = ops._lut_score_ref(lut, packed, n, bias)
+    full = ops.lut_score_reference(lut, packed, n, bias)
     if backend == "cpp":  # uint8 LUT: the set is approximate, within the quantization error
         assert _recall(idx, full, k) >= 0.9
     else:
@@ -236,8 +239,8 @@ def test_scan_bias_keeps_side_rows_out_on_every_backend(backend):
 
 def test_planted_rows_found_on_the_reference_backend(planted, monkeypatch):
     layer, weight, bias, rows, h = planted
-    monkeypatch.setattr(ops, "lut_topk", _lut_topk_ref)
-    monkeypatch.setattr(ops, "lut_score", ops._lut_score_ref)
+    monkeypatch.setattr(ops, "lut_topk", lut_topk_reference)
+    monkeypatch.setattr(ops, "lut_score", ops.lut_score_reference)
     _, idx = layer.topk(h, k=1, candidates=8)
     assert torch.equal(idx[:, 0], rows)
     values, idx = layer.topk(h, k=3, candidates=3, guarantee="bound")

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import torchaq
-from torchaq.codebook_update import joint_codebook_update
-from torchaq.encode import anisotropic_encode, decode, l2_encode
-from torchaq.kmeans import subspace_means
-from torchaq.loss import score_aware_loss
+from torchaq.quantizers.codebook_update import joint_codebook_update
+from torchaq.ops.encode import decode, l2_encode, score_aware_encode
+from torchaq.quantizers.kmeans import subspace_means
+from torchaq.quantizers.loss import score_aware_loss
 
 
 def _sphere(n, d, seed):
@@ -40,7 +40,7 @@ def test_coordinate_descent_never_increases_loss(fitted, unit_data):
     start = l2_encode(xp, fitted.codebooks)
     start_loss = score_aware_loss(xp, decode(start, fitted.codebooks), eta)
     for rounds in (1, 2, 10):
-        codes = anisotropic_encode(xp, fitted.codebooks, eta, max_rounds=rounds)
+        codes = score_aware_encode(xp, fitted.codebooks, eta, max_rounds=rounds)
         loss = score_aware_loss(xp, decode(codes, fitted.codebooks), eta)
         assert (loss <= start_loss + 1e-6).all()
         start_loss = loss  # more rounds never end higher either
@@ -64,7 +64,7 @@ def test_eta_one_is_plain_pq(unit_data):
     codes = pq.encode(unit_data).long()
     # encoding is the per-subspace nearest codeword ...
     assert torch.equal(codes, l2_encode(xp, pq.codebooks))
-    assert torch.equal(codes, anisotropic_encode(xp, pq.codebooks, torch.ones(len(xp))))
+    assert torch.equal(codes, score_aware_encode(xp, pq.codebooks, torch.ones(len(xp))))
     # ... and the joint update with eta = 1 is the k-means centroid update
     means = subspace_means(xp, codes, 16, previous=pq.codebooks)
     joint = joint_codebook_update(xp, codes, torch.ones(len(xp)), pq.codebooks)

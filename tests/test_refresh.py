@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 import torchaq
-from torchaq import incremental, ops, outliers
+from torchaq import ops
+from torchaq.layer import incremental
+from torchaq.layer import side_list as outliers
 
 V, D = 1200, 16
 
@@ -51,7 +53,7 @@ def test_incremental_refresh_equals_full_reencode(bits, monkeypatch):
 
 
 def _side_rows_by_rule(layer):
-    """:func:`torchaq.outliers.select_side_rows` (no queries) and the residual norms, from the layer's codes."""
+    """:func:`torchaq.layer.side_list.select_side_rows` (no queries) and the residual norms, from the layer's codes."""
     codes = ops.unpack_codes(layer.packed_codes, layer.quantizer.num_subspaces, layer.quantizer.bits, layer.num_classes)
     recon = layer.quantizer.decode(codes, dtype=torch.float32)
     weight = layer.weight.detach()

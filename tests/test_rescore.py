@@ -13,7 +13,7 @@ import torch
 
 from conftest import ISAS, isa
 from torchaq import ops
-from torchaq._backends import CPU_EXTENSION_LOADED
+from torchaq.backends import CPU_EXTENSION_LOADED
 
 
 def make(batch, v, d, c, seed=0, bias=True, dtype=torch.float32):
@@ -27,7 +27,7 @@ def make(batch, v, d, c, seed=0, bias=True, dtype=torch.float32):
 
 def check_against_reference(h, w, b, cand, k):
     v, i = ops.rescore_topk(h, w, b, cand, k)
-    vr, ir = ops._rescore_topk_ref(h, w, b, cand, k)
+    vr, ir = ops.rescore_topk_reference(h, w, b, cand, k)
     kk = min(k, cand.shape[1])
     assert v.shape == i.shape == (h.shape[0], kk) and v.dtype == torch.float32 and i.dtype == torch.int64
     torch.testing.assert_close(v, vr, rtol=1e-5, atol=1e-5)
@@ -66,7 +66,7 @@ def test_ties_rank_smaller_class_first_and_repeats_count_once():
     w = torch.ones(20, 4)  # every logit equal
     h = torch.ones(2, 4)
     cand = torch.tensor([[9, 3, 17, 3, 5, 9], [0, 1, 2, 3, 4, 5]])
-    for fn in (ops.rescore_topk, ops._rescore_topk_ref):
+    for fn in (ops.rescore_topk, ops.rescore_topk_reference):
         v, i = fn(h, w, None, cand, 6)
         assert i[0, :4].tolist() == [3, 5, 9, 17] and i[1].tolist() == [0, 1, 2, 3, 4, 5]
         assert (v[0, :4] == 4).all() and (v[0, 4:] == -float("inf")).all() and (v[1] == 4).all()
@@ -86,7 +86,7 @@ def test_dtypes_and_layouts():
     assert torch.equal(v, want_v) and torch.equal(i, want_i)
     h16, w16 = h.double(), w.bfloat16()
     v, i = ops.rescore_topk(h16, w16, b.double(), cand, 5)
-    vr, ir = ops._rescore_topk_ref(h16, w16, b.double(), cand, 5)
+    vr, ir = ops.rescore_topk_reference(h16, w16, b.double(), cand, 5)
     torch.testing.assert_close(v, vr, rtol=1e-5, atol=1e-5)
     # empty shapes
     assert ops.rescore_topk(h[:0], w, b, cand[:0], 5)[0].shape == (0, 5)
@@ -94,7 +94,7 @@ def test_dtypes_and_layouts():
     assert ops.rescore_topk(h, w, b, cand[:, :3], 5)[1].shape == (4, 3)
 
 
-@pytest.mark.parametrize("fn", [ops.rescore_topk, ops._rescore_topk_ref])
+@pytest.mark.parametrize("fn", [ops.rescore_topk, ops.rescore_topk_reference])
 def test_bad_inputs(fn):
     h, w, b, cand = make(2, 100, 8, 10)
     with pytest.raises(ValueError, match=r"h must be \(B, d\)"):
@@ -136,7 +136,7 @@ def test_threads_give_identical_results():
 
 
 def test_gather_rows_one_node_matches_separate_index_selects():
-    from torchaq.rescore import gather_rows
+    from torchaq.ops.rescore import gather_rows
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(50, 8, generator=gen, requires_grad=True)

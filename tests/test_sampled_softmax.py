@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import torchaq
 from conftest import clustered_softmax_data
-from torchaq.sampled_softmax import row_proposals, sampled_softmax_loss
+from torchaq.training.sampled_softmax import row_proposals, sampled_softmax_loss
 
 V, D = 500, 16
 

@@ -29,19 +29,19 @@ def _problem(batch, m, n, bits, dsub=3, bias=True, seed=0, device=DEV, qdtype=to
     queries = torch.randn(batch, m * dsub, generator=g).to(device=device, dtype=qdtype)
     codebooks = torch.randn(m, k, dsub, generator=g).to(device)
     codes = torch.randint(0, k, (n, m), generator=g, dtype=torch.uint8).to(device)
-    packed = ops._pack_codes_ref(codes, bits)
+    packed = ops.pack_codes_reference(codes, bits)
     b = torch.randn(n, generator=g).to(device) if bias else None
     return queries, codebooks, packed, b
 
 
 def _check_topk(lut, packed, n, k, bias, vals, idx, atol=1e-4):
-    ref_v, _ = ops._lut_topk_ref(lut.float(), packed, n, k, bias)
+    ref_v, _ = ops.lut_topk_reference(lut.float(), packed, n, k, bias)
     kk = min(k, n)
     assert vals.shape == idx.shape == (lut.shape[0], kk)
     assert vals.dtype == torch.float32 and idx.dtype == torch.int64
     torch.testing.assert_close(vals, ref_v, atol=atol, rtol=1e-4)
     # the returned classes carry the returned scores, without repeats
-    full = ops._lut_score_ref(lut.float(), packed, n, bias)
+    full = ops.lut_score_reference(lut.float(), packed, n, bias)
     torch.testing.assert_close(full.gather(1, idx), vals, atol=atol, rtol=1e-4)
     for row in idx:
         assert row.unique().numel() == kk
@@ -77,7 +77,7 @@ def test_lut_score(batch, m, n, bits, bias, gather):
     q, cb, packed, b = _problem(batch, m, n, bits, bias=bias)
     lut = ops.compute_lut_reference(q, cb)
     out = triton_lut_score(lut, packed, n, b, use_gather=gather)
-    torch.testing.assert_close(out, ops._lut_score_ref(lut, packed, n, b), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out, ops.lut_score_reference(lut, packed, n, b), atol=1e-4, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_cuda_ops_bf16_large_n(bits, batch):
     lut = torch.ops.torchaq.compute_lut(q, cb)
     torch.testing.assert_close(lut, ops.compute_lut_reference(q, cb), atol=1e-3, rtol=1e-4)
     score = torch.ops.torchaq.lut_score(lut, packed, n, b)
-    torch.testing.assert_close(score, ops._lut_score_ref(lut, packed, n, b), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(score, ops.lut_score_reference(lut, packed, n, b), atol=1e-3, rtol=1e-5)
     for k in (1, 100, 1000):
         vals, idx = torch.ops.torchaq.lut_topk(lut, packed, n, k, b)
         _check_topk(lut, packed, n, k, b, vals, idx, atol=1e-3)
@@ -229,7 +229,7 @@ def test_non_finite_refused_like_other_backends(where, bad):
     with pytest.raises(ValueError, match="finite"):
         triton_lut_topk(lut, packed, n, 5, b)
     with pytest.raises(ValueError, match="finite"):
-        ops._lut_topk_ref(lut, packed, n, 5, b)
+        ops.lut_topk_reference(lut, packed, n, 5, b)
 
 
 def _opcheck_cases():
@@ -262,7 +262,7 @@ def test_opcheck_triton_kernels_under_interpreter():
                 # compile path of the Triton kernels is checked on a GPU (test_cuda_opcheck)
                 torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
             v, i = torch.ops.torchaq.lut_topk(*_opcheck_cases()[2][1])  # really ran the Triton kernel
-            v_ref, _ = ops._lut_topk_ref(*_opcheck_cases()[2][1])
+            v_ref, _ = ops.lut_topk_reference(*_opcheck_cases()[2][1])
             torch.testing.assert_close(v, v_ref, atol=1e-4, rtol=1e-4)
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .layer import QuantizedSoftmax
+from torchaq.layer.softmax import QuantizedSoftmax
 
 
 class CandidateLogitsHead(nn.Module):

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchaq.layout import check_compute_lut_args
+from torchaq.ops.layout import check_compute_lut_args
 
 
 @triton.jit

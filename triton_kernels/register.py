@@ -1,6 +1,6 @@
 """Registers the Triton kernels as the CUDA kernels of the ``torch.ops.torchaq.*`` ops.
 
-Imported by :func:`torchaq._backends.load_triton_kernels` only when triton imports and CUDA is
+Imported by :func:`torchaq.backends.load_triton_kernels` only when triton imports and CUDA is
 available; CPU tensors keep the C++ / reference kernels. ``pack_codes`` / ``unpack_codes`` stay on
 the pure-torch reference (pure data movement, run once at prepack time).
 

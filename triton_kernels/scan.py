@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchaq.layout import check_finite, check_k, check_lut_scan_args
+from torchaq.ops.layout import check_finite, check_k, check_lut_scan_args
 
 from .score import triton_lut_score
 from .tiles import f32_view, interleave_lut, lut_rows, tile_scores

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchaq.layout import check_lut_scan_args
+from torchaq.ops.layout import check_lut_scan_args
 
 from .tiles import f32_view, interleave_lut, lut_rows, tile_scores
 

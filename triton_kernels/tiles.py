@@ -4,7 +4,7 @@
 * :func:`lut_rows` / :func:`interleave_lut` -- the query-interleaved LUT both kernels read;
 * :func:`f32_view` -- lets the shared argument check accept a float16 LUT.
 
-The packed code layout is :mod:`torchaq.layout`'s (blocks of ``BLOCK`` classes).
+The packed code layout is :mod:`torchaq.ops.layout`'s (blocks of ``BLOCK`` classes).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchaq.layout import BLOCK, packed_width
+from torchaq.ops.layout import BLOCK, packed_width
 
 # the packed block as a constexpr, so jit code may read it
 PACK_BLOCK = tl.constexpr(BLOCK)

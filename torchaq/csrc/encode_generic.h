@@ -11,7 +11,7 @@
 //     loss_j = ((|r|^2 - e[m, c]) + e[m, j]) + (coef * b_j) * b_j,  b_j = (<r, x> + dots[m, c]) - dots[m, j]
 //     move to the first argmin j if loss_j < loss_c, updating |r|^2 and <r, x>;
 //   stop after a round that moves nothing or after max_rounds rounds.
-// This is torchaq.encode.anisotropic_encode_reference, row by row; codes can differ from it only
+// This is torchaq.ops.encode.anisotropic_encode_reference, row by row; codes can differ from it only
 // where two candidates' losses are within float rounding (sums are accumulated in another order).
 #pragma once
 #include <algorithm>

@@ -126,7 +126,7 @@ void dispatch_rhs(const float* x, const CodeT* codes, const float* eta, const fl
 
 }  // namespace
 
-// Mirrors torchaq.normal_apply.check_normal_rhs_args (same messages, ValueError / TypeError).
+// Mirrors torchaq.ops.normal_apply.check_normal_rhs_args (same messages, ValueError / TypeError).
 std::tuple<at::Tensor, at::Tensor> normal_rhs_cpu(const at::Tensor& x_in, const at::Tensor& codes_in,
                                                   const at::Tensor& eta_in, const at::Tensor& coef_in,
                                                   int64_t num_codewords) {
@@ -160,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> normal_rhs_cpu(const at::Tensor& x_in, const 
   return {rhs, diag};
 }
 
-// Mirrors torchaq.normal_apply.check_normal_apply_args (same messages, ValueError / TypeError).
+// Mirrors torchaq.ops.normal_apply.check_normal_apply_args (same messages, ValueError / TypeError).
 at::Tensor normal_apply_cpu(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& coef_in,
                             const at::Tensor& cb_in) {
   TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be (N, D), got shape ", x_in.sizes());

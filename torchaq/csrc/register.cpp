@@ -44,7 +44,7 @@ PyObject* parallel_threads(PyObject*, PyObject*) {
   return PyLong_FromLong(__builtin_popcountll(seen.load()));
 }
 
-// The layout constants the C++ kernels were compiled with; the tests compare them with torchaq.layout.
+// The layout constants the C++ kernels were compiled with; the tests compare them with torchaq.ops.layout.
 PyObject* layout(PyObject*, PyObject*) {
   return Py_BuildValue("{s:L,s:i,s:i}", "block", static_cast<long long>(torchaq::cpu::kBlock), "bits_k16", 4,
                        "bits_k256", 8);
@@ -59,7 +59,7 @@ PyMethodDef methods[] = {
      "built with OpenMP, 1 when built without it (the scans would then never run in parallel)."},
     {"layout", layout, METH_NOARGS,
      "The packed-layout constants compiled into the kernels: {'block': classes per packed block, "
-     "'bits_k16': 4, 'bits_k256': 8} (must equal torchaq.layout.BLOCK and BITS_OF_K)."},
+     "'bits_k16': 4, 'bits_k256': 8} (must equal torchaq.ops.layout.BLOCK and BITS_OF_K)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",

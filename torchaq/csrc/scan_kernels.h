@@ -12,7 +12,7 @@
 namespace torchaq {
 namespace cpu {
 
-constexpr int64_t kBlock = 32;  // classes per packed block (torchaq.layout.BLOCK; _C.layout() exposes it to the tests)
+constexpr int64_t kBlock = 32;  // classes per packed block (torchaq.ops.layout.BLOCK; _C.layout() exposes it to the tests)
 
 // Running top-k of one query, ranked by key descending then class index ascending (a total
 // order, so every ISA path, thread split and scan order returns the same top-k). Candidates

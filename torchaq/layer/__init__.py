@@ -1,0 +1,20 @@
+"""``torchaq.layer``: the drop-in output layer and what keeps its index honest.
+
+=====================  ====================================================================
+module                 what
+=====================  ====================================================================
+``softmax``            :class:`QuantizedSoftmax` (exact logits, top-k, log-probs, sampling)
+``fast_topk``          its one-op top-k fast path and the cache of what that op reads
+``candidates``         how many classes top-k re-scores exactly (defaults as functions of k)
+``sampling``           top-p / temperature checks and draws (shared with the distributed layer)
+``side_list``          rows the codes cannot represent: the exact side list, the residual bound
+``partition``          the log-partition estimate behind ``log_softmax_topk``
+``incremental``        refresh re-encodes only the rows that moved
+``refresher``          :class:`CodebookRefresher`: refresh / refit on a schedule while training
+=====================  ====================================================================
+"""
+from torchaq.layer.candidates import default_candidates, default_shortlist
+from torchaq.layer.refresher import CodebookRefresher
+from torchaq.layer.softmax import QuantizedSoftmax
+
+__all__ = ["QuantizedSoftmax", "CodebookRefresher", "default_candidates", "default_shortlist"]

@@ -1,0 +1,116 @@
+"""The one-op fast path of :meth:`torchaq.QuantizedSoftmax.topk` and the cache of what it reads.
+
+At batch 1 the Python around the scan (module attribute look-ups, several op dispatches) costs
+as much as a third of the call, so :class:`FastTopk` gathers the tensors ``torchaq::layer_topk``
+reads once and keeps them until the layer changes: any attribute assignment, ``.to()`` /
+``_apply``, a parameter whose ``.data`` was swapped (checked by pointer), new codebooks.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from torchaq.checks import check_features
+from torchaq.layer.candidates import default_candidates, default_shortlist
+from torchaq.ops.layer_topk import quantize_rows_int8
+from torchaq.quantizers.pq import AnisotropicPQ
+
+
+class FastTopk(nn.Module):
+    """Base of :class:`torchaq.QuantizedSoftmax` holding its ``layer_topk`` fast path (module docstring)."""
+
+    def _topk_one_op(self, h: Tensor, candidates: Optional[int], k: int) -> Tuple[Tensor, Tensor]:
+        """``candidate_logits(h, candidates, k, keep=k)[:2]`` as one ``torchaq::layer_topk`` call
+        (:mod:`torchaq.ops.layer_topk`), for PQ layers: at batch 1 the Python around the scan (module
+        attribute look-ups, several op dispatches) otherwise costs a third of the call, so the tensors
+        the op reads are gathered once (:meth:`_one_op_state`). When the layer has no bias and the coded
+        rows cannot run out (``C + S < V``), the scan runs without the side-row exclusion bias: a side
+        row it returns is a repeat the re-score counts once (a biased scan costs more than the slot)."""
+        st = None if torch.compiler.is_compiling() else self._one_op_state()
+        if st is None:
+            if not isinstance(self.quantizer, AnisotropicPQ):
+                return self.candidate_logits(h, candidates, k, keep=k)[:2]
+            # traced (torch.compile) or AQ-free fallback: no cached pointers, no int8 shortlist
+            st = self._one_op_tensors() + (None, None, (None, None), None)
+        weight, bias, codebooks, packed, side, pad, num_classes = st[:7]
+        if not self._stale_warned and self._refresh_version is not None and st[8] != self._refresh_version:
+            self._warn_if_stale()
+        if not isinstance(h, Tensor) or h.dim() != 2 or h.device != weight.device:
+            h = self.flat_features(h, finite=False)  # the op refuses a non-finite h
+        elif h.shape[1] != self.dim or not h.is_floating_point():
+            check_features(h, self.dim, "h", weight.device, "layer")
+        if candidates is None:  # >= k (k <= V was checked)
+            candidates = min(self.candidates or default_candidates(k, num_classes), num_classes)
+        else:
+            candidates = self._check_k(candidates, "candidates")
+        if candidates < k:
+            raise ValueError(f"candidates={candidates} must be >= k={k}")
+        scan_k = min(candidates, num_classes - side.shape[0])
+        # the scan ranks with the layer's bias; the side rows' exclusion only where it matters
+        exclude = side.shape[0] > 0 and scan_k + side.shape[0] >= num_classes
+        scan_bias = self.scan_bias() if bias is not None or exclude else None
+        queries = self.quantizer.pad(h) if pad else h.float()
+        w8, scale = (st[9] if st[8] == st[10] else self._shortlist_rows(weight)) if self.shortlist else (None, None)
+        return torch.ops.torchaq.layer_topk.default(
+            h, queries, codebooks, packed, num_classes, scan_k, scan_bias, weight, bias, side, w8, scale,
+            default_shortlist(k) if self.shortlist is True else int(self.shortlist), k)
+
+    def _shortlist_rows(self, weight: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The int8 copy of the weight rows (:func:`torchaq.ops.layer_topk.quantize_rows_int8`) that ranks
+        the candidates before the exact re-score, cached per weight version (float32 weights only)."""
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return None, None
+        try:
+            version = weight._version
+        except RuntimeError:  # inference tensors have no version counter (and cannot change)
+            version = None
+        key = (weight.data_ptr(), version)
+        cached = self.__dict__.get("_shortlist_cache")
+        if cached is None or cached[0] != key:
+            cached = (key,) + quantize_rows_int8(weight)
+            self.__dict__["_shortlist_cache"] = cached
+        return cached[1], cached[2]
+
+    def _one_op_tensors(self) -> tuple:
+        """What ``layer_topk`` reads: weight, bias, codebooks, packed codes, side list, whether ``h``
+        needs padding, ``V`` (parameters as they are: ``topk`` runs under ``no_grad``)."""
+        q = self.quantizer
+        q.check_fitted()
+        return (self.weight, self.bias, q.codebooks, self.packed_codes, self.side_rows, q.padded_dim != q.dim,
+                self.num_classes)
+
+    def _one_op_state(self) -> Optional[tuple]:
+        """:meth:`_one_op_tensors`, cached (None for AQ layers). Any attribute assignment on the layer
+        (``refresh``, ``load_state_dict``, a new parameter) and ``.to()`` / ``_apply`` drop the cache;
+        so does a parameter whose ``.data`` was swapped (checked by pointer)."""
+        st = self.__dict__.get("_one_op_cache")
+        weight = self._parameters["weight"]
+        if st is not None and st[0] is weight and weight.data_ptr() == st[7] and (
+                st[2] is self._modules["quantizer"]._buffers.get("codebooks")):
+            try:
+                version = weight._version
+            except RuntimeError:  # inference tensors have no version counter
+                version = None
+            if version != st[8]:  # the weight changed in place: the int8 rows may need an update
+                st = st[:8] + (version,) + st[9:]
+                self.__dict__["_one_op_cache"] = st
+            return st
+        if not isinstance(self.quantizer, AnisotropicPQ):
+            return None
+        st = self._one_op_tensors()
+        version = self._weight_version()
+        w8 = self._shortlist_rows(st[0]) if self.shortlist else (None, None)
+        # (..., data pointer, weight version now, int8 rows and scales, weight version of the int8 rows)
+        st = st + (st[0].data_ptr(), version, w8, version)
+        self.__dict__["_one_op_cache"] = st
+        return st
+
+    def __setattr__(self, name, value):
+        self.__dict__["_one_op_cache"] = None
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__["_one_op_cache"] = None
+        return super()._apply(fn, recurse)

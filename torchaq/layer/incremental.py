@@ -1,0 +1,102 @@
+"""Incremental re-encoding for :meth:`torchaq.QuantizedSoftmax.refresh`: find the rows that moved.
+
+A training step (sampled softmax, sparse embedding updates) touches only some rows of the output
+layer; re-encoding all ``V`` rows after every step wastes most of the work. The layer keeps a
+per-row *fingerprint* of the weight at its last encode -- the projections of each row onto a few
+fixed random directions (float32, ``O(V d)`` to compute, ``O(V)`` to keep) -- and re-encodes only
+the rows whose fingerprint changed, then writes their codes into the packed layout in place.
+A row whose fingerprint is unchanged moved by less than float32 rounding of its projections,
+which cannot matter to its codes in practice. ``weight._version`` (bumped by every in-place
+update) says whether anything changed at all, so a refresh after no step costs nothing.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from torchaq import ops
+from torchaq.layer import side_list
+
+# directions of the fingerprint: a change that happens to be orthogonal to all of them (to float
+# precision) goes unnoticed; four make that practically impossible for a real update
+FINGERPRINT_DIRECTIONS = 4
+# above this share of moved rows refresh() re-encodes and re-packs everything in one pass (the same
+# codes) instead of gathering, encoding and scattering the moved rows
+FULL_PASS_SHARE = 0.5
+
+
+def fingerprint_directions(dim: int, device: torch.device) -> Tensor:
+    """Fixed (seeded) ``(dim, 4)`` Gaussian directions, the same for every layer of that width."""
+    gen = torch.Generator().manual_seed(0x7A0)
+    return torch.randn(dim, FINGERPRINT_DIRECTIONS, generator=gen).to(device)
+
+
+def row_fingerprint(weight: Tensor, directions: Tensor) -> Tensor:
+    """``(V, 4)`` float32 projections of the rows of ``weight``; cost ``O(V d)``."""
+    return weight.detach().float() @ directions
+
+
+def changed_rows(fingerprint: Tensor, previous: Optional[Tensor]) -> Optional[Tensor]:
+    """int64 indices of rows whose fingerprint differs from ``previous`` (``None``: no previous, all rows)."""
+    if previous is None or previous.shape != fingerprint.shape or previous.device != fingerprint.device:
+        return None
+    return (fingerprint != previous).any(1).nonzero().squeeze(1)
+
+
+def write_packed_rows(packed: Tensor, rows: Tensor, codes: Tensor, bits: int) -> None:
+    """Write the uint8 ``(n, M)`` ``codes`` of classes ``rows`` into ``packed`` in place.
+
+    Same layout as :func:`torchaq.ops.pack_codes`: class ``i`` lives at ``packed[i // 32, :, i % 32]``;
+    4-bit codes pair subspaces ``(2p, 2p + 1)`` as low / high nibble.
+    """
+    if rows.numel() == 0:
+        return
+    if bits == 4:
+        m = codes.shape[1]
+        if m % 2:
+            codes = torch.cat([codes, codes.new_zeros((codes.shape[0], 1))], dim=1)
+        pairs = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    else:
+        pairs = codes
+    rows = rows.to(packed.device)
+    packed[rows // ops.BLOCK, :, rows % ops.BLOCK] = pairs.to(packed.device, torch.uint8)
+
+
+def update_side_rows(weight: Tensor, quantizer, rows: Tensor, codes: Optional[Tensor], row_norms: Optional[Tensor],
+                     residual_norms: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    """After an incremental re-encode of ``rows`` (``codes`` their new uint8 codes): the new
+    ``(row_norms, residual_norms, side_rows)``, recomputing only those rows.
+
+    :meth:`torchaq.QuantizedSoftmax.refresh_side_rows` decodes all ``V`` rows (``O(V d)``); here
+    the row norms and residual norms of the other rows are the ones cached at the last refresh
+    (their weight and codes did not change), so the cost is ``O(n d)`` for ``n`` changed rows plus
+    ``O(V log V)`` for the side list's robust statistics
+    (:func:`torchaq.layer.side_list.select_side_rows_from_norms`, the same rule). Returns None
+    when nothing usable is cached (the caller then runs the full pass).
+    """
+    norms, res = row_norms, residual_norms
+    if norms is None or norms.shape != res.shape or norms.device != res.device or not bool(torch.isfinite(res).all()):
+        return None
+    if rows.numel():
+        rows_w = weight.detach()[rows.to(weight.device)].float()
+        recon = quantizer.decode(codes, dtype=torch.float32).to(rows_w.device)
+        norms = norms.clone()
+        norms[rows] = rows_w.norm(dim=1)
+        res = res.clone()
+        res[rows] = side_list.residual_norms(rows_w, recon)
+    return norms, res, side_list.select_side_rows_from_norms(norms, res)
+
+
+def all_side_rows(weight: Tensor, quantizer, codes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(row_norms, residual_norms, side_rows)`` after a full re-encode, from the uint8 ``(V, M)``
+    ``codes`` just computed: no unpacking, and the row and residual norms are computed once (the
+    side-list rule reads exactly these two; :meth:`torchaq.QuantizedSoftmax.refresh_side_rows`
+    without queries). The row norms are what :func:`update_side_rows` reuses. Cost ``O(V d)``.
+    """
+    weight = weight.detach().float()
+    recon = quantizer.decode(codes, dtype=torch.float32).to(weight.device)
+    norms = weight.norm(dim=1)
+    res = side_list.residual_norms(weight, recon)
+    return norms, res, side_list.select_side_rows_from_norms(norms, res)

@@ -1,0 +1,77 @@
+"""The ``torch.ops.torchaq.*`` operators: one schema table, then one module per op family.
+
+:mod:`torchaq.ops.schemas` declares every schema once. Each family module registers, for its
+ops, a fake kernel (shapes for ``torch.compile`` / meta tensors), a pure-torch
+``<op>_reference`` as the ``CompositeExplicitAutograd`` kernel (the fallback on every device and
+the oracle of the tests) and a Python entry point. The C++ extension (``torchaq/csrc``) overrides
+the ``CPU`` key, the Triton kernels (``triton_kernels/``) the ``CUDA`` key. Nothing in this
+package imports anything above it. ``README.md`` beside this file describes the backends and the
+packed code layout.
+
+=====================  ====================================================================
+module                 ops
+=====================  ====================================================================
+``layout``             packed layout constants and the argument checks every backend shares
+``lut``                ``compute_lut``
+``pack``               ``pack_codes``, ``unpack_codes``
+``scan``               ``lut_score``, ``lut_topk``
+``encode``             ``pq_encode``, ``anisotropic_encode`` (PQ encoders)
+``aq_encode``          ``aq_encode`` (additive codes, LSQ++)
+``normal_apply``       ``anisotropic_normal_apply``, ``anisotropic_normal_rhs``
+``rescore``            ``rescore_topk`` and the exact-logit helpers
+``layer_topk``         ``layer_topk`` (scan + shortlist + re-score in one op)
+=====================  ====================================================================
+"""
+from torchaq.ops import schemas  # noqa: F401  (first: the families register against these schemas)
+from torchaq.ops.aq_encode import aq_encode, aq_encode_reference
+from torchaq.ops.encode import (
+    anisotropic_encode,
+    anisotropic_encode_reference,
+    decode,
+    l2_encode,
+    pq_encode,
+    pq_encode_reference,
+    score_aware_encode,
+)
+from torchaq.ops.layer_topk import layer_topk, layer_topk_reference, quantize_rows_int8
+from torchaq.ops.layout import (
+    BITS_OF_K,
+    BLOCK,
+    bits_of_lut,
+    check_compute_lut_args,
+    check_finite,
+    check_k,
+    check_lut_scan_args,
+    check_pack_args,
+    check_unpack_args,
+    num_blocks,
+    packed_width,
+)
+from torchaq.ops.lut import compute_lut, compute_lut_reference
+from torchaq.ops.normal_apply import (
+    anisotropic_normal_apply,
+    anisotropic_normal_apply_reference,
+    anisotropic_normal_rhs,
+    anisotropic_normal_rhs_reference,
+)
+from torchaq.ops.pack import codes_of_packed_rows, pack_codes, pack_codes_reference, unpack_codes, unpack_codes_reference
+from torchaq.ops.rescore import exact_logits, gather_rows, logits_of_rows, rescore_topk, rescore_topk_reference
+from torchaq.ops.scan import lut_score, lut_score_reference, lut_topk, lut_topk_reference
+from torchaq.ops.schemas import SCHEMAS
+
+# every op of the schema table and its reference (the opcheck table of the tests is checked against it)
+REFERENCES = {
+    "compute_lut": compute_lut_reference,
+    "pack_codes": pack_codes_reference,
+    "unpack_codes": unpack_codes_reference,
+    "lut_score": lut_score_reference,
+    "lut_topk": lut_topk_reference,
+    "aq_encode": aq_encode_reference,
+    "rescore_topk": rescore_topk_reference,
+    "pq_encode": pq_encode_reference,
+    "anisotropic_encode": anisotropic_encode_reference,
+    "anisotropic_normal_apply": anisotropic_normal_apply_reference,
+    "anisotropic_normal_rhs": anisotropic_normal_rhs_reference,
+    "layer_topk": layer_topk_reference,
+}
+assert REFERENCES.keys() == SCHEMAS.keys()

@@ -1,0 +1,31 @@
+"""Every ``torch.ops.torchaq.*`` schema, declared once.
+
+The op families (one module each in this package) register a fake kernel and a pure-torch
+reference (``CompositeExplicitAutograd``: the fallback on every device and the oracle of the
+tests) against these schemas; the C++ extension (``torchaq/csrc``) overrides the ``CPU`` key and
+the Triton kernels (``triton_kernels/``) the ``CUDA`` key when they are available.
+"""
+import torch
+
+LIB = torch.library.Library("torchaq", "DEF")
+
+SCHEMAS = {
+    "compute_lut": "compute_lut(Tensor queries, Tensor codebooks) -> Tensor",
+    "pack_codes": "pack_codes(Tensor codes, int bits) -> Tensor",
+    "unpack_codes": "unpack_codes(Tensor packed, int num_subspaces, int bits, int num_classes) -> Tensor",
+    "lut_score": "lut_score(Tensor lut, Tensor packed, int num_classes, Tensor? bias=None) -> Tensor",
+    "lut_topk": "lut_topk(Tensor lut, Tensor packed, int num_classes, int k, Tensor? bias=None) -> (Tensor, Tensor)",
+    "aq_encode": "aq_encode(Tensor x, Tensor codebooks, Tensor codes, Tensor eta, Tensor perturb, int icm_iters,"
+                 " bool greedy) -> Tensor",
+    "rescore_topk": "rescore_topk(Tensor h, Tensor weight, Tensor? bias, Tensor candidates, int k) -> (Tensor, Tensor)",
+    "pq_encode": "pq_encode(Tensor x, Tensor codebooks) -> Tensor",
+    "anisotropic_encode": "anisotropic_encode(Tensor x, Tensor codebooks, Tensor eta, int max_rounds) -> Tensor",
+    "anisotropic_normal_apply": "anisotropic_normal_apply(Tensor x, Tensor codes, Tensor coef, Tensor codebooks) -> Tensor",
+    "anisotropic_normal_rhs": "anisotropic_normal_rhs(Tensor x, Tensor codes, Tensor eta, Tensor coef, int num_codewords)"
+                              " -> (Tensor, Tensor)",
+    "layer_topk": "layer_topk(Tensor h, Tensor queries, Tensor codebooks, Tensor packed, int num_classes, int candidates,"
+                  " Tensor? scan_bias, Tensor weight, Tensor? bias, Tensor side_rows, Tensor? weight_i8,"
+                  " Tensor? row_scale, int shortlist, int k) -> (Tensor, Tensor)",
+}
+for _schema in SCHEMAS.values():
+    LIB.define(_schema)
