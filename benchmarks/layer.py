@@ -1,7 +1,7 @@
 """QuantizedSoftmax.topk vs nn.Linear + torch.topk and FAISS fast-scan + exact re-rank: a batch sweep.
 
 Real data: the MiniLM vocabulary table (30522 x 384) with real hidden states of real text
-(``benchmarks/real_data.py``); half of the hidden states calibrate the quantizer, the other half
+(``examples/real_data.py``); half of the hidden states calibrate the quantizer, the other half
 evaluate it. The layer is the default one (d / 2 = 192 subspaces of 4 bits = 768 bits per class,
 default candidates). One run prints, and writes to ``benchmarks/results/layer.txt``:
 
@@ -22,7 +22,7 @@ default candidates). One run prints, and writes to ``benchmarks/results/layer.tx
    torchaq, FAISS + re-rank and the dense layer, as ann-benchmarks plots it; drawn to
    ``benchmarks/results/layer.png`` when matplotlib is installed.
 
-The fitted layer is cached under ``benchmarks/.cache/`` (keyed by the data and the quantizer's
+The fitted layer is cached under ``$TORCHAQ_CACHE`` (default ``~/.cache/torchaq``) (keyed by the data and the quantizer's
 source files; ``--refit`` ignores it): the fit takes minutes on a busy machine and is not timed
 here (``benchmarks/results/fit_timing.txt`` is). Times: median of blocks; 1-thread rows use the
 CPU time of the calling thread (robust to other processes on a shared machine), 2-thread rows
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torchaq  # noqa: E402
-from benchmarks.common import RESULTS, emit, environment, markdown_table, time_call  # noqa: E402
+from benchmarks.common import CACHE, RESULTS, emit, environment, markdown_table, time_call  # noqa: E402
 from torchaq import ops  # noqa: E402
 from torchaq.ops.rescore import exact_logits  # noqa: E402
 
@@ -62,8 +62,8 @@ BATCHES = (1, 16, 64, 256)
 CURVE_BATCHES = (1, 64)
 CURVE_CANDIDATES = (16, 32, 64, 128, 256, 512)
 EVAL_QUERIES = 2000
-CACHE = ROOT / "benchmarks" / ".cache"
-_FIT_SOURCES = ("quantizer.py", "encode.py", "codebook_update.py", "kmeans.py", "calibrate.py", "loss.py", "layer.py")
+_FIT_SOURCES = ("quantizers/pq.py", "ops/encode.py", "quantizers/codebook_update.py", "quantizers/kmeans.py",
+                "quantizers/calibrate.py", "quantizers/loss.py", "layer/softmax.py")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def main(argv=None) -> str:
     args = parser.parse_args(argv)
     if faiss is None:
         print("faiss-cpu not installed: no FAISS columns (pip install 'torchaq[bench]')")
-    from benchmarks.real_data import load_minilm, split
+    from examples.real_data import load_minilm, split
 
     start = time.perf_counter()
     threads0 = torch.get_num_threads()
@@ -353,7 +353,7 @@ def main(argv=None) -> str:
         f"rule {q.rule}{' (fitted without calibration queries: --no-calibrate)' if args.no_calibrate else ''}, "
         f"topk(k={K}) takes {cands} scan candidates + {layer.side_rows.numel()} side rows, ranks them by int8 "
         f"rows and re-scores the best {torchaq.layer.default_shortlist(K)} exactly; "
-        + (f"fit {fit_s:.1f} s" if fit_s is not None else "fitted layer loaded from benchmarks/.cache"),
+        + (f"fit {fit_s:.1f} s" if fit_s is not None else f"fitted layer loaded from {CACHE}"),
         "",
         "## Quality",
         markdown_table(

@@ -1,6 +1,6 @@
 """Rows the codes cannot represent, on real data: MiniLM's vocabulary table and hidden states.
 
-Two query mixes from ``benchmarks/real_data.py``: real tokens only, and the same text with the
+Two query mixes from ``examples/real_data.py``: real tokens only, and the same text with the
 hidden states at the [CLS] / [SEP] positions kept (``special_tokens=True``: they point at rows
 such as [CLS] that product-quantization codes represent badly). Each mix is scored raw and with
 the hidden states scaled so that the exact softmax has a mean entropy of ``--entropy`` nats (a
@@ -19,7 +19,7 @@ language model's range, 2-4), against the exact dense layer:
 
 Rows: the default layer (4-bit, ``d/2`` subspaces, calibrated on the special-token mix's first
 half) with its side list, and the same layer with the side list emptied (what the codes alone do).
-The fitted layer is cached in ``benchmarks/.cache`` (fitting is minutes on a shared machine).
+The fitted layer is cached in ``$TORCHAQ_CACHE`` (default ``~/.cache/torchaq``) (fitting is minutes on a shared machine).
 
     python benchmarks/outliers.py [--eval 2000] [--entropy 3.0] [--part all|quality|speed]
 
@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, emit, environment, markdown_table, time_call  # noqa: E402
-from benchmarks.real_data import _DEFAULT_CACHE, load_minilm, split  # noqa: E402
+from examples.real_data import DEFAULT_CACHE, load_minilm, split  # noqa: E402
 import torchaq  # noqa: E402
 from torchaq.layer import side_list as outliers  # noqa: E402
 from torchaq.layer.partition import log_partition  # noqa: E402
@@ -49,7 +49,7 @@ SPECIAL_IDS = (101, 102)  # [CLS], [SEP]
 
 def fitted_layer(table: torch.Tensor, fit_q: torch.Tensor) -> torchaq.QuantizedSoftmax:
     """The default layer calibrated on ``fit_q``, from the cache when it is there."""
-    path = _DEFAULT_CACHE / f"outliers_layer_v1_{table.shape[0]}x{table.shape[1]}_q{fit_q.shape[0]}.pt"
+    path = DEFAULT_CACHE / f"outliers_layer_v1_{table.shape[0]}x{table.shape[1]}_q{fit_q.shape[0]}.pt"
     if path.is_file():
         layer = torchaq.QuantizedSoftmax(table, fit=False)
         layer.load_state_dict(torch.load(path, weights_only=True))
@@ -191,7 +191,7 @@ def speed_table(layer, table, h1, side):
 
 def _tokens(ids):
     try:
-        from benchmarks.real_data import decode_ids
+        from examples.real_data import decode_ids
 
         return decode_ids(ids)
     except Exception:  # noqa: BLE001 - names are decoration only

@@ -13,7 +13,7 @@ product and reports, over held-out queries (``gt`` = the exact top-10 by ``q @ x
 Settings:
 
 1. **real** (d = 384): the database is the vocabulary table of all-MiniLM-L6-v2 (30522 rows),
-   the queries its contextual hidden states on real English text (``benchmarks/real_data.py``);
+   the queries its contextual hidden states on real English text (``examples/real_data.py``);
    4-bit codes with M = 96 (384 bits/class) and M = 192 (768 bits/class). Calibration queries
    (``queries=``) and evaluation queries come from disjoint text passages.
 2. **synthetic** -- the paper's setting (Guo et al. 2020, section 5): unit-norm data
@@ -268,7 +268,7 @@ def unit_sphere(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
 def build_settings(args) -> list[Setting]:
     settings = []
     if not args.skip_real:
-        from benchmarks.real_data import load_minilm, split
+        from examples.real_data import load_minilm, split
 
         need = args.calib_queries + args.eval_queries
         # 20k is the size other benchmarks load too: one cache file serves them all
@@ -424,7 +424,7 @@ def fit_timing(args) -> str:
         print(markdown_table(header, rows[-1:]), flush=True)
         del x, q
     if args.timing_minilm:
-        from benchmarks.real_data import load_minilm, split
+        from examples.real_data import load_minilm, split
 
         need = args.calib_queries + args.eval_queries
         table, queries = load_minilm(num_queries=max(20_000, need), seed=args.seed, progress=args.progress)

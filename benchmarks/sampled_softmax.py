@@ -15,7 +15,7 @@ Two parts, one results file each:
   Memory: what autograd saves for backward (unique storages seen by ``saved_tensors_hooks``,
   parameters excluded) and the step's peak allocation (the profiler's "Total Allocated").
 * ``--part quality`` (``benchmarks/results/sampled_softmax_quality.txt``): the gradient of the
-  summed loss of held-out real hidden states (MiniLM table, ``benchmarks/real_data.py``; logits
+  summed loss of held-out real hidden states (MiniLM table, ``examples/real_data.py``; logits
   scaled to a mean softmax entropy of ``--entropy`` nats; targets drawn from that softmax)
   against the full softmax's: mean per-row cosine of the ``h`` gradient (all rows, and the rows
   below the median ``|grad|``), the batch relative squared error ``sum |g_s - g|^2 / sum |g|^2``,
@@ -158,7 +158,7 @@ def part_time(args) -> None:
 
 
 def part_quality(args) -> None:
-    from benchmarks.real_data import load_minilm
+    from examples.real_data import load_minilm
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     table, queries = load_minilm(num_queries=8000, seed=0, progress=False)

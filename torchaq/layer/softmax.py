@@ -122,7 +122,8 @@ class QuantizedSoftmax(FastTopk):
         self._fingerprint: Optional[Tensor] = None
         self._encode_key: Optional[tuple] = None
         self._stale_warned = False
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._mark_fresh())
+        # a function of the class, not a lambda: the layer stays picklable (torch.save(model))
+        self.register_load_state_dict_post_hook(QuantizedSoftmax._after_load)
         if fit:
             self.refresh(refit=True, queries=queries)
 
@@ -192,6 +193,15 @@ class QuantizedSoftmax(FastTopk):
             return self.weight._version
         except RuntimeError:  # inference tensors have no version counter
             return None
+
+    def __setstate__(self, state) -> None:
+        """After unpickling (``torch.save(model)`` / ``copy.deepcopy``): the codes match the weight."""
+        super().__setstate__(state)
+        self._mark_fresh()
+
+    def _after_load(self, incompatible_keys) -> None:
+        """``load_state_dict`` post-hook (registered on the class's function, so it pickles)."""
+        self._mark_fresh()
 
     def _mark_fresh(self) -> None:
         """After ``load_state_dict``: the loaded codes match the loaded weight; next refresh is full."""

