@@ -68,7 +68,7 @@ def main(argv=None) -> None:
         rows.append([f"top-{K} latency, batch {batch} (ms)", f"{dense:.3f}", f"{fast:.3f}", f"{dense / fast:.1f}x"])
     rows += [
         ["recall@1 / recall@10", "1 / 1", f"{recall(found[:, :1], true[:, :1]):.3f} / {recall(found, true):.3f}", ""],
-        ["|log Z error| of log_softmax_topk (mean / max)", "0", f"{log_z_err.mean():.1e} / {log_z_err.max():.1e}", ""],
+        ["abs. error of log Z in log_softmax_topk (mean / max)", "0", f"{log_z_err.mean():.1e} / {log_z_err.max():.1e}", ""],
     ]
     q = layer.quantizer
     print(environment())
