@@ -1,6 +1,6 @@
 // CPU kernel of torch.ops.torchaq.aq_encode: score-aware LSQ++ encoding for additive codebooks.
 //
-// The algorithm, its state and its cost are documented in torchaq/aq_encode.py (the pure-torch
+// The algorithm, its state and its cost are documented in torchaq/ops/aq_encode.py (the pure-torch
 // reference, which this kernel follows step for step so that both pick the same codes): per row,
 // iterated conditional modes over the M codebooks with move cost
 //   n[m,j] - 2 (p[m,j] - s[m,j] + G[(m,c_m),(m,j)]) + (eta-1)/|x|^2 (rx + p[m,c_m] - p[m,j])^2,

@@ -1,4 +1,4 @@
-// CPU kernel of torch.ops.torchaq.layer_topk (schema, reference and contract: torchaq/layer_topk.py):
+// CPU kernel of torch.ops.torchaq.layer_topk (schema, reference and contract: torchaq/ops/layer_topk.py):
 // the whole top-k path of QuantizedSoftmax.topk in one call -- LUT, 4/8-bit scan for the best
 // `candidates` coded rows, exact re-score of those plus the side list, top-k -- so that a batch-1
 // call pays one dispatch and no intermediate tensors beyond the LUT and the candidate ids.
@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> layer_topk_cpu(const at::Tensor& h, const at:
                                                   const std::optional<at::Tensor>& weight_i8,
                                                   const std::optional<at::Tensor>& row_scale, int64_t shortlist,
                                                   int64_t k) {
-  // the checks torchaq/layer_topk.py makes and the composed kernels do not
+  // the checks torchaq/ops/layer_topk.py makes and the composed kernels do not
   TORCH_CHECK_VALUE(h.dim() == 2 && queries.dim() == 2 && queries.size(0) == h.size(0),
                     "h must be (B, d) and queries (B, M * dsub) with the same B, got shapes ", h.sizes(), " and ",
                     queries.sizes());

@@ -1,5 +1,5 @@
 // CPU kernel of torchaq::anisotropic_normal_apply, the matrix-free product of the joint
-// anisotropic codebook update (Guo et al. 2020, section 4.2; torchaq/normal_apply.py):
+// anisotropic codebook update (Guo et al. 2020, section 4.2; torchaq/ops/normal_apply.py):
 //   s_i         = coef_i <x~_i, x_i>,   x~_i = concat_m C_m[codes[i, m]]
 //   out[m, j]  += x~_{i,m} + s_i x_{i,m}        for every row i with codes[i, m] = j
 // Two passes: (1) s_i, parallel over rows; (2) the scatter-add, parallel over subspaces, each

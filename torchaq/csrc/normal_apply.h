@@ -8,10 +8,10 @@
 namespace torchaq {
 namespace cpu {
 
-// torchaq::anisotropic_normal_apply: (M, K, dsub) float32 (see torchaq/normal_apply.py).
+// torchaq::anisotropic_normal_apply: (M, K, dsub) float32 (see torchaq/ops/normal_apply.py).
 at::Tensor normal_apply_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& coef,
                             const at::Tensor& codebooks);
-// torchaq::anisotropic_normal_rhs: (b, diag A), two (M, K, dsub) float32 (see torchaq/normal_apply.py).
+// torchaq::anisotropic_normal_rhs: (b, diag A), two (M, K, dsub) float32 (see torchaq/ops/normal_apply.py).
 std::tuple<at::Tensor, at::Tensor> normal_rhs_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& eta,
                                                   const at::Tensor& coef, int64_t num_codewords);
 

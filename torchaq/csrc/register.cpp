@@ -1,4 +1,4 @@
-// Registers the C++ kernels for the CPU dispatch key of the ops declared in torchaq/ops.py
+// Registers the C++ kernels for the CPU dispatch key of the ops declared in torchaq/ops/schemas.py
 // (schemas live in Python only; torchaq/__init__.py imports torchaq.ops before torchaq._C), and
 // defines the Python module torchaq._C, whose import runs the static registration below.
 #include <Python.h>

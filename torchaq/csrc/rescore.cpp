@@ -1,6 +1,6 @@
 // ATen driver of torch.ops.torchaq.rescore_topk on CPU: exact logits of a few candidate classes per
 // query, top-k kept, in one pass that reads each candidate's weight row once and never builds the
-// (B, C, d) block of gathered rows. Reference and semantics: torchaq/ops.py (_rescore_topk_ref).
+// (B, C, d) block of gathered rows. Reference and semantics: torchaq/ops/rescore.py (rescore_topk_reference).
 //
 // Per query b (queries in parallel over at::parallel_for): the candidate ids are checked and
 // de-duplicated (a repeated class scores -inf after its first occurrence), the C dot products

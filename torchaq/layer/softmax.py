@@ -408,7 +408,7 @@ class QuantizedSoftmax(FastTopk):
         candidates (side list included) plus the LUT mass of all other classes, corrected by an
         importance sample of exactly scored classes of that rest (:func:`torchaq.layer.partition.log_partition`:
         the plain LUT mass of the rest is biased low when it holds much of the mass, i.e. flat
-        softmaxes). ``benchmarks/side_list.py`` measures the error on flat and peaked softmaxes.
+        softmaxes). ``benchmarks/outliers.py`` measures the error on flat and peaked softmaxes.
         Costs a full ``(B, V)`` LUT score pass and ``B * 256 * d`` exact multiply-adds on top of :meth:`topk`.
         """
         k = self._check_k(k)
