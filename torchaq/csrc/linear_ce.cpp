@@ -14,21 +14,71 @@
 // The logits are computed once (N V d multiply-adds) and reused for the gradients (2 N V d): three
 // products instead of the four of a backward that recomputes them. Without row_grad no buffer is
 // kept (a tile per block). Accumulation is float32 (float64 for float64 inputs); bf16 / fp16 tiles
-// of c are converted per block. No gradient filtering: every class contributes.
+// of c are converted per block. No gradient filtering: every class contributes. The element-wise
+// work of a float32 tile (max, exp-sums, the gradient) is one fused pass of the ISA kernels of
+// linear_ce_kernels.h (scalar / AVX2 / AVX-512, chosen like the scans: active_isa()); float64
+// tiles use ATen ops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "linear_ce.h"
+#include "linear_ce_kernels.h"
+#include "scan.h"
 
 namespace torchaq {
 namespace cpu {
+void lce_stats_scalar(const float* tile, int64_t n, int64_t w, float* mx, float* se, float* ls) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = tile + i * w;
+    float m = -INFINITY, s = 0.0f, t = 0.0f;
+    for (int64_t j = 0; j < w; ++j) m = std::fmax(m, row[j]);
+    for (int64_t j = 0; j < w; ++j) {
+      s += std::exp(row[j] - m);
+      t += row[j];
+    }
+    mx[i] = m;
+    se[i] = s;
+    if (ls != nullptr) ls[i] = t;
+  }
+}
+
+void lce_grad_scalar(float* tile, int64_t n, int64_t w, const float* lse, const float* a, const float* s, float cap) {
+  const float inv = cap > 0 ? 1.0f / cap : 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    float* row = tile + i * w;
+    const float si = s ? s[i] : 0.0f;
+    for (int64_t j = 0; j < w; ++j) {
+      float g = a[i] * std::exp(row[j] - lse[i]) - si;
+      if (cap > 0) g *= 1.0f - (row[j] * inv) * (row[j] * inv);
+      row[j] = g;
+    }
+  }
+}
+
 namespace {
+
+struct TileKernels {
+  void (*stats)(const float*, int64_t, int64_t, float*, float*, float*);
+  void (*grad)(float*, int64_t, int64_t, const float*, const float*, const float*, float);
+};
+
+TileKernels tile_kernels() {
+  const char* isa = active_isa();
+#if defined(TORCHAQ_X86_KERNELS)
+  if (std::strcmp(isa, "avx512") == 0) return {lce_stats_avx512, lce_grad_avx512};
+  if (std::strcmp(isa, "avx2") == 0) return {lce_stats_avx2, lce_grad_avx2};
+#endif
+  (void)isa;
+  return {lce_stats_scalar, lce_grad_scalar};
+}
 
 constexpr int64_t kRowChunkElements = int64_t(1) << 25;  // keep in sync with ops/linear_ce.py
 
@@ -91,6 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
   chunk = std::max<int64_t>(1, std::min(chunk, n_rows));
   const int n_threads = at::get_num_threads();
   const double eps_over_v = label_smoothing / double(n_cls);
+  const bool fast = acc == at::kFloat;
+  const TileKernels kern = tile_kernels();
 
   auto class_rows = [&](int64_t b) {  // (rows of c, as acc) of block b
     at::Tensor w = c.narrow(0, b * blk, std::min(blk, n_cls - b * blk));
@@ -114,10 +166,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
         at::mm_out(tile, ec, class_rows(b).t());
         if (has_bias) tile.add_(bias.narrow(0, c0, w));
         if (softcap > 0) tile.div_(softcap).tanh_().mul_(softcap);
-        at::Tensor m = at::amax(tile, {1});
-        pmax[b].copy_(m);
-        psum[b].copy_(at::sum(at::exp(tile - m.unsqueeze(1)), {1}));
-        if (label_smoothing > 0) plsum[b].copy_(at::sum(tile, {1}));
+        if (fast) {
+          kern.stats(tile.data_ptr<float>(), n, w, pmax[b].data_ptr<float>(), psum[b].data_ptr<float>(),
+                     label_smoothing > 0 ? plsum[b].data_ptr<float>() : nullptr);
+        } else {
+          at::Tensor m = at::amax(tile, {1});
+          pmax[b].copy_(m);
+          psum[b].copy_(at::sum(at::exp(tile - m.unsqueeze(1)), {1}));
+          if (label_smoothing > 0) plsum[b].copy_(at::sum(tile, {1}));
+        }
         AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "linear_ce_target", [&] {
           const scalar_t* tp = tile.data_ptr<scalar_t>();
           scalar_t* out = tlogit.data_ptr<scalar_t>();
@@ -137,10 +194,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     if (!with_grad) continue;
 
     const at::Tensor g = at::where(valid_c, row_grad_in->narrow(0, r0, n).to(acc), at::zeros_like(lse_c));
-    const at::Tensor a = (g * (1.0 + 2.0 * z_loss * lse_c)).unsqueeze(1);
-    const at::Tensor smooth = (g * eps_over_v).unsqueeze(1);
-    const at::Tensor tcoef = (g * (1.0 - label_smoothing)).contiguous();
-    const at::Tensor lse_col = lse_c.unsqueeze(1);
+    const at::Tensor a = (g * (1.0 + 2.0 * z_loss * lse_c)).contiguous();
+    const at::Tensor smooth = (g * eps_over_v).contiguous();
+    // the target's -(1 - eps) g term, times the softcap's derivative at the (capped) target logit
+    at::Tensor tcoef = g * (1.0 - label_smoothing);
+    if (softcap > 0) tcoef = tcoef * (1.0 - (tlogit / softcap).square());
+    tcoef = tcoef.contiguous();
+    const at::Tensor lse_col = lse_c.unsqueeze(1), a_col = a.unsqueeze(1), smooth_col = smooth.unsqueeze(1);
     std::vector<at::Tensor> dh(n_threads);
     at::parallel_for(0, n_blk, 1, [&](int64_t b0, int64_t b1) {
       at::Tensor& acc_e = dh[at::get_thread_num()];
@@ -148,10 +208,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t c0 = b * blk, w = std::min(blk, n_cls - c0);
         at::Tensor tile = buffer.narrow(0, n * c0, n * w).view({n, w});
-        at::Tensor cap_grad;
-        if (softcap > 0) cap_grad = 1.0 - (tile / softcap).square_();
-        tile.sub_(lse_col).exp_().mul_(a);
-        if (label_smoothing > 0) tile.sub_(smooth);
+        if (fast) {
+          kern.grad(tile.data_ptr<float>(), n, w, lse_c.data_ptr<float>(), a.data_ptr<float>(),
+                    label_smoothing > 0 ? smooth.data_ptr<float>() : nullptr, static_cast<float>(softcap));
+        } else {
+          at::Tensor cap_grad;
+          if (softcap > 0) cap_grad = 1.0 - (tile / softcap).square_();
+          tile.sub_(lse_col).exp_().mul_(a_col);
+          if (label_smoothing > 0) tile.sub_(smooth_col);
+          if (softcap > 0) tile.mul_(cap_grad);
+        }
         AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "linear_ce_target_grad", [&] {
           scalar_t* tp = tile.data_ptr<scalar_t>();
           const scalar_t* tcp = tcoef.data_ptr<scalar_t>();
@@ -159,7 +225,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
             if (tc[i] >= c0 && tc[i] < c0 + w) tp[i * w + (tc[i] - c0)] -= tcp[i];
           }
         });
-        if (softcap > 0) tile.mul_(cap_grad);
         const at::Tensor wb = class_rows(b);
         at::Tensor gc = grad_c.narrow(0, c0, w);
         gc.addmm_(tile.t(), ec);

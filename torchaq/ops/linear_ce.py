@@ -113,6 +113,9 @@ def linear_ce_reference(e: Tensor, c: Tensor, bias: Optional[Tensor], targets: T
     ef = e.to(acc)
     t = targets.long()
     valid = t != ignore_index
+    bad = valid & ((t < 0) | (t >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(f"targets must be in [0, {num_classes}) or ignore_index={ignore_index}, got {int(t[bad][0])}")
     rows = torch.arange(n, device=e.device)
     run_max = torch.full((n,), -math.inf, dtype=acc, device=e.device)
     run_sum = torch.zeros((n,), dtype=acc, device=e.device)
