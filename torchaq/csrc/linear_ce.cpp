@@ -110,16 +110,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     const at::Tensor& targets_in, const std::optional<at::Tensor>& row_grad_in, int64_t ignore_index,
     double softcap, double label_smoothing, double z_loss, int64_t class_block, int64_t row_chunk) {
   check_args(e_in, c_in, bias_in, targets_in, row_grad_in, softcap, label_smoothing, class_block, row_chunk);
+  // The ATen calls of this kernel (mm_out into the buffer, in-place updates) must not see the
+  // inputs' requires_grad, also on the worker threads of at::parallel_for, which do not inherit a
+  // dispatch guard: the kernel works on detached aliases (the op's autograd is the caller's).
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = e_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto fopt = e_in.options().dtype(acc);
   const int64_t n_rows = e_in.size(0), dim = e_in.size(1), n_cls = c_in.size(0);
   const bool with_grad = row_grad_in.has_value();
   const bool has_bias = bias_in.has_value();
 
-  const at::Tensor e = e_in.to(acc).contiguous();
-  const at::Tensor c = c_in.contiguous();
+  const at::Tensor e = e_in.detach().to(acc).contiguous();
+  const at::Tensor c = c_in.detach().contiguous();
   const bool convert_c = c.scalar_type() != acc;
-  const at::Tensor bias = has_bias ? bias_in->to(acc).contiguous() : at::Tensor();
+  const at::Tensor bias = has_bias ? bias_in->detach().to(acc).contiguous() : at::Tensor();
   const at::Tensor targets = targets_in.to(at::kLong).contiguous();
   const int64_t* tgt = targets.data_ptr<int64_t>();
   for (int64_t i = 0; i < n_rows; ++i) {
@@ -193,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     loss.narrow(0, r0, n).copy_(at::where(valid_c, loss_c, at::zeros_like(loss_c)));
     if (!with_grad) continue;
 
-    const at::Tensor g = at::where(valid_c, row_grad_in->narrow(0, r0, n).to(acc), at::zeros_like(lse_c));
+    const at::Tensor g = at::where(valid_c, row_grad_in->detach().narrow(0, r0, n).to(acc), at::zeros_like(lse_c));
     const at::Tensor a = (g * (1.0 + 2.0 * z_loss * lse_c)).contiguous();
     const at::Tensor smooth = (g * eps_over_v).contiguous();
     // the target's -(1 - eps) g term, times the softcap's derivative at the (capped) target logit
@@ -238,8 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     }
   }
   if (!with_grad) {
-    at::Tensor none = e_in.new_empty({0});
-    return {loss, lse, none, c_in.new_empty({0}), none};
+    return {loss, lse, e_in.new_empty({0}), c_in.new_empty({0}), e_in.new_empty({0})};  // distinct: no aliasing
   }
   return {loss, lse, grad_e.to(e_in.scalar_type()), grad_c.to(c_in.scalar_type()),
           has_bias ? grad_b.to(bias_in->scalar_type()) : e_in.new_empty({0})};
