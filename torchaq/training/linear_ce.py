@@ -147,6 +147,9 @@ def linear_cross_entropy(
         return_z_loss: also return the z-loss term (reduced like the loss, detached: it is already in the loss).
         class_block: classes per tile; row_chunk: rows per logit buffer on CPU (0: auto).
 
+    Returns the loss in the accumulation dtype (float32 for float32 / bf16 / fp16 inputs, as Cut
+    Cross-Entropy; float64 for float64); the gradients have the dtypes of ``e``, ``c`` and ``bias``.
+
     Cost: ``3 N V d`` multiply-adds for forward + backward (``N V d`` without gradients); memory
     ``O(row_chunk V)`` on CPU beyond the gradients.
     """
