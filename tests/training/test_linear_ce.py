@@ -121,7 +121,7 @@ def test_torch_compile():
     e, c, b, t = _data()
     e.requires_grad_()
     compiled = torch.compile(lambda e: torchaq.linear_cross_entropy(e, c, t, b, softcap=4.0, label_smoothing=0.1),
-                             backend="aot_eager")
+                             backend="aot_eager", fullgraph=True)
     out = compiled(e)
     out.backward()
     ref = e.detach().clone().requires_grad_()

@@ -3,8 +3,8 @@
 // torchaq/ops/linear_ce.py.
 //
 // Rows are processed in chunks of R rows (R * V logits: the only large buffer, 128 MB by default).
-// For each chunk, in parallel over blocks of B classes (at::parallel_for; one thread owns a class
-// block, so the rows of grad_c it writes are its own):
+// For each chunk, in parallel over blocks of B classes (at::parallel_for threads taking blocks from
+// a shared counter; one thread owns a class block, so the rows of grad_c it writes are its own):
 //   pass A: logits tile = e_chunk @ c_block^T (one small single-threaded GEMM), + bias, softcap,
 //           then per row the block's max, sum of exp(l - max), sum of l and the target logit;
 //   combine the blocks' partials into lse (a log-sum-exp of log-sum-exps) and the loss;
@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -80,7 +81,20 @@ TileKernels tile_kernels() {
   return {lce_stats_scalar, lce_grad_scalar};
 }
 
+// f(b) for every class block b < n_blk, blocks handed out one at a time from a shared counter: a
+// thread that the OS deschedules (a shared machine) delays only the block it holds, not a static
+// half of the work.
+template <class F>
+void for_each_block(int64_t n_blk, const F& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_blk)), 1,
+                   [&](int64_t, int64_t) {
+                     for (int64_t b = next++; b < n_blk; b = next++) f(b);
+                   });
+}
+
 constexpr int64_t kRowChunkElements = int64_t(1) << 25;  // keep in sync with ops/linear_ce.py
+constexpr int64_t kGradGroups = 16;  // groups of class blocks of the gradient pass (load balance, determinism)
 
 void check_args(const at::Tensor& e, const at::Tensor& c, const std::optional<at::Tensor>& bias,
                 const at::Tensor& targets, const std::optional<at::Tensor>& row_grad, double softcap,
@@ -143,7 +157,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
   const int64_t n_blk = (n_cls + blk - 1) / blk;
   int64_t chunk = row_chunk > 0 ? row_chunk : std::max<int64_t>(64, kRowChunkElements / std::max<int64_t>(n_cls, 1));
   chunk = std::max<int64_t>(1, std::min(chunk, n_rows));
-  const int n_threads = at::get_num_threads();
   const double eps_over_v = label_smoothing / double(n_cls);
   const bool fast = acc == at::kFloat;
   const TileKernels kern = tile_kernels();
@@ -163,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     at::Tensor tlogit = at::zeros({n}, fopt);
     const int64_t* tc = tgt + r0;
 
-    at::parallel_for(0, n_blk, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
+    for_each_block(n_blk, [&](int64_t b) {
+      {
         const int64_t c0 = b * blk, w = std::min(blk, n_cls - c0);
         at::Tensor tile = with_grad ? buffer.narrow(0, n * c0, n * w).view({n, w}) : at::empty({n, w}, fopt);
         at::mm_out(tile, ec, class_rows(b).t());
@@ -205,11 +218,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     if (softcap > 0) tcoef = tcoef * (1.0 - (tlogit / softcap).square());
     tcoef = tcoef.contiguous();
     const at::Tensor lse_col = lse_c.unsqueeze(1), a_col = a.unsqueeze(1), smooth_col = smooth.unsqueeze(1);
-    std::vector<at::Tensor> dh(n_threads);
-    at::parallel_for(0, n_blk, 1, [&](int64_t b0, int64_t b1) {
-      at::Tensor& acc_e = dh[at::get_thread_num()];
-      if (!acc_e.defined()) acc_e = at::zeros({n, dim}, fopt);
-      for (int64_t b = b0; b < b1; ++b) {
+    // grad_e: one accumulator per fixed group of consecutive blocks, summed in group order, so the
+    // result does not depend on which thread took which group (deterministic, like grad_c)
+    const int64_t n_grp = std::min<int64_t>(n_blk, kGradGroups);
+    std::vector<at::Tensor> dh(n_grp);
+    for_each_block(n_grp, [&](int64_t grp) {
+      at::Tensor& acc_e = dh[grp];
+      acc_e = at::zeros({n, dim}, fopt);
+      for (int64_t b = grp * n_blk / n_grp; b < (grp + 1) * n_blk / n_grp; ++b) {
         const int64_t c0 = b * blk, w = std::min(blk, n_cls - c0);
         at::Tensor tile = buffer.narrow(0, n * c0, n * w).view({n, w});
         if (fast) {
