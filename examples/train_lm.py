@@ -1,7 +1,8 @@
 """Train a small language model on real text with torchaq's output layer, several ways, equal steps.
 
 * ``full``: the exact softmax (``F.cross_entropy(layer(h), y)``);
-* ``chunked``: the exact, memory-efficient chunked cross-entropy (``torchaq.chunked_cross_entropy``);
+* ``linear`` (or its earlier name ``chunked``): the exact fused loss ``torchaq.linear_cross_entropy``
+  (no ``(B, V)`` logits; its forward computes the gradients on CPU);
 * ``uniform`` / ``unigram``: ``layer.sampled_softmax_loss(..., sampler=...)`` (unigram: training
   token counts + 1);
 * ``quantized``: ``layer.sampled_softmax_loss(..., sampler="quantized")`` with a
@@ -92,8 +93,8 @@ def perplexity(model, head, stream, context=64, max_tokens=40_000):
 def output_layer_loss(method, head, h, y, gen, args, num_sampled=None):
     if method == "full":
         return F.cross_entropy(head(h).flatten(0, 1), y.flatten())
-    if method == "chunked":
-        return torchaq.chunked_cross_entropy(h.flatten(0, 1), head.weight, head.bias, y.flatten())
+    if method in ("linear", "chunked"):
+        return torchaq.linear_cross_entropy(h.flatten(0, 1), head.weight, y.flatten(), head.bias)
     return head.sampled_softmax_loss(h, y, num_sampled=num_sampled, sampler=method, generator=gen,
                                      num_hard=args.num_hard,
                                      class_counts=None if method == "quantized" and args.quantized_floor == "uniform"
@@ -209,7 +210,7 @@ def train(method, num_sampled, train_stream, val_stream, vocab, args):
 @torch.no_grad()
 def estimator_gap(model, head, stream, method, args, num_sampled, rows=64):
     """Mean (sampled loss - full cross-entropy) at the final weights on held-out tokens (5 draws)."""
-    if method in ("full", "chunked"):
+    if method in ("full", "linear", "chunked"):
         return 0.0
     x, y = next(batches(stream, rows, 64, torch.Generator().manual_seed(7)))
     model.eval()
@@ -277,8 +278,9 @@ def main(argv=None):
     print(f"corpus: {len(train_stream)} train / {len(val_stream)} validation tokens, V = {vocab}")
     args.class_counts = torch.bincount(train_stream, minlength=vocab).float() + 1  # unigram proposal
     counts = [int(n) for n in args.num_sampled.split(",")]
-    arms = [(m, None if m in ("full", "chunked") else n) for m in args.methods.split(",")
-            for n in ([None] if m in ("full", "chunked") else counts)]
+    exact = ("full", "linear", "chunked")
+    arms = [(m, None if m in exact else n) for m in args.methods.split(",")
+            for n in ([None] if m in exact else counts)]
     reused = [reused_full_row(args.reuse_full, args)] if args.reuse_full else []
     rows = []
     for m, n in arms:  # the table is written after every arm: a long run that is stopped keeps its finished arms

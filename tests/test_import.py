@@ -22,7 +22,7 @@ def test_import_torchaq_is_light():
 def test_public_api():
     import torchaq
 
-    for name in ("QuantizedSoftmax", "AnisotropicPQ", "AnisotropicAQ", "CodebookRefresher", "chunked_cross_entropy",
+    for name in ("QuantizedSoftmax", "AnisotropicPQ", "AnisotropicAQ", "CodebookRefresher", "chunked_cross_entropy", "linear_cross_entropy",
                  "eta", "score_aware_loss", "ops", "hf"):
         assert hasattr(torchaq, name), name
     import torchaq.distributed

@@ -5,7 +5,8 @@ Public API::
     torchaq.QuantizedSoftmax      drop-in output layer: exact logits, fast topk / log_softmax_topk / sample
     torchaq.hf                    adapter for Hugging Face models (quantize_lm_head)
     torchaq.CodebookRefresher     keeps the index fresh while the layer trains (sampled softmax)
-    torchaq.chunked_cross_entropy exact cross-entropy of a linear layer in O(B chunk) memory
+    torchaq.linear_cross_entropy  exact fused cross-entropy of a linear layer (Cut Cross-Entropy's signature)
+    torchaq.chunked_cross_entropy the same loss under its earlier name and argument order
     torchaq.AnisotropicPQ         the quantizer (fit / encode / decode / lut / score)
     torchaq.AnisotropicAQ         additive codes, same API and scan (higher recall per bit, costlier LUT)
     torchaq.eta                   the paper's h_par / h_perp ratio per datapoint
@@ -19,7 +20,7 @@ Subpackages, lowest first (each imports only those before it): ``ops``, ``quanti
 from torchaq import ops
 from torchaq.backends import load_cpu_extension, load_triton_kernels
 from torchaq.quantizers import AnisotropicAQ, AnisotropicPQ, eta, score_aware_loss
-from torchaq.training import chunked_cross_entropy
+from torchaq.training import chunked_cross_entropy, linear_cross_entropy
 from torchaq.layer import CodebookRefresher, QuantizedSoftmax
 from torchaq import hf
 
@@ -33,6 +34,7 @@ __all__ = [
     "QuantizedSoftmax",
     "CodebookRefresher",
     "chunked_cross_entropy",
+    "linear_cross_entropy",
     "eta",
     "score_aware_loss",
     "ops",

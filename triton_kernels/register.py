@@ -15,6 +15,7 @@ import torch
 
 import torchaq.ops  # noqa: F401  (defines the op schemas this module implements)
 
+from .linear_ce import triton_linear_ce
 from .lut import triton_compute_lut
 from .scan import triton_lut_topk
 from .score import triton_lut_score
@@ -26,6 +27,9 @@ KERNELS = {
     "compute_lut": lambda queries, codebooks: triton_compute_lut(queries, codebooks),
     "lut_score": lambda lut, packed, num_classes, bias=None: triton_lut_score(lut, packed, num_classes, bias),
     "lut_topk": lambda lut, packed, num_classes, k, bias=None: triton_lut_topk(lut, packed, num_classes, k, bias),
+    # float64 stays on the reference (tl.dot has no float64 tiles)
+    "linear_ce": lambda e, *args: (torchaq.ops.linear_ce_reference if e.dtype == torch.float64 else triton_linear_ce)(
+        e, *args),
 }
 
 

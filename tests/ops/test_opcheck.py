@@ -118,6 +118,16 @@ def _layer_topk():
     return cases
 
 
+def _linear_ce():
+    g = _gen(8)
+    e, c, b = torch.randn(9, 6, generator=g), torch.randn(30, 6, generator=g), torch.randn(30, generator=g)
+    t = torch.randint(0, 30, (9,), generator=g)
+    t[2] = -100
+    rg = torch.rand(9, generator=g)
+    return [(e, c, b, t, None, -100, 0.0, 0.0, 0.0, 8, 0), (e, c, b, t, rg, -100, 3.0, 0.1, 1e-2, 7, 4),
+            (e, c, None, t, rg, -100, 0.0, 0.0, 0.0, 512, 0)]
+
+
 SAMPLE_INPUTS = {
     "compute_lut": _compute_lut,
     "pack_codes": _pack_codes,
@@ -131,6 +141,7 @@ SAMPLE_INPUTS = {
     "anisotropic_normal_rhs": _normal_rhs,
     "rescore_topk": _rescore_topk,
     "layer_topk": _layer_topk,
+    "linear_ce": _linear_ce,
 }
 
 

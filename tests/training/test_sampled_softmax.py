@@ -229,3 +229,60 @@ def test_refresher_schedules_and_logs(layer, caplog):
         torchaq.CodebookRefresher(layer, every=0)
     with pytest.raises(TypeError, match="QuantizedSoftmax"):
         torchaq.CodebookRefresher(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss conventions of F.cross_entropy (torchaq.training.conventions)
+# ------------------------------------------------------------------------------------------------
+def _exact_kept_rows_loss(layer, h, t, **kw):
+    """The sampled loss with every class drawn (uniform, num_sampled = V draws cover the vocabulary only
+    in expectation, so compare against itself on the kept rows instead)."""
+    return layer.sampled_softmax_loss(h, t, sampler="uniform", generator=torch.Generator().manual_seed(0), **kw)
+
+
+def test_ignore_index_drops_rows_exactly(layer):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(10, layer.dim, generator=g).requires_grad_()
+    t = torch.randint(0, layer.num_classes, (10,), generator=g)
+    t_ign = t.clone()
+    t_ign[[2, 7]] = -100
+    kept = t_ign != -100
+    out = _exact_kept_rows_loss(layer, h, t_ign, num_sampled=64, reduction="none")
+    assert out[2] == 0 and out[7] == 0
+    ref = _exact_kept_rows_loss(layer, h[kept], t[kept], num_sampled=64, reduction="none")
+    torch.testing.assert_close(out[kept], ref)
+    mean = _exact_kept_rows_loss(layer, h, t_ign, num_sampled=64)
+    torch.testing.assert_close(mean, ref.mean())
+    mean.backward()
+    assert (h.grad[[2, 7]] == 0).all() and (h.grad[kept] != 0).any()
+
+
+def test_all_ignored_batch_is_nan_mean_zero_sum(layer):
+    h = torch.randn(4, layer.dim)
+    t = torch.full((4,), -100)
+    assert torch.isnan(layer.sampled_softmax_loss(h, t, num_sampled=16))
+    assert layer.sampled_softmax_loss(h, t, num_sampled=16, reduction="sum") == 0
+
+
+def test_label_smoothing_and_z_loss_follow_the_definitions(layer):
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(6, layer.dim, generator=g)
+    t = torch.randint(0, layer.num_classes, (6,), generator=g)
+    base = _exact_kept_rows_loss(layer, h, t, num_sampled=64, reduction="none")
+    logits = layer(h).float()
+    lt = logits.gather(1, t.unsqueeze(1)).squeeze(1)
+    smooth = _exact_kept_rows_loss(layer, h, t, num_sampled=64, reduction="none", label_smoothing=0.2)
+    torch.testing.assert_close(smooth, base + 0.2 * (lt - logits.mean(1)), rtol=1e-5, atol=1e-5)
+    out, z = _exact_kept_rows_loss(layer, h, t, num_sampled=64, reduction="none", z_loss=0.1, return_z_loss=True)
+    torch.testing.assert_close(z, 0.1 * (base + lt) ** 2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, base + z)
+
+
+def test_sampled_loss_refuses_softcap_and_bad_options(layer):
+    h, t = torch.randn(3, layer.dim), torch.zeros(3, dtype=torch.long)
+    for kw, match in ((dict(softcap=5.0), "softcap"), (dict(softcap=-1.0), "softcap"),
+                      (dict(label_smoothing=2.0), "label_smoothing"), (dict(z_loss=-1.0), "z_loss")):
+        with pytest.raises(ValueError, match=match):
+            layer.sampled_softmax_loss(h, t, num_sampled=8, **kw)
+    with pytest.raises(ValueError, match="ignore_index"):
+        layer.sampled_softmax_loss(h, t - 5, num_sampled=8)

@@ -9,6 +9,7 @@
 
 #include "aq_encode.h"
 #include "encode.h"
+#include "linear_ce.h"
 #include "normal_apply.h"
 #include "rescore.h"
 #include "scan.h"
@@ -25,6 +26,7 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("anisotropic_normal_apply", &torchaq::cpu::normal_apply_cpu);
   m.impl("anisotropic_normal_rhs", &torchaq::cpu::normal_rhs_cpu);
   m.impl("layer_topk", &torchaq::cpu::layer_topk_cpu);
+  m.impl("linear_ce", &torchaq::cpu::linear_ce_cpu);
 }
 
 namespace {

@@ -20,6 +20,7 @@ module                 ops
 ``normal_apply``       ``anisotropic_normal_apply``, ``anisotropic_normal_rhs``
 ``rescore``            ``rescore_topk`` and the exact-logit helpers
 ``layer_topk``         ``layer_topk`` (scan + shortlist + re-score in one op)
+``linear_ce``          ``linear_ce`` (fused linear cross-entropy: loss, log-sum-exp, gradients)
 =====================  ====================================================================
 """
 from torchaq.ops import schemas  # noqa: F401  (first: the families register against these schemas)
@@ -47,6 +48,7 @@ from torchaq.ops.layout import (
     num_blocks,
     packed_width,
 )
+from torchaq.ops.linear_ce import acc_dtype, check_linear_ce_args, linear_ce, linear_ce_reference
 from torchaq.ops.lut import compute_lut, compute_lut_reference
 from torchaq.ops.normal_apply import (
     anisotropic_normal_apply,
@@ -73,5 +75,6 @@ REFERENCES = {
     "anisotropic_normal_apply": anisotropic_normal_apply_reference,
     "anisotropic_normal_rhs": anisotropic_normal_rhs_reference,
     "layer_topk": layer_topk_reference,
+    "linear_ce": linear_ce_reference,
 }
 assert REFERENCES.keys() == SCHEMAS.keys()

@@ -26,6 +26,9 @@ SCHEMAS = {
     "layer_topk": "layer_topk(Tensor h, Tensor queries, Tensor codebooks, Tensor packed, int num_classes, int candidates,"
                   " Tensor? scan_bias, Tensor weight, Tensor? bias, Tensor side_rows, Tensor? weight_i8,"
                   " Tensor? row_scale, int shortlist, int k) -> (Tensor, Tensor)",
+    "linear_ce": "linear_ce(Tensor e, Tensor c, Tensor? bias, Tensor targets, Tensor? row_grad, int ignore_index,"
+                 " float softcap, float label_smoothing, float z_loss, int class_block, int row_chunk)"
+                 " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 for _schema in SCHEMAS.values():
     LIB.define(_schema)

@@ -96,8 +96,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchaq.checks import is_int
-from torchaq.ops.rescore import gather_rows, logits_of_rows
-from torchaq.training.conventions import check_reduction, check_targets, reduce_loss
+from torchaq.ops.rescore import exact_logits, gather_rows, logits_of_rows
+from torchaq.training.conventions import (
+    IGNORE_INDEX,
+    check_loss_options,
+    check_reduction,
+    check_targets,
+    kept_rows,
+    reduce_loss,
+)
 from torchaq.training.lut_proposal import LUT_ROWS, LUT_SHARE, layer_lut_cv_loss
 from torchaq.training.proposals import (
     CANDIDATE_SHARE,
@@ -116,14 +123,15 @@ SAMPLERS = ("quantized", "uniform", "unigram")
 PROPOSALS = ("lut", "candidates")
 
 
-def check_sampled_args(h: Tensor, target: Tensor, num_classes: int, num_sampled: int, sampler: str, reduction: str) -> None:
+def check_sampled_args(h: Tensor, target: Tensor, num_classes: int, num_sampled: int, sampler: str, reduction: str,
+                       ignore_index: Optional[int] = None) -> None:
     """The arguments every sampled loss shares (single-device and vocabulary-parallel)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     check_reduction(reduction)
     if not is_int(num_sampled) or not 1 <= num_sampled <= num_classes:
         raise ValueError(f"num_sampled must be an integer in [1, V={num_classes}], got {num_sampled!r}")
-    check_targets(target, h, num_classes)
+    check_targets(target, h, num_classes, ignore_index=ignore_index)
 
 
 def sampled_softmax_loss(
@@ -254,7 +262,12 @@ def layer_sampled_softmax_loss(
     proposal: str = "lut",
     lut_share: Optional[float] = None,
     lut_rows: Optional[int] = LUT_ROWS,
-) -> Tensor:
+    ignore_index: int = IGNORE_INDEX,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    return_z_loss: bool = False,
+):
     """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
 
     ``log Z_hat - logit_target`` where ``Z_hat`` counts the target and (quantized sampler) each
@@ -295,9 +308,64 @@ def layer_sampled_softmax_loss(
             random rows of the batch only (default :data:`torchaq.training.lut_proposal.LUT_ROWS`;
             ``None``: every row); the others use the plain estimate with the same draws. Cost of
             the pass ``min(lut_rows, B) * V * M``.
+        ignore_index: rows with this target are dropped before sampling: loss 0, zero gradient,
+            and they leave the mean (an all-ignored batch: NaN for ``"mean"``, 0 for ``"sum"``),
+            exactly as ``F.cross_entropy``.
+        label_smoothing: eps in ``[0, 1]``: ``(1 - eps)(log Z - l_t) + eps (log Z - mean_c l_c)``. The
+            mean logit is exact (``<h, mean_c W_c> + mean_c b_c``, one ``V d`` pass over ``W``); only
+            ``log Z`` is estimated, as without smoothing, so the bias is the plain loss's.
+        z_loss: coefficient of ``(log Z_hat)^2`` added per kept row. ``log Z_hat`` is biased low by
+            about ``Var(Z_hat) / 2 Z^2`` (the loss's own bias), so the term is too: bounded by the same
+            quantity times ``2 |log Z|``, and it shrinks with the draws.
+        softcap: not supported by the sampled estimators (the proposals and the control variates
+            are built on uncapped scores): anything but None raises ValueError.
+        return_z_loss: also return the z-loss term (reduced like the loss, detached).
     """
+    check_loss_options(softcap, label_smoothing, z_loss)
+    if softcap is not None:
+        raise ValueError("softcap is not supported by the sampled softmax loss (use torchaq.linear_cross_entropy)")
+    if not is_int(ignore_index):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_sampled_args(h, target, layer.num_classes, num_sampled, sampler, reduction, ignore_index)
+    flat_h = layer.flat_features(h)
+    flat_t = target.reshape(-1).long()
+    kept = kept_rows(flat_t, ignore_index)
+    all_kept = torch.compiler.is_compiling() or bool(kept.all())
+    rows_h, rows_t = (flat_h, flat_t) if all_kept else (flat_h[kept], flat_t[kept])
+    loss = _layer_sampled_rows(layer, rows_h, rows_t, num_sampled, sampler, remove_accidental_hits, class_counts,
+                               generator, num_hard, num_candidates, control_variate, share_draws, candidate_share,
+                               proposal, lut_share, lut_rows)
+    z_rows = None
+    if label_smoothing or z_loss:
+        target_logit = exact_logits(rows_h, layer.weight, layer.bias, rows_t.unsqueeze(1)).squeeze(1)
+        log_z = loss + target_logit  # log Z_hat
+        if label_smoothing:
+            mean_logit = rows_h.float() @ layer.weight.float().mean(0)
+            if layer.bias is not None:
+                mean_logit = mean_logit + layer.bias.float().mean()
+            loss = loss + label_smoothing * (target_logit - mean_logit)
+        if z_loss:
+            z_rows = z_loss * log_z * log_z
+            loss = loss + z_rows
+    if not all_kept:
+        loss = torch.zeros(flat_t.shape, dtype=loss.dtype, device=loss.device).masked_scatter(kept, loss)
+        if z_rows is not None:
+            z_rows = torch.zeros_like(loss).masked_scatter(kept, z_rows.detach())
+    if flat_t.numel() == 0:  # an empty batch (not an all-ignored one) gives 0, as documented above
+        out = loss.reshape(target.shape) if reduction == "none" else loss.sum()
+    else:
+        out = reduce_loss(loss, target, reduction, ignore_index)
+    if not return_z_loss:
+        return out
+    z_rows = torch.zeros_like(loss) if z_rows is None else z_rows
+    return out, reduce_loss(z_rows.detach(), target, reduction, ignore_index)
+
+
+def _layer_sampled_rows(layer, flat, flat_target, num_sampled, sampler, remove_accidental_hits, class_counts, generator,
+                        num_hard, num_candidates, control_variate, share_draws, candidate_share, proposal, lut_share,
+                        lut_rows) -> Tensor:
+    """The per-row sampled loss of kept rows ``flat`` ``(B, d)`` (arguments of :func:`layer_sampled_softmax_loss`)."""
     num_classes = layer.num_classes
-    check_sampled_args(h, target, num_classes, num_sampled, sampler, reduction)
     for name, value, low in (("num_hard", num_hard, 0), ("num_candidates", num_candidates, 1)):
         if not is_int(value) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -311,15 +379,12 @@ def layer_sampled_softmax_loss(
         raise ValueError(f"lut_share must be a number in (0, 1], got {lut_share!r}")
     if lut_rows is not None and (not is_int(lut_rows) or lut_rows < 1):
         raise ValueError(f"lut_rows must be None or an integer >= 1, got {lut_rows!r}")
-    flat = layer.flat_features(h)
-    flat_target = target.reshape(-1).long()
     if sampler == "unigram":
         if class_counts is None:
             raise ValueError('sampler="unigram" needs class_counts (a (V,) tensor of positive counts)')
         proposal = unigram_proposal(class_counts.to(flat.device), num_classes)
     if flat.shape[0] == 0:  # nothing to estimate; keep the graph connected to h and the weights
-        zero = flat.sum() * 0.0 + layer.weight.sum() * 0.0
-        return zero.expand(target.shape) if reduction == "none" else zero
+        return flat.sum(1) * 0.0 + layer.weight.sum() * 0.0
     hard = cv_classes = cv_scores = None
     if sampler == "quantized":
         base = None if class_counts is None else unigram_proposal(class_counts.to(flat.device), num_classes)
@@ -327,12 +392,12 @@ def layer_sampled_softmax_loss(
             loss = layer_lut_cv_loss(layer, flat, flat_target, num_sampled, int(num_hard), int(num_candidates),
                                      float(lut_share), base, remove_accidental_hits, generator, control_variate,
                                      None if lut_rows is None else int(lut_rows))
-            return reduce_loss(loss, target, reduction)
+            return loss
         proposals = row_proposals(layer, flat, int(num_hard), int(num_candidates), float(candidate_share), base)
         if not share_draws:
             loss = per_row_sampled_softmax_loss(flat, flat_target, layer.weight, layer.bias, proposals, num_sampled,
                                                 remove_accidental_hits, generator)
-            return reduce_loss(loss, target, reduction)
+            return loss
         classes, log_pi = proposals.shared_draws(num_sampled, generator)
         hard = proposals.hard
         if control_variate:
@@ -341,6 +406,5 @@ def layer_sampled_softmax_loss(
         if sampler == "uniform":
             proposal = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64, device=flat.device)
         classes, log_pi = shared_draws(proposal, num_sampled, generator)
-    loss = sampled_softmax_loss(flat, flat_target, layer.weight, layer.bias, classes, log_pi, hard,
+    return sampled_softmax_loss(flat, flat_target, layer.weight, layer.bias, classes, log_pi, hard,
                                 remove_accidental_hits, cv_classes, cv_scores)
-    return reduce_loss(loss, target, reduction)
