@@ -30,6 +30,8 @@ from torchaq.ops.rescore import exact_logits
 
 # classes of the rest scored exactly per row to correct its LUT mass
 REST_SAMPLES = 256
+# sampled classes whose rows are gathered at once (bounds the (B, chunk, d) gather)
+SAMPLE_CHUNK = 32
 
 
 def log_partition(
@@ -42,22 +44,25 @@ def log_partition(
     samples: int = REST_SAMPLES,
 ) -> Tensor:
     """``log Z`` per row ``(B,)`` from the exact candidate ``logits`` / ``classes`` ``(B, C)`` and the
-    float LUT scores ``(B, V)`` of every class (bias included); see the module docstring.
+    float LUT scores ``(B, V)`` of every class (bias included; overwritten in place); see the module docstring.
 
     Candidates may repeat a class or hold ``-inf`` logits (masked duplicates); both are handled.
     ``samples = 0`` gives the uncorrected estimate ``logsumexp(candidates, LUT scores of the rest)``.
     """
-    rest = lut_scores.scatter(1, classes, -math.inf)
+    rest = lut_scores.scatter_(1, classes, -math.inf)  # in place: one (B, V) buffer, not two
     log_rest = torch.logsumexp(rest, dim=1)  # (B,)
     log_cand = torch.logsumexp(logits, dim=1)
     if samples > 0 and rest.shape[1] > 0:
         has_rest = torch.isfinite(log_rest)
-        prob = (rest - torch.where(has_rest, log_rest, 0.0).unsqueeze(1)).exp()  # 0 on candidates
-        cum = prob.cumsum(dim=1)
+        cum = (rest - torch.where(has_rest, log_rest, 0.0).unsqueeze(1)).exp_()  # 0 on candidates
+        cum = cum.cumsum_(dim=1)
         u = (torch.arange(samples, device=rest.device, dtype=cum.dtype) + 0.5) / samples
         u = u.unsqueeze(0) * cum[:, -1:]  # the quantiles of the (float-rounded) total
-        pick = torch.searchsorted(cum.contiguous(), u.contiguous()).clamp_(max=rest.shape[1] - 1)
-        exact = exact_logits(h, weight, bias, pick)
+        pick = torch.searchsorted(cum, u.contiguous()).clamp_(max=rest.shape[1] - 1)
+        del cum
+        # the sample's exact logits SAMPLE_CHUNK classes at a time: never a (B, samples, d) gather
+        exact = torch.cat([exact_logits(h, weight, bias, pick[:, j : j + SAMPLE_CHUNK])
+                           for j in range(0, samples, SAMPLE_CHUNK)], dim=1)
         ratio = torch.logsumexp(exact - rest.gather(1, pick), dim=1) - math.log(samples)
         log_rest = torch.where(has_rest, log_rest + ratio, log_rest)
     return torch.logaddexp(log_cand, log_rest)
