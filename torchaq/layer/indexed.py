@@ -17,7 +17,7 @@ from torch import Tensor
 
 from torchaq import ops
 from torchaq.checks import check_features, check_int, has_data
-from torchaq.layer import construction, incremental, side_list, staleness, state
+from torchaq.layer import construction, incremental, probe, side_list, staleness, state
 from torchaq.layer.fast_topk import FastTopk
 
 
@@ -77,6 +77,8 @@ class IndexedLayer(FastTopk):
                 self._row_norms, self.residual_norms, self.side_rows = update
         self._mark_fresh()
         self._fingerprint, self._encode_key = fingerprint, self._encoding_key()
+        if refit:
+            probe.warn_if_poor(self, queries)
         return self
 
     def _encoding_key(self) -> tuple:
