@@ -13,7 +13,7 @@ shapes and ``bits``, so a reloaded layer makes the same one.
 
 :func:`entropy` is the exact softmax entropy ``H = log Z - sum_c p_c l_c`` by a streaming
 log-sum-exp over blocks of classes (running max ``m``, ``s = sum exp(l - m)``,
-``t = sum exp(l - m) l``; ``H = m + log s - t / s``): ``B V d`` multiply-adds like the dense
+``t = sum exp(l - m) (l - m)``; ``H = log s - t / s``): ``B V d`` multiply-adds like the dense
 layer, but at most ``ROW_CHUNK x CLASS_CHUNK`` logits alive at once.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import Tensor
 MIN_QUANTIZED_DIM = 8
 # rows scored per block by the exact / chunked paths, and classes per block of the entropy
 ROW_CHUNK = 128
-CLASS_CHUNK = 8192
+CLASS_CHUNK = 2048
 
 
 def exact_reason(num_classes: int, dim: int, bits: int) -> Optional[str]:
@@ -83,17 +83,24 @@ def entropy(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     out = torch.empty(h.shape[0], device=h.device)
     for a, b in row_chunks(h.shape[0]):
         x = h[a:b].float()
-        m = torch.full((b - a,), -math.inf, device=h.device, dtype=torch.float64)
+        # float32 blocks of shifted logits l - m, float64 running sums:
+        #   s = sum exp(l - m),  t = sum exp(l - m) (l - m),  H = log s - t / s;
+        # when the running max moves m -> m' (alpha = exp(m - m')): s <- alpha s, t <- alpha (t + (m - m') s)
+        m = torch.full((b - a,), -math.inf, device=h.device)
         s = torch.zeros(b - a, device=h.device, dtype=torch.float64)
         t = torch.zeros(b - a, device=h.device, dtype=torch.float64)
         for c0 in range(0, w.shape[0], CLASS_CHUNK):
             c1 = min(w.shape[0], c0 + CLASS_CHUNK)
-            logits = _logits(x, w[c0:c1], None if bias is None else bias.detach()[c0:c1]).double()
-            new_m = torch.maximum(m, logits.amax(dim=1))
-            scale = torch.exp(m - new_m)  # 0 on the first block (m = -inf)
-            e = torch.exp(logits - new_m.unsqueeze(1))
-            s = s * scale + e.sum(dim=1)
-            t = t * scale + (e * logits).sum(dim=1)
+            shifted = _logits(x, w[c0:c1], None if bias is None else bias.detach()[c0:c1])
+            new_m = torch.maximum(m, shifted.amax(dim=1))
+            step = torch.where(torch.isfinite(m), m - new_m, 0.0).double()
+            alpha = torch.exp(m - new_m).double()  # 0 on the first block (m = -inf)
+            t = alpha * (t + step * s)
+            s = alpha * s
+            shifted.sub_(new_m.unsqueeze(1))
+            e = shifted.exp()
+            s = s + e.sum(dim=1, dtype=torch.float64)
+            t = t + e.mul_(shifted).sum(dim=1, dtype=torch.float64)
             m = new_m
-        out[a:b] = (m + s.log() - t / s).float()
+        out[a:b] = (s.log() - t / s).float()
     return out

@@ -12,7 +12,7 @@ proposal (a ratio estimator with the LUT mass as control variate):
 
 which is unbiased for ``Z_R`` because ``E[exp(l - s)] = Z_R / sum_R exp(s)`` under that proposal.
 The ``n`` classes are drawn by systematic sampling (the ``(j + 1/2) / n`` quantiles of the
-proposal's cumulative mass), which is deterministic -- the same ``h`` gives the same ``log Z`` --
+proposal's cumulative mass, accumulated block by block), which is deterministic -- the same ``h`` gives the same ``log Z`` --
 and has lower variance than independent draws. Where the candidates hold nearly all the mass,
 the correction changes nothing that matters; where they hold little (flat softmaxes), it removes
 the selection bias. Cost on top of the full ``(B, V)`` LUT score pass: a softmax, a cumulative sum
@@ -32,6 +32,8 @@ from torchaq.ops.rescore import exact_logits
 REST_SAMPLES = 256
 # sampled classes whose rows are gathered at once (bounds the (B, chunk, d) gather)
 SAMPLE_CHUNK = 32
+# classes per block of the log-sum-exp and the cumulative mass (bounds the (B, block) temporaries)
+CLASS_BLOCK = 4096
 
 
 def log_partition(
@@ -49,17 +51,31 @@ def log_partition(
     Candidates may repeat a class or hold ``-inf`` logits (masked duplicates); both are handled.
     ``samples = 0`` gives the uncorrected estimate ``logsumexp(candidates, LUT scores of the rest)``.
     """
-    rest = lut_scores.scatter_(1, classes, -math.inf)  # in place: one (B, V) buffer, not two
-    log_rest = torch.logsumexp(rest, dim=1)  # (B,)
+    rest = lut_scores.scatter_(1, classes, -math.inf)  # in place: the only (B, V) buffer
+    num = rest.shape[1]
+    # log-sum-exp of the rest, CLASS_BLOCK classes at a time (no (B, V) exp temporary)
+    peak = rest.amax(dim=1)
+    has_rest = torch.isfinite(peak)
+    shift = torch.where(has_rest, peak, 0.0)
+    total = torch.zeros_like(shift)
+    for a in range(0, num, CLASS_BLOCK):
+        total += (rest[:, a : a + CLASS_BLOCK] - shift.unsqueeze(1)).exp().sum(dim=1)
+    log_rest = torch.where(has_rest, shift + total.log(), -math.inf)
     log_cand = torch.logsumexp(logits, dim=1)
-    if samples > 0 and rest.shape[1] > 0:
-        has_rest = torch.isfinite(log_rest)
-        cum = (rest - torch.where(has_rest, log_rest, 0.0).unsqueeze(1)).exp_()  # 0 on candidates
-        cum = cum.cumsum_(dim=1)
-        u = (torch.arange(samples, device=rest.device, dtype=cum.dtype) + 0.5) / samples
-        u = u.unsqueeze(0) * cum[:, -1:]  # the quantiles of the (float-rounded) total
-        pick = torch.searchsorted(cum, u.contiguous()).clamp_(max=rest.shape[1] - 1)
-        del cum
+    if samples > 0 and num > 0:
+        # systematic sampling: the (j + 1/2) / n quantiles of the proposal's cumulative mass, found
+        # block by block (running total ``carry``) instead of in a (B, V) cumulative sum
+        norm = torch.where(has_rest, log_rest, 0.0).unsqueeze(1)
+        u = (torch.arange(samples, device=rest.device, dtype=rest.dtype) + 0.5) / samples
+        u = (u.unsqueeze(0) * total.mul(torch.exp(shift - norm.squeeze(1))).unsqueeze(1)).contiguous()
+        pick = torch.full(u.shape, num - 1, dtype=torch.int64, device=rest.device)
+        carry = torch.zeros(rest.shape[0], 1, device=rest.device, dtype=rest.dtype)
+        for a in range(0, num, CLASS_BLOCK):
+            cum = (rest[:, a : a + CLASS_BLOCK] - norm).exp_().cumsum_(dim=1).add_(carry)
+            inside = (u > carry) & (u <= cum[:, -1:])
+            idx = torch.searchsorted(cum, u).clamp_(max=cum.shape[1] - 1) + a
+            pick = torch.where(inside, idx, pick)
+            carry = cum[:, -1:]
         # the sample's exact logits SAMPLE_CHUNK classes at a time: never a (B, samples, d) gather
         exact = torch.cat([exact_logits(h, weight, bias, pick[:, j : j + SAMPLE_CHUNK])
                            for j in range(0, samples, SAMPLE_CHUNK)], dim=1)

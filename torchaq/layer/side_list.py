@@ -60,6 +60,10 @@ MAX_ERROR_QUERIES = 256
 DENSE_FRACTION = 8
 # relative float32 slack of the bound test (LUT sums and exact dot products both round)
 BOUND_SLACK = 1e-4
+# classes per block when bound_complete counts the rows each query needs
+CLASS_BLOCK = 4096
+# candidate rows gathered at once per query for their exact logits
+GATHER_BLOCK = 64
 
 
 def default_max_rows(num_classes: int) -> int:
@@ -193,7 +197,7 @@ def bound_complete(
     h: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
-    lut_scores: Tensor,
+    lut_scores,
     radii: Tensor,
     logits: Tensor,
     classes: Tensor,
@@ -202,33 +206,43 @@ def bound_complete(
     """Complete a candidate list so that its top-``k`` is provably the exact top-``k``.
 
     ``h`` ``(B, d)``; ``lut_scores`` the float LUT scores ``(B, V)`` (bias included) of every
-    class, overwritten by the bounds (no second ``(B, V)`` float buffer); ``radii`` the residual norms ``(V,)`` (``0`` never, ``inf`` for rows that must always
+    class, or a zero-argument function returning them (then the buffer is owned here, overwritten
+    by the bounds and freed before a dense fallback: one ``(B, V)`` float buffer at a time); ``radii`` the residual norms ``(V,)`` (``0`` never, ``inf`` for rows that must always
     be re-scored); ``logits`` / ``classes`` ``(B, C)`` the exactly scored candidates, sorted best
     first. Every row not in ``classes`` whose bound ``s_i + |h| |r_i|`` reaches the ``k``-th best
     exact logit is scored exactly and merged. Returns ``(logits, classes, extra)``, sorted, with
     ``extra`` the ``(B,)`` number of rows each query needed beyond its candidates.
     """
     hn = h.float().norm(dim=1, keepdim=True)
-    # upper = s + |h| r + slack (|s| + |h| r), built in the one (B, V) buffer of the scores (overwritten)
-    upper = lut_scores.add_(lut_scores.abs().mul_(BOUND_SLACK))
+    lut_scores = lut_scores() if callable(lut_scores) else lut_scores.clone()
+    # upper = s + |h| r + slack (max_i |s_i| + |h| r): the rounding slack per row uses the row's
+    # largest |s| (looser than |s_i|, still a valid bound), so the scores' one (B, V) buffer is
+    # the only one (overwritten in place)
+    lo, hi = torch.aminmax(lut_scores, dim=1)
+    upper = lut_scores.add_(torch.maximum(lo.abs(), hi.abs()).mul_(BOUND_SLACK).unsqueeze(1))
     upper.addcmul_(hn, radii.unsqueeze(0), value=1 + BOUND_SLACK)
     upper.scatter_(1, classes, -math.inf)  # already exact
     kth = logits[:, k - 1 : k]
     kth = kth - BOUND_SLACK * (1 + kth.abs())
-    need = upper >= kth
-    extra = need.sum(dim=1)
+    # rows each query needs, counted CLASS_BLOCK classes at a time (a (B, V) mask and its int64 sum
+    # would hold 9 bytes per score)
+    extra = sum((upper[:, a : a + CLASS_BLOCK] >= kth).sum(dim=1) for a in range(0, upper.shape[1], CLASS_BLOCK))
     most = int(extra.max()) if extra.numel() else 0
     if most == 0:
         return logits, classes, extra
     if most * DENSE_FRACTION >= lut_scores.shape[1]:
-        # the bound rules out too little: one dense matmul is cheaper than gathering most rows
+        # the bound rules out too little: one dense matmul is cheaper than gathering most rows;
+        # the bound tables go first so the dense logits are the only (B, V) buffer alive
+        del lut_scores, upper
         full = h.float() @ weight.detach().float().T
         if bias is not None:
             full = full + bias.float()
         logits, classes = full.topk(logits.shape[1], dim=1)
         return logits, classes, extra
     ub, extra_classes = upper.topk(most, dim=1)
-    extra_logits = exact_logits(h, weight, bias, extra_classes).masked_fill(ub < kth, -math.inf)
+    # their exact logits GATHER_BLOCK rows at a time: never a (B, most, d) gather
+    extra_logits = torch.cat([exact_logits(h, weight, bias, extra_classes[:, a : a + GATHER_BLOCK])
+                              for a in range(0, most, GATHER_BLOCK)], dim=1).masked_fill(ub < kth, -math.inf)
     logits = torch.cat([logits, extra_logits], dim=1)
     classes = torch.cat([classes, extra_classes], dim=1)
     logits, order = logits.sort(dim=1, descending=True)

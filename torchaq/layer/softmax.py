@@ -1,6 +1,7 @@
 """``torchaq.QuantizedSoftmax``: a drop-in output layer with fast approximate top-k inference."""
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -250,8 +251,8 @@ class QuantizedSoftmax(IndexedLayer):
         out_i = torch.empty(flat.shape[0], k, dtype=torch.int64, device=flat.device)
         for a, b in exact.row_chunks(flat.shape[0]):
             logits, classes, lut = self.candidate_logits(flat[a:b], candidates, k)
-            scores = ops.lut_score(lut, self.packed_codes, self.num_classes, self.float_bias())
-            logits, classes, _ = side_list.bound_complete(
+            scores = functools.partial(ops.lut_score, lut, self.packed_codes, self.num_classes, self.float_bias())
+            logits, classes, _ = side_list.bound_complete(  # the scores buffer is made and freed inside
                 flat[a:b], self.weight.detach(), bias, scores, self.residual_norms, logits, classes, k)
             out_v[a:b], out_i[a:b] = logits[:, :k], classes[:, :k]
         return out_v, out_i
@@ -315,8 +316,8 @@ class QuantizedSoftmax(IndexedLayer):
             idx = torch.empty(flat.shape[0], k, dtype=torch.int64, device=flat.device)
             for a, b in exact.row_chunks(flat.shape[0]):
                 logits, classes, lut = self.candidate_logits(flat[a:b], candidates, k)
-                approx = ops.lut_score(lut, self.packed_codes, self.num_classes, self.float_bias())
-                log_z = log_partition(flat[a:b], self.weight.detach(), bias, logits, classes, approx)
+                log_z = log_partition(flat[a:b], self.weight.detach(), bias, logits, classes,
+                                      ops.lut_score(lut, self.packed_codes, self.num_classes, self.float_bias()))
                 logp[a:b], idx[a:b] = logits[:, :k] - log_z.unsqueeze(1), classes[:, :k]
         lead = h.shape[:-1]
         return logp.reshape(lead + (k,)), idx.reshape(lead + (k,))
