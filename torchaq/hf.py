@@ -27,7 +27,8 @@ and fills the other classes with ``-inf``; only HF's argmax and those processors
 Because they only lower scores, the argmax over the candidates is the argmax over all classes
 whenever the best processed candidate stays at or above the lowest candidate's raw logit; a
 last processor (:class:`FastStepGuard`) checks exactly that per step, and if it ever fails the
-whole call is re-run on the exact path. Greedy tokens then equal the dense model's whenever the
+whole call is re-run on the exact path (a ``streamer`` then receives the tokens of the
+re-run after those of the abandoned fast run). Greedy tokens then equal the dense model's whenever the
 scan's candidates hold the true top classes (the layer's recall; ``guarantee="bound"`` in
 :func:`quantize_lm_head` makes that provable at the cost of a float LUT pass). Sampling, beam
 search and everything else run the exact logits: ``do_sample=True`` draws from exactly the dense
