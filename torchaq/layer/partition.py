@@ -31,7 +31,7 @@ from torchaq.ops.rescore import exact_logits
 # classes of the rest scored exactly per row to correct its LUT mass
 REST_SAMPLES = 256
 # sampled classes whose rows are gathered at once (bounds the (B, chunk, d) gather)
-SAMPLE_CHUNK = 32
+SAMPLE_CHUNK = 16
 # classes per block of the log-sum-exp and the cumulative mass (bounds the (B, block) temporaries)
 CLASS_BLOCK = 4096
 

@@ -9,7 +9,8 @@ them in three ways, each seen by a different signal:
 * ``weight.data = W2`` (Hugging Face's ``_init_weights``, ``load_state_dict(assign=True)``): the
   storage pointer moves, the version does not;
 * ``weight.data.copy_(W2)``: neither moves (``.data`` has its own version counter), so a copy of a
-  few fixed *sentinel rows* (up to :data:`SENTINEL_ROWS`, evenly strided) is compared too.
+  few fixed *sentinel rows* (up to :data:`SENTINEL_ROWS`, evenly strided; compared through a
+  strided view, so the check allocates nothing) is compared too.
 
 :func:`changed` runs all three per call: two integer compares and one ``torch.equal`` over
 ``SENTINEL_ROWS * d`` values, independent of ``V`` and of the batch. A ``.data`` write that leaves
@@ -28,12 +29,20 @@ SENTINEL_ROWS = 64
 
 
 class Snapshot(NamedTuple):
-    """What the index was built from: storage pointer, version counter, sentinel row ids and copies."""
+    """What the index was built from: storage pointer, version counter, the sentinel rows' stride
+    and count, and their copies."""
 
     pointer: int
     version: Optional[int]
-    rows: Tensor
+    stride: int
+    count: int
     values: Tensor
+
+
+def sentinels(weight: Tensor, stride: int, count: int) -> Tensor:
+    """The sentinel rows of ``weight``: a strided *view* (``weight[::stride][:count]``), so the
+    per-call comparison allocates nothing."""
+    return weight.detach()[::stride][:count]
 
 
 def version_of(weight: Tensor) -> Optional[int]:
@@ -48,8 +57,9 @@ def snapshot(weight: Tensor) -> Snapshot:
     """The :class:`Snapshot` of ``weight`` now (``O(SENTINEL_ROWS * d)``)."""
     w = weight.detach()
     num = w.shape[0]
-    rows = torch.linspace(0, max(num - 1, 0), min(SENTINEL_ROWS, num), device=w.device).round().long()
-    return Snapshot(w.data_ptr(), version_of(weight), rows, w.index_select(0, rows).clone())
+    stride = max(1, num // SENTINEL_ROWS)
+    count = min(SENTINEL_ROWS, (num + stride - 1) // stride)
+    return Snapshot(w.data_ptr(), version_of(weight), stride, count, sentinels(w, stride, count).clone())
 
 
 def changed(weight: Tensor, snap: Optional[Snapshot]) -> Optional[str]:
@@ -63,7 +73,7 @@ def changed(weight: Tensor, snap: Optional[Snapshot]) -> Optional[str]:
         return "the weight was updated in place (optimiser step, tied embedding)"
     if w.device.type == "meta" or snap.values.device != w.device or snap.values.shape[1:] != w.shape[1:]:
         return None
-    if not torch.equal(w.index_select(0, snap.rows), snap.values):
+    if not torch.equal(sentinels(w, snap.stride, snap.count), snap.values):
         return "the weight was written through .data (weight.data.copy_ / HF _init_weights)"
     return None
 
@@ -84,7 +94,7 @@ def assert_fresh_in_graph(weight: Tensor, snap: Optional[Snapshot]) -> None:
     as long as one sentinel row moved. Meta tensors (tracing without data) are skipped."""
     if snap is None or weight.device.type == "meta" or snap.values.device != weight.device:
         return
-    same = (weight.detach().index_select(0, snap.rows) == snap.values).all()
+    same = (sentinels(weight, snap.stride, snap.count) == snap.values).all()
     torch._assert_async(same, "QuantizedSoftmax: the weight changed since the last refresh(), so the quantized "
                               "index is stale. Call layer.refresh() outside the compiled function after updating "
                               "the weight (the compiled function recompiles once for the new index).")
