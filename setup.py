@@ -1,8 +1,9 @@
 """Builds the optional C++ extension ``torchaq._C`` (CPU lookup-table scan).
 
-Everything else is declared in ``pyproject.toml``. If torch is not importable at build time,
-or the compiler fails, the package is installed without the extension and falls back to the
-pure-torch reference kernels (with one warning at import) -- unless ``TORCHAQ_REQUIRE_CPP=1``,
+Everything else is declared in ``pyproject.toml``. Without torch the build stops at once with
+"install torch first" (torch is a run-time dependency too). If the compiler fails, the package
+is installed without the extension and falls back to the pure-torch reference kernels (with one
+warning at import) -- unless ``TORCHAQ_REQUIRE_CPP=1``,
 which turns either into a failed build (``make test`` and CI set it: a build that lost the
 extension must not pass as a slower one).
 
@@ -13,8 +14,10 @@ uses ``-march=native``, so a wheel built here runs on any x86-64 CPU.
 import glob
 import os
 import platform
+import sys
 import warnings
 
+import setuptools
 from setuptools import setup
 
 # TORCHAQ_REQUIRE_CPP=1: the extension is required; a failure to build it fails the install
@@ -96,5 +99,22 @@ def _ext_modules_and_cmdclass():
     return [ext], {"build_ext": Build.with_options(use_ninja=False)}
 
 
+def _check_build_environment() -> None:
+    """Stop with one readable line before setuptools reads ``pyproject.toml``: without torch the
+    package cannot work (and an old setuptools would fail on the SPDX ``license`` string instead,
+    with an unrelated ``project.license`` error -- that is what a torch-less
+    ``pip install --no-build-isolation .`` used to print)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.exit("torchaq: install torch first (https://pytorch.org/get-started/locally/), "
+                 "then: pip install --no-build-isolation .")
+    major = int(setuptools.__version__.split(".")[0])
+    if major < 77:
+        sys.exit(f"torchaq: setuptools {setuptools.__version__} is too old (the build needs >= 77): "
+                 "pip install -U 'setuptools>=77', then install again")
+
+
+_check_build_environment()
 ext_modules, cmdclass = _ext_modules_and_cmdclass()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -4,8 +4,8 @@ A layer is fitted once on a synthetic low-rank head (rows in a 64-dim subspace p
 anisotropic rule ``eta`` fixed so no calibration runs); then, for each fraction, that many random
 rows get a small update in place (as a sparse / sampled-softmax step would) and ``refresh()`` is
 timed, against a full re-encode of all ``V`` rows (``quantizer.encode`` + ``pack``, what refresh
-did before it was incremental). Also timed: ``refresh()`` when nothing changed (the
-``weight._version`` short-cut).
+did before it was incremental). Also timed: ``refresh()`` when nothing changed (since writes
+through ``weight.data`` move no version counter, this is the ``O(V d)`` fingerprint pass alone).
 
     python benchmarks/refresh.py            # V = 32768, d = 1024, M = 512 (about a minute)
 

@@ -6,7 +6,10 @@ Every rank holds one contiguous slice of the vocabulary (uneven slices are fine)
 states are replicated; the ranks share one set of codebooks, each scans its own slice, and only
 the best ``k`` (value, id) pairs per row and rank cross the wire. Every rank prints the same
 answer; rank 0 checks it against the dense layer and the single-process QuantizedSoftmax.
+
+    torchrun --nproc-per-node 2 examples/distributed_inference.py --quick   # V = 4,001
 """
+import argparse
 import os
 from datetime import timedelta
 
@@ -15,6 +18,10 @@ import torch.distributed as dist
 
 import torchaq
 from torchaq.distributed import VocabParallelQuantizedSoftmax
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--quick", action="store_true", help="a smaller vocabulary (a smoke test)")
+args = parser.parse_args()
 
 backend = "nccl" if torch.cuda.is_available() else "gloo"
 dist.init_process_group(backend, timeout=timedelta(minutes=5))
@@ -26,7 +33,7 @@ torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
 # the full output layer, generated alike on every rank (a sharded checkpoint would be loaded instead)
 gen = torch.Generator().manual_seed(0)
-vocab, dim = 20_001, 128
+vocab, dim = (4_001, 64) if args.quick else (20_001, 128)
 centres = torch.randn(200, dim, generator=gen)
 weight = centres[torch.randint(0, 200, (vocab,), generator=gen)] + 0.3 * torch.randn(vocab, dim, generator=gen)
 hidden = 0.5 * (weight[torch.randint(0, vocab, (64,), generator=gen)] + 0.3 * torch.randn(64, dim, generator=gen))

@@ -22,6 +22,11 @@ sequences go separate ways. On a trained vocabulary with real hidden states the 
 ``benchmarks/layer.py`` measures recall@10 of the same layer (``benchmarks/results/layer.txt``).
 
     pip install transformers && python examples/generate_hf.py        # a few minutes (fit + 4 runs)
+    python examples/generate_hf.py --quick    # a 2-layer model with V = 8,000: a smoke test
+
+``quantize_lm_head`` returns the model; its head returns the exact dense logits everywhere (loss,
+scores, sampling, beam search), and greedy ``generate`` calls are served from the index
+(``torchaq.hf`` explains when and why). No ``eval()`` is needed for the fast path.
 """
 import argparse
 import copy
@@ -71,7 +76,7 @@ def agreement(dense, head, sequences, prompt_len):
     hidden = dense.transformer(sequences[:, :-1]).last_hidden_state[:, prompt_len - 1 :].reshape(-1, DIM)
     logits = hidden @ dense.lm_head.weight.T
     true = logits.topk(50, dim=1).indices
-    _, idx = head.layer.topk(hidden, k=50)
+    _, idx = head.topk(hidden, k=50)
     top1 = (idx[:, 0] == true[:, 0]).float().mean().item()
     recall50 = (true.unsqueeze(2) == idx.unsqueeze(1)).any(2).float().mean().item()
     entropy = torch.distributions.Categorical(logits=logits).entropy().mean().item()
@@ -83,18 +88,23 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings)")
+    parser.add_argument("--quick", action="store_true", help="a 2-layer model, V = 8,000, 8 new tokens (a smoke test)")
     args = parser.parse_args()
+    global VOCAB, DIM
+    layers = 12
+    if args.quick:
+        VOCAB, DIM, layers, args.new_tokens = 8_000, 128, 2, 8
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     transformers.logging.set_verbosity_error()  # generate()'s notes on generation config defaults
 
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=1024, n_embd=DIM, n_layer=12, n_head=12)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=1024, n_embd=DIM, n_layer=layers, n_head=12 if DIM % 12 == 0 else 8)
     dense = transformers.GPT2LMHeadModel(config).eval()
     fast = copy.deepcopy(dense)
     start = time.perf_counter()
-    head = torchaq.hf.quantize_lm_head(fast, fit_iters=1, progress=False)
+    head = torchaq.hf.quantize_lm_head(fast, fit_iters=1, progress=False).get_output_embeddings()
     print(f"GPT-2-small-sized model (V = {VOCAB:,}, d = {DIM}, random weights), {args.threads} thread(s); "
-          f"quantized head fitted in {time.perf_counter() - start:.0f} s: {head.layer.extra_repr()}")
+          f"quantized head fitted in {time.perf_counter() - start:.0f} s: {head.extra_repr()}")
     dense_timer, fast_timer = HeadTimer(dense.lm_head), HeadTimer(head)
 
     print(f"\ngreedy decoding, {args.new_tokens} new tokens after a {args.prompt_len}-token prompt, KV cache")

@@ -333,7 +333,10 @@ def _main() -> None:
     ap.add_argument("--num-queries", type=int, default=20_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--examples", type=int, default=12)
+    ap.add_argument("--quick", action="store_true", help="2,000 queries (a smoke test)")
     args = ap.parse_args()
+    if args.quick:
+        args.num_queries = 2_000
 
     t0 = time.perf_counter()
     table, queries, ids = load_minilm(args.num_queries, args.seed, return_token_ids=True)

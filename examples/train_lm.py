@@ -273,7 +273,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="model initialisation; batches and draws use seed + 1")
     parser.add_argument("--out", default="", help="results file to write (default: print only; the committed tables "
                         "are benchmarks/results/train_lm*.txt)")
+    parser.add_argument("--quick", action="store_true", help="30 steps, batch 4, the full and quantized arms (a smoke test)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch, args.methods, args.num_sampled = 30, 4, "full,quantized", "1024"
     train_stream, val_stream, vocab = token_streams()
     print(f"corpus: {len(train_stream)} train / {len(val_stream)} validation tokens, V = {vocab}")
     args.class_counts = torch.bincount(train_stream, minlength=vocab).float() + 1  # unigram proposal

@@ -20,7 +20,7 @@ LAYERS = ["ops", "quantizers", "training", "layer", "distributed"]
 ROOT_HELPERS = {"torchaq.checks", "torchaq.backends"}
 # torch internals the package reads on torch's own objects (not the project's)
 TORCH_PRIVATE = {"_version", "_C", "_check", "_check_value", "_check_type", "_dispatch_get_all_op_names", "_parameters", "_buffers", "_modules",
-                 "_apply", "_load_from_state_dict", "_get_pg_default_device"}
+                 "_apply", "_load_from_state_dict", "_get_pg_default_device", "_assert_async"}
 
 
 def modules() -> dict:

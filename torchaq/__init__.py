@@ -3,7 +3,7 @@
 Public API::
 
     torchaq.QuantizedSoftmax      drop-in output layer: exact logits, fast topk / log_softmax_topk / sample
-    torchaq.hf                    adapter for Hugging Face models (quantize_lm_head)
+    torchaq.hf                    Hugging Face models: quantize_lm_head, fast greedy generate, from_pretrained
     torchaq.CodebookRefresher     keeps the index fresh while the layer trains (sampled softmax)
     torchaq.linear_cross_entropy  exact fused cross-entropy of a linear layer (Cut Cross-Entropy's signature)
     torchaq.chunked_cross_entropy the same loss under its earlier name and argument order

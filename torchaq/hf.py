@@ -1,70 +1,270 @@
-"""Adapter for libraries that expect a dense logits tensor, such as Hugging Face ``generate()``.
+"""Hugging Face models with a quantized output layer that behaves like the dense one everywhere.
 
-``generate()`` calls ``model.lm_head(hidden_states)`` and then runs its logits processors
-(greedy argmax, temperature, top-k, top-p, repetition penalty...) on a ``(..., V)`` tensor. The
-adapter keeps that contract: in ``eval()`` mode it fills the exact logits of the layer's
-re-scored candidates into a ``-inf`` tensor, so greedy decoding and top-k sampling (``top_k <=``
-the number of candidates) give exactly the dense model's tokens whenever the true top classes
-are among the candidates -- at the cost of the LUT scan, the re-score, and writing ``V`` floats
-instead of reading ``V * d`` weights. In ``train()`` mode it returns the exact dense logits.
+    model = AutoModelForCausalLM.from_pretrained(...)
+    torchaq.hf.quantize_lm_head(model, queries=hidden_states)      # returns the model
+    model.generate(input_ids, max_new_tokens=20)                      # greedy: fast steps
+    model(input_ids, labels=labels).loss                              # exact, train and eval
+    model.save_pretrained(path)                                       # safetensors, tied or not
+    model = torchaq.hf.from_pretrained(path)                          # no refit
 
-    model.eval()
-    torchaq.hf.quantize_lm_head(model, num_subspaces=192, queries=hidden_states)
-    model.generate(input_ids, max_new_tokens=20)                         # greedy
-    model.generate(input_ids, do_sample=True, top_k=50, max_new_tokens=20)
+**What the head returns.** :class:`QuantizedLMHead` is a :class:`torchaq.QuantizedSoftmax` whose
+``forward`` is the ``nn.Linear`` it replaced: ``F.linear(h, weight, bias)``, in the model's dtype,
+in ``train()`` and ``eval()`` alike. Every logit, loss (``labels`` with ``-100`` included),
+perplexity, beam search, sampling and ``output_scores`` / ``output_logits`` is therefore the dense
+model's, bit for bit -- there is no placeholder anywhere a user can see.
+
+**Where it is fast, and why there.** The design question is how ``generate`` can use the LUT scan
+when HF's decoding loop wants a ``(B, V)`` tensor per step. ``quantize_lm_head`` installs
+:func:`generate` as the model's ``generate`` (an instance attribute, the way HF's own
+``custom_generate`` hub loading installs one). It serves a call fast only when every consumer
+of the step's scores is known and needs just the top of the distribution: greedy decoding
+(``do_sample=False``, ``num_beams=1``), no ``output_scores`` / ``output_logits``, no user logits
+processor, and only built-in processors that *lower* scores (``repetition_penalty >= 1``,
+``no_repeat_ngram_size``, ``bad_words_ids``, ``min_length`` / ``min_new_tokens``,
+``suppress_tokens``, ``begin_suppress_tokens``, ``remove_invalid_values``). Inside such a call the
+head scores each step's last position by the LUT scan and the exact re-score of its candidates
+and fills the other classes with ``-inf``; only HF's argmax and those processors see that tensor.
+Because they only lower scores, the argmax over the candidates is the argmax over all classes
+whenever the best processed candidate stays at or above the lowest candidate's raw logit; a
+last processor (:class:`FastStepGuard`) checks exactly that per step, and if it ever fails the
+whole call is re-run on the exact path (a ``streamer`` then receives the tokens of the
+re-run after those of the abandoned fast run). Greedy tokens then equal the dense model's whenever the
+scan's candidates hold the true top classes (the layer's recall; ``guarantee="bound"`` in
+:func:`quantize_lm_head` makes that provable at the cost of a float LUT pass). Sampling, beam
+search and everything else run the exact logits: ``do_sample=True`` draws from exactly the dense
+distribution. The fast path needs no ``eval()``.
+
+**Saving.** The head's parameters keep the keys of the ``nn.Linear`` (``lm_head.weight``, shared
+with a tied embedding, so HF's tied-weight handling applies), and its index is buffers beside
+them: ``lm_head.packed_codes``, ``side_rows``, ``residual_norms``, ``quantizer.codebooks`` and
+``quantizer._extra_state`` (an int64 tensor: safetensors stores tensors only). The layer's
+options go into ``config.torchaq_lm_head``. A checkpoint opened without torchaq is a dense
+model with a few unexpected keys; :func:`from_pretrained` rebuilds the head from the saved codes.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import math
+import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchaq.layer.candidates import default_candidates
 from torchaq.layer.softmax import QuantizedSoftmax
 
+CONFIG_KEY = "torchaq_lm_head"
+# generation options that may be set (to a value that only lowers scores) on the fast path
+LOWERING_OPTIONS = ("no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens", "suppress_tokens",
+                    "begin_suppress_tokens", "remove_invalid_values")
+# options whose processors may raise a score, re-normalise, or need the full distribution: any of
+# these set (true, or not None / 0) sends the call to the exact path
+EXACT_FLAGS = ("do_sample", "output_scores", "output_logits", "renormalize_logits")
+EXACT_OPTIONS = ("sequence_bias", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty",
+                 "watermarking_config", "penalty_alpha", "dola_layers", "prompt_lookup_num_tokens",
+                 "assistant_early_exit")
+EXACT_TOKEN_OPTIONS = ("forced_bos_token_id", "forced_eos_token_id")
 
-class CandidateLogitsHead(nn.Module):
-    """Dense-logits view of a :class:`torchaq.QuantizedSoftmax` (exact on the candidates, -inf elsewhere).
 
-    Args:
-        layer: the quantized output layer.
-        candidates: classes re-scored per row (default: the layer's default for ``k = 1``).
+class ExactStepNeeded(Exception):
+    """Raised by :class:`FastStepGuard` when a fast step cannot be shown to equal the dense one."""
+
+
+class QuantizedLMHead(QuantizedSoftmax):
+    """A :class:`torchaq.QuantizedSoftmax` used as a model's ``lm_head`` (module docstring).
+
+    ``forward`` returns the exact dense logits, except inside :meth:`fast_steps` (entered only by
+    :func:`generate`), where it returns the candidates' logits in the model's dtype and ``-inf``
+    elsewhere, and records each row's lowest candidate logit in :attr:`step_floor`.
     """
 
-    def __init__(self, layer: QuantizedSoftmax, candidates: Optional[int] = None):
-        super().__init__()
-        if not isinstance(layer, QuantizedSoftmax):
-            raise TypeError(f"layer must be a torchaq.QuantizedSoftmax, got {type(layer).__name__}")
-        self.layer = layer
-        self.candidates = candidates
-
-    @property
-    def weight(self) -> Tensor:
-        """The full-precision output weight (Hugging Face reads ``lm_head.weight``)."""
-        return self.layer.weight
+    #: options the layer was built with (saved to ``config.torchaq_lm_head``)
+    options: dict = {}
 
     def forward(self, h: Tensor) -> Tensor:
-        if self.training:
-            return self.layer(h)
+        if not self.__dict__.get("fast", False):
+            return F.linear(h, self.weight, self.bias)
         with torch.no_grad():
-            logits, classes, _ = self.layer.candidate_logits(h, self.candidates)
-        out = torch.full((classes.shape[0], self.layer.num_classes), -math.inf, device=h.device)
-        out.scatter_(1, classes, logits)
-        return out.reshape(h.shape[:-1] + (self.layer.num_classes,))
+            flat = h.reshape(-1, self.dim)
+            candidates = self.candidates or min(default_candidates(1, self.num_classes), self.num_classes)
+            if self.__dict__.get("guarantee") == "bound":
+                logits, classes = self.topk(flat, k=candidates, candidates=candidates, guarantee="bound")
+            else:
+                logits, classes, _ = self.candidate_logits(flat, candidates)
+            logits = logits.to(h.dtype)  # the dense layer's rounding
+            out = torch.full((flat.shape[0], self.num_classes), -math.inf, dtype=h.dtype, device=h.device)
+            out.scatter_(1, classes, logits)
+            self.__dict__["step_floor"] = logits.float().min(dim=1).values.reshape(h.shape[:-1])[..., -1]
+            return out.reshape(h.shape[:-1] + (self.num_classes,))
+
+    @contextlib.contextmanager
+    def fast_steps(self, guarantee: Optional[str] = None):
+        """Within this block ``forward`` serves generation steps from the index (see the class docstring)."""
+        self.__dict__["fast"], self.__dict__["guarantee"] = True, guarantee
+        try:
+            yield self
+        finally:
+            self.__dict__["fast"] = False
+            self.__dict__.pop("step_floor", None)
+
+    @property
+    def step_floor(self) -> Optional[Tensor]:
+        """Per sequence, the lowest logit among the last fast step's candidates (None outside :meth:`fast_steps`)."""
+        return self.__dict__.get("step_floor")
 
 
-def quantize_lm_head(model: nn.Module, candidates: Optional[int] = None, **layer_kwargs) -> CandidateLogitsHead:
-    """Replace a Hugging Face model's output layer with a :class:`CandidateLogitsHead`; returns it.
+class FastStepGuard:
+    """The last logits processor of a fast ``generate`` call: checks that each step's argmax is the dense one.
 
-    The new layer shares the old ``nn.Linear``'s parameters (tied embeddings stay tied).
-    ``layer_kwargs`` go to :class:`torchaq.QuantizedSoftmax` (``num_subspaces``, ``bits``,
-    ``queries``, ...).
+    The processors before it only lower scores, so a class outside the candidates scores at most
+    its raw logit, which is at most the lowest candidate's (:attr:`QuantizedLMHead.step_floor`). If
+    some row's best processed score is below that floor, a non-candidate might win: the guard raises
+    :class:`ExactStepNeeded` and :func:`generate` re-runs the call on the exact path.
     """
+
+    def __init__(self, head: QuantizedLMHead):
+        self.head = head
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        floor = self.head.step_floor
+        if floor is None or not bool((scores.max(dim=-1).values >= floor.to(scores.device, scores.dtype)).all()):
+            raise ExactStepNeeded("a fast generation step could not be shown to equal the dense one")
+        return scores
+
+
+def fast_path_allowed(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether a ``generate(*args, **kwargs)`` call only consumes the argmax of lowered scores (module docstring)."""
+    if len(args) > 1 or any(kwargs.get(k) is not None for k in (
+            "logits_processor", "prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids", "custom_generate",
+            "synced_gpus")):
+        return False
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if config is None:
+        return False
+    config = config.__class__.from_dict(config.to_dict())
+    config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
+    if (config.num_beams or 1) != 1 or (config.num_return_sequences or 1) != 1:
+        return False
+    if any(getattr(config, k, None) for k in EXACT_FLAGS + EXACT_OPTIONS):
+        return False
+    if any(getattr(config, k, None) is not None for k in EXACT_TOKEN_OPTIONS):
+        return False
+    if getattr(config, "guidance_scale", None) not in (None, 1, 1.0):
+        return False
+    if getattr(config, "encoder_repetition_penalty", None) not in (None, 1, 1.0):
+        return False
+    return config.repetition_penalty is None or config.repetition_penalty >= 1.0
+
+
+def generate(model: nn.Module, *args, **kwargs):
+    """``model.generate`` with fast greedy steps (installed by :func:`quantize_lm_head`; module docstring).
+
+    Same arguments and results as ``transformers.GenerationMixin.generate``. A call that
+    :func:`fast_path_allowed` accepts runs inside :meth:`QuantizedLMHead.fast_steps` with a
+    :class:`FastStepGuard`; all other calls, and a guarded call whose guard fails, run the exact path.
+    """
+    dense_generate = type(model).generate
+    head = model.get_output_embeddings()
+    if not isinstance(head, QuantizedLMHead) or not fast_path_allowed(model, args, kwargs):
+        return dense_generate(model, *args, **kwargs)
+    from transformers import LogitsProcessorList
+
+    fast_kwargs = dict(kwargs, logits_processor=LogitsProcessorList([FastStepGuard(head)]))
+    try:
+        with head.fast_steps(head.options.get("guarantee")):
+            return dense_generate(model, *args, **fast_kwargs)
+    except ExactStepNeeded:
+        return dense_generate(model, *args, **kwargs)
+
+
+def _install(model: nn.Module, head: QuantizedLMHead, options: dict) -> None:
+    head.options = dict(options)
+    model.set_output_embeddings(head)
+    model.generate = functools.partial(generate, model)
+    if getattr(model, "config", None) is not None:
+        setattr(model.config, CONFIG_KEY, {k: v for k, v in options.items() if k != "queries"})
+
+
+def quantize_lm_head(model: nn.Module, candidates: Optional[int] = None, guarantee: Optional[str] = None,
+                     **layer_kwargs) -> nn.Module:
+    """Replace a Hugging Face model's output ``nn.Linear`` by a :class:`QuantizedLMHead`; returns the model.
+
+    The head shares the old layer's parameters (a tied embedding stays tied) and keeps their
+    state-dict keys. ``layer_kwargs`` go to :class:`torchaq.QuantizedSoftmax` (``num_subspaces``,
+    ``bits``, ``queries``, ``fit``, ...); ``candidates`` is the number re-scored per fast step;
+    ``guarantee="bound"`` makes each fast greedy step provably exact (a float LUT pass per step).
+    """
+    if guarantee not in (None, "bound"):
+        raise ValueError(f'guarantee must be None or "bound", got {guarantee!r}')
     linear = model.get_output_embeddings()
+    if isinstance(linear, QuantizedLMHead):
+        raise TypeError("the model's lm_head is already a torchaq QuantizedLMHead")
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"model.get_output_embeddings() must be an nn.Linear, got {type(linear).__name__}")
-    head = CandidateLogitsHead(QuantizedSoftmax.from_linear(linear, **layer_kwargs), candidates)
-    model.set_output_embeddings(head)
-    head.train(model.training)
-    return head
+    options = dict(layer_kwargs, candidates=candidates, guarantee=guarantee)
+    head = QuantizedLMHead(linear.weight, bias=linear.bias, candidates=candidates,
+                           **{k: v for k, v in layer_kwargs.items()})
+    _install(model, head, options)
+    return model
+
+
+def _head_prefix(model: nn.Module, head: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is head:
+            return name + "."
+    raise ValueError("the output embeddings are not a submodule of the model")
+
+
+def _saved_tensors(path: str, prefix: str) -> dict:
+    """The tensors under ``prefix`` in a ``save_pretrained`` folder's safetensors file(s)."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    out = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    out[key[len(prefix):]] = f.get_tensor(key)
+    return out
+
+
+def from_pretrained(path: str, model_class=None, **kwargs) -> nn.Module:
+    """Load a model saved (``save_pretrained``) with a quantized head: dense weights by HF, the head
+    rebuilt from its saved codes, codebooks and side list (no refit). ``model_class`` defaults to
+    ``transformers.AutoModelForCausalLM``; ``kwargs`` go to its ``from_pretrained``."""
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the index keys are "unexpected" to the dense class: expected here
+    try:
+        model = model_class.from_pretrained(path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    options = getattr(model.config, CONFIG_KEY, None)
+    if not isinstance(options, dict):
+        raise ValueError(f"{path} was not saved with a torchaq quantized head (config has no {CONFIG_KEY})")
+    linear = model.get_output_embeddings()
+    prefix = _head_prefix(model, linear)
+    saved = _saved_tensors(path, prefix)
+    layer_kwargs = {k: v for k, v in options.items() if k not in ("candidates", "guarantee", "fit", "progress")}
+    quantize_lm_head(model, options.get("candidates"), options.get("guarantee"), fit=False, progress=False,
+                     **layer_kwargs)
+    head = model.get_output_embeddings()
+    state = {k: v for k, v in saved.items() if k not in ("weight", "bias")}
+    state["weight"] = head.weight.detach()
+    if head.bias is not None:
+        state["bias"] = head.bias.detach()
+    head.load_state_dict(state)
+    return model

@@ -48,8 +48,11 @@ def _h(n=6, seed=1):
 )
 def test_constructor_errors_name_the_argument(kwargs, match):
     bias = kwargs.pop("bias", None)
+    # values are checked when the layer fits (a fit=False skeleton may hold torch.empty garbage
+    # until load_state_dict, which checks them then: tests/layer/test_construction.py)
+    fit = None if "contains" in match else False
     with pytest.raises(ValueError, match=match):
-        torchaq.QuantizedSoftmax(torch.randn(V, D), bias, fit=False, **kwargs)
+        torchaq.QuantizedSoftmax(torch.randn(V, D), bias, fit=fit, **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -175,7 +175,9 @@ def test_bound_mode_is_exact(clustered, dense_fraction, monkeypatch):
     assert _recall(idx, exact, 10) == 1.0
     torch.testing.assert_close(values, true_v)
     logits, classes, lut = layer.candidate_logits(h, candidates=10, k=10)
-    _, _, extra = layer._bound_complete(h, logits, classes, lut, 10)
+    scores = ops.lut_score(lut, layer.packed_codes, layer.num_classes, layer.float_bias())
+    bias = None if layer.bias is None else layer.bias.detach()
+    _, _, extra = outliers.bound_complete(h, layer.weight.detach(), bias, scores, layer.residual_norms, logits, classes, 10)
     assert (extra > 0).any()
     with pytest.raises(ValueError, match="guarantee"):
         layer.topk(h, k=10, guarantee="exact")

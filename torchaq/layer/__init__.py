@@ -3,7 +3,13 @@
 =====================  ====================================================================
 module                 what
 =====================  ====================================================================
-``softmax``            :class:`QuantizedSoftmax` (exact logits, top-k, log-probs, sampling)
+``softmax``            :class:`QuantizedSoftmax` (exact logits, top-k, log-probs, sampling, entropy)
+``indexed``            its index half: refresh, stale-index warning, side list, state_dict loading
+``construction``       its two signatures (from a weight; ``nn.Linear``-shaped) into parameters
+``state``              load-time checks of a state_dict (errors name the key)
+``staleness``          what changed in the weight since the last refresh (version, storage, .data)
+``exact``              exact scoring in bounded memory: tiny tables, the entropy, row chunks
+``probe``              measured recall after fitting narrow tables (a warning with the number)
 ``fast_topk``          its one-op top-k fast path and the cache of what that op reads
 ``candidates``         how many classes top-k re-scores exactly (defaults as functions of k)
 ``sampling``           top-p / temperature checks and draws (shared with the distributed layer)

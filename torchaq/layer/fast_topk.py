@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from torchaq.checks import check_features
 from torchaq.layer.candidates import default_candidates, default_shortlist
+from torchaq.layer.staleness import version_of
 from torchaq.ops.layer_topk import quantize_rows_int8
 from torchaq.quantizers.pq import AnisotropicPQ
 
@@ -35,8 +36,8 @@ class FastTopk(nn.Module):
             # traced (torch.compile) or AQ-free fallback: no cached pointers, no int8 shortlist
             st = self._one_op_tensors() + (None, None, (None, None), None)
         weight, bias, codebooks, packed, side, pad, num_classes = st[:7]
-        if not self._stale_warned and self._refresh_version is not None and st[8] != self._refresh_version:
-            self._warn_if_stale()
+        if not self._stale_warned or st[7] is None:
+            self.warn_if_stale()
         if not isinstance(h, Tensor) or h.dim() != 2 or h.device != weight.device:
             h = self.flat_features(h, finite=False)  # the op refuses a non-finite h
         elif h.shape[1] != self.dim or not h.is_floating_point():
@@ -76,8 +77,8 @@ class FastTopk(nn.Module):
     def _one_op_tensors(self) -> tuple:
         """What ``layer_topk`` reads: weight, bias, codebooks, packed codes, side list, whether ``h``
         needs padding, ``V`` (parameters as they are: ``topk`` runs under ``no_grad``)."""
+        self.ensure_fitted()
         q = self.quantizer
-        q.check_fitted()
         return (self.weight, self.bias, q.codebooks, self.packed_codes, self.side_rows, q.padded_dim != q.dim,
                 self.num_classes)
 
@@ -100,12 +101,18 @@ class FastTopk(nn.Module):
         if not isinstance(self.quantizer, AnisotropicPQ):
             return None
         st = self._one_op_tensors()
-        version = self._weight_version()
+        version = version_of(st[0])
         w8 = self._shortlist_rows(st[0]) if self.shortlist else (None, None)
         # (..., data pointer, weight version now, int8 rows and scales, weight version of the int8 rows)
         st = st + (st[0].data_ptr(), version, w8, version)
         self.__dict__["_one_op_cache"] = st
         return st
+
+    def drop_caches(self) -> None:
+        """Forget the cached op inputs and int8 shortlist rows (``refresh`` and loads call it: a
+        write through ``weight.data`` moves neither the pointer nor the version they are keyed on)."""
+        self.__dict__["_one_op_cache"] = None
+        self.__dict__["_shortlist_cache"] = None
 
     def __setattr__(self, name, value):
         self.__dict__["_one_op_cache"] = None

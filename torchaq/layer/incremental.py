@@ -83,7 +83,7 @@ def update_side_rows(weight: Tensor, quantizer, rows: Tensor, codes: Optional[Te
         rows_w = weight.detach()[rows.to(weight.device)].float()
         recon = quantizer.decode(codes, dtype=torch.float32).to(rows_w.device)
         norms = norms.clone()
-        norms[rows] = rows_w.norm(dim=1)
+        norms[rows] = side_list.row_norms(rows_w)
         res = res.clone()
         res[rows] = side_list.residual_norms(rows_w, recon)
     return norms, res, side_list.select_side_rows_from_norms(norms, res)
@@ -97,6 +97,6 @@ def all_side_rows(weight: Tensor, quantizer, codes: Tensor) -> Tuple[Tensor, Ten
     """
     weight = weight.detach().float()
     recon = quantizer.decode(codes, dtype=torch.float32).to(weight.device)
-    norms = weight.norm(dim=1)
+    norms = side_list.row_norms(weight)
     res = side_list.residual_norms(weight, recon)
     return norms, res, side_list.select_side_rows_from_norms(norms, res)

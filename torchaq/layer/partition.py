@@ -12,7 +12,7 @@ proposal (a ratio estimator with the LUT mass as control variate):
 
 which is unbiased for ``Z_R`` because ``E[exp(l - s)] = Z_R / sum_R exp(s)`` under that proposal.
 The ``n`` classes are drawn by systematic sampling (the ``(j + 1/2) / n`` quantiles of the
-proposal's cumulative mass), which is deterministic -- the same ``h`` gives the same ``log Z`` --
+proposal's cumulative mass, accumulated block by block), which is deterministic -- the same ``h`` gives the same ``log Z`` --
 and has lower variance than independent draws. Where the candidates hold nearly all the mass,
 the correction changes nothing that matters; where they hold little (flat softmaxes), it removes
 the selection bias. Cost on top of the full ``(B, V)`` LUT score pass: a softmax, a cumulative sum
@@ -30,6 +30,10 @@ from torchaq.ops.rescore import exact_logits
 
 # classes of the rest scored exactly per row to correct its LUT mass
 REST_SAMPLES = 256
+# sampled classes whose rows are gathered at once (bounds the (B, chunk, d) gather)
+SAMPLE_CHUNK = 16
+# classes per block of the log-sum-exp and the cumulative mass (bounds the (B, block) temporaries)
+CLASS_BLOCK = 4096
 
 
 def log_partition(
@@ -42,22 +46,39 @@ def log_partition(
     samples: int = REST_SAMPLES,
 ) -> Tensor:
     """``log Z`` per row ``(B,)`` from the exact candidate ``logits`` / ``classes`` ``(B, C)`` and the
-    float LUT scores ``(B, V)`` of every class (bias included); see the module docstring.
+    float LUT scores ``(B, V)`` of every class (bias included; overwritten in place); see the module docstring.
 
     Candidates may repeat a class or hold ``-inf`` logits (masked duplicates); both are handled.
     ``samples = 0`` gives the uncorrected estimate ``logsumexp(candidates, LUT scores of the rest)``.
     """
-    rest = lut_scores.scatter(1, classes, -math.inf)
-    log_rest = torch.logsumexp(rest, dim=1)  # (B,)
+    rest = lut_scores.scatter_(1, classes, -math.inf)  # in place: the only (B, V) buffer
+    num = rest.shape[1]
+    # log-sum-exp of the rest, CLASS_BLOCK classes at a time (no (B, V) exp temporary)
+    peak = rest.amax(dim=1)
+    has_rest = torch.isfinite(peak)
+    shift = torch.where(has_rest, peak, 0.0)
+    total = torch.zeros_like(shift)
+    for a in range(0, num, CLASS_BLOCK):
+        total += (rest[:, a : a + CLASS_BLOCK] - shift.unsqueeze(1)).exp().sum(dim=1)
+    log_rest = torch.where(has_rest, shift + total.log(), -math.inf)
     log_cand = torch.logsumexp(logits, dim=1)
-    if samples > 0 and rest.shape[1] > 0:
-        has_rest = torch.isfinite(log_rest)
-        prob = (rest - torch.where(has_rest, log_rest, 0.0).unsqueeze(1)).exp()  # 0 on candidates
-        cum = prob.cumsum(dim=1)
-        u = (torch.arange(samples, device=rest.device, dtype=cum.dtype) + 0.5) / samples
-        u = u.unsqueeze(0) * cum[:, -1:]  # the quantiles of the (float-rounded) total
-        pick = torch.searchsorted(cum.contiguous(), u.contiguous()).clamp_(max=rest.shape[1] - 1)
-        exact = exact_logits(h, weight, bias, pick)
+    if samples > 0 and num > 0:
+        # systematic sampling: the (j + 1/2) / n quantiles of the proposal's cumulative mass, found
+        # block by block (running total ``carry``) instead of in a (B, V) cumulative sum
+        norm = torch.where(has_rest, log_rest, 0.0).unsqueeze(1)
+        u = (torch.arange(samples, device=rest.device, dtype=rest.dtype) + 0.5) / samples
+        u = (u.unsqueeze(0) * total.mul(torch.exp(shift - norm.squeeze(1))).unsqueeze(1)).contiguous()
+        pick = torch.full(u.shape, num - 1, dtype=torch.int64, device=rest.device)
+        carry = torch.zeros(rest.shape[0], 1, device=rest.device, dtype=rest.dtype)
+        for a in range(0, num, CLASS_BLOCK):
+            cum = (rest[:, a : a + CLASS_BLOCK] - norm).exp_().cumsum_(dim=1).add_(carry)
+            inside = (u > carry) & (u <= cum[:, -1:])
+            idx = torch.searchsorted(cum, u).clamp_(max=cum.shape[1] - 1) + a
+            pick = torch.where(inside, idx, pick)
+            carry = cum[:, -1:]
+        # the sample's exact logits SAMPLE_CHUNK classes at a time: never a (B, samples, d) gather
+        exact = torch.cat([exact_logits(h, weight, bias, pick[:, j : j + SAMPLE_CHUNK])
+                           for j in range(0, samples, SAMPLE_CHUNK)], dim=1)
         ratio = torch.logsumexp(exact - rest.gather(1, pick), dim=1) - math.log(samples)
         log_rest = torch.where(has_rest, log_rest + ratio, log_rest)
     return torch.logaddexp(log_cand, log_rest)

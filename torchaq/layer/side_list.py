@@ -60,6 +60,10 @@ MAX_ERROR_QUERIES = 256
 DENSE_FRACTION = 8
 # relative float32 slack of the bound test (LUT sums and exact dot products both round)
 BOUND_SLACK = 1e-4
+# classes per block when bound_complete counts the rows each query needs
+CLASS_BLOCK = 4096
+# candidate rows gathered at once per query for their exact logits
+GATHER_BLOCK = 64
 
 
 def default_max_rows(num_classes: int) -> int:
@@ -68,24 +72,55 @@ def default_max_rows(num_classes: int) -> int:
 
 
 def robust_z(v: Tensor) -> Tensor:
-    """``(v - median) / (1.4826 MAD)``: how many robust standard deviations ``v`` lies above the bulk."""
+    """``(v - median) / (1.4826 MAD)``: how many robust standard deviations ``v`` lies above the bulk.
+
+    When more than half the values are equal (a vocabulary extended with rows set to their mean,
+    as ``resize_token_embeddings`` does; half the rows zero) the MAD is 0. The scale then falls
+    back to the mean absolute deviation from the median (times 1.2533, its Gaussian consistency
+    factor), which sees the other rows, instead of calling every differing row an outlier; if that
+    is 0 too, all values are equal and every z is 0. Infinite values (an overflowing norm) get
+    ``z = inf`` and NaN ``z = 0`` is never produced for finite input.
+    """
     v = v.double()
-    med = v.median()
-    mad = (v - med).abs().median() * 1.4826
-    scale = mad if float(mad) > 0 else v.abs().mean().clamp_min(1e-30) * 1e-3
-    return ((v - med) / scale).float()
+    finite = torch.isfinite(v)
+    vf = v[finite] if not bool(finite.all()) else v
+    if vf.numel() == 0:
+        return torch.zeros_like(v, dtype=torch.float32)
+    med = vf.median()
+    dev = (vf - med).abs()
+    scale = dev.median() * 1.4826
+    if not float(scale) > 0:
+        scale = dev.mean() * 1.2533
+    if not float(scale) > 0:
+        return torch.where(finite, 0.0, math.inf).float()
+    return torch.where(finite, (v - med) / scale, math.inf).float()
+
+
+def row_norms(x: Tensor) -> Tensor:
+    """``|x_i|`` per row, float32 ``(V,)``, without overflow: rows are scaled by their largest entry
+    first, so a row near the float32 limit (whose squared norm would overflow to inf) keeps a
+    finite norm (``inf`` only if the norm itself exceeds float32)."""
+    x = x.detach().float()
+    if x.shape[1] == 0:
+        return torch.zeros(x.shape[0], device=x.device)
+    peak = x.abs().amax(dim=1)
+    if not bool((peak > 1e18).any()):  # the plain norm cannot overflow (d * 1e36 << 3.4e38 for d < 1e2)
+        if x.shape[1] < 100 or not bool((peak > 1e17).any()):
+            return x.norm(dim=1)
+    scale = peak.clamp_min(1e-30)
+    return (x / scale.unsqueeze(1)).norm(dim=1).double().mul(scale.double()).clamp(max=torch.finfo(torch.float32).max).float()
 
 
 def fit_rows_mask(weight: Tensor, threshold: float = FIT_NORM_THRESHOLD) -> Tensor:
     """Boolean ``(V,)`` mask of the rows codebook training should see: all but huge-norm rows."""
-    return robust_z(weight.detach().float().norm(dim=1)) <= threshold
+    return robust_z(row_norms(weight)) <= threshold
 
 
 def row_statistics(weight: Tensor, reconstruction: Tensor, queries: Optional[Tensor] = None) -> Tensor:
     """Robust z-scores ``(V, 3 or 4)`` of norm, residual norm, relative residual (and observed error)."""
     x = weight.detach().float()
     r = x - reconstruction.float()
-    stats = _norm_statistics(x.norm(dim=1), r.norm(dim=1))
+    stats = _norm_statistics(row_norms(x), row_norms(r))
     if queries is not None and queries.shape[0]:
         q = queries.detach().float()
         if q.shape[0] > MAX_ERROR_QUERIES:
@@ -99,7 +134,7 @@ def row_statistics(weight: Tensor, reconstruction: Tensor, queries: Optional[Ten
 
 def _norm_statistics(norm: Tensor, res: Tensor) -> list:
     """Robust z-scores of the row norms, the residual norms and their ratio (three ``(V,)``)."""
-    return [robust_z(norm), robust_z(res), robust_z(res / norm.clamp_min(1e-30))]
+    return [robust_z(norm), robust_z(res), robust_z(res / norm.clamp_min(1e-30)).nan_to_num(0.0)]
 
 
 def select_side_rows_from_norms(
@@ -146,7 +181,7 @@ def select_side_rows(
 
 def residual_norms(weight: Tensor, reconstruction: Tensor) -> Tensor:
     """``|x_i - x~_i|`` per row, float32 ``(V,)``: the Cauchy-Schwarz radius of each LUT score."""
-    return (weight.detach().float() - reconstruction.float()).norm(dim=1)
+    return row_norms(weight.detach().float() - reconstruction.float())
 
 
 def scan_bias(bias: Optional[Tensor], side_rows: Tensor, num_classes: int, device) -> Optional[Tensor]:
@@ -162,7 +197,7 @@ def bound_complete(
     h: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
-    lut_scores: Tensor,
+    lut_scores,
     radii: Tensor,
     logits: Tensor,
     classes: Tensor,
@@ -171,32 +206,43 @@ def bound_complete(
     """Complete a candidate list so that its top-``k`` is provably the exact top-``k``.
 
     ``h`` ``(B, d)``; ``lut_scores`` the float LUT scores ``(B, V)`` (bias included) of every
-    class; ``radii`` the residual norms ``(V,)`` (``0`` never, ``inf`` for rows that must always
+    class, or a zero-argument function returning them (then the buffer is owned here, overwritten
+    by the bounds and freed before a dense fallback: one ``(B, V)`` float buffer at a time); ``radii`` the residual norms ``(V,)`` (``0`` never, ``inf`` for rows that must always
     be re-scored); ``logits`` / ``classes`` ``(B, C)`` the exactly scored candidates, sorted best
     first. Every row not in ``classes`` whose bound ``s_i + |h| |r_i|`` reaches the ``k``-th best
     exact logit is scored exactly and merged. Returns ``(logits, classes, extra)``, sorted, with
     ``extra`` the ``(B,)`` number of rows each query needed beyond its candidates.
     """
     hn = h.float().norm(dim=1, keepdim=True)
-    upper = lut_scores + hn * radii.unsqueeze(0)
-    upper = upper + BOUND_SLACK * (lut_scores.abs() + hn * radii.unsqueeze(0))
-    upper = upper.scatter(1, classes, -math.inf)  # already exact
+    lut_scores = lut_scores() if callable(lut_scores) else lut_scores.clone()
+    # upper = s + |h| r + slack (max_i |s_i| + |h| r): the rounding slack per row uses the row's
+    # largest |s| (looser than |s_i|, still a valid bound), so the scores' one (B, V) buffer is
+    # the only one (overwritten in place)
+    lo, hi = torch.aminmax(lut_scores, dim=1)
+    upper = lut_scores.add_(torch.maximum(lo.abs(), hi.abs()).mul_(BOUND_SLACK).unsqueeze(1))
+    upper.addcmul_(hn, radii.unsqueeze(0), value=1 + BOUND_SLACK)
+    upper.scatter_(1, classes, -math.inf)  # already exact
     kth = logits[:, k - 1 : k]
     kth = kth - BOUND_SLACK * (1 + kth.abs())
-    need = upper >= kth
-    extra = need.sum(dim=1)
+    # rows each query needs, counted CLASS_BLOCK classes at a time (a (B, V) mask and its int64 sum
+    # would hold 9 bytes per score)
+    extra = sum((upper[:, a : a + CLASS_BLOCK] >= kth).sum(dim=1) for a in range(0, upper.shape[1], CLASS_BLOCK))
     most = int(extra.max()) if extra.numel() else 0
     if most == 0:
         return logits, classes, extra
     if most * DENSE_FRACTION >= lut_scores.shape[1]:
-        # the bound rules out too little: one dense matmul is cheaper than gathering most rows
+        # the bound rules out too little: one dense matmul is cheaper than gathering most rows;
+        # the bound tables go first so the dense logits are the only (B, V) buffer alive
+        del lut_scores, upper
         full = h.float() @ weight.detach().float().T
         if bias is not None:
             full = full + bias.float()
         logits, classes = full.topk(logits.shape[1], dim=1)
         return logits, classes, extra
     ub, extra_classes = upper.topk(most, dim=1)
-    extra_logits = exact_logits(h, weight, bias, extra_classes).masked_fill(ub < kth, -math.inf)
+    # their exact logits GATHER_BLOCK rows at a time: never a (B, most, d) gather
+    extra_logits = torch.cat([exact_logits(h, weight, bias, extra_classes[:, a : a + GATHER_BLOCK])
+                              for a in range(0, most, GATHER_BLOCK)], dim=1).masked_fill(ub < kth, -math.inf)
     logits = torch.cat([logits, extra_logits], dim=1)
     classes = torch.cat([classes, extra_classes], dim=1)
     logits, order = logits.sort(dim=1, descending=True)

@@ -1,8 +1,7 @@
 """``torchaq.QuantizedSoftmax``: a drop-in output layer with fast approximate top-k inference."""
 from __future__ import annotations
 
-import math
-import warnings
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -10,17 +9,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchaq import backends, ops
-from torchaq.layer import incremental, side_list
-from torchaq.checks import check_features, check_int, has_data
+from torchaq.layer import construction, exact, side_list
+from torchaq.checks import check_int
 from torchaq.layer.candidates import default_candidates
-from torchaq.layer.fast_topk import FastTopk
+from torchaq.layer.indexed import IndexedLayer
 from torchaq.layer.partition import log_partition
 from torchaq.layer.sampling import check_sampling_args, draw_top_p
 from torchaq.quantizers.aq import AnisotropicAQ
 from torchaq.quantizers.pq import AnisotropicPQ
 from torchaq.training.sampled_softmax import layer_sampled_softmax_loss
 
-class QuantizedSoftmax(FastTopk):
+class QuantizedSoftmax(IndexedLayer):
     """An output layer ``logits = h @ W.T + b`` whose top-k search runs on quantized weights.
 
     ``layer(h)`` returns the exact logits of the ``nn.Linear`` it replaces (differentiable; use
@@ -43,9 +42,24 @@ class QuantizedSoftmax(FastTopk):
     :meth:`sample`, :meth:`log_softmax_topk` and the sampled softmax's hard set; the scan never
     ranks them. ``residual_norms`` (``|W_i - decode(code_i)|``) backs ``topk(..., guarantee="bound")``.
 
+    Two ways to build it (:mod:`torchaq.layer.construction`)::
+
+        QuantizedSoftmax(weight, bias=None, ...)          # from a (V, d) weight (fits now)
+        QuantizedSoftmax(in_features, out_features, bias=True, device=None, dtype=None, ...)
+                                                          # nn.Linear-shaped: fits on first use / fit()
+
+    ``in_features`` / ``out_features`` are ``d`` / ``V``, as on ``nn.Linear``. A skeleton built with
+    ``fit=False`` (even from ``torch.empty``) accepts a ``state_dict``; a state with a NaN weight or
+    a side row outside ``[0, V)`` is refused at load time, naming the key (:mod:`torchaq.layer.state`).
+    Tables the codes cannot serve (``V < 2**bits``, ``d < 8``) are scored exactly instead
+    (:func:`torchaq.layer.exact.exact_reason`; :attr:`exact_reason` says why).
+
     Args:
-        weight: ``(V, d)`` weight (an ``nn.Parameter`` is kept as is, e.g. a tied embedding).
-        bias: optional ``(V,)`` bias.
+        weight: ``(V, d)`` weight (an ``nn.Parameter`` is kept as is, e.g. a tied embedding), or
+            ``in_features`` (an int).
+        out_features: ``V`` when ``weight`` is ``in_features``; otherwise the bias may come here
+            positionally, as before.
+        bias: optional ``(V,)`` bias (``True`` / ``False`` in the ``nn.Linear`` form).
         num_subspaces: ``M`` PQ subspaces (default ``d // 2``: 2 dimensions per 4-bit code).
         bits: 4 or 8 bits per code.
         threshold, eta: anisotropy of the quantizer (see :class:`torchaq.AnisotropicPQ`);
@@ -53,7 +67,8 @@ class QuantizedSoftmax(FastTopk):
         queries: optional ``(B, d)`` sample hidden states for calibration.
         candidates: default number of candidates re-scored exactly (default
             :func:`default_candidates`).
-        fit: fit the quantizer now (``False`` to load a ``state_dict`` into the layer).
+        fit: fit the quantizer now (default: yes from a weight, no in the ``nn.Linear`` form;
+            ``False`` to load a ``state_dict`` into the layer). An unfitted layer fits on first use.
         fit_iters, seed, progress: passed to :meth:`torchaq.AnisotropicPQ.fit`.
         quantizer: ``"pq"`` (:class:`torchaq.AnisotropicPQ`, the default) or ``"aq"``
             (:class:`torchaq.AnisotropicAQ`: additive codes, ``num_subspaces`` codebooks of
@@ -62,46 +77,47 @@ class QuantizedSoftmax(FastTopk):
             ``d / 2`` codebooks AQ's LUT costs ``8 d^2`` multiply-adds per query and its fit
             ``O((M K)^3)`` per update; AQ pays off with far fewer codebooks, e.g. ``d / 4`` at
             half the bits (``benchmarks/aq_layer.py``, ``quality.py --aq``).
+        device, dtype: of the parameters, in the ``nn.Linear`` form only.
     """
 
     def __init__(
         self,
-        weight: Tensor,
-        bias: Optional[Tensor] = None,
+        weight,
+        out_features=None,
+        bias=None,
         num_subspaces: Optional[int] = None,
         bits: int = 4,
         threshold: Optional[float] = None,
         eta: Optional[float] = None,
         queries: Optional[Tensor] = None,
         candidates: Optional[int] = None,
-        fit: bool = True,
+        fit: Optional[bool] = None,
         fit_iters: int = 5,
         seed: int = 0,
         progress: bool = True,
         quantizer: str = "pq",
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         if quantizer not in ("pq", "aq"):
             raise ValueError(f'quantizer must be "pq" or "aq", got {quantizer!r}')
-        if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-            desc = f"{weight.dtype} {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
-            raise ValueError(f"weight must be a floating-point (V, d) tensor, got {desc}")
+        if fit is not None and not isinstance(fit, bool):
+            raise ValueError(f"fit must be True, False or None, got {fit!r}")
+        weight, bias, from_shape = construction.parameters(weight, out_features, bias, device, dtype, fit is not False)
+        fit = not from_shape if fit is None else fit
+        #: fit on first use (the nn.Linear form); an explicit fit=False skeleton waits for a state_dict
+        self.fit_on_first_use = from_shape and not fit
         num_classes, dim = weight.shape
-        if bias is not None:
-            if not isinstance(bias, Tensor) or bias.shape != (num_classes,) or not bias.is_floating_point():
-                desc = f"{bias.dtype} {tuple(bias.shape)}" if isinstance(bias, Tensor) else type(bias).__name__
-                raise ValueError(f"bias must be a floating-point ({num_classes},) tensor, got {desc}")
-            if has_data(bias) and not bool(torch.isfinite(bias).all()):
-                raise ValueError("bias contains NaN or Inf")
         if candidates is not None:
             candidates = check_int(candidates, "candidates", low=1)
         if num_subspaces is not None:  # None: d // 2; 0 is an error, not the default
             num_subspaces = check_int(num_subspaces, "num_subspaces", 1, dim, f"in [1, d={dim}]")
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight.detach().clone())
+        self.weight = weight
         if bias is None:
             self.register_parameter("bias", None)
         else:
-            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone())
+            self.bias = bias
         self.num_classes, self.dim = num_classes, dim
         self.candidates = candidates
         # topk's int8 shortlist stage: True (default size, default_shortlist), an int, or False (off)
@@ -110,6 +126,8 @@ class QuantizedSoftmax(FastTopk):
         self.quantizer = quantizer_cls(
             dim, max(1, dim // 2) if num_subspaces is None else num_subspaces, bits=bits, threshold=threshold, eta=eta, seed=seed
         ).to(weight.device)
+        #: why this table is scored exactly instead of through the codes (None: it is not)
+        self.exact_reason = exact.exact_reason(num_classes, dim, self.quantizer.bits)
         width = ops.packed_width(self.quantizer.num_subspaces, bits)
         self.register_buffer(
             "packed_codes",
@@ -117,15 +135,42 @@ class QuantizedSoftmax(FastTopk):
         )
         self._init_side_rows()
         self.fit_iters, self.progress = fit_iters, progress
-        # incremental refresh state: weight version and per-row fingerprints at the last encode
-        self._refresh_version: Optional[int] = None
+        # incremental refresh state: weight snapshot and per-row fingerprints at the last encode
+        self._snapshot: Optional[staleness.Snapshot] = None
         self._fingerprint: Optional[Tensor] = None
         self._encode_key: Optional[tuple] = None
-        self._stale_warned = False
+        self._stale_warned, self._stale_count = False, 0
         # a function of the class, not a lambda: the layer stays picklable (torch.save(model))
         self.register_load_state_dict_post_hook(QuantizedSoftmax._after_load)
         if fit:
-            self.refresh(refit=True, queries=queries)
+            self.fit(queries)
+
+    @property
+    def in_features(self) -> int:
+        """``d``, as on ``nn.Linear``."""
+        return self.dim
+
+    @property
+    def out_features(self) -> int:
+        """``V``, as on ``nn.Linear``."""
+        return self.num_classes
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the index is built (always True for an exactly scored table)."""
+        return self.exact_reason is not None or self.quantizer.fitted
+
+    def fit(self, queries: Optional[Tensor] = None) -> "QuantizedSoftmax":
+        """Fit the codebooks to the current weight and encode it (``refresh(refit=True, queries=queries)``)."""
+        return self.refresh(refit=True, queries=queries)
+
+    def ensure_fitted(self) -> None:
+        """Fit now if the layer was built in the ``nn.Linear`` form and never fitted or loaded;
+        a ``fit=False`` skeleton raises instead (it is waiting for a ``state_dict``)."""
+        if not self.fitted:
+            if not self.fit_on_first_use:
+                self.quantizer.check_fitted()
+            self.fit()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "QuantizedSoftmax":
@@ -133,107 +178,6 @@ class QuantizedSoftmax(FastTopk):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         return cls(linear.weight, linear.bias, **kwargs)
-
-    # ---------------------------------------------------------------------------------------
-    # keeping the index in step with the weights
-    # ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def refresh(self, refit: bool = False, queries: Optional[Tensor] = None) -> "QuantizedSoftmax":
-        """Re-encode the weight rows that changed since the last refresh; ``refit=True`` re-learns the codebooks.
-
-        Only rows whose fingerprint (:mod:`torchaq.layer.incremental`: projections onto fixed random
-        directions) changed are re-encoded, and only their residual norms recomputed (the side list
-        is re-picked from cached per-row norms, ``O(V log V)``), so the cost grows with the rows a
-        step moved, plus one ``O(V d)`` fingerprint pass (``benchmarks/refresh.py`` measures it); if
-        ``weight._version`` did not move nothing is done at all. A full re-encode (first refresh,
-        new codebooks, another device, or more than half the rows moved) is one anisotropic
-        encoding pass over the ``V`` rows, ``O(V M K (dsub + rounds))``, plus one decode for the side list.
-        Re-fitting runs :meth:`torchaq.AnisotropicPQ.fit` (k-means plus ``fit_iters`` alternations).
-        """
-        weight = self.weight.detach()
-        if refit:
-            if queries is not None:
-                queries = self.flat_features(queries, "queries")
-            keep = side_list.fit_rows_mask(weight)  # huge-norm rows do not shape the codebooks
-            fit_rows = weight[keep] if int(keep.sum()) >= self.quantizer.num_codewords else weight
-            self.quantizer.fit(fit_rows, queries=queries, iters=self.fit_iters, progress=self.progress)
-        same_index = not refit and self._encode_key is not None and self._encode_key == self._encoding_key()
-        if same_index and self._refresh_version is not None and self._weight_version() == self._refresh_version:
-            return self
-        fingerprint = incremental.row_fingerprint(weight, incremental.fingerprint_directions(self.dim, weight.device))
-        rows = incremental.changed_rows(fingerprint, self._fingerprint) if same_index else None
-        if rows is not None and rows.numel() > self.num_classes * incremental.FULL_PASS_SHARE:
-            rows = None  # most rows moved (e.g. an AdamW step): the full pass is cheaper than row scatters
-        if rows is None:
-            codes = self.quantizer.encode(weight)
-            self.packed_codes = self.quantizer.pack(codes)
-            # refresh_side_rows() from the codes in hand
-            self._row_norms, self.residual_norms, self.side_rows = incremental.all_side_rows(weight, self.quantizer, codes)
-        else:
-            codes = self.quantizer.encode(weight[rows]) if rows.numel() else None
-            if codes is not None:
-                incremental.write_packed_rows(self.packed_codes, rows, codes, self.quantizer.bits)
-            # the side list, touching only these rows
-            update = incremental.update_side_rows(weight, self.quantizer, rows, codes, self._row_norms, self.residual_norms)
-            if update is None:
-                self.refresh_side_rows()
-            else:
-                self._row_norms, self.residual_norms, self.side_rows = update
-        self._fingerprint, self._encode_key = fingerprint, self._encoding_key()
-        self._refresh_version = self._weight_version()
-        return self
-
-    def _encoding_key(self) -> tuple:
-        """What the packed codes were encoded with: codebooks (storage, version), rule, code buffer."""
-        cb = self.quantizer.codebooks
-        return (cb.data_ptr(), cb._version, str(self.quantizer.rule), self.packed_codes.data_ptr())
-
-    def _weight_version(self) -> Optional[int]:
-        try:
-            return self.weight._version
-        except RuntimeError:  # inference tensors have no version counter
-            return None
-
-    def __setstate__(self, state) -> None:
-        """After unpickling (``torch.save(model)`` / ``copy.deepcopy``): the codes match the weight."""
-        super().__setstate__(state)
-        self._mark_fresh()
-
-    def _after_load(self, incompatible_keys) -> None:
-        """``load_state_dict`` post-hook (registered on the class's function, so it pickles)."""
-        self._mark_fresh()
-
-    def _mark_fresh(self) -> None:
-        """After ``load_state_dict``: the loaded codes match the loaded weight; next refresh is full."""
-        self._refresh_version, self._fingerprint, self._encode_key = self._weight_version(), None, None
-
-    def _warn_if_stale(self) -> None:
-        """Warn once if the weight changed in place (optimiser step, tied embedding) since the last refresh."""
-        if self._stale_warned or torch.compiler.is_compiling() or self._refresh_version is None:
-            return
-        version = self._weight_version()
-        if version is not None and version != self._refresh_version:
-            self._stale_warned = True
-            warnings.warn(
-                "QuantizedSoftmax: the weight changed since the last refresh(); the quantized index is stale, "
-                "so top-k / sampling use outdated codes. Call layer.refresh() after updating the weight.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-
-    # ---------------------------------------------------------------------------------------
-    # argument checks
-    # ---------------------------------------------------------------------------------------
-    def flat_features(self, h: Tensor, name: str = "h", finite: bool = True) -> Tensor:
-        """``h`` ``(..., d)`` checked (floating point, last dim ``d``, on the layer's device, finite
-        unless ``finite=False``; errors name ``name``) and flattened to ``(B, d)``."""
-        check_features(h, self.dim, name, self.weight.device, "layer")
-        if finite and h.numel() and has_data(h) and not bool(torch.isfinite(h).all()):
-            raise ValueError(f"{name} contains NaN or Inf")
-        return h if h.dim() == 2 else h.reshape(-1, self.dim)
-
-    def _check_k(self, k: int, name: str = "k") -> int:
-        return check_int(k, name, 1, self.num_classes, f"in [1, V={self.num_classes}]")
 
     # ---------------------------------------------------------------------------------------
     # the layer
@@ -252,8 +196,10 @@ class QuantizedSoftmax(FastTopk):
         first, and the ``(B, M, K)`` lookup tables. ``C`` is ``candidates``, else the layer's
         ``candidates``, else :func:`default_candidates`. The re-score is
         :func:`torchaq.ops.rescore_topk` (``B * C * d`` multiply-adds, one read per candidate row).
+        An exactly scored table (:attr:`exact_reason`) returns its exact top ``keep`` and ``lut=None``.
         """
-        self._warn_if_stale()
+        self.warn_if_stale()
+        self.ensure_fitted()
         # the C++ scan refuses a non-finite LUT in the same pass that quantizes it, which covers a
         # non-finite h for free (no separate pass over h, which costs as much as the re-score at batch 1)
         scan_checks = h.device.type == "cpu" and backends.CPU_EXTENSION_LOADED
@@ -264,7 +210,9 @@ class QuantizedSoftmax(FastTopk):
         candidates = self._check_k(candidates, "candidates")
         if candidates < k:
             raise ValueError(f"candidates={candidates} must be >= k={k}")
-        self.quantizer.check_fitted()
+        keep = candidates if keep is None else keep
+        if self.exact_reason is not None:
+            return exact.topk(self.flat_features(h), self.weight, self.bias, min(keep, candidates)) + (None,)
         # quantizer.lut(flat) without its re-checks (per-call overhead counts at batch 1)
         lut = self.quantizer.lut_unchecked(flat)
         # the scan ranks the coded rows; the side list is appended to every row's candidates
@@ -278,7 +226,6 @@ class QuantizedSoftmax(FastTopk):
             raise
         classes = self._with_side_rows(classes)
         bias = None if self.bias is None else self.bias.detach()
-        keep = candidates if keep is None else keep
         logits, classes = torch.ops.torchaq.rescore_topk.default(flat, self.weight.detach(), bias, classes, keep)
         return logits, classes, lut
 
@@ -289,82 +236,26 @@ class QuantizedSoftmax(FastTopk):
         exact side list (:attr:`side_rows`) are never returned: callers score them exactly
         (the sampled softmax adds them to every hard set). Cost: one LUT and one scan of ``V`` codes."""
         flat = self.flat_features(h)
+        self.ensure_fitted()
+        if self.exact_reason is not None:  # no codes: the exact scores
+            return exact.topk(flat, self.weight, self.bias, self._check_k(k))
         lut = self.quantizer.lut(flat)
         k = min(self._check_k(k), self.num_classes - self.side_rows.numel())
         return ops.lut_topk(lut, self.packed_codes, self.num_classes, k, self.scan_bias())
 
-    def _bound_complete(self, h: Tensor, logits: Tensor, classes: Tensor, lut: Tensor, k: int):
-        """``guarantee="bound"``: add every row the residual bound cannot rule out (also returns the counts)."""
-        scores = ops.lut_score(lut, self.packed_codes, self.num_classes, self.float_bias())
+    def _bound_topk(self, flat: Tensor, candidates: Optional[int], k: int) -> Tuple[Tensor, Tensor]:
+        """``guarantee="bound"``: add every row the residual bound cannot rule out, ``ROW_CHUNK`` rows
+        at a time (the bound's ``(rows, V)`` score and bound tables never span the whole batch)."""
         bias = None if self.bias is None else self.bias.detach()
-        return side_list.bound_complete(
-            self.flat_features(h), self.weight.detach(), bias, scores, self.residual_norms, logits, classes, k
-        )
-
-    def float_bias(self) -> Optional[Tensor]:
-        """The bias as a detached float32 tensor (None without bias): what the LUT scan adds."""
-        return None if self.bias is None else self.bias.detach().float()
-
-    # ---------------------------------------------------------------------------------------
-    # the exact side list (torchaq.layer.side_list)
-    # ---------------------------------------------------------------------------------------
-    def _init_side_rows(self) -> None:
-        device = self.weight.device
-        self.register_buffer("side_rows", torch.zeros(0, dtype=torch.int64, device=device))
-        self.register_buffer("residual_norms", torch.full((self.num_classes,), math.inf, device=device))
-        self._scan_bias_cache: Tuple = (None, None)
-        self._row_norms: Optional[Tensor] = None  # |W_i| at the last refresh (incremental refreshes reuse them)
-
-    @torch.no_grad()
-    def refresh_side_rows(self, queries: Optional[Tensor] = None) -> Tensor:
-        """Re-choose the exact side list and the residual norms from the current weight and codes.
-
-        :meth:`refresh` calls it (without queries, so that every refresh applies the same rule);
-        optional ``queries`` add the observed-error statistic of
-        :func:`torchaq.layer.side_list.select_side_rows`. Returns ``side_rows``.
-        """
-        codes = ops.unpack_codes(self.packed_codes, self.quantizer.num_subspaces, self.quantizer.bits, self.num_classes)
-        if queries is None:  # the rule reads the row and residual norms alone (also what refresh keeps)
-            self._row_norms, self.residual_norms, self.side_rows = incremental.all_side_rows(
-                self.weight, self.quantizer, codes)
-            return self.side_rows
-        weight = self.weight.detach()
-        recon = self.quantizer.decode(codes, dtype=torch.float32).to(weight.device)
-        queries = self.flat_features(queries, "queries")
-        self.residual_norms = side_list.residual_norms(weight, recon)
-        self._row_norms = weight.float().norm(dim=1)  # kept for incremental refreshes
-        self.side_rows = side_list.select_side_rows(weight, recon, queries)
-        return self.side_rows
-
-    def scan_bias(self) -> Optional[Tensor]:
-        """The bias the LUT scan ranks with: the layer's (float32), side rows pushed to the bottom
-        (:func:`torchaq.layer.side_list.scan_bias`; cached per side list and bias version)."""
-        if self.side_rows.numel() == 0:
-            return self.float_bias()
-        if torch.compiler.is_compiling():
-            return side_list.scan_bias(self.bias, self.side_rows, self.num_classes, self.weight.device)
-        key = (self.side_rows.data_ptr(), self.side_rows._version, self.side_rows.device)
-        if self.bias is not None:
-            key += (self.bias.data_ptr(), self.bias._version)
-        if self._scan_bias_cache[0] != key:
-            self._scan_bias_cache = (key, side_list.scan_bias(self.bias, self.side_rows, self.num_classes, self.weight.device))
-        return self._scan_bias_cache[1]
-
-    def _with_side_rows(self, classes: Tensor) -> Tensor:
-        """``(B, C)`` scan candidates -> ``(B, C + S)`` with the side rows appended (the scan never returns them)."""
-        if self.side_rows.numel() == 0:
-            return classes
-        return torch.cat([classes, self.side_rows.to(classes.device).expand(classes.shape[0], -1)], dim=1)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # the side list's length varies: take the stored one's shape (older checkpoints have none)
-        key = prefix + "side_rows"
-        if key in state_dict:
-            self.side_rows = torch.zeros_like(state_dict[key], device=self.weight.device)
-        else:
-            state_dict[key] = self.side_rows
-        state_dict.setdefault(prefix + "residual_norms", torch.full((self.num_classes,), math.inf))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        out_v = torch.empty(flat.shape[0], k, device=flat.device)
+        out_i = torch.empty(flat.shape[0], k, dtype=torch.int64, device=flat.device)
+        for a, b in exact.row_chunks(flat.shape[0]):
+            logits, classes, lut = self.candidate_logits(flat[a:b], candidates, k)
+            scores = functools.partial(ops.lut_score, lut, self.packed_codes, self.num_classes, self.float_bias())
+            logits, classes, _ = side_list.bound_complete(  # the scores buffer is made and freed inside
+                flat[a:b], self.weight.detach(), bias, scores, self.residual_norms, logits, classes, k)
+            out_v[a:b], out_i[a:b] = logits[:, :k], classes[:, :k]
+        return out_v, out_i
 
     def topk(
         self, h: Tensor, k: int = 10, candidates: Optional[int] = None, guarantee: Optional[str] = None
@@ -389,12 +280,13 @@ class QuantizedSoftmax(FastTopk):
             k = self._check_k(k)
         if guarantee not in (None, "bound"):
             raise ValueError(f'guarantee must be None or "bound", got {guarantee!r}')
-        if guarantee is None:
+        if self.exact_reason is not None:  # exact by construction: the bound has nothing to add
+            self.warn_if_stale()
+            logits, classes = exact.topk(self.flat_features(h), self.weight, self.bias, k)
+        elif guarantee is None:
             logits, classes = self._topk_one_op(h, candidates, k)
         else:
-            logits, classes, lut = self.candidate_logits(h, candidates, k)
-            logits, classes, _ = self._bound_complete(h, logits, classes, lut, k)
-            logits, classes = logits[:, :k], classes[:, :k]
+            logits, classes = self._bound_topk(self.flat_features(h), candidates, k)
         if h.dim() == 2:
             return logits, classes
         lead = h.shape[:-1]
@@ -409,16 +301,36 @@ class QuantizedSoftmax(FastTopk):
         importance sample of exactly scored classes of that rest (:func:`torchaq.layer.partition.log_partition`:
         the plain LUT mass of the rest is biased low when it holds much of the mass, i.e. flat
         softmaxes). ``benchmarks/outliers.py`` measures the error on flat and peaked softmaxes.
-        Costs a full ``(B, V)`` LUT score pass and ``B * 256 * d`` exact multiply-adds on top of :meth:`topk`.
+        Costs a full LUT score pass over ``V`` and ``256 d`` exact multiply-adds per row on top of
+        :meth:`topk`; rows go ``ROW_CHUNK`` at a time (:mod:`torchaq.layer.exact`), so the ``(rows, V)``
+        temporaries never span the whole batch and the peak stays below the dense layer's.
         """
         k = self._check_k(k)
-        logits, classes, lut = self.candidate_logits(h, candidates, k)
-        approx = ops.lut_score(lut, self.packed_codes, self.num_classes, self.float_bias())
-        bias = None if self.bias is None else self.bias.detach()
-        log_z = log_partition(self.flat_features(h), self.weight.detach(), bias, logits, classes, approx)
-        logp = logits[:, :k] - log_z.unsqueeze(1)
+        flat = self.flat_features(h)
+        if self.exact_reason is not None:
+            self.warn_if_stale()
+            logp, idx = exact.log_softmax_topk(flat, self.weight, self.bias, k)
+        else:
+            bias = None if self.bias is None else self.bias.detach()
+            logp = torch.empty(flat.shape[0], k, device=flat.device)
+            idx = torch.empty(flat.shape[0], k, dtype=torch.int64, device=flat.device)
+            for a, b in exact.row_chunks(flat.shape[0]):
+                logits, classes, lut = self.candidate_logits(flat[a:b], candidates, k)
+                log_z = log_partition(flat[a:b], self.weight.detach(), bias, logits, classes,
+                                      ops.lut_score(lut, self.packed_codes, self.num_classes, self.float_bias()))
+                logp[a:b], idx[a:b] = logits[:, :k] - log_z.unsqueeze(1), classes[:, :k]
         lead = h.shape[:-1]
-        return logp.reshape(lead + (k,)), classes[:, :k].reshape(lead + (k,))
+        return logp.reshape(lead + (k,)), idx.reshape(lead + (k,))
+
+    @torch.no_grad()
+    def entropy(self, h: Tensor) -> Tensor:
+        """Softmax entropy ``H = -sum_c p_c log p_c`` in nats per row of ``h``: float32 ``(...)``.
+
+        Exact to float rounding (well within 0.01 nats) by a streaming log-sum-exp over blocks of
+        classes (:func:`torchaq.layer.exact.entropy`): never a ``(B, V)`` tensor, at most
+        ``ROW_CHUNK x CLASS_CHUNK`` logits at once; ``B V d`` multiply-adds, as the dense layer.
+        """
+        return exact.entropy(self.flat_features(h), self.weight, self.bias).reshape(h.shape[:-1])
 
     @torch.no_grad()
     def sample(
@@ -448,7 +360,8 @@ class QuantizedSoftmax(FastTopk):
 
     def extra_repr(self) -> str:
         q = self.quantizer
+        scoring = f"exact ({self.exact_reason})" if self.exact_reason is not None else f"rule={q.rule}"
         return (
             f"V={self.num_classes}, d={self.dim}, bits={q.bits}, subspaces={q.num_subspaces}, "
-            f"rule={q.rule}, bias={self.bias is not None}"
+            f"{scoring}, bias={self.bias is not None}"
         )

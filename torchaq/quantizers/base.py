@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from torchaq import ops
 from torchaq.checks import check_int, has_data
+from torchaq.quantizers import extra_state
 from torchaq.quantizers.calibrate import AnisotropyRule
 from torchaq.quantizers.loss import eta as sphere_eta
 
@@ -193,16 +194,11 @@ class ScoreAwareQuantizer(nn.Module):
         if old_flag is not None:
             self.fitted = bool(old_flag)
 
-    def get_extra_state(self) -> dict:
-        return {
-            "fitted": self.fitted,
-            "rule": (self.rule.kind, self.rule.value),
-            "calibration": self.calibration,
-            "fit_dtype": str(self._fit_dtype).replace("torch.", ""),
-        }
+    def get_extra_state(self) -> Tensor:
+        """The fitted flag, rule, calibration and fit dtype as one float64 tensor
+        (:mod:`torchaq.quantizers.extra_state`: a state_dict of tensors only, so safetensors can store it)."""
+        return extra_state.encode(self.fitted, self.rule, self.calibration, self._fit_dtype)
 
-    def set_extra_state(self, state: dict) -> None:
-        self.fitted = bool(state.get("fitted", True))
-        self.rule = AnisotropyRule(*state["rule"])
-        self.calibration = state["calibration"]
-        self._fit_dtype = getattr(torch, state["fit_dtype"])
+    def set_extra_state(self, state) -> None:
+        """Reads :meth:`get_extra_state`'s tensor, or the dict that earlier versions stored."""
+        self.fitted, self.rule, self.calibration, self._fit_dtype = extra_state.decode(state)

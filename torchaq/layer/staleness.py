@@ -1,0 +1,100 @@
+"""Is a layer's quantized index still the index of its weight? The checks behind the stale-index warning.
+
+The packed codes, the side list, the residual norms and the int8 shortlist rows are all functions
+of ``weight`` at the last :meth:`torchaq.QuantizedSoftmax.refresh`. The weight can change under
+them in three ways, each seen by a different signal:
+
+* an in-place update through autograd-visible ops (an optimiser step, a tied embedding's
+  ``mul_``): ``weight._version`` moves;
+* ``weight.data = W2`` (Hugging Face's ``_init_weights``, ``load_state_dict(assign=True)``): the
+  storage pointer moves, the version does not;
+* ``weight.data.copy_(W2)``: neither moves (``.data`` has its own version counter), so a copy of a
+  few fixed *sentinel rows* (up to :data:`SENTINEL_ROWS`, evenly strided; compared through a
+  strided view, so the check allocates nothing) is compared too.
+
+:func:`changed` runs all three per call: two integer compares and one ``torch.equal`` over
+``SENTINEL_ROWS * d`` values, independent of ``V`` and of the batch. A ``.data`` write that leaves
+every sentinel row bit-identical goes unseen by the per-call check; :meth:`refresh` itself
+fingerprints all ``V`` rows (:mod:`torchaq.layer.incremental`), so it re-encodes them anyway.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+# rows copied per layer to detect writes through ``.data`` (evenly strided over the vocabulary)
+SENTINEL_ROWS = 64
+
+
+class Snapshot(NamedTuple):
+    """What the index was built from: storage pointer, version counter, the sentinel rows' stride
+    and count, and their copies."""
+
+    pointer: int
+    version: Optional[int]
+    stride: int
+    count: int
+    values: Tensor
+
+
+def sentinels(weight: Tensor, stride: int, count: int) -> Tensor:
+    """The sentinel rows of ``weight``: a strided *view* (``weight[::stride][:count]``), so the
+    per-call comparison allocates nothing."""
+    return weight.detach()[::stride][:count]
+
+
+def version_of(weight: Tensor) -> Optional[int]:
+    """``weight._version`` (None for inference tensors, which have no version counter)."""
+    try:
+        return weight._version
+    except RuntimeError:
+        return None
+
+
+def snapshot(weight: Tensor) -> Snapshot:
+    """The :class:`Snapshot` of ``weight`` now (``O(SENTINEL_ROWS * d)``)."""
+    w = weight.detach()
+    num = w.shape[0]
+    stride = max(1, num // SENTINEL_ROWS)
+    count = min(SENTINEL_ROWS, (num + stride - 1) // stride)
+    return Snapshot(w.data_ptr(), version_of(weight), stride, count, sentinels(w, stride, count).clone())
+
+
+def changed(weight: Tensor, snap: Optional[Snapshot]) -> Optional[str]:
+    """What changed in ``weight`` since ``snap`` (a short description), or None if nothing did."""
+    if snap is None:
+        return None
+    w = weight.detach()
+    if w.data_ptr() != snap.pointer:
+        return "the weight's storage was replaced (weight.data = ... or a new tensor)"
+    if version_of(weight) != snap.version:
+        return "the weight was updated in place (optimiser step, tied embedding)"
+    if w.device.type == "meta" or snap.values.device != w.device or snap.values.shape[1:] != w.shape[1:]:
+        return None
+    if not torch.equal(sentinels(w, snap.stride, snap.count), snap.values):
+        return "the weight was written through .data (weight.data.copy_ / HF _init_weights)"
+    return None
+
+
+def message(cause: str, count: int) -> str:
+    """The stale-index warning (numbered, so that Python's once-per-message filter shows each new one)."""
+    return (
+        f"QuantizedSoftmax: {cause} since the last refresh(); the quantized index is stale, so top-k / "
+        f"sampling use outdated codes. Call layer.refresh() after updating the weight (stale index #{count})."
+    )
+
+
+def assert_fresh_in_graph(weight: Tensor, snap: Optional[Snapshot]) -> None:
+    """The staleness check inside a ``torch.compile`` graph: the sentinel rows compared as tensor ops
+    and ``torch._assert_async`` on the result, so a compiled call on a stale index raises (an error
+    that says how to refresh) instead of warning -- no graph break, ``fullgraph=True`` holds. Every
+    kind of change (in place, ``.data``, replaced storage) changes sentinel values, so all are seen
+    as long as one sentinel row moved. Meta tensors (tracing without data) are skipped."""
+    if snap is None or weight.device.type == "meta" or snap.values.device != weight.device:
+        return
+    same = (sentinels(weight, snap.stride, snap.count) == snap.values).all()
+    torch._assert_async(same, "QuantizedSoftmax: the weight changed since the last refresh(), so the quantized "
+                              "index is stale. Call layer.refresh() outside the compiled function after updating "
+                              "the weight (the compiled function recompiles once for the new index).")
