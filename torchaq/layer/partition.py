@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torchaq.ops.rescore import exact_logits
+from torchaq.ops.rescore import row_logits
 
 # classes of the rest scored exactly per row to correct its LUT mass
 REST_SAMPLES = 256
@@ -57,7 +57,7 @@ def log_partition(
         u = (torch.arange(samples, device=rest.device, dtype=cum.dtype) + 0.5) / samples
         u = u.unsqueeze(0) * cum[:, -1:]  # the quantiles of the (float-rounded) total
         pick = torch.searchsorted(cum.contiguous(), u.contiguous()).clamp_(max=rest.shape[1] - 1)
-        exact = exact_logits(h, weight, bias, pick)
+        exact = row_logits(h, weight, bias, pick)  # batch-invariant: a row's log Z alone = in a batch
         ratio = torch.logsumexp(exact - rest.gather(1, pick), dim=1) - math.log(samples)
         log_rest = torch.where(has_rest, log_rest + ratio, log_rest)
     return torch.logaddexp(log_cand, log_rest)

@@ -43,7 +43,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from torchaq.ops.rescore import exact_logits
+from torchaq.ops.rescore import row_logits
 
 # a row is a side-list candidate when one of its statistics has a robust z-score above this
 DEFAULT_THRESHOLD = 8.0
@@ -196,7 +196,7 @@ def bound_complete(
         logits, classes = full.topk(logits.shape[1], dim=1)
         return logits, classes, extra
     ub, extra_classes = upper.topk(most, dim=1)
-    extra_logits = exact_logits(h, weight, bias, extra_classes).masked_fill(ub < kth, -math.inf)
+    extra_logits = row_logits(h, weight, bias, extra_classes).masked_fill(ub < kth, -math.inf)
     logits = torch.cat([logits, extra_logits], dim=1)
     classes = torch.cat([classes, extra_classes], dim=1)
     logits, order = logits.sort(dim=1, descending=True)
