@@ -55,7 +55,7 @@ from torch import Tensor
 
 from torchaq import ops
 from torchaq.checks import check_int, check_real, is_int
-from torchaq.layer.counter_rng import uniforms
+from torchaq.layer.counter_rng import key_uniforms, row_keys
 from torchaq.layer.logprobs import row_log_partition
 from torchaq.ops.rescore import row_logits
 
@@ -64,6 +64,7 @@ DEFAULT_HEAD = 256     # scan candidates re-scored exactly (plus the side list)
 PROPOSALS = 32         # proposals per row and rejection round
 MAX_ROUNDS = 32        # then the row is drawn from its exact logits
 NUCLEUS_SAMPLES = 256  # exactly scored tail classes behind the top_p floor
+BLOCK = 256            # classes per block of the two-level inverse CDF
 
 
 class SampleOutput(NamedTuple):
@@ -109,7 +110,7 @@ def row_seeds(seeds: Optional[Tensor], generator: Optional[torch.Generator], lea
     return torch.randint(-(2 ** 62), 2 ** 62, (batch,), generator=generator, device=gen_device).to(device)
 
 
-def _head(layer, flat: Tensor, size: int):
+def head_scores(layer, flat: Tensor, size: int):
     """The LUT scores of every class ``(B, V)``, and the head: the scan's best ``size`` classes plus
     the side list, re-scored exactly, best first (``(B, H)`` logits and classes, repeats at -inf)."""
     q, num = layer.quantizer, layer.num_classes
@@ -126,14 +127,15 @@ def _head(layer, flat: Tensor, size: int):
     return scores, logits, classes
 
 
-def _tail_bounds(layer, flat: Tensor, scores: Tensor, head: Tensor) -> Tensor:
-    """``u_i = s_i + z |h| |r_i| / sqrt(d)`` for every class not in the head, ``-inf`` on the head."""
-    scale = ERROR_SIGMAS / math.sqrt(layer.dim)
-    upper = scores + (scale * flat.float().norm(dim=1, keepdim=True)) * layer.residual_norms.float().unsqueeze(0)
-    upper = upper.scatter(1, head, -math.inf)
-    if not bool(torch.isfinite(upper).logical_or(upper == -math.inf).all()):
+def tail_bounds(layer, flat: Tensor, scores: Tensor, head: Tensor, sigmas: float = ERROR_SIGMAS) -> Tensor:
+    """``u_i = s_i + z |h| |r_i| / sqrt(d)`` (``z = sigmas``) for every class not in the head, ``-inf`` on
+    the head. ``z = sqrt(d)`` is the Cauchy-Schwarz bound (always true, far looser), ``z = 0`` the LUT score."""
+    scale = sigmas / math.sqrt(layer.dim)
+    norms = layer.residual_norms
+    if not bool(torch.isfinite(norms.index_fill(0, layer.side_rows, 0.0)).all()):
         raise RuntimeError("residual_norms is not finite outside the side list: call layer.refresh()")
-    return upper
+    upper = torch.addcmul(scores, scale * flat.float().norm(dim=1, keepdim=True), norms.float().unsqueeze(0))
+    return upper.scatter_(1, head, -math.inf)
 
 
 def _complete(layer, flat, logits, classes, upper, floor):
@@ -190,6 +192,21 @@ def _search(cum: Tensor, rows: Tensor, u: Tensor) -> Tensor:
     return pos.clamp_(max=cum.shape[1] - 1)
 
 
+def _search_blocks(weights: Tensor, cum: Tensor, rows: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF positions in two levels: the block from the cumulative block sums ``cum`` ``(R, nb)``,
+    then the class inside it from that block's ``BLOCK`` weights (``weights`` ``(R, nb, BLOCK)``), so no
+    ``O(V)`` float64 cumulative sum is needed. ``u`` ``(P, n)`` uniforms of draws on ``rows`` ``(P,)``."""
+    blk = _search(cum, rows, u)
+    c = cum[0] if cum.shape[0] == 1 else cum[rows]
+    total = c[..., -1:] if cum.shape[0] > 1 else c[-1]
+    start = torch.where(blk > 0, (c[blk - 1] if cum.shape[0] == 1 else c.gather(1, (blk - 1).clamp(min=0))), 0.0)
+    w = weights[0][blk] if cum.shape[0] == 1 else weights[rows.unsqueeze(1), blk]  # (P, n, BLOCK)
+    inner = w.cumsum(dim=2, dtype=torch.float64)
+    rest = torch.minimum((u * total - start).clamp(min=0), inner[..., -1] * (1 - 2.0 ** -40))
+    pos = torch.searchsorted(inner, rest.unsqueeze(2).contiguous(), right=True).squeeze(2).clamp_(max=BLOCK - 1)
+    return blk * BLOCK + pos
+
+
 def _categorical_cum(logits: Tensor, floor: Tensor, temperature: float) -> Tensor:
     """Cumulative float64 weights of ``softmax(logits / T)`` restricted to ``logits >= floor``."""
     w = ((logits - logits[:, :1]) / temperature).double().exp().masked_fill(logits < floor.unsqueeze(1), 0.0)
@@ -225,14 +242,16 @@ class _Plan(NamedTuple):
     classes: Tensor
     upper: Optional[Tensor]  # None: a categorical draw among the head (top_k)
     floor: Tensor
-    cum: Tensor
+    cum: Tensor  # top_k: (B, k) cumulative weights; else (B, L / BLOCK) cumulative block sums
+    weights: Optional[Tensor] = None  # else: (B, L / BLOCK, BLOCK) float32 proposal weights, head first
 
 
-def _reject(layer, plan: _Plan, rows: Tensor, seeds: Tensor, temperature: float):
-    """Rejection sampling (module docstring) for draws on ``rows`` ``(P,)`` with ``seeds`` ``(P,)``:
-    ``(tokens, token logits, detected bound violations)`` ``(P,)``."""
+def _reject(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, lut_tail: bool = False):
+    """Rejection sampling (module docstring) for draws on ``rows`` ``(P,)`` with keys ``(P,)`` (:func:`row_keys` of the seeds):
+    ``(tokens, token logits, detected bound violations)`` ``(P,)``. ``lut_tail=True`` keeps every tail
+    draw (the "exact head + LUT tail" method, measured for comparison: biased by the LUT error)."""
     t = temperature
-    flat, logits, classes, upper, floor, cum = plan
+    flat, logits, classes, upper, floor, cum = plan[:6]
     num_head = logits.shape[1]
     bias = None if layer.bias is None else layer.bias.detach()
     weight = layer.weight.detach()
@@ -245,16 +264,18 @@ def _reject(layer, plan: _Plan, rows: Tensor, seeds: Tensor, temperature: float)
         if pending.numel() == 0:
             break
         r = rows[pending].unsqueeze(1)
-        pos = _search(cum, rows[pending], uniforms(seeds[pending], 2 * rnd + 1, PROPOSALS))
+        pos = _search_blocks(plan.weights, cum, rows[pending], key_uniforms(keys[pending], 2 * rnd + 1, PROPOSALS))
         in_head = pos < num_head
         hpos = pos.clamp(max=num_head - 1)
         tpos = (pos - num_head).clamp(min=0)
         cls = torch.where(in_head, classes[r, hpos], tpos)
-        exact = row_logits(flat[rows[pending]], weight, bias, cls)
-        exact = torch.where(in_head, logits[r, hpos], exact)
+        exact = logits[r, hpos].clone()
+        drawn, slot = (~in_head).nonzero(as_tuple=True)  # re-score the tail draws only, one dot each
+        if drawn.numel():
+            exact[drawn, slot] = row_logits(flat[rows[pending][drawn]], weight, bias, cls[drawn, slot].unsqueeze(1))[:, 0]
         excess = torch.where(in_head, 0.0, (exact - upper[r, tpos]) / t)
         accept = in_head | ((exact >= floor[r])
-                            & (uniforms(seeds[pending], 2 * rnd + 2, PROPOSALS).log() < excess.double()))
+                            & (lut_tail | (key_uniforms(keys[pending], 2 * rnd + 2, PROPOSALS).log() < excess.double())))
         violations[pending] += (excess > 0).sum(dim=1)
         done = accept.any(dim=1)
         first = accept.to(torch.int8).argmax(dim=1, keepdim=True)
@@ -263,27 +284,28 @@ def _reject(layer, plan: _Plan, rows: Tensor, seeds: Tensor, temperature: float)
         pending = pending[~done]
     if pending.numel():
         p_rows = rows[pending]
-        tok, val = _exact_rows(layer, flat[p_rows], floor[p_rows], t, uniforms(seeds[pending], 0, 1))
+        tok, val = _exact_rows(layer, flat[p_rows], floor[p_rows], t, key_uniforms(keys[pending], 0, 1))
         tokens[pending], values[pending] = tok, val
     return tokens, values, violations
 
 
-def _draw(layer, plan: _Plan, rows: Tensor, seeds: Tensor, temperature: float):
+def _draw(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, lut_tail: bool = False):
     """``(tokens, token logits, violations)`` for draws on ``rows`` of ``plan`` with per-draw ``seeds``."""
     if plan.upper is None:
-        pos = _search(plan.cum, rows, uniforms(seeds, 0, 1)).squeeze(1)
+        pos = _search(plan.cum, rows, key_uniforms(keys, 0, 1)).squeeze(1)
         return plan.classes[rows, pos], plan.logits[rows, pos], torch.zeros_like(pos)
-    return _reject(layer, plan, rows, seeds, temperature)
+    return _reject(layer, plan, rows, keys, temperature, lut_tail)
 
 
-def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates) -> _Plan:
+def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: float = ERROR_SIGMAS) -> _Plan:
     """Head, bounds, truncation floor and proposal CDF of every row of ``flat`` (module docstring)."""
     t = temperature
     size = max(candidates or DEFAULT_HEAD, top_k or 1)
-    scores, logits, classes = _head(layer, flat, size)
-    upper = _tail_bounds(layer, flat, scores, classes)
+    scores, logits, classes = head_scores(layer, flat, size)
+    upper = tail_bounds(layer, flat, scores, classes, sigmas)
+    upper_max = upper.max(dim=1).values
     _check_overflow(logits[:, :1] / t, t)
-    _check_overflow(upper.max(dim=1).values / t, t)
+    _check_overflow(upper_max / t, t)
     floor = torch.full_like(logits[:, 0], -math.inf)
     if top_k is not None:
         logits, classes, upper = _complete(layer, flat, logits, classes, upper, logits[:, top_k - 1])
@@ -297,14 +319,23 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates) -> _Plan:
         return _Plan(flat, logits, classes, None, floor, _categorical_cum(logits, floor, t))
     if min_p is not None:
         logits, classes, upper = _complete(layer, flat, logits, classes, upper, logits[:, 0])
+        upper_max = upper.max(dim=1).values
         floor = logits[:, 0] + t * math.log(min_p)
     if top_p < 1:
         floor = torch.maximum(floor, _nucleus_floor(layer, flat, logits, scores, upper, top_p, t))
-    top = torch.maximum(logits[:, 0], upper.max(dim=1).values).unsqueeze(1)
-    w_head = ((logits - top) / t).exp().masked_fill(logits < floor.unsqueeze(1), 0.0)
-    w_tail = ((upper - top) / t).exp().masked_fill(upper < floor.unsqueeze(1), 0.0)
-    cum = torch.cat([w_head, w_tail], 1).cumsum(dim=1, dtype=torch.float64)
-    return _Plan(flat, logits, classes, upper, floor, cum)
+    top = torch.maximum(logits[:, 0], upper_max).unsqueeze(1)
+    num_head = logits.shape[1]
+    length = num_head + upper.shape[1]
+    weights = upper.new_zeros((upper.shape[0], length + (-length % BLOCK)))
+    torch.exp((logits - top) / t, out=weights[:, :num_head])
+    tail = weights[:, num_head:length]
+    torch.sub(upper, top, out=tail)
+    tail.div_(t).exp_()
+    if bool((floor > -math.inf).any()):
+        weights[:, :num_head].masked_fill_(logits < floor.unsqueeze(1), 0.0)
+        tail.masked_fill_(upper < floor.unsqueeze(1), 0.0)
+    weights = weights.view(weights.shape[0], -1, BLOCK)
+    return _Plan(flat, logits, classes, upper, floor, weights.sum(dim=2).cumsum(dim=1, dtype=torch.float64), weights)
 
 
 def _logprobs(layer, plan: _Plan, rows: Tensor, values: Tensor, temperature: float):
@@ -319,18 +350,20 @@ def _logprobs(layer, plan: _Plan, rows: Tensor, values: Tensor, temperature: flo
 
 
 def sample_many(layer, h: Tensor, seeds: Tensor, top_k=None, top_p=1.0, min_p=None, temperature=1.0,
-                candidates: Optional[int] = None, chunk: int = 8192):
+                candidates: Optional[int] = None, chunk: int = 4096, sigmas: float = ERROR_SIGMAS,
+                lut_tail: bool = False):
     """``len(seeds)`` draws for one row ``h`` ``(d,)``: the tokens ``sample(h.expand(n, d), seeds=seeds)``
     returns, with the row's head and bounds computed once (what ``benchmarks/sampling.py`` and the
-    statistical tests use); also returns the number of detected bound violations."""
+    statistical tests use); also returns the number of detected bound violations. ``sigmas`` and
+    ``lut_tail`` select the compared methods (:func:`tail_bounds`, :func:`_reject`)."""
     flat = layer.flat_features(h.reshape(1, -1))
     top_k, top_p, min_p, temperature = check_full_sampling_args(top_k, top_p, min_p, temperature, layer.num_classes)
-    plan = _plan(layer, flat, top_k, top_p, min_p, temperature, candidates)
+    plan = _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas)
     seeds = seeds.reshape(-1).to(device=flat.device, dtype=torch.int64)
     out, bad = [], 0
     for i in range(0, seeds.shape[0], chunk):
         s = seeds[i:i + chunk]
-        tok, _, viol = _draw(layer, plan, torch.zeros_like(s), s, temperature)
+        tok, _, viol = _draw(layer, plan, torch.zeros_like(s), row_keys(s), temperature, lut_tail)
         out.append(tok)
         bad += int(viol.sum())
     return torch.cat(out), bad
@@ -348,7 +381,7 @@ def sample_full(layer, h: Tensor, top_k=None, top_p=1.0, min_p=None, temperature
     seeds = row_seeds(seeds, generator, lead, flat.device)
     plan = _plan(layer, flat, top_k, top_p, min_p, temperature, candidates)
     rows = torch.arange(flat.shape[0], device=flat.device)
-    tokens, values, _ = _draw(layer, plan, rows, seeds, temperature)
+    tokens, values, _ = _draw(layer, plan, rows, row_keys(seeds), temperature)
     if not return_logprobs:
         return tokens.reshape(lead)
     full, truncated = _logprobs(layer, plan, rows, values, temperature)
