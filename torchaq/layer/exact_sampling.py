@@ -64,6 +64,8 @@ DEFAULT_HEAD = 256     # scan candidates re-scored exactly (plus the side list)
 PROPOSALS = 32         # proposals per row and rejection round
 MAX_ROUNDS = 32        # then the row is drawn from its exact logits
 NUCLEUS_SAMPLES = 256  # exactly scored tail classes behind the top_p floor
+NUCLEUS_COMPLETE = 2048  # most tail classes re-scored per row to place the top_p floor among exact logits
+WEIGHT_RANGE = 60.0    # proposal weights are exp(x / T) with x <= WEIGHT_RANGE T above the reference
 BLOCK = 256            # classes per block of the two-level inverse CDF
 
 
@@ -138,11 +140,13 @@ def tail_bounds(layer, flat: Tensor, scores: Tensor, head: Tensor, sigmas: float
     return upper.scatter_(1, head, -math.inf)
 
 
-def _complete(layer, flat, logits, classes, upper, floor):
+def _complete(layer, flat, logits, classes, upper, floor, limit: Optional[int] = None):
     """Merge into the head every tail class whose bound reaches ``floor`` ``(B,)``, re-scored exactly;
-    returns the merged ``(logits, classes)`` best first (ties by class id) and ``upper`` with them at -inf."""
+    returns the merged ``(logits, classes)`` best first (ties by class id) and ``upper`` with them at -inf.
+    ``limit`` caps the classes merged per row (those with the highest bounds)."""
     need = upper >= floor.unsqueeze(1)
     most = int(need.sum(dim=1).max()) if need.numel() else 0
+    most = most if limit is None else min(most, limit)
     if most == 0:
         return logits, classes, upper
     ub, extra = upper.topk(most, dim=1)
@@ -152,7 +156,8 @@ def _complete(layer, flat, logits, classes, upper, floor):
     order = classes.argsort(dim=1, stable=True)  # class order, then a stable sort by logit: ties by class id
     logits, classes = logits.gather(1, order), classes.gather(1, order)
     order = logits.argsort(dim=1, descending=True, stable=True)
-    upper = upper.scatter(1, extra, -math.inf)
+    # only the classes merged leave the tail (the others were padding of this batch's widest row)
+    upper = upper.scatter(1, extra, ub.masked_fill(ub >= floor.unsqueeze(1), -math.inf))
     return logits.gather(1, order), classes.gather(1, order), upper
 
 
@@ -243,7 +248,7 @@ class _Plan(NamedTuple):
     upper: Optional[Tensor]  # None: a categorical draw among the head (top_k)
     floor: Tensor
     cum: Tensor  # top_k: (B, k) cumulative weights; else (B, L / BLOCK) cumulative block sums
-    weights: Optional[Tensor] = None  # else: (B, L / BLOCK, BLOCK) float32 proposal weights, head first
+    weights: Optional[Tensor] = None  # else: (B, L / BLOCK, BLOCK) float32 proposal weights, tail first
 
 
 def _reject(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, lut_tail: bool = False):
@@ -253,6 +258,7 @@ def _reject(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, 
     t = temperature
     flat, logits, classes, upper, floor, cum = plan[:6]
     num_head = logits.shape[1]
+    span = upper.shape[1] + (-upper.shape[1] % BLOCK)  # where the head starts (tail first, see _plan)
     bias = None if layer.bias is None else layer.bias.detach()
     weight = layer.weight.detach()
     count = rows.shape[0]
@@ -265,9 +271,9 @@ def _reject(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, 
             break
         r = rows[pending].unsqueeze(1)
         pos = _search_blocks(plan.weights, cum, rows[pending], key_uniforms(keys[pending], 2 * rnd + 1, PROPOSALS))
-        in_head = pos < num_head
-        hpos = pos.clamp(max=num_head - 1)
-        tpos = (pos - num_head).clamp(min=0)
+        in_head = pos >= span
+        hpos = (pos - span).clamp(min=0, max=num_head - 1)
+        tpos = pos.clamp(max=upper.shape[1] - 1)
         cls = torch.where(in_head, classes[r, hpos], tpos)
         exact = logits[r, hpos].clone()
         drawn, slot = (~in_head).nonzero(as_tuple=True)  # re-score the tail draws only, one dot each
@@ -322,17 +328,30 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
         upper_max = upper.max(dim=1).values
         floor = logits[:, 0] + t * math.log(min_p)
     if top_p < 1:
+        # estimate the floor, re-score every class whose bound reaches it, estimate again: the nucleus
+        # then ends among exactly scored classes unless more than NUCLEUS_COMPLETE of them qualified
+        nucleus = _nucleus_floor(layer, flat, logits, scores, upper, top_p, t)
+        logits, classes, upper = _complete(layer, flat, logits, classes, upper, torch.maximum(floor, nucleus),
+                                           NUCLEUS_COMPLETE)
         floor = torch.maximum(floor, _nucleus_floor(layer, flat, logits, scores, upper, top_p, t))
-    top = torch.maximum(logits[:, 0], upper_max).unsqueeze(1)
-    num_head = logits.shape[1]
-    length = num_head + upper.shape[1]
-    weights = upper.new_zeros((upper.shape[0], length + (-length % BLOCK)))
-    torch.exp((logits - top) / t, out=weights[:, :num_head])
-    tail = weights[:, num_head:length]
+        upper_max = upper.max(dim=1).values
+    # a bound far above the best exact logit (tiny temperature): re-score those classes, so that the
+    # weights below neither all underflow nor overflow (per row: a row's head never depends on its batch)
+    risky = upper_max - logits[:, 0] > WEIGHT_RANGE * t
+    if bool(risky.any()):
+        logits, classes, upper = _complete(layer, flat, logits, classes, upper,
+                                           torch.where(risky, logits[:, 0], math.inf), NUCLEUS_COMPLETE)
+        upper_max = upper.max(dim=1).values
+    top = torch.maximum(logits[:, 0], upper_max - WEIGHT_RANGE * t).unsqueeze(1)
+    num_head, num = logits.shape[1], upper.shape[1]
+    span = num + (-num % BLOCK)  # the tail first, block-aligned: the layout never depends on the head's width
+    weights = upper.new_zeros((upper.shape[0], span + num_head + (-num_head % BLOCK)))
+    tail = weights[:, :num]
     torch.sub(upper, top, out=tail)
     tail.div_(t).exp_()
+    torch.exp((logits - top) / t, out=weights[:, span:span + num_head])
     if bool((floor > -math.inf).any()):
-        weights[:, :num_head].masked_fill_(logits < floor.unsqueeze(1), 0.0)
+        weights[:, span:span + num_head].masked_fill_(logits < floor.unsqueeze(1), 0.0)
         tail.masked_fill_(upper < floor.unsqueeze(1), 0.0)
     weights = weights.view(weights.shape[0], -1, BLOCK)
     return _Plan(flat, logits, classes, upper, floor, weights.sum(dim=2).cumsum(dim=1, dtype=torch.float64), weights)
