@@ -193,7 +193,7 @@ def main(argv=None) -> str:
     table, queries = load_minilm(num_queries=2000, seed=0, progress=False)
     fit_q, eval_q = split(queries, 0.5)
     layer, _ = fitted_layer(table, fit_q)
-    nq, draws = (8, 20_000) if args.quick else (24, 100_000)
+    nq, draws = (8, 20_000) if args.quick else (16, 50_000)
     alpha = scale_for_entropy(eval_q[:200], table)
     sets = {"LM-like": alpha * eval_q, "near-flat": eval_q}
     text = [environment(f"torchaq kernels: {torchaq._C.cpu_isa() if torchaq.backends.CPU_EXTENSION_LOADED else 'reference'}"),
