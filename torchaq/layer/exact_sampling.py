@@ -61,7 +61,7 @@ from torchaq.ops.rescore import row_logits
 
 ERROR_SIGMAS = 4.75    # one-sided N(0, 1) tail 1.0e-6: the LUT error bound, in units of |h| |r_i| / sqrt(d)
 DEFAULT_HEAD = 256     # scan candidates re-scored exactly (plus the side list)
-HEAD_FROM_SCAN = False  # head from torch.topk of the float scores (measured faster than a second scan)
+HEAD_FROM_SCAN = True   # head from the fast-scan top-k (measured: batch 1 1.59 vs 1.84 ms, batch 64 48.8 vs 55.9 ms with torch.topk of the float scores)
 PROPOSALS = 32         # proposals per row and rejection round
 MAX_ROUNDS = 32        # then the row is drawn from its exact logits
 NUCLEUS_SAMPLES = 256  # exactly scored tail classes behind the top_p floor
