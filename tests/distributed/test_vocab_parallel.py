@@ -106,7 +106,9 @@ def _check_layer(rank: int, world: int) -> None:
     # sample: same draw as the single-process layer with the same seed; identical on every rank
     # even when the ranks' own random states differ
     toks = layer.sample(h, top_k=20, top_p=0.9, temperature=0.8, generator=torch.Generator().manual_seed(7))
-    rtoks = ref.sample(h, top_k=20, top_p=0.9, temperature=0.8, generator=torch.Generator().manual_seed(7))
+    # (the single-device layer's candidate sampler, which the vocabulary-parallel sample mirrors)
+    rtoks = ref.sample(h, top_k=20, top_p=0.9, temperature=0.8, generator=torch.Generator().manual_seed(7),
+                       method="candidates")
     assert torch.equal(toks, rtoks)
     torch.manual_seed(100 + rank)
     free = layer.sample(h, top_k=50)
@@ -138,7 +140,8 @@ def _check_layer(rank: int, world: int) -> None:
     err, rerr = (clogp - exact32).abs().mean(), (rlogp32 - exact32).abs().mean()
     assert err <= 2 * rerr + 2e-3, (err, rerr)
     gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(layer.sample(h, top_k=20, candidates=24, generator=gen_a), ref.sample(h, top_k=20, candidates=24, generator=gen_b))
+    assert torch.equal(layer.sample(h, top_k=20, candidates=24, generator=gen_a),
+                       ref.sample(h, top_k=20, candidates=24, generator=gen_b, method="candidates"))
     _same_everywhere(clogp)
     layer.consistent_candidates = False
 

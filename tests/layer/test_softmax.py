@@ -195,7 +195,9 @@ def test_torch_compile_topk_and_sample(layer, data):
         (lambda l, h: l.sample(h, top_p=1.5), "top_p"),
         (lambda l, h: l.sample(h, temperature=0.0), "temperature"),
         (lambda l, h: l.sample(h, temperature=-1.0), "temperature"),
-        (lambda l, h: l.sample(h, top_k=0), "top_k"),
+        (lambda l, h: l.sample(h, top_k=-1), "top_k"),  # top_k=0 now means "no top-k" (Hugging Face)
+        (lambda l, h: l.sample(h, top_k=V + 1), "top_k"),
+        (lambda l, h: l.sample(h, top_k=0, method="candidates"), "top_k"),  # the old sampler still refuses it
         (lambda l, h: l.topk(torch.full_like(h, float("nan"))), "NaN"),
         (lambda l, h: l.topk(h.index_fill(1, torch.tensor([3]), float("inf"))), "h contains NaN or Inf"),
         (lambda l, h: l.sample(h.index_fill(1, torch.tensor([3]), float("nan"))), "h contains NaN or Inf"),

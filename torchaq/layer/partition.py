@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torchaq.ops.rescore import exact_logits
+from torchaq.ops.rescore import row_logits
 
 # classes of the rest scored exactly per row to correct its LUT mass
 REST_SAMPLES = 256
@@ -77,7 +77,7 @@ def log_partition(
             pick = torch.where(inside, idx, pick)
             carry = cum[:, -1:]
         # the sample's exact logits SAMPLE_CHUNK classes at a time: never a (B, samples, d) gather
-        exact = torch.cat([exact_logits(h, weight, bias, pick[:, j : j + SAMPLE_CHUNK])
+        exact = torch.cat([row_logits(h, weight, bias, pick[:, j : j + SAMPLE_CHUNK])
                            for j in range(0, samples, SAMPLE_CHUNK)], dim=1)
         ratio = torch.logsumexp(exact - rest.gather(1, pick), dim=1) - math.log(samples)
         log_rest = torch.where(has_rest, log_rest + ratio, log_rest)

@@ -43,7 +43,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from torchaq.ops.rescore import exact_logits
+from torchaq.ops.rescore import row_logits
 
 # a row is a side-list candidate when one of its statistics has a robust z-score above this
 DEFAULT_THRESHOLD = 8.0
@@ -241,7 +241,7 @@ def bound_complete(
         return logits, classes, extra
     ub, extra_classes = upper.topk(most, dim=1)
     # their exact logits GATHER_BLOCK rows at a time: never a (B, most, d) gather
-    extra_logits = torch.cat([exact_logits(h, weight, bias, extra_classes[:, a : a + GATHER_BLOCK])
+    extra_logits = torch.cat([row_logits(h, weight, bias, extra_classes[:, a : a + GATHER_BLOCK])
                               for a in range(0, most, GATHER_BLOCK)], dim=1).masked_fill(ub < kth, -math.inf)
     logits = torch.cat([logits, extra_logits], dim=1)
     classes = torch.cat([classes, extra_classes], dim=1)

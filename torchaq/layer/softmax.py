@@ -14,6 +14,8 @@ from torchaq.checks import check_int
 from torchaq.layer.candidates import default_candidates
 from torchaq.layer.indexed import IndexedLayer
 from torchaq.layer.partition import log_partition
+from torchaq.layer.exact_sampling import sample_full
+from torchaq.layer.logprobs import layer_token_logprobs
 from torchaq.layer.sampling import check_sampling_args, draw_top_p
 from torchaq.quantizers.aq import AnisotropicAQ
 from torchaq.quantizers.pq import AnisotropicPQ
@@ -333,28 +335,45 @@ class QuantizedSoftmax(IndexedLayer):
         return exact.entropy(self.flat_features(h), self.weight, self.bias).reshape(h.shape[:-1])
 
     @torch.no_grad()
-    def sample(
-        self,
-        h: Tensor,
-        top_k: int = 50,
-        top_p: Optional[float] = None,
-        temperature: float = 1.0,
-        generator: Optional[torch.Generator] = None,
-        candidates: Optional[int] = None,
-    ) -> Tensor:
-        """Top-k (and optionally top-p) sampling of one class per row of ``h``: int64 ``(...)``.
+    def sample(self, h: Tensor, top_k: Optional[int] = None, top_p: Optional[float] = 1.0, min_p: Optional[float] = None,
+               temperature: float = 1.0, generator: Optional[torch.Generator] = None, seeds: Optional[Tensor] = None,
+               return_logprobs: bool = False, candidates: Optional[int] = None, method: str = "full"):
+        """One class per row of ``h`` drawn from the full-vocabulary softmax: int64 ``(...)``.
 
-        The ``top_k`` classes are the best of the exactly re-scored candidates, so whenever they
-        are the true top-k the distribution is exactly that of top-k sampling from the dense
-        logits: ``softmax(logits / temperature)`` restricted to them (then, with ``top_p``, to
-        the smallest prefix whose probability reaches ``top_p``, as in Hugging Face's
-        ``TopPLogitsWarper``). ``generator`` makes draws reproducible.
+        ``method="full"`` (default) draws from ``softmax(logits / temperature)`` over all ``V``
+        classes, after the truncations asked for (Hugging Face's order): ``top_k`` (None or 0: off)
+        exact over all ``V``, ``top_p``'s nucleus against the full partition function, ``min_p``
+        relative to the exact top-1 (:mod:`torchaq.layer.exact_sampling` says how, which
+        guarantees hold, and what it costs). ``seeds`` (int64, one per row) makes a row's draw the
+        same alone or in any batch; ``generator`` draws those seeds. ``return_logprobs=True``
+        returns a :class:`~torchaq.layer.exact_sampling.SampleOutput` ``(tokens, logprobs,
+        truncated_logprobs)``: the tokens' exact log-probabilities under the full softmax and the
+        truncated one (one exact pass over ``W`` per row).
+
+        ``method="candidates"`` is the earlier sampler, kept for comparison: top-k (default 50) and
+        top-p among the ``candidates`` re-scored classes only (the mass outside them is never drawn).
         """
-        top_k = self._check_k(top_k, "top_k")
-        top_p, temperature = check_sampling_args(top_p, temperature)
+        if method == "full":
+            self._warn_if_stale()
+            return sample_full(self, h, top_k, top_p, min_p, temperature, generator, seeds, return_logprobs, candidates)
+        if method != "candidates":
+            raise ValueError(f'method must be "full" or "candidates", got {method!r}')
+        if min_p is not None or seeds is not None or return_logprobs:
+            raise ValueError('min_p, seeds and return_logprobs need method="full"')
+        top_k = self._check_k(50 if top_k is None else top_k, "top_k")
+        top_p, temperature = check_sampling_args(None if top_p == 1.0 else top_p, temperature)
         logits, classes, _ = self.candidate_logits(h, candidates, top_k)
         choice = draw_top_p(logits[:, :top_k], top_p, temperature, generator)
         return classes.gather(1, choice).reshape(h.shape[:-1])
+
+    @torch.no_grad()
+    def token_logprobs(self, h: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+        """Exact ``log softmax(h @ W.T + b)[tokens]`` (at ``temperature``) without a ``(B, V)`` matrix.
+
+        ``tokens``: int64 ``h.shape[:-1]`` (one per row; result shaped like it) or ``h.shape[:-1] + (n,)``.
+        Exact and batch-invariant (:mod:`torchaq.layer.logprobs`); costs one pass over ``W`` per row.
+        """
+        return layer_token_logprobs(self, h, tokens, temperature)
 
     sampled_softmax_loss = layer_sampled_softmax_loss
 

@@ -57,7 +57,14 @@ from torchaq.ops.normal_apply import (
     anisotropic_normal_rhs_reference,
 )
 from torchaq.ops.pack import codes_of_packed_rows, pack_codes, pack_codes_reference, unpack_codes, unpack_codes_reference
-from torchaq.ops.rescore import exact_logits, gather_rows, logits_of_rows, rescore_topk, rescore_topk_reference
+from torchaq.ops.rescore import (
+    exact_logits,
+    gather_rows,
+    logits_of_rows,
+    rescore_topk,
+    rescore_topk_reference,
+    row_logits,
+)
 from torchaq.ops.scan import lut_score, lut_score_reference, lut_topk, lut_topk_reference
 from torchaq.ops.schemas import SCHEMAS
 

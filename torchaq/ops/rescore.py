@@ -67,6 +67,22 @@ def exact_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], candidates: 
     return logits_of_rows(h, gather_rows(weight, candidates)[0], bias, candidates)
 
 
+def row_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], classes: Tensor) -> Tensor:
+    """Exact logits ``<h_b, W[c]> + bias[c]`` of per-row classes, float32 ``(B, C)``, batch-invariant.
+
+    The same numbers as :func:`exact_logits`, computed so that a row's values are bitwise the same
+    alone or in any batch: each dot product is its own reduction over ``d`` (``torch.linalg.vecdot``
+    of the gathered rows), where the batched mat-vec of :func:`exact_logits` lets the BLAS pick a
+    blocking by batch size (its rows differ by rounding from batch to batch). Cost: ``B * C * d``
+    multiply-adds and a ``(B, C, d)`` gather; not differentiable through a custom node (inference).
+    """
+    rows = weight.index_select(0, classes.reshape(-1)).view(*classes.shape, weight.shape[1])
+    out = torch.linalg.vecdot(rows.float(), h.float().unsqueeze(1))
+    if bias is not None:
+        out = out + bias[classes].float()
+    return out
+
+
 def check_rescore_args(h: Tensor, weight: Tensor, bias: Optional[Tensor], candidates: Tensor, k: int) -> None:
     if h.dim() != 2:
         raise ValueError(f"h must be (B, d), got shape {tuple(h.shape)}")
@@ -112,7 +128,7 @@ def rescore_topk_reference(
         )
     kk = min(k, candidates.shape[1])
     ids = candidates.sort(dim=1).values  # class order: the stable sort below breaks ties by class
-    logits = exact_logits(h, weight, bias, ids)
+    logits = row_logits(h, weight, bias, ids)  # batch-invariant (a row's values alone = in a batch)
     repeat = torch.zeros_like(ids, dtype=torch.bool)
     repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
     logits = logits.masked_fill(repeat, -math.inf)

@@ -1,0 +1,411 @@
+"""Sampling from the whole vocabulary: the full softmax's distribution without the ``(B, V)`` logits.
+
+:meth:`torchaq.QuantizedSoftmax.sample` draws from ``softmax(l / T)``, ``l = h @ W.T + b`` over all
+``V`` classes, after the truncations asked for (Hugging Face's order: ``top_k``, then ``top_p``,
+then ``min_p``). The method, chosen on measurements (``benchmarks/sampling.py``; DESIGN.md s. 11):
+
+**Rejection from a bounded LUT proposal with an exact head.** One LUT pass gives every class's
+float score ``s_i`` (:func:`torchaq.ops.lut_score`); the scan's best ``C`` classes plus the side
+list (the *head*) are re-scored exactly. Each other class gets an upper bound of its logit
+``u_i = s_i + z |h| |r_i| / sqrt(d)`` (``r_i = W_i - decode(code_i)``, the layer's
+``residual_norms``). The proposal is ``q_i ∝ exp(l_i / T)`` on the head and ``exp(u_i / T)`` on the
+rest; a drawn head class is kept, a drawn tail class is re-scored exactly and kept with
+probability ``exp((l_i - u_i) / T)``. Whenever ``l_i <= u_i`` holds this is textbook rejection
+sampling: the kept draw has *exactly* the target distribution. ``PROPOSALS`` draws per row are
+tried per round (the first kept one wins, as in sequential rejection), so a round costs
+``PROPOSALS * d`` multiply-adds; rows with nothing kept after ``MAX_ROUNDS`` rounds are drawn from
+their exact logits (one pass over ``W``), so no row is ever cut short.
+
+**Guarantee.** The Cauchy-Schwarz bound ``|l_i - s_i| <= |h| |r_i|`` always holds but is ~20x
+loose in ``d = 384`` (a residual is nearly orthogonal to a query), which would make acceptance
+negligible at LM-like entropy. The bound used is ``z = ERROR_SIGMAS`` standard deviations of the
+measured error model: on the MiniLM table with real hidden states, ``(l_i - s_i) / (|h| |r_i|)``
+has the quantiles of ``N(0, 1/d)`` (0.99: 0.120 vs 0.119, 0.9999: 0.189 vs 0.190, 0.99999: 0.217
+vs 0.217; the benchmark re-measures them), so the bound fails for a given (row, class) with
+probability ``P(N(0, 1) > z) ~= 1.0e-6``. Where it fails, that class alone is drawn with
+probability ``exp((u_i - l_i) / T) < 1`` times its own: the total-variation error is at most the
+mass of the violating classes (in expectation ``<= 1e-6`` of the tail mass). It is exact, not
+bounded, for every class of the head and for every draw under ``top_k`` (below). ``benchmarks/sampling.py``
+counts the detected violations (a drawn class whose exact logit exceeds its bound).
+
+**Truncations.** ``top_k``: the exact top-``k`` over all ``V`` (the head, completed with every
+class whose bound reaches the ``k``-th exact logit, re-scored exactly), then a categorical draw
+among those ``k``. ``min_p``: a floor ``l >= l_max + T log(min_p)`` on the exact top-1 (completed the
+same way), applied inside the rejection step. ``top_p``: the nucleus is the best classes until
+their mass reaches ``top_p`` times the *full* partition function; the mass curve is the head's
+exact terms plus an importance sample of ``NUCLEUS_SAMPLES`` exactly scored tail classes (the
+control variate of :mod:`torchaq.layer.partition`), which is unbiased; its floor is exact when it
+falls among the head and estimated when the nucleus reaches into the tail.
+
+**Batch invariance.** Every random number is :func:`torchaq.layer.counter_rng.uniforms` of the
+row's seed (``seeds=`` or, with ``generator``, one int64 per row drawn from it), and every step is
+row-wise (LUT, scan, exact logits by :func:`torchaq.ops.row_logits`, per-row sums), so with
+``seeds`` a row gets the same token alone or in any batch. Cost beyond :meth:`topk`'s scan: one
+float LUT pass ``O(V M)``, a few ``O(V)`` passes (bound, ``exp``, cumulative sum), ``(C + S) d``
+for the head and ``PROPOSALS d`` per round; with ``return_logprobs`` one exact pass over ``W`` per
+row (:mod:`torchaq.layer.logprobs`).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from torchaq import ops
+from torchaq.checks import check_int, check_real, is_int
+from torchaq.layer.counter_rng import key_uniforms, row_keys
+from torchaq.layer.logprobs import row_log_partition
+from torchaq.ops.rescore import row_logits
+
+ERROR_SIGMAS = 4.75    # one-sided N(0, 1) tail 1.0e-6: the LUT error bound, in units of |h| |r_i| / sqrt(d)
+DEFAULT_HEAD = 256     # scan candidates re-scored exactly (plus the side list)
+HEAD_FROM_SCAN = True   # head from the fast-scan top-k (measured: batch 1 1.59 vs 1.84 ms, batch 64 48.8 vs 55.9 ms with torch.topk of the float scores)
+PROPOSALS = 32         # proposals per row and rejection round
+MAX_ROUNDS = 32        # then the row is drawn from its exact logits
+NUCLEUS_SAMPLES = 256  # exactly scored tail classes behind the top_p floor
+NUCLEUS_COMPLETE = 2048  # most tail classes re-scored per row to place the top_p floor among exact logits
+WEIGHT_RANGE = 60.0    # proposal weights are exp(x / T) with x <= WEIGHT_RANGE T above the reference
+BLOCK = 256            # classes per block of the two-level inverse CDF
+
+
+class SampleOutput(NamedTuple):
+    """``sample(..., return_logprobs=True)``: tokens and their exact log-probabilities.
+
+    ``logprobs`` is ``log softmax(l / T)[token]`` over all ``V`` classes, ``truncated_logprobs`` the
+    log-probability under the truncated distribution the token was drawn from (equal without truncation).
+    """
+
+    tokens: Tensor
+    logprobs: Tensor
+    truncated_logprobs: Tensor
+
+
+def check_full_sampling_args(top_k, top_p, min_p, temperature, num_classes: int):
+    """``(top_k or None, top_p, min_p or None, temperature)`` checked; errors name the argument.
+    ``top_k`` None or 0 means no top-k (Hugging Face's convention)."""
+    if top_k is not None:
+        if not is_int(top_k) or not 0 <= int(top_k) <= num_classes:
+            raise ValueError(f"top_k must be None, 0 (no top-k) or an integer in [1, V={num_classes}], got {top_k!r}")
+        top_k = int(top_k) or None
+    top_p = 1.0 if top_p is None else check_real(top_p, "top_p", "a number in (0, 1]", lambda p: 0 < p <= 1)
+    if min_p is not None:
+        min_p = check_real(min_p, "min_p", "None or a number in (0, 1]", lambda p: 0 < p <= 1)
+    temperature = check_real(temperature, "temperature", "a finite number > 0", lambda t: 0 < t < math.inf)
+    return top_k, top_p, min_p, temperature
+
+
+def row_seeds(seeds: Optional[Tensor], generator: Optional[torch.Generator], lead, device) -> Tensor:
+    """int64 ``(B,)`` per-row seeds: ``seeds`` (shape ``h.shape[:-1]`` or ``(B,)``, an integer dtype),
+    else one draw per row from ``generator`` (or torch's default generator)."""
+    batch = math.prod(lead)
+    if seeds is not None:
+        if generator is not None:
+            raise ValueError("pass generator or seeds, not both")
+        if not isinstance(seeds, Tensor) or seeds.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            desc = seeds.dtype if isinstance(seeds, Tensor) else type(seeds).__name__
+            raise ValueError(f"seeds must be an integer tensor (int64 or int32) of shape {tuple(lead)}, got {desc}")
+        if tuple(seeds.shape) not in (tuple(lead), (batch,)):
+            raise ValueError(f"seeds must have shape {tuple(lead)} (one per row of h), got {tuple(seeds.shape)}")
+        return seeds.reshape(batch).to(device=device, dtype=torch.int64)
+    gen_device = generator.device if generator is not None else "cpu"
+    return torch.randint(-(2 ** 62), 2 ** 62, (batch,), generator=generator, device=gen_device).to(device)
+
+
+def head_scores(layer, flat: Tensor, size: int):
+    """The LUT scores of every class ``(B, V)``, and the head: the scan's best ``size`` classes plus
+    the side list, re-scored exactly, best first (``(B, H)`` logits and classes, repeats at -inf)."""
+    q, num = layer.quantizer, layer.num_classes
+    q.check_fitted()
+    lut = q.lut(flat)
+    scores = ops.lut_score(lut, layer.packed_codes, num, layer.float_bias())
+    side = layer.side_rows
+    if HEAD_FROM_SCAN:  # the fast-scan top-k (ranks with a uint8 LUT; side rows excluded)
+        scan_k = max(1, min(size, num - side.numel()))
+        _, classes = ops.lut_topk(lut, layer.packed_codes, num, scan_k, layer.scan_bias())
+    else:  # the top-k of the float scores already in hand (a side row found again is a repeat: -inf)
+        classes = scores.topk(min(size, num), dim=1, sorted=False).indices
+    if side.numel():
+        classes = torch.cat([classes, side.to(classes.device).expand(classes.shape[0], -1)], dim=1)
+    bias = None if layer.bias is None else layer.bias.detach()
+    logits, classes = torch.ops.torchaq.rescore_topk.default(flat, layer.weight.detach(), bias, classes, classes.shape[1])
+    return scores, logits, classes
+
+
+def tail_bounds(layer, flat: Tensor, scores: Tensor, head: Tensor, sigmas: float = ERROR_SIGMAS) -> Tensor:
+    """``u_i = s_i + z |h| |r_i| / sqrt(d)`` (``z = sigmas``) for every class not in the head, ``-inf`` on
+    the head. ``z = sqrt(d)`` is the Cauchy-Schwarz bound (always true, far looser), ``z = 0`` the LUT score."""
+    scale = sigmas / math.sqrt(layer.dim)
+    norms = layer.residual_norms
+    if not bool(torch.isfinite(norms.index_fill(0, layer.side_rows, 0.0)).all()):
+        raise RuntimeError("residual_norms is not finite outside the side list: call layer.refresh()")
+    upper = torch.addcmul(scores, scale * flat.float().norm(dim=1, keepdim=True), norms.float().unsqueeze(0))
+    return upper.scatter_(1, head, -math.inf)
+
+
+def _complete(layer, flat, logits, classes, upper, floor, limit: Optional[int] = None):
+    """Merge into the head every tail class whose bound reaches ``floor`` ``(B,)``, re-scored exactly;
+    returns the merged ``(logits, classes)`` best first (ties by class id) and ``upper`` with them at -inf.
+    ``limit`` caps the classes merged per row (those with the highest bounds)."""
+    need = upper >= floor.unsqueeze(1)
+    most = int(need.sum(dim=1).max()) if need.numel() else 0
+    most = most if limit is None else min(most, limit)
+    if most == 0:
+        return logits, classes, upper
+    ub, extra = upper.topk(most, dim=1)
+    bias = None if layer.bias is None else layer.bias.detach()
+    extra_logits = row_logits(flat, layer.weight.detach(), bias, extra).masked_fill(ub < floor.unsqueeze(1), -math.inf)
+    logits, classes = torch.cat([logits, extra_logits], 1), torch.cat([classes, extra], 1)
+    order = classes.argsort(dim=1, stable=True)  # class order, then a stable sort by logit: ties by class id
+    logits, classes = logits.gather(1, order), classes.gather(1, order)
+    order = logits.argsort(dim=1, descending=True, stable=True)
+    # only the classes merged leave the tail (the others were padding of this batch's widest row)
+    upper = upper.scatter(1, extra, ub.masked_fill(ub >= floor.unsqueeze(1), -math.inf))
+    return logits.gather(1, order), classes.gather(1, order), upper
+
+
+def _nucleus_floor(layer, flat, logits, scores, upper, top_p: float, temperature: float) -> Tensor:
+    """The ``top_p`` floor ``(B,)`` (module docstring): the logit of the last class whose strictly
+    better mass is below ``top_p`` times the estimated full partition function."""
+    t = temperature
+    tail = upper > -math.inf
+    top = torch.maximum(logits[:, 0], scores.masked_fill(~tail, -math.inf).max(dim=1).values) / t
+    prop = ((scores / t - top.unsqueeze(1)).exp() * tail).double()  # exp(s / T) on the tail, 0 on the head
+    cum = prop.cumsum(dim=1)
+    mass = cum[:, -1:]
+    u = (torch.arange(NUCLEUS_SAMPLES, device=flat.device, dtype=torch.float64) + 0.5) / NUCLEUS_SAMPLES
+    pick = torch.searchsorted(cum, (u.unsqueeze(0) * mass).contiguous(), right=True).clamp_(max=scores.shape[1] - 1)
+    bias = None if layer.bias is None else layer.bias.detach()
+    exact = row_logits(flat, layer.weight.detach(), bias, pick)
+    weight = (mass / NUCLEUS_SAMPLES) * ((exact - scores.gather(1, pick)) / t).double().exp()
+    weight = torch.where(mass > 0, weight, 0.0)
+    points = torch.cat([logits, exact], 1)
+    masses = torch.cat([(logits / t - top.unsqueeze(1)).double().exp(), weight], 1)
+    order = points.argsort(dim=1, descending=True, stable=True)
+    points, masses = points.gather(1, order), masses.gather(1, order)
+    before = masses.cumsum(dim=1) - masses
+    keep = before < top_p * masses.sum(dim=1, keepdim=True)
+    last = keep.sum(dim=1, keepdim=True).clamp_(min=1) - 1
+    return points.gather(1, last).squeeze(1)
+
+
+def _search(cum: Tensor, rows: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF positions for uniforms ``u`` ``(P, n)`` of draws on ``rows`` ``(P,)`` of ``cum`` ``(R, L)``."""
+    if cum.shape[0] == 1:  # one row, many draws: one sorted sequence, no (P, L) gather
+        c = cum[0]
+        pos = torch.searchsorted(c, (u * c[-1]).contiguous(), right=True)
+    else:
+        c = cum[rows]
+        pos = torch.searchsorted(c, (u * c[:, -1:]).contiguous(), right=True)
+    return pos.clamp_(max=cum.shape[1] - 1)
+
+
+def _search_blocks(weights: Tensor, cum: Tensor, rows: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF positions in two levels: the block from the cumulative block sums ``cum`` ``(R, nb)``,
+    then the class inside it from that block's ``BLOCK`` weights (``weights`` ``(R, nb, BLOCK)``), so no
+    ``O(V)`` float64 cumulative sum is needed. ``u`` ``(P, n)`` uniforms of draws on ``rows`` ``(P,)``."""
+    blk = _search(cum, rows, u)
+    c = cum[0] if cum.shape[0] == 1 else cum[rows]
+    total = c[..., -1:] if cum.shape[0] > 1 else c[-1]
+    start = torch.where(blk > 0, (c[blk - 1] if cum.shape[0] == 1 else c.gather(1, (blk - 1).clamp(min=0))), 0.0)
+    w = weights[0][blk] if cum.shape[0] == 1 else weights[rows.unsqueeze(1), blk]  # (P, n, BLOCK)
+    inner = w.cumsum(dim=2, dtype=torch.float64)
+    rest = torch.minimum((u * total - start).clamp(min=0), inner[..., -1] * (1 - 2.0 ** -40))
+    pos = torch.searchsorted(inner, rest.unsqueeze(2).contiguous(), right=True).squeeze(2).clamp_(max=BLOCK - 1)
+    return blk * BLOCK + pos
+
+
+def _categorical_cum(logits: Tensor, floor: Tensor, temperature: float) -> Tensor:
+    """Cumulative float64 weights of ``softmax(logits / T)`` restricted to ``logits >= floor``."""
+    w = ((logits - logits[:, :1]) / temperature).double().exp().masked_fill(logits < floor.unsqueeze(1), 0.0)
+    return w.cumsum(dim=1)
+
+
+def _check_overflow(values: Tensor, temperature: float) -> None:
+    if not bool(torch.isfinite(values[values > -math.inf]).all()):
+        raise ValueError(f"temperature={temperature!r} is so small that logits / temperature overflow float32")
+
+
+def _exact_rows(layer, flat: Tensor, floor: Tensor, temperature: float, u: Tensor):
+    """Fallback: draw from exact logits (one pass over ``W`` per draw); ``(classes, logits)`` ``(P,)``."""
+    bias = None if layer.bias is None else layer.bias.detach()
+    w = layer.weight.detach().float()
+    classes, values = [], []
+    for r in range(flat.shape[0]):
+        logits = torch.mv(w, flat[r].float().clone())
+        if bias is not None:
+            logits = logits + bias.float()
+        cum = _categorical_cum(logits.unsqueeze(0), floor[r:r + 1], temperature)
+        pos = _search(cum, torch.zeros(1, dtype=torch.int64), u[r:r + 1])[0]
+        classes.append(pos)
+        values.append(logits[pos])
+    return torch.cat(classes), torch.cat(values)
+
+
+class _Plan(NamedTuple):
+    """What the draws of each row read: the exact head, the tail bounds, the floor, the proposal's CDF."""
+
+    flat: Tensor
+    logits: Tensor
+    classes: Tensor
+    upper: Optional[Tensor]  # None: a categorical draw among the head (top_k)
+    floor: Tensor
+    cum: Tensor  # top_k: (B, k) cumulative weights; else (B, L / BLOCK) cumulative block sums
+    weights: Optional[Tensor] = None  # else: (B, L / BLOCK, BLOCK) float32 proposal weights, tail first
+
+
+def _reject(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, lut_tail: bool = False):
+    """Rejection sampling (module docstring) for draws on ``rows`` ``(P,)`` with keys ``(P,)`` (:func:`row_keys` of the seeds):
+    ``(tokens, token logits, detected bound violations)`` ``(P,)``. ``lut_tail=True`` keeps every tail
+    draw (the "exact head + LUT tail" method, measured for comparison: biased by the LUT error)."""
+    t = temperature
+    flat, logits, classes, upper, floor, cum = plan[:6]
+    num_head = logits.shape[1]
+    span = upper.shape[1] + (-upper.shape[1] % BLOCK)  # where the head starts (tail first, see _plan)
+    bias = None if layer.bias is None else layer.bias.detach()
+    weight = layer.weight.detach()
+    count = rows.shape[0]
+    tokens = torch.zeros(count, dtype=torch.int64, device=flat.device)
+    values = torch.zeros(count, dtype=torch.float32, device=flat.device)
+    violations = torch.zeros(count, dtype=torch.int64, device=flat.device)
+    pending = torch.arange(count, device=flat.device)
+    for rnd in range(MAX_ROUNDS):
+        if pending.numel() == 0:
+            break
+        r = rows[pending].unsqueeze(1)
+        pos = _search_blocks(plan.weights, cum, rows[pending], key_uniforms(keys[pending], 2 * rnd + 1, PROPOSALS))
+        in_head = pos >= span
+        hpos = (pos - span).clamp(min=0, max=num_head - 1)
+        tpos = pos.clamp(max=upper.shape[1] - 1)
+        cls = torch.where(in_head, classes[r, hpos], tpos)
+        exact = logits[r, hpos].clone()
+        drawn, slot = (~in_head).nonzero(as_tuple=True)  # re-score the tail draws only, one dot each
+        if drawn.numel():
+            exact[drawn, slot] = row_logits(flat[rows[pending][drawn]], weight, bias, cls[drawn, slot].unsqueeze(1))[:, 0]
+        excess = torch.where(in_head, 0.0, (exact - upper[r, tpos]) / t)
+        accept = in_head | ((exact >= floor[r])
+                            & (lut_tail | (key_uniforms(keys[pending], 2 * rnd + 2, PROPOSALS).log() < excess.double())))
+        violations[pending] += (excess > 0).sum(dim=1)
+        done = accept.any(dim=1)
+        first = accept.to(torch.int8).argmax(dim=1, keepdim=True)
+        tokens[pending[done]] = cls.gather(1, first).squeeze(1)[done]
+        values[pending[done]] = exact.gather(1, first).squeeze(1)[done]
+        pending = pending[~done]
+    if pending.numel():
+        p_rows = rows[pending]
+        tok, val = _exact_rows(layer, flat[p_rows], floor[p_rows], t, key_uniforms(keys[pending], 0, 1))
+        tokens[pending], values[pending] = tok, val
+    return tokens, values, violations
+
+
+def _draw(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, lut_tail: bool = False):
+    """``(tokens, token logits, violations)`` for draws on ``rows`` of ``plan`` with per-draw ``seeds``."""
+    if plan.upper is None:
+        pos = _search(plan.cum, rows, key_uniforms(keys, 0, 1)).squeeze(1)
+        return plan.classes[rows, pos], plan.logits[rows, pos], torch.zeros_like(pos)
+    return _reject(layer, plan, rows, keys, temperature, lut_tail)
+
+
+def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: float = ERROR_SIGMAS) -> _Plan:
+    """Head, bounds, truncation floor and proposal CDF of every row of ``flat`` (module docstring)."""
+    t = temperature
+    size = max(candidates or DEFAULT_HEAD, top_k or 1)
+    scores, logits, classes = head_scores(layer, flat, size)
+    upper = tail_bounds(layer, flat, scores, classes, sigmas)
+    upper_max = upper.max(dim=1).values
+    _check_overflow(logits[:, :1] / t, t)
+    _check_overflow(upper_max / t, t)
+    floor = torch.full_like(logits[:, 0], -math.inf)
+    if top_k is not None:
+        logits, classes, upper = _complete(layer, flat, logits, classes, upper, logits[:, top_k - 1])
+        logits, classes = logits[:, :top_k], classes[:, :top_k]
+        if top_p < 1:
+            probs = ((logits - logits[:, :1]) / t).double().softmax(dim=1)
+            keep = (probs.cumsum(dim=1) - probs) < top_p
+            floor = logits.masked_fill(~keep, math.inf).min(dim=1).values
+        if min_p is not None:
+            floor = torch.maximum(floor, logits[:, 0] + t * math.log(min_p))
+        return _Plan(flat, logits, classes, None, floor, _categorical_cum(logits, floor, t))
+    if min_p is not None:
+        logits, classes, upper = _complete(layer, flat, logits, classes, upper, logits[:, 0])
+        upper_max = upper.max(dim=1).values
+        floor = logits[:, 0] + t * math.log(min_p)
+    if top_p < 1:
+        # estimate the floor, re-score every class whose bound reaches it, estimate again: the nucleus
+        # then ends among exactly scored classes unless more than NUCLEUS_COMPLETE of them qualified
+        nucleus = _nucleus_floor(layer, flat, logits, scores, upper, top_p, t)
+        logits, classes, upper = _complete(layer, flat, logits, classes, upper, torch.maximum(floor, nucleus),
+                                           NUCLEUS_COMPLETE)
+        floor = torch.maximum(floor, _nucleus_floor(layer, flat, logits, scores, upper, top_p, t))
+        upper_max = upper.max(dim=1).values
+    # a bound far above the best exact logit (tiny temperature): re-score those classes, so that the
+    # weights below neither all underflow nor overflow (per row: a row's head never depends on its batch)
+    risky = upper_max - logits[:, 0] > WEIGHT_RANGE * t
+    if bool(risky.any()):
+        logits, classes, upper = _complete(layer, flat, logits, classes, upper,
+                                           torch.where(risky, logits[:, 0], math.inf), NUCLEUS_COMPLETE)
+        upper_max = upper.max(dim=1).values
+    top = torch.maximum(logits[:, 0], upper_max - WEIGHT_RANGE * t).unsqueeze(1)
+    num_head, num = logits.shape[1], upper.shape[1]
+    span = num + (-num % BLOCK)  # the tail first, block-aligned: the layout never depends on the head's width
+    weights = upper.new_zeros((upper.shape[0], span + num_head + (-num_head % BLOCK)))
+    tail = weights[:, :num]
+    torch.sub(upper, top, out=tail)
+    tail.div_(t).exp_()
+    torch.exp((logits - top) / t, out=weights[:, span:span + num_head])
+    if bool((floor > -math.inf).any()):
+        weights[:, span:span + num_head].masked_fill_(logits < floor.unsqueeze(1), 0.0)
+        tail.masked_fill_(upper < floor.unsqueeze(1), 0.0)
+    weights = weights.view(weights.shape[0], -1, BLOCK)
+    return _Plan(flat, logits, classes, upper, floor, weights.sum(dim=2).cumsum(dim=1, dtype=torch.float64), weights)
+
+
+def _logprobs(layer, plan: _Plan, rows: Tensor, values: Tensor, temperature: float):
+    """Exact ``(full, truncated)`` log-probabilities of drawn tokens with logits ``values`` on ``rows``."""
+    t = temperature
+    if plan.upper is None:  # top_k: the truncated partition function is the head's own
+        kept = (plan.logits / t).masked_fill(plan.logits < plan.floor.unsqueeze(1), -math.inf)
+        log_z = torch.stack([row_log_partition(plan.flat, layer.weight, layer.bias, t), torch.logsumexp(kept, 1)], 1)
+    else:
+        log_z = row_log_partition(plan.flat, layer.weight, layer.bias, t, plan.floor)
+    return values / t - log_z[rows, 0], values / t - log_z[rows, 1]
+
+
+def sample_many(layer, h: Tensor, seeds: Tensor, top_k=None, top_p=1.0, min_p=None, temperature=1.0,
+                candidates: Optional[int] = None, chunk: int = 4096, sigmas: float = ERROR_SIGMAS,
+                lut_tail: bool = False):
+    """``len(seeds)`` draws for one row ``h`` ``(d,)``: the tokens ``sample(h.expand(n, d), seeds=seeds)``
+    returns, with the row's head and bounds computed once (what ``benchmarks/sampling.py`` and the
+    statistical tests use); also returns the number of detected bound violations. ``sigmas`` and
+    ``lut_tail`` select the compared methods (:func:`tail_bounds`, :func:`_reject`)."""
+    flat = layer.flat_features(h.reshape(1, -1))
+    top_k, top_p, min_p, temperature = check_full_sampling_args(top_k, top_p, min_p, temperature, layer.num_classes)
+    plan = _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas)
+    seeds = seeds.reshape(-1).to(device=flat.device, dtype=torch.int64)
+    out, bad = [], 0
+    for i in range(0, seeds.shape[0], chunk):
+        s = seeds[i:i + chunk]
+        tok, _, viol = _draw(layer, plan, torch.zeros_like(s), row_keys(s), temperature, lut_tail)
+        out.append(tok)
+        bad += int(viol.sum())
+    return torch.cat(out), bad
+
+
+def sample_full(layer, h: Tensor, top_k=None, top_p=1.0, min_p=None, temperature=1.0, generator=None, seeds=None,
+                return_logprobs: bool = False, candidates: Optional[int] = None):
+    """:meth:`torchaq.QuantizedSoftmax.sample` (module docstring): int64 tokens shaped ``h.shape[:-1]``,
+    or a :class:`SampleOutput` with ``return_logprobs``."""
+    flat = layer.flat_features(h)
+    lead = h.shape[:-1]
+    top_k, top_p, min_p, temperature = check_full_sampling_args(top_k, top_p, min_p, temperature, layer.num_classes)
+    if candidates is not None:
+        candidates = check_int(candidates, "candidates", 1, layer.num_classes, f"in [1, V={layer.num_classes}]")
+    seeds = row_seeds(seeds, generator, lead, flat.device)
+    plan = _plan(layer, flat, top_k, top_p, min_p, temperature, candidates)
+    rows = torch.arange(flat.shape[0], device=flat.device)
+    tokens, values, _ = _draw(layer, plan, rows, row_keys(seeds), temperature)
+    if not return_logprobs:
+        return tokens.reshape(lead)
+    full, truncated = _logprobs(layer, plan, rows, values, temperature)
+    return SampleOutput(tokens.reshape(lead), full.reshape(lead), truncated.reshape(lead))
