@@ -73,8 +73,11 @@ def _scan_bias(layer, exclude: bool) -> Optional[Tensor]:
     return base.index_fill(0, local.side_rows, SCAN_EXCLUDED)
 
 
-def scan_share(layer, flat: Tensor, lut: Tensor, scan_k: int, exclude: bool) -> Tuple[Tensor, Tensor]:
-    """Round A: this rank's scan classes (slice ids ``(B, c_r)``) and which of them are global candidates."""
+def scan_share(layer, flat: Tensor, lut: Tensor, scan_k: int, exclude: bool, positions: bool = False):
+    """Round A: this rank's scan classes (slice ids ``(B, c_r)``) and which of them are global candidates.
+
+    ``positions=True`` also returns each class's place in the global ranking ``(B, c_r)`` (``scan_k``
+    when not a candidate) and the global ``scan_k`` best scores ``(B, scan_k)``, sorted."""
     local = layer.local
     c_r = min(scan_k, layer.local_classes)
     scores, classes = ops.lut_topk(lut, local.packed_codes, layer.local_classes, c_r, _scan_bias(layer, exclude))
@@ -82,10 +85,16 @@ def scan_share(layer, flat: Tensor, lut: Tensor, scan_k: int, exclude: bool) -> 
     padded[:, :c_r] = scores
     every = all_gather_rows(padded, layer.group, layer.world_size)  # (P, B, scan_k)
     joined = every.permute(1, 0, 2).reshape(flat.shape[0], -1)
-    owner = joined.argsort(dim=1, descending=True, stable=True)[:, :scan_k] // scan_k
+    order = joined.argsort(dim=1, descending=True, stable=True)[:, :scan_k]
+    owner = order // scan_k
     count = (owner == layer.rank).sum(1, keepdim=True)
     valid = torch.arange(c_r, device=flat.device).unsqueeze(0) < count
-    return classes, valid
+    if not positions:
+        return classes, valid
+    place = torch.full((flat.shape[0], scan_k + 1), scan_k, dtype=torch.int64, device=flat.device)
+    slot = torch.where(owner == layer.rank, order % scan_k, scan_k)  # my entry at each global place
+    place.scatter_(1, slot, torch.arange(scan_k, device=flat.device).expand_as(slot))
+    return classes, valid, place[:, :c_r], joined.gather(1, order)
 
 
 def _candidates(layer, classes: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:

@@ -309,11 +309,14 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         return int(candidates)
 
     def begin(self, op: str, h, k: int = 0, candidates: Optional[int] = None, k_name: str = "k",
-              target: Optional[Tensor] = None):
-        """The per-call agreement (:mod:`torchaq.distributed.agreement`) after this rank's own checks:
+              target: Optional[Tensor] = None, check=None):
+        """The per-call agreement (:mod:`torchaq.distributed.agreement`) after this rank's own checks
+        (``check``: a callable raising ``TypeError`` / ``ValueError`` for more of them):
         ``(flat h, k, candidates)``, or the same :class:`VocabParallelError` on every rank."""
         error, flat, arg = None, None, 0
         try:
+            if check is not None:
+                check()
             if op != "sampled_softmax_loss":
                 k = self._check_k(k, k_name)
                 candidates = self._candidates(candidates, k)

@@ -89,7 +89,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -254,6 +254,7 @@ def layer_sampled_softmax_loss(
     proposal: str = "lut",
     lut_share: Optional[float] = None,
     lut_rows: Optional[int] = LUT_ROWS,
+    draws: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
 
@@ -295,6 +296,9 @@ def layer_sampled_softmax_loss(
             random rows of the batch only (default :data:`torchaq.training.lut_proposal.LUT_ROWS`;
             ``None``: every row); the others use the plain estimate with the same draws. Cost of
             the pass ``min(lut_rows, B) * V * M``.
+        draws: ``proposal="lut"``: optional ``(classes, log_pi)`` used instead of drawing (sorted
+            distinct class ids and their log inclusion probabilities), to evaluate the estimate
+            for given draws (the vocabulary-parallel loss is checked against it this way).
     """
     num_classes = layer.num_classes
     check_sampled_args(h, target, num_classes, num_sampled, sampler, reduction)
@@ -326,7 +330,7 @@ def layer_sampled_softmax_loss(
         if proposal == "lut" and share_draws:
             loss = layer_lut_cv_loss(layer, flat, flat_target, num_sampled, int(num_hard), int(num_candidates),
                                      float(lut_share), base, remove_accidental_hits, generator, control_variate,
-                                     None if lut_rows is None else int(lut_rows))
+                                     None if lut_rows is None else int(lut_rows), draws)
             return reduce_loss(loss, target, reduction)
         proposals = row_proposals(layer, flat, int(num_hard), int(num_candidates), float(candidate_share), base)
         if not share_draws:
