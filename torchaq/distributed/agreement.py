@@ -3,7 +3,8 @@
 A collective hangs or aborts when the ranks disagree about its shapes, or when one rank raises
 before it while the others wait. Every collective method of
 :class:`~torchaq.distributed.VocabParallelQuantizedSoftmax` therefore starts with :func:`agree`:
-one all-gather of a small int64 **header** per rank (``len(FIELDS)`` values, 96 bytes), built
+one all-gather of a small int64 **header** per rank (``len(FIELDS)`` values and 64 bytes of
+error text, 160 bytes), built
 from what the call's later collectives depend on:
 
 * which call it is (``op``: a rank in ``refresh(refit=True)`` while another is in ``topk`` is
@@ -15,11 +16,11 @@ from what the call's later collectives depend on:
 * an error code from the rank's own argument checks (NaN in ``h``, a target out of range, a bad
   ``k``): a rank whose checks failed sends the error instead of raising alone.
 
-Every rank then holds the same ``(P, FIELDS)`` table, so every rank raises the same
+Every rank then holds the same ``(P, 20)`` table, so every rank raises the same
 :class:`VocabParallelError` (the same message, naming the field, the call and the ranks' values)
 or none does; all ranks made the same single collective, so the group stays usable for the next
 call. The rank whose own check failed chains its original exception (``__cause__``).
-Cost: one all-gather of ``96 P`` bytes and a checksum pass over ``h`` (``B d`` values).
+Cost: one all-gather of ``160 P`` bytes and a checksum pass over ``h`` (``B d`` values).
 """
 from __future__ import annotations
 
@@ -29,8 +30,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from torchaq.distributed.groups import gather_into
+
 FIELDS = ("op", "generation", "batch", "shape", "dim", "k", "candidates", "dtype", "h_sum", "target_sum",
           "error", "error_arg")
+# the first TEXT_BYTES bytes of a failed check's message travel with the header
+TEXT_BYTES = 64
 WHAT = {
     "op": "the call (every rank must make the same collective call)",
     "generation": "the index generation (number of refresh() calls: refresh is a collective, call it on every rank)",
@@ -105,7 +110,19 @@ def header(op: str, generation: int, h: Optional[Tensor] = None, k: int = 0, can
         checksum(h) if ok_h and error is None else 0,
         checksum(target) if isinstance(target, Tensor) and error is None else 0,
         0 if error is None else error_code(error), int(error_arg),
-    ]
+    ] + encode_text("" if error is None else str(error))
+
+
+def encode_text(text: str) -> list:
+    """The first :data:`TEXT_BYTES` bytes of ``text`` (UTF-8, zero-padded) as ``TEXT_BYTES / 8`` int64."""
+    raw = text.encode("utf-8")[:TEXT_BYTES].ljust(TEXT_BYTES, b"\0")
+    return [int.from_bytes(raw[i: i + 8], "little", signed=True) for i in range(0, TEXT_BYTES, 8)]
+
+
+def decode_text(words) -> str:
+    raw = b"".join(int(w).to_bytes(8, "little", signed=True) for w in words).rstrip(b"\0")
+    text = raw.decode("utf-8", errors="ignore")
+    return text + ("..." if len(raw) >= TEXT_BYTES else "")
 
 
 def agree(group, world_size: int, device, values: list, name: str, error: Optional[BaseException] = None) -> None:
@@ -118,9 +135,9 @@ def agree(group, world_size: int, device, values: list, name: str, error: Option
     if world_size == 1:
         table = mine.unsqueeze(0)
     else:
-        table = torch.empty((world_size * len(FIELDS),), dtype=torch.int64, device=device)
-        dist.all_gather_into_tensor(table, mine, group=group)
-        table = table.view(world_size, len(FIELDS))
+        table = torch.empty((world_size * mine.numel(),), dtype=torch.int64, device=device)
+        gather_into(table, mine, group)
+        table = table.view(world_size, mine.numel())
     problem = describe(table.cpu().tolist(), name)
     if problem is not None:
         raise VocabParallelError(problem) from error
@@ -131,14 +148,14 @@ def agree(group, world_size: int, device, values: list, name: str, error: Option
 def describe(table: list, name: str) -> Optional[str]:
     """The error message for a gathered header table (``None``: all agree and no rank failed)."""
     col = {f: [row[i] for row in table] for i, f in enumerate(FIELDS)}
-    prefix = f"VocabParallelQuantizedSoftmax.{name}: "
+    same_call = len(set(col["op"])) == 1  # the message must be the same text on every rank
+    prefix = f"VocabParallelQuantizedSoftmax.{OPS[col['op'][0]]}: " if same_call else "VocabParallelQuantizedSoftmax: "
     failed = [r for r, e in enumerate(col["error"]) if e]
     if failed:
         parts = []
         for r in failed:
-            arg = col["error_arg"][r]
-            extra = f" (value {arg})" if arg else ""
-            parts.append(f"rank {r}: {ERRORS[col['error'][r]]}{extra}")
+            text = decode_text(table[r][len(FIELDS):])
+            parts.append(f"rank {r}: {ERRORS[col['error'][r]]}: {text}")
         return prefix + "bad input on some ranks -- " + "; ".join(parts) + " (every rank raises this error)"
     ops = col["op"]
     if len(set(ops)) > 1:

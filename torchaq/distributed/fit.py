@@ -19,6 +19,8 @@ from torch import Tensor
 from torchaq.layer import side_list
 from torchaq.quantizers.pq import MAX_FIT_ROWS
 
+from torchaq.distributed.groups import gather_into
+
 
 def fit_shared(layer, queries: Optional[Tensor], max_fit_rows: int = MAX_FIT_ROWS) -> None:
     """Fit the shared quantizer of ``layer`` (a :class:`VocabParallelQuantizedSoftmax`) on group rank 0 and broadcast it.
@@ -97,7 +99,7 @@ def global_side_rows(layer) -> int:
     mine[1, : layer.local_classes] = local.residual_norms.float()
     if layer.world_size > 1:
         every = torch.empty((layer.world_size * 2, width), dtype=torch.float32, device=weight.device)
-        dist.all_gather_into_tensor(every, mine, group=layer.group)
+        gather_into(every, mine, layer.group)
         every = every.view(layer.world_size, 2, width)
     else:
         every = mine.unsqueeze(0)

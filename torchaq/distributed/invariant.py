@@ -45,6 +45,8 @@ from torchaq.layer.partition import log_partition, pointwise_logits
 from torchaq.layer.side_list import SCAN_EXCLUDED
 from torchaq.quantizers.pq import AnisotropicPQ
 
+from torchaq.distributed.groups import gather_into
+
 
 def all_gather_rows(x: Tensor, group, world_size: int) -> Tensor:
     """``(P,) + x.shape``: every rank's ``x`` (same shape on every rank), rank order."""
@@ -52,7 +54,7 @@ def all_gather_rows(x: Tensor, group, world_size: int) -> Tensor:
         return x.unsqueeze(0)
     x = x.contiguous()
     out = torch.empty((world_size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)  # gloo wants the ranks stacked on dim 0
+    gather_into(out, x, group)  # gloo wants the ranks stacked on dim 0
     return out.view((world_size,) + tuple(x.shape))
 
 

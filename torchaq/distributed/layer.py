@@ -317,7 +317,7 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         try:
             if check is not None:
                 check()
-            if op != "sampled_softmax_loss":
+            if op in ("topk", "log_softmax_topk", "sample"):
                 k = self._check_k(k, k_name)
                 candidates = self._candidates(candidates, k)
             flat = self.local.flat_features(h)
