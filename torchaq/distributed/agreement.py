@@ -131,18 +131,31 @@ def agree(group, world_size: int, device, values: list, name: str, error: Option
     ``values``: this rank's :func:`header`; ``name``: the layer method (for the message);
     ``error``: this rank's own failed check (chained on this rank).
     """
+    start_agree(group, world_size, device, values, error)()
+
+
+def start_agree(group, world_size: int, device, values: list, error: Optional[BaseException] = None):
+    """:func:`agree` split in two: starts the header all-gather (asynchronously) and returns ``finish()``,
+    which waits for it and raises as :func:`agree` does. Work that needs no collective (the LUT, the
+    local scan) can run in between, hiding the header's latency; ``finish()`` must run before the
+    call's next collective."""
     mine = torch.tensor(values, dtype=torch.int64, device=device)
     if world_size == 1:
-        table = mine.unsqueeze(0)
+        table, work = mine.unsqueeze(0), None
     else:
         table = torch.empty((world_size * mine.numel(),), dtype=torch.int64, device=device)
-        gather_into(table, mine, group)
-        table = table.view(world_size, mine.numel())
-    problem = describe(table.cpu().tolist(), name)
-    if problem is not None:
-        raise VocabParallelError(problem) from error
-    if error is not None:  # pragma: no cover - a local error always shows in the table
-        raise error
+        work = gather_into(table, mine, group, async_op=True)
+
+    def finish() -> None:
+        if work is not None:
+            work.wait()
+        problem = describe(table.view(world_size, mine.numel()).cpu().tolist(), "")
+        if problem is not None:
+            raise VocabParallelError(problem) from error
+        if error is not None:  # pragma: no cover - a local error always shows in the table
+            raise error
+
+    return finish
 
 
 def describe(table: list, name: str) -> Optional[str]:

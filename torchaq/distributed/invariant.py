@@ -75,7 +75,11 @@ def _scan_bias(layer, exclude: bool) -> Optional[Tensor]:
     return base.index_fill(0, local.side_rows, SCAN_EXCLUDED)
 
 
-def scan_share(layer, flat: Tensor, lut: Tensor, scan_k: int, exclude: bool, positions: bool = False):
+def _done() -> None:
+    """No pending agreement."""
+
+
+def scan_share(layer, flat: Tensor, lut: Tensor, scan_k: int, exclude: bool, positions: bool = False, sync=_done):
     """Round A: this rank's scan classes (slice ids ``(B, c_r)``) and which of them are global candidates.
 
     ``positions=True`` also returns each class's place in the global ranking ``(B, c_r)`` (``scan_k``
@@ -85,6 +89,7 @@ def scan_share(layer, flat: Tensor, lut: Tensor, scan_k: int, exclude: bool, pos
     scores, classes = ops.lut_topk(lut, local.packed_codes, layer.local_classes, c_r, _scan_bias(layer, exclude))
     padded = scores.new_full((flat.shape[0], scan_k), -math.inf)
     padded[:, :c_r] = scores
+    sync()  # the call's header agreement (started before the LUT and the scan: their latency overlaps)
     every = all_gather_rows(padded, layer.group, layer.world_size)  # (P, B, scan_k)
     joined = every.permute(1, 0, 2).reshape(flat.shape[0], -1)
     order = joined.argsort(dim=1, descending=True, stable=True)[:, :scan_k]
@@ -129,8 +134,16 @@ def _int8_scores(layer, flat: Tensor, cand: Tensor, ok: Tensor, w8: Tensor, scal
     inv = 1.0 / hs
     h16 = torch.round(h * inv.unsqueeze(1)).clamp(-limit, limit)
     safe = cand.clamp(min=0)
-    rows = w8[safe].double()  # (B, w, d): integer products and sums below 2^31, exact in float64
-    isum = torch.bmm(rows, h16.double().unsqueeze(2)).squeeze(2)
+    # the integer sums sum_i h16_i w8_i, exactly, with float32 matrix products: h16 = 256 hi + lo with
+    # lo in [0, 256), |hi| <= 128, so every partial sum over 512 dimensions stays below 2^24
+    lo = torch.remainder(h16, 256.0)
+    parts = torch.stack([(h16 - lo) / 256.0, lo], 2)  # (B, d, 2)
+    isum = torch.zeros(cand.shape, dtype=torch.int64, device=flat.device)
+    gathered = w8.index_select(0, safe.reshape(-1)).view(cand.shape[0], cand.shape[1], d)  # row copies
+    for d0 in range(0, d, 512):
+        rows = gathered[:, :, d0: d0 + 512].float()  # (B, w, <=512)
+        both = torch.bmm(rows, parts[:, d0: d0 + 512]).to(torch.int64)  # exact integers
+        isum += both[:, :, 0] * 256 + both[:, :, 1]
     v = isum.float() * (hs.unsqueeze(1) * scale[safe])
     if layer.local.bias is not None:
         v = v + layer.local.bias.detach().float()[safe]
@@ -144,13 +157,13 @@ def _payload_gather(layer, parts) -> Tensor:
     return all_gather_rows(payload, layer.group, layer.world_size).permute(1, 0, 2)
 
 
-def invariant_topk(layer, flat: Tensor, k: int, candidates: int) -> Tuple[Tensor, Tensor]:
+def invariant_topk(layer, flat: Tensor, k: int, candidates: int, sync=_done) -> Tuple[Tensor, Tensor]:
     """:meth:`torchaq.QuantizedSoftmax.topk` of the whole vocabulary (module docstring): ``(B, k)`` values, global ids."""
     local, num_side = layer.local, layer.num_side_rows
     scan_k = min(candidates, layer.num_classes - num_side)
     exclude = num_side > 0 and scan_k + num_side >= layer.num_classes
     lut = local.quantizer.lut(flat)
-    classes, valid = scan_share(layer, flat, lut, scan_k, exclude)
+    classes, valid = scan_share(layer, flat, lut, scan_k, exclude, sync=sync)
     cand, ok = _candidates(layer, classes, valid)
     # the single-device fast path (and its int8 shortlist) is for PQ layers only
     w8, scale = local.shortlist_rows() if isinstance(local.quantizer, AnisotropicPQ) else (None, None)
@@ -210,13 +223,13 @@ class _Comm:
         return self.max(x)
 
 
-def invariant_candidates(layer, flat: Tensor, k: int, candidates: int, with_log_z: bool):
+def invariant_candidates(layer, flat: Tensor, k: int, candidates: int, with_log_z: bool, sync=_done):
     """The single-device ``candidate_logits`` path (``log_softmax_topk``, ``sample``): the ``k`` best
     ``(values, global ids)`` of every candidate, and ``log Z`` when asked (module docstring)."""
     local, num_side = layer.local, layer.num_side_rows
     scan_k = min(candidates, layer.num_classes - num_side)
     lut = local.quantizer.lut(flat)
-    classes, valid = scan_share(layer, flat, lut, scan_k, num_side > 0)
+    classes, valid = scan_share(layer, flat, lut, scan_k, num_side > 0, sync=sync)
     cand, ok = _candidates(layer, classes, valid)
     exact = _exact(layer, flat, cand, ok)
     batch = flat.shape[0]

@@ -73,6 +73,10 @@ from torchaq.layer.softmax import QuantizedSoftmax
 from torchaq.training.conventions import check_targets
 from torchaq.quantizers.pq import MAX_FIT_ROWS
 
+def _done() -> None:
+    """An agreement already finished."""
+
+
 # --------------------------------------------------------------------------------------------
 # the layer
 # --------------------------------------------------------------------------------------------
@@ -309,10 +313,12 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         return int(candidates)
 
     def begin(self, op: str, h, k: int = 0, candidates: Optional[int] = None, k_name: str = "k",
-              target: Optional[Tensor] = None, check=None):
+              target: Optional[Tensor] = None, check=None, defer: bool = False):
         """The per-call agreement (:mod:`torchaq.distributed.agreement`) after this rank's own checks
         (``check``: a callable raising ``TypeError`` / ``ValueError`` for more of them):
-        ``(flat h, k, candidates)``, or the same :class:`VocabParallelError` on every rank."""
+        ``(flat h, k, candidates)``, or the same :class:`VocabParallelError` on every rank.
+        ``defer=True`` (when this rank's checks passed) returns ``finish`` as a fourth value: the
+        header's all-gather runs meanwhile, and ``finish()`` must be called before the next collective."""
         error, flat, arg = None, None, 0
         try:
             if check is not None:
@@ -329,8 +335,11 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         values = agreement.header(op, self.generation, h, k if isinstance(k, int) else -1,
                                   candidates if isinstance(candidates, int) else -1, target, error, arg)
         device = h.device if isinstance(h, Tensor) else self.local.weight.device
-        agreement.agree(self.group, self.world_size, device, values, op, error)
-        return flat, k, candidates
+        finish = agreement.start_agree(self.group, self.world_size, device, values, error)
+        if not defer or error is not None:
+            finish()
+            finish = _done
+        return (flat, k, candidates, finish) if defer else (flat, k, candidates)
 
     def _local_best(self, flat: Tensor, k: int, candidates: int, with_log_z: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """``invariant=False``: this rank's ``k`` best (exact logits, global ids) padded to ``k``, and its log-partition piece."""
@@ -351,9 +360,10 @@ class VocabParallelQuantizedSoftmax(nn.Module):
             ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), self.num_classes)], 1)
         return values, ids, log_z
 
-    def _merged(self, flat: Tensor, k: int, candidates: int, with_log_z: bool = False):
+    def _merged(self, flat: Tensor, k: int, candidates: int, with_log_z: bool = False, sync=_done):
         """``invariant=False``: gather every rank's best ``k`` (and log Z piece) and merge: identical on every rank."""
         values, ids, log_z = self._local_best(flat, k, candidates, with_log_z)
+        sync()  # the header agreement, overlapped with the local work above
         batch = flat.shape[0]
         # one int32 payload per rank: k float32 values (bit pattern), k ids, [log Z piece]
         parts = [values.float().contiguous().view(torch.int32), ids.to(torch.int32)]
@@ -370,10 +380,10 @@ class VocabParallelQuantizedSoftmax(nn.Module):
             total_log_z = torch.logsumexp(pieces, dim=1)  # max then sum, the same order on every rank
         return top_values, top_ids, total_log_z
 
-    def _best(self, flat: Tensor, k: int, candidates: int, with_log_z: bool = False):
+    def _best(self, flat: Tensor, k: int, candidates: int, with_log_z: bool = False, sync=_done):
         if self.invariant:
-            return invariant_candidates(self, flat, k, candidates, with_log_z)
-        return self._merged(flat, k, candidates, with_log_z)
+            return invariant_candidates(self, flat, k, candidates, with_log_z, sync)
+        return self._merged(flat, k, candidates, with_log_z, sync)
 
     @torch.no_grad()
     def topk(self, h: Tensor, k: int = 10, candidates: Optional[int] = None) -> Tuple[Tensor, Tensor]:
@@ -385,11 +395,14 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         global ids; one all-gather of ``B k`` (value, id) pairs per rank and a merge (value
         descending, ties to the lower id). Values are exact logits.
         """
-        flat, k, candidates = self.begin("topk", h, k, candidates)
+        flat, k, candidates, sync = self.begin("topk", h, k, candidates, defer=True)
+        if self.invariant and self.world_size == 1:  # the single-device layer itself
+            sync()
+            return self.local.topk(h, k, candidates)
         if self.invariant:
-            values, ids = invariant_topk(self, flat, k, candidates)
+            values, ids = invariant_topk(self, flat, k, candidates, sync)
         else:
-            values, ids, _ = self._merged(flat, k, candidates)
+            values, ids, _ = self._merged(flat, k, candidates, sync=sync)
         lead = h.shape[:-1]
         return values.reshape(lead + (k,)), ids.reshape(lead + (k,))
 
@@ -401,8 +414,11 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         :mod:`torchaq.layer.partition`). ``invariant=False``: ``log Z = logsumexp_r log Z_r`` of the
         ranks' own single-device estimates on their slices (one float per row and rank).
         """
-        flat, k, candidates = self.begin("log_softmax_topk", h, k, candidates)
-        values, ids, log_z = self._best(flat, k, candidates, with_log_z=True)
+        flat, k, candidates, sync = self.begin("log_softmax_topk", h, k, candidates, defer=True)
+        if self.invariant and self.world_size == 1:
+            sync()
+            return self.local.log_softmax_topk(h, k, candidates)
+        values, ids, log_z = self._best(flat, k, candidates, with_log_z=True, sync=sync)
         lead = h.shape[:-1]
         return (values - log_z.unsqueeze(1)).reshape(lead + (k,)), ids.reshape(lead + (k,))
 
@@ -425,8 +441,8 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         same ``generator`` seed the draw is the single-device layer's.
         """
         top_p, temperature = check_sampling_args(top_p, temperature)
-        flat, top_k, candidates = self.begin("sample", h, top_k, candidates, k_name="top_k")
-        values, ids, _ = self._best(flat, top_k, candidates)
+        flat, top_k, candidates, sync = self.begin("sample", h, top_k, candidates, k_name="top_k", defer=True)
+        values, ids, _ = self._best(flat, top_k, candidates, sync=sync)
         choice = draw_top_p(values, top_p, temperature, generator)
         tokens = ids.gather(1, choice.to(ids.device)).squeeze(1).contiguous()
         if self.world_size > 1:
