@@ -15,7 +15,9 @@ weight (clustered Gaussian rows). Rows of the table, per world size P and batch:
 * ``log_softmax_topk`` in both modes (the invariant one adds the fixed-point ``log Z`` rounds);
 * ``header only``: the per-call agreement alone (:mod:`torchaq.distributed.agreement`: the local
   argument checks, the checksum of ``h`` and one all-gather of a 160-byte header per rank), and
-  its share of each topk mode's call;
+  its share of each mode's call; ``..., no header`` rows time the topk modes with the agreement
+  switched off (``layer.agreement = False``), so the difference is what the header adds to a
+  call (inside a call its all-gather overlaps the LUT and the local scan);
 * ``dense + gather logits``: each rank's exact ``h @ W_r.T``, one all-gather of the ``(B, V_r)``
   logits, ``torch.topk`` of the ``(B, V)`` result (what inference engines do by default).
 
@@ -153,8 +155,19 @@ def _worker(rank: int, world: int, store: str, out: str, vocab: int, dim: int, b
                     return fn()
                 return call
 
+            def unchecked(fn):
+                def call():
+                    layer.agreement = False
+                    try:
+                        return fn()
+                    finally:
+                        layer.agreement = True
+                return call
+
             calls = {
                 "topk (invariant)": mode(True, lambda: layer.topk(h, k=K)),
+                "topk (invariant), no header": unchecked(mode(True, lambda: layer.topk(h, k=K))),
+                "topk (per-rank), no header": unchecked(mode(False, lambda: layer.topk(h, k=K))),
                 "topk (per-rank)": mode(False, lambda: layer.topk(h, k=K)),
                 "log_softmax_topk (invariant)": mode(True, lambda: layer.log_softmax_topk(h, k=K)),
                 "log_softmax_topk (per-rank)": mode(False, lambda: layer.log_softmax_topk(h, k=K)),
@@ -197,7 +210,7 @@ def main() -> None:
         args.vocab, args.dim, args.blocks = 16384, 256, 3
 
     header = ["P", "batch", "method", "ms/call (median)", "p90 ms", "rank 0 CPU ms/call", "sent per rank (bytes)",
-              "received per rank (bytes)", "header share of the call", "recall@10 vs dense", "softmax entropy (nats)"]
+              "received per rank (bytes)", "header alone / call (what it adds to the call)", "recall@10 vs dense", "softmax entropy (nats)"]
     table, builds = [], []
     for world in args.worlds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -213,10 +226,15 @@ def main() -> None:
         for batch in args.batches:
             r = res["rows"][str(batch)]
             head_ms = r["header only"][0]
-            for name in ("topk (invariant)", "topk (per-rank)", "log_softmax_topk (invariant)", "log_softmax_topk (per-rank)",
-                         "header only", "dense + gather logits"):
+            for name in ("topk (invariant)", "topk (invariant), no header", "topk (per-rank)", "topk (per-rank), no header",
+                         "log_softmax_topk (invariant)", "log_softmax_topk (per-rank)", "header only", "dense + gather logits"):
                 med, p90, cpu, sent, recall = r[name]
-                share = f"{100 * head_ms / med:.1f}%" if name.startswith(("topk", "log_softmax")) else ""
+                share = ""
+                if name.startswith(("topk", "log_softmax")) and "no header" not in name:
+                    share = f"{100 * head_ms / med:.1f}%"
+                    bare = r.get(name + ", no header")
+                    if bare is not None:  # what the header adds to the call (it overlaps the local scan)
+                        share += f" (adds {100 * (med - bare[0]) / med:+.1f}%, {(med - bare[0]) * 1e3:+.3f} ms)"
                 table.append([world, batch, name, f"{med * 1e3:.3f}", f"{p90 * 1e3:.3f}", f"{cpu * 1e3:.3f}", f"{sent:,}",
                               f"{(world - 1) * sent:,}", share, recall, f"{r['entropy']:.2f}"])
     text = "\n".join(

@@ -226,6 +226,9 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         self.generation = 0
         #: size of the global exact side list
         self.num_side_rows = 0
+        #: run the per-call header agreement (``False`` only to measure what it costs: a rank whose
+        #: arguments differ can then hang or abort the group, as without it)
+        self.agreement = True
         if fit:
             self.refresh(refit=True, queries=queries)
 
@@ -332,6 +335,10 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         except (TypeError, ValueError) as exc:
             error = exc
             arg = k if "k must" in str(exc) and isinstance(k, int) else 0
+        if not self.agreement:
+            if error is not None:
+                raise error
+            return (flat, k, candidates, _done) if defer else (flat, k, candidates)
         values = agreement.header(op, self.generation, h, k if isinstance(k, int) else -1,
                                   candidates if isinstance(candidates, int) else -1, target, error, arg)
         device = h.device if isinstance(h, Tensor) else self.local.weight.device
