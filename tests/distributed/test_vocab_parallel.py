@@ -254,9 +254,25 @@ def _check_sampled_fit(rank: int, world: int) -> None:
         layer = td.VocabParallelQuantizedSoftmax(_shard(weight, rank, sizes), **KW)
     finally:
         td.MAX_FIT_ROWS = saved
-    rows = weight[torch.randperm(V, generator=torch.Generator().manual_seed(KW["seed"]))[:500]]
-    single = torchaq.AnisotropicPQ(D, 16, bits=4, threshold=None, seed=KW["seed"]).fit(rows, iters=5, progress=False, max_rows=None)
+    # what QuantizedSoftmax.refresh(refit=True) fits with MAX_FIT_ROWS = 500: the rows fit_rows_mask
+    # keeps, sampled by the quantizer's own seeded generator
+    from torchaq.layer.side_list import fit_rows_mask
+
+    rows = weight[fit_rows_mask(weight)]
+    single = torchaq.AnisotropicPQ(D, 16, bits=4, threshold=None, seed=KW["seed"]).fit(rows, iters=5, progress=False, max_rows=500)
     assert torch.equal(layer.quantizer.codebooks, single.codebooks)
+    # and with huge-norm rows, which the fit leaves out (their norms are gathered to decide)
+    spiky = weight.clone()
+    spiky[[3, 700]] *= 30
+    td.MAX_FIT_ROWS = 500
+    try:
+        layer2 = td.VocabParallelQuantizedSoftmax(_shard(spiky, rank, sizes), **KW)
+    finally:
+        td.MAX_FIT_ROWS = saved
+    keep = fit_rows_mask(spiky)
+    assert not keep[3] and not keep[700]
+    single2 = torchaq.AnisotropicPQ(D, 16, bits=4, threshold=None, seed=KW["seed"]).fit(spiky[keep], iters=5, progress=False, max_rows=500)
+    assert torch.equal(layer2.quantizer.codebooks, single2.codebooks)
     # calibration queries: rank 0 calibrates, every rank gets the chosen rule and the scores
     calibrated = td.VocabParallelQuantizedSoftmax(_shard(weight, rank, sizes), _shard(bias, rank, sizes), queries=h, **KW)
     ref = torchaq.QuantizedSoftmax(weight, bias, queries=h, **KW)

@@ -25,10 +25,12 @@ from torchaq.distributed.groups import gather_into
 def fit_shared(layer, queries: Optional[Tensor], max_fit_rows: int = MAX_FIT_ROWS) -> None:
     """Fit the shared quantizer of ``layer`` (a :class:`VocabParallelQuantizedSoftmax`) on group rank 0 and broadcast it.
 
-    All ``V`` rows in vocabulary order when ``V <= max_fit_rows`` (minus the huge-norm rows the
-    single-device fit leaves out, :func:`torchaq.layer.side_list.fit_rows_mask`), else a seeded
-    sample of ``max_fit_rows`` global ids. Cost: the fit on one rank plus ``min(V, max_fit_rows) d``
-    values sent to rank 0.
+    The rows :meth:`torchaq.QuantizedSoftmax.refresh` fits on, in its order: all ``V`` rows minus the
+    huge-norm ones it leaves out (:func:`torchaq.layer.side_list.fit_rows_mask`; above
+    ``max_fit_rows`` rows the norms are gathered to decide), and above ``max_fit_rows`` kept rows
+    the same seeded sample (``fit(..., sampled_from=)`` keeps the generator in step), so the
+    codebooks are bitwise the single-device ones. Cost: the fit on one rank plus ``min(V,
+    max_fit_rows) d`` values sent to rank 0 (and ``V`` norms above ``max_fit_rows``).
     """
     local, group = layer.local, layer.group
     q = local.quantizer
@@ -38,13 +40,23 @@ def fit_shared(layer, queries: Optional[Tensor], max_fit_rows: int = MAX_FIT_ROW
         )
     weight = local.weight.detach()
     start, stop = layer.vocab_range
+    sampled_from = None
     if layer.num_classes <= max_fit_rows:
         ids = None  # every row, in vocabulary order: the single-device fit's input exactly
         mine = weight
         counts = layer.shard_sizes
     else:
-        gen = torch.Generator().manual_seed(q.seed)
-        ids = torch.randperm(layer.num_classes, generator=gen)[:max_fit_rows]
+        # the single-device fit's rows: the huge-norm rows left out (robust z over all V norms,
+        # gathered), then the seeded sample of max_fit_rows of the rest, in sample order
+        norms = gather_rows_of(layer, weight.float().norm(dim=1))
+        keep = side_list.fit_rows_mask_from_norms(norms)
+        kept = keep.nonzero().squeeze(1).cpu() if int(keep.sum()) >= q.num_codewords else torch.arange(layer.num_classes)
+        if kept.numel() > max_fit_rows:
+            gen = torch.Generator().manual_seed(q.seed)
+            ids = kept[torch.randperm(kept.numel(), generator=gen)[:max_fit_rows]]
+            sampled_from = kept.numel()
+        else:
+            ids = kept
         owner = torch.bucketize(ids, torch.tensor(layer.offsets[1:]), right=True)
         counts = torch.bincount(owner, minlength=layer.world_size).tolist()
         mine_ids = ids[(ids >= start) & (ids < stop)]
@@ -68,10 +80,11 @@ def fit_shared(layer, queries: Optional[Tensor], max_fit_rows: int = MAX_FIT_ROW
                 for r, g in enumerate(gathered):  # each owner sent its rows in sample order
                     sel = ((ids >= layer.offsets[r]) & (ids < layer.offsets[r + 1])).nonzero().squeeze(1)
                     rows[sel.to(rows.device)] = g[: sel.shape[0]]
-                max_rows = None
+                max_rows = None if sampled_from is not None else max_fit_rows
             if queries is not None:
                 queries = local.flat_features(queries, "queries")
-            q.fit(rows, queries=queries, iters=local.fit_iters, progress=local.progress, max_rows=max_rows)
+            q.fit(rows, queries=queries, iters=local.fit_iters, progress=local.progress, max_rows=max_rows,
+                  sampled_from=sampled_from)
             state[1] = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in q.state_dict().items()}
             state[2] = q.warm_state() if hasattr(q, "warm_state") else None
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -86,6 +99,19 @@ def fit_shared(layer, queries: Optional[Tensor], max_fit_rows: int = MAX_FIT_ROW
         q.load_state_dict(state[1])
         if hasattr(q, "load_warm_state"):
             q.load_warm_state(state[2])
+
+
+def gather_rows_of(layer, values: Tensor) -> Tensor:
+    """Every rank's ``(V_r,)`` values concatenated in vocabulary order ``(V,)`` (one padded all-gather)."""
+    width = max(layer.shard_sizes)
+    mine = values.new_zeros((1, width))
+    mine[0, : values.shape[0]] = values
+    if layer.world_size > 1:
+        every = values.new_empty((layer.world_size, width))
+        gather_into(every, mine, layer.group)
+    else:
+        every = mine
+    return torch.cat([every[r, :n] for r, n in enumerate(layer.shard_sizes)])
 
 
 @torch.no_grad()
