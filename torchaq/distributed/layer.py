@@ -12,17 +12,17 @@ Cross-Entropy (all-reduce of per-row maxima and exp-sums), and of vLLM's ``get_t
   **same codebooks** (fitted once on rows gathered from the whole group, then broadcast: FAISS's
   ``IndexShardsIVF`` shares its coarse quantizer for the same reason), so a row's codes do not
   depend on which rank holds it;
-* :meth:`~VocabParallelQuantizedSoftmax.topk`: each rank scans its slice, re-scores its
-  ``candidates`` best exactly and keeps its ``k`` best with global ids; **one all-gather** of
-  those ``(value, id)`` pairs (``B k P`` pairs) and a deterministic merge (value descending,
-  ties to the lower id) give every rank the same answer;
-* :meth:`~VocabParallelQuantizedSoftmax.log_softmax_topk`: ``log Z = logsumexp_r log Z_r`` over
-  the ranks' log-partition pieces (the max-then-sum of an all-reduce), carried in the same
-  all-gather (one extra scalar per row and rank);
+* :meth:`~VocabParallelQuantizedSoftmax.topk`: each rank scans its slice; the ranks' scan scores
+  and then their best re-scored candidates are all-gathered and merged (value descending, ties to
+  the lower id) into the single-device answer (``invariant=False``: each rank re-scores its own
+  ``candidates`` and only ``B k`` (value, id) pairs per rank are gathered);
+* :meth:`~VocabParallelQuantizedSoftmax.log_softmax_topk`: ``log Z`` from fixed-point integer
+  sums over the ranks' slices (``invariant=False``: ``logsumexp_r log Z_r`` of per-rank pieces);
 * :meth:`~VocabParallelQuantizedSoftmax.sample`: drawn from the merged candidates on group rank
   0 and broadcast (per-rank ``multinomial`` calls would diverge);
-* :meth:`~VocabParallelQuantizedSoftmax.sampled_softmax_loss`: a stratified estimator of the
-  global partition function (per-rank hard sets and draws, combined with the same max-then-sum);
+* :meth:`~VocabParallelQuantizedSoftmax.sampled_softmax_loss`: the single-device ``lut``
+  proposal and control variate with the sums split over the ranks (:mod:`torchaq.distributed.lut_loss`;
+  ``proposal="shared"``: a stratified estimator with per-rank hard sets and draws);
 * gradients: ``h`` is replicated, so its gradient is summed over ranks in backward (Megatron's
   ``copy_to_tensor_model_parallel_region``); each rank's weight slice gets its own gradient only.
 
@@ -102,7 +102,8 @@ class VocabParallelQuantizedSoftmax(nn.Module):
                                    totals and ``B n`` sampled ratios for ``log Z``
     ``sample``                     the top-k all-gathers, then a broadcast of ``B`` ids
     ``refresh``                    an all-gather of ``2 max(V_r)`` norms (the global side list)
-    ``sampled_softmax_loss``       a few all-reduces of ``B`` and ``P`` floats; backward:
+    ``sampled_softmax_loss``       an all-gather of ``B C`` scan scores, all-reduces of
+                                   ``O(B)`` values, a broadcast of ``P`` counts; backward:
                                    all-reduce of ``dL/dh``
     ============================  ==========================================================
 
