@@ -1,28 +1,34 @@
-"""Vocabulary-parallel top-k: time per call at P = 1, 2 ranks and bytes on the wire, against gathering full logits.
+"""Vocabulary-parallel layer: time and bytes per call of each mode at P = 1, 2, 4 ranks, against gathering full logits.
 
-    python benchmarks/distributed.py                    # V = 131072, d = 2048, batch 1 and 16
+    python benchmarks/distributed.py                  # V = 65536, d = 512, P = 1 2 4, batch 1 and 64
+    python benchmarks/distributed.py --quick          # V = 16384, d = 256, fewer blocks
     python benchmarks/distributed.py --vocab 32768 --dim 2048 --out ''   # print only
 
 Each world size is a set of processes started with ``torch.multiprocessing.spawn`` (gloo on
-CPU, one torch thread per rank, so P = 2 uses two cores); each rank holds a contiguous slice of
-a synthetic ``(V, d)`` weight (clustered Gaussian rows). Rows of the table, per world size P:
+CPU, one torch thread per rank); each rank holds a contiguous slice of a synthetic ``(V, d)``
+weight (clustered Gaussian rows). Rows of the table, per world size P and batch:
 
-* ``torchaq topk``: :meth:`torchaq.distributed.VocabParallelQuantizedSoftmax.topk` -- LUT scan
-  of the rank's slice, exact re-score of its candidates, one all-gather of ``B k`` (value, id)
-  pairs per rank, merge;
-* ``torchaq topk, consistent_candidates``: the same, with the extra all-gather of each rank's
-  ``candidates`` LUT-best scores that makes the answer independent of the world size;
-* ``dense + gather logits``: what inference engines do by default -- each rank computes its
-  exact logits ``h @ W_r.T`` (``(B, V_r)``), one all-gather of them, ``torch.topk`` of the
-  ``(B, V)`` result.
+* ``topk (invariant)``: :meth:`VocabParallelQuantizedSoftmax.topk` in the default mode (bitwise
+  the single-device answer: header, all-gather of the scan scores, all-gather of the
+  shortlist);
+* ``topk (per-rank)``: ``invariant=False`` (header, one all-gather of ``B k`` pairs per rank);
+* ``log_softmax_topk`` in both modes (the invariant one adds the fixed-point ``log Z`` rounds);
+* ``header only``: the per-call agreement alone (:mod:`torchaq.distributed.agreement`: the local
+  argument checks, the checksum of ``h`` and one all-gather of a 160-byte header per rank), and
+  its share of each mode's call; ``..., no header`` rows time the topk modes with the agreement
+  switched off (``layer.agreement = False``), so the difference is what the header adds to a
+  call (inside a call its all-gather overlaps the LUT and the local scan);
+* ``dense + gather logits``: each rank's exact ``h @ W_r.T``, one all-gather of the ``(B, V_r)``
+  logits, ``torch.topk`` of the ``(B, V)`` result (what inference engines do by default).
 
-Bytes: ``sent per rank`` is the all-gather payload each rank contributes (its ``B k`` int32
-pairs, or its ``(B, V_r)`` float32 logits); with gloo's all-gather every rank receives the other
-``P - 1`` payloads. Timing: the same fixed number of calls on every rank (collectives forbid
-per-rank adaptive repeat counts), blocks of calls after a warm-up, median and 90th percentile of
-rank 0's per-call block times, reported with :mod:`benchmarks.common`; and rank 0's own CPU time
-per call (its share of the work, which a loaded machine does not inflate the way it inflates
-wall time). The machine is shared: the load average is in the header.
+Bytes: ``sent per rank`` is what the rank contributes to every collective of one call, counted
+by wrapping ``torch.distributed``'s collectives (all-gathers, all-reduces, broadcasts) during one
+call on rank 0; with gloo's all-gather every rank receives the other ``P - 1`` contributions.
+Timing: the same fixed number of calls on every rank (collectives forbid per-rank adaptive repeat
+counts), blocks of calls after a warm-up, median and 90th percentile of rank 0's per-call block
+times; and rank 0's own CPU time per call. With P = 4 on a 2-core machine the ranks share cores:
+the wall times then include waiting for a core. The machine is shared: the load average is in
+the header.
 """
 from __future__ import annotations
 
@@ -86,12 +92,41 @@ def _shard(rank: int, world: int, vocab: int, dim: int):
     return torch.cat(rows), sizes, centres
 
 
+class _ByteCounter:
+    """Counts the bytes this rank contributes to torch.distributed collectives while active."""
+
+    NAMES = ("all_gather_single", "all_gather_into_tensor", "all_reduce", "broadcast", "all_gather")
+
+    def __init__(self):
+        self.total, self.saved = 0, {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+            self.saved[name] = fn
+            tensor_pos = 1 if name in ("all_gather_single", "all_gather_into_tensor", "all_gather") else 0
+
+            def wrapped(*args, _fn=fn, _pos=tensor_pos, **kwargs):
+                t = args[_pos] if len(args) > _pos else kwargs.get("tensor", kwargs.get("input_tensor"))
+                if isinstance(t, torch.Tensor):
+                    self.total += t.numel() * t.element_size()
+                return _fn(*args, **kwargs)
+
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+
 def _worker(rank: int, world: int, store: str, out: str, vocab: int, dim: int, batches, blocks: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(minutes=20))
     try:
         from torchaq.distributed import VocabParallelQuantizedSoftmax
-        from torchaq.layer import default_candidates
 
         weight, sizes, centres = _shard(rank, world, vocab, dim)
         t0 = time.perf_counter()
@@ -114,29 +149,47 @@ def _worker(rank: int, world: int, store: str, out: str, vocab: int, dim: int, b
                 full = torch.cat([p[:, :s] for p, s in zip(parts, sizes)], 1)
                 return full.topk(K, dim=1), full
 
-            per_block = 20 if batch <= 4 else 5
-            ours, ours_cpu = _timed(lambda: layer.topk(h, k=K), blocks, per_block)
-            dense, dense_cpu = _timed(gather_logits, blocks, max(1, per_block // 4))
-            (top, full) = gather_logits()
-            recall = float((top.indices.unsqueeze(2) == layer.topk(h, k=K)[1].unsqueeze(1)).any(2).float().mean())
-            logp = full.log_softmax(1)
-            entropy = float(-(logp.exp() * logp).sum(1).mean())
-            layer.consistent_candidates = True
-            same, same_cpu = _timed(lambda: layer.topk(h, k=K), blocks, per_block)
-            recall_same = float((top.indices.unsqueeze(2) == layer.topk(h, k=K)[1].unsqueeze(1)).any(2).float().mean())
-            layer.consistent_candidates = False
-            cands = default_candidates(K, vocab)
-            rows[batch] = {
-                "same": [same.median, same.p90, same_cpu],
-                "same_bytes": batch * cands * 4 + batch * 2 * K * 4,
-                "recall_same": recall_same,
-                "ours": [ours.median, ours.p90, ours_cpu],
-                "dense": [dense.median, dense.p90, dense_cpu],
-                "ours_bytes": batch * 2 * K * 4,
-                "dense_bytes": batch * width * 4,
-                "recall": recall,
-                "entropy": entropy,
+            def mode(invariant, fn):
+                def call():
+                    layer.invariant = invariant
+                    return fn()
+                return call
+
+            def unchecked(fn):
+                def call():
+                    layer.agreement = False
+                    try:
+                        return fn()
+                    finally:
+                        layer.agreement = True
+                return call
+
+            calls = {
+                "topk (invariant)": mode(True, lambda: layer.topk(h, k=K)),
+                "topk (invariant), no header": unchecked(mode(True, lambda: layer.topk(h, k=K))),
+                "topk (per-rank), no header": unchecked(mode(False, lambda: layer.topk(h, k=K))),
+                "topk (per-rank)": mode(False, lambda: layer.topk(h, k=K)),
+                "log_softmax_topk (invariant)": mode(True, lambda: layer.log_softmax_topk(h, k=K)),
+                "log_softmax_topk (per-rank)": mode(False, lambda: layer.log_softmax_topk(h, k=K)),
+                "header only": lambda: layer.begin("topk", h, K, None),
+                "dense + gather logits": gather_logits,
             }
+            (top, full) = gather_logits()
+            logp = full.log_softmax(1)
+            result = {"entropy": float(-(logp.exp() * logp).sum(1).mean())}
+            per_block = 20 if batch <= 4 else 4
+            for name, fn in calls.items():
+                with _ByteCounter() as counter:
+                    got = fn()
+                timing, cpu = _timed(fn, blocks, per_block if "dense" not in name else max(1, per_block // 4))
+                recall = ""
+                if name.startswith("topk"):
+                    recall = f"{float((top.indices.unsqueeze(2) == got[1].unsqueeze(1)).any(2).float().mean()):.3f}"
+                elif name.startswith("dense"):
+                    recall = "1.000"
+                result[name] = [timing.median, timing.p90, cpu, counter.total, recall]
+            layer.invariant = True
+            rows[batch] = result
         if rank == 0:
             Path(out).write_text(json.dumps({"build_s": build_s, "rows": rows}))
     finally:
@@ -145,15 +198,19 @@ def _worker(rank: int, world: int, store: str, out: str, vocab: int, dim: int, b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--vocab", type=int, default=131072)
-    parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--vocab", type=int, default=65536)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--blocks", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="V = 16384, d = 256, 3 blocks")
     parser.add_argument("--out", default=str(RESULTS / "distributed.txt"))
     args = parser.parse_args()
+    if args.quick:
+        args.vocab, args.dim, args.blocks = 16384, 256, 3
 
-    header = ["P", "batch", "method", "ms/call (median)", "p90 ms", "rank 0 CPU ms/call", "sent per rank (bytes)", "received per rank (bytes)", "recall@10 vs dense", "softmax entropy (nats)"]
+    header = ["P", "batch", "method", "ms/call (median)", "p90 ms", "rank 0 CPU ms/call", "sent per rank (bytes)",
+              "received per rank (bytes)", "header alone / call (what it adds to the call)", "recall@10 vs dense", "softmax entropy (nats)"]
     table, builds = [], []
     for world in args.worlds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -168,15 +225,21 @@ def main() -> None:
         builds.append(f"P={world}: {res['build_s']:.1f} s")
         for batch in args.batches:
             r = res["rows"][str(batch)]
-            table.append([world, batch, "torchaq topk", f"{r['ours'][0] * 1e3:.3f}", f"{r['ours'][1] * 1e3:.3f}", f"{r['ours'][2] * 1e3:.3f}",
-                          f"{r['ours_bytes']:,}", f"{(world - 1) * r['ours_bytes']:,}", f"{r['recall']:.3f}", f"{r['entropy']:.2f}"])
-            table.append([world, batch, "torchaq topk, consistent_candidates", f"{r['same'][0] * 1e3:.3f}", f"{r['same'][1] * 1e3:.3f}", f"{r['same'][2] * 1e3:.3f}",
-                          f"{r['same_bytes']:,}", f"{(world - 1) * r['same_bytes']:,}", f"{r['recall_same']:.3f}", f"{r['entropy']:.2f}"])
-            table.append([world, batch, "dense + gather logits", f"{r['dense'][0] * 1e3:.3f}", f"{r['dense'][1] * 1e3:.3f}", f"{r['dense'][2] * 1e3:.3f}",
-                          f"{r['dense_bytes']:,}", f"{(world - 1) * r['dense_bytes']:,}", "1.000", f"{r['entropy']:.2f}"])
+            head_ms = r["header only"][0]
+            for name in ("topk (invariant)", "topk (invariant), no header", "topk (per-rank)", "topk (per-rank), no header",
+                         "log_softmax_topk (invariant)", "log_softmax_topk (per-rank)", "header only", "dense + gather logits"):
+                med, p90, cpu, sent, recall = r[name]
+                share = ""
+                if name.startswith(("topk", "log_softmax")) and "no header" not in name:
+                    share = f"{100 * head_ms / med:.1f}%"
+                    bare = r.get(name + ", no header")
+                    if bare is not None:  # what the header adds to the call (it overlaps the local scan)
+                        share += f" (adds {100 * (med - bare[0]) / med:+.1f}%, {(med - bare[0]) * 1e3:+.3f} ms)"
+                table.append([world, batch, name, f"{med * 1e3:.3f}", f"{p90 * 1e3:.3f}", f"{cpu * 1e3:.3f}", f"{sent:,}",
+                              f"{(world - 1) * sent:,}", share, recall, f"{r['entropy']:.2f}"])
     text = "\n".join(
         [
-            "# Vocabulary-parallel top-k (benchmarks/distributed.py)",
+            "# Vocabulary-parallel layer: time and bytes per call (benchmarks/distributed.py)",
             "",
             environment(f"gloo, 1 torch thread per rank, V = {args.vocab}, d = {args.dim}, k = {K}, 4-bit codes, M = d/2, default candidates"),
             "",

@@ -57,3 +57,10 @@ def shard_sizes(total: int, weights: Sequence[float]) -> List[int]:
     for i in order[: total - int(counts.sum())]:
         counts[i] += 1
     return [int(c) for c in counts]
+
+
+def gather_into(out: Tensor, x: Tensor, group, async_op: bool = False):
+    """All-gather ``x`` of every rank into ``out`` (the ranks' tensors stacked on dim 0): torch's
+    ``all_gather_single`` (``all_gather_into_tensor`` before it was renamed); the work handle when ``async_op``."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, x, group=group, async_op=async_op)

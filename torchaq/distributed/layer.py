@@ -12,41 +12,40 @@ Cross-Entropy (all-reduce of per-row maxima and exp-sums), and of vLLM's ``get_t
   **same codebooks** (fitted once on rows gathered from the whole group, then broadcast: FAISS's
   ``IndexShardsIVF`` shares its coarse quantizer for the same reason), so a row's codes do not
   depend on which rank holds it;
-* :meth:`~VocabParallelQuantizedSoftmax.topk`: each rank scans its slice, re-scores its
-  ``candidates`` best exactly and keeps its ``k`` best with global ids; **one all-gather** of
-  those ``(value, id)`` pairs (``B k P`` pairs) and a deterministic merge (value descending,
-  ties to the lower id) give every rank the same answer;
-* :meth:`~VocabParallelQuantizedSoftmax.log_softmax_topk`: ``log Z = logsumexp_r log Z_r`` over
-  the ranks' log-partition pieces (the max-then-sum of an all-reduce), carried in the same
-  all-gather (one extra scalar per row and rank);
+* :meth:`~VocabParallelQuantizedSoftmax.topk`: each rank scans its slice; the ranks' scan scores
+  and then their best re-scored candidates are all-gathered and merged (value descending, ties to
+  the lower id) into the single-device answer (``invariant=False``: each rank re-scores its own
+  ``candidates`` and only ``B k`` (value, id) pairs per rank are gathered);
+* :meth:`~VocabParallelQuantizedSoftmax.log_softmax_topk`: ``log Z`` from fixed-point integer
+  sums over the ranks' slices (``invariant=False``: ``logsumexp_r log Z_r`` of per-rank pieces);
 * :meth:`~VocabParallelQuantizedSoftmax.sample`: drawn from the merged candidates on group rank
   0 and broadcast (per-rank ``multinomial`` calls would diverge);
-* :meth:`~VocabParallelQuantizedSoftmax.sampled_softmax_loss`: a stratified estimator of the
-  global partition function (per-rank hard sets and draws, combined with the same max-then-sum);
+* :meth:`~VocabParallelQuantizedSoftmax.sampled_softmax_loss`: the single-device ``lut``
+  proposal and control variate with the sums split over the ranks (:mod:`torchaq.distributed.lut_loss`;
+  ``proposal="shared"``: a stratified estimator with per-rank hard sets and draws);
 * gradients: ``h`` is replicated, so its gradient is summed over ranks in backward (Megatron's
   ``copy_to_tensor_model_parallel_region``); each rank's weight slice gets its own gradient only.
 
-World-size independence. The codebooks are fitted from the same rows whatever the world size
-(all rows when ``V <= torchaq.quantizers.pq.MAX_FIT_ROWS``, so they are bitwise those of the
-single-device layer; otherwise the same seeded row sample), so every class gets the same codes
-and LUT scores with 1, 2 or 3 ranks. Two ways to pick the classes re-scored exactly:
+World-size invariance (the default, ``invariant=True``). The codebooks are fitted from the
+same rows whatever the world size and the exact side list is chosen by the single-device rule over
+all ``V`` rows (:mod:`torchaq.distributed.fit`), so every class has the same codes and scores with
+1, 2 or 4 ranks; :mod:`torchaq.distributed.invariant` then reproduces the single-device candidate
+choice (scan, int8 shortlist, exact re-score, ties to the lower id) from per-rank lists and sums
+``log Z`` in fixed-point integers, so ``topk``, ``log_softmax_topk`` and ``sample`` (same seed)
+are **bitwise** those of :class:`torchaq.QuantizedSoftmax` on the whole weight, on every rank and
+at every world size. Cost: two all-gathers per call (``B scan_k`` scan scores, then ``B (3 R +
+1)`` or ``B 2 k`` values per rank), three more small ones for ``log Z``.
 
-* default: each rank re-scores its own ``candidates`` LUT-best classes. Their union contains the
-  single-device candidates (the global LUT-best ``candidates``; up to ties of LUT scores at the
-  cut), so the merged top-k is the exact top-k of a superset of the single-device candidates: it
-  is never less accurate, and it equals the single-device answer (for every world size)
-  whenever that one is the true top-k. Communication ``O(B k P)``.
-* ``consistent_candidates=True``: the ranks first all-gather their LUT-best scores (``B
-  candidates`` floats per rank), and each re-scores only its classes at or above the global
-  ``candidates``-th best score -- the single-device candidate set, split over the ranks -- so
-  ``topk``, ``log_softmax_topk`` and ``sample`` give the single-device answer for every world
-  size (up to float rounding of the values and ties of LUT scores at the cut). Communication
-  ``O(B (candidates + k) P)``, one more all-gather.
+``invariant=False`` (the cheaper mode): each rank re-scores its own ``candidates`` LUT-best
+classes and the ranks exchange their ``k`` best only (``B k`` pairs per rank, one all-gather);
+the union of the ranks' candidates contains the single-device ones, so the result is never less
+accurate, but it (and ``log Z``, summed from per-rank estimates) depends on the world size.
 
-In both modes every rank merges the same gathered data the same way, so the answer is identical
-on every rank. ``log Z`` counts the re-scored classes exactly and the others by their LUT
-score; in the default mode it differs across world sizes by the LUT error on the extra
-candidates' (small) probability mass.
+Every collective method starts with one fixed-size header all-gather
+(:mod:`torchaq.distributed.agreement`): ranks that disagree on the call, the batch shape, ``k``,
+``candidates``, the dtype or the contents of ``h`` / the targets, or whose own checks failed, make
+every rank raise the same :class:`~torchaq.distributed.agreement.VocabParallelError` instead of
+hanging, and the group stays usable.
 """
 from __future__ import annotations
 
@@ -61,15 +60,22 @@ from torch import Tensor, nn
 
 from torchaq import ops
 from torchaq.checks import check_int, is_int
+from torchaq.distributed import agreement
+from torchaq.distributed.fit import fit_shared, global_side_rows
 from torchaq.distributed.groups import describe, resolve_group
+from torchaq.distributed.invariant import all_gather_rows, best_first, invariant_candidates, invariant_topk
 from torchaq.distributed.loss import vocab_parallel_sampled_softmax_loss
 from torchaq.distributed.mappings import copy_to_parallel_region
 from torchaq.layer.partition import log_partition
-from torchaq.ops.rescore import exact_logits
 from torchaq.layer.candidates import default_candidates
 from torchaq.layer.sampling import check_sampling_args, draw_top_p
 from torchaq.layer.softmax import QuantizedSoftmax
+from torchaq.training.conventions import check_targets
 from torchaq.quantizers.pq import MAX_FIT_ROWS
+
+def _done() -> None:
+    """An agreement already finished."""
+
 
 # --------------------------------------------------------------------------------------------
 # the layer
@@ -88,12 +94,16 @@ class VocabParallelQuantizedSoftmax(nn.Module):
     ``layer(h)``                   none forward (local logits ``(..., V_r)``, exactly
                                    ``F.linear`` of the slice); backward: all-reduce of
                                    ``dL/dh`` (``B d`` floats)
-    ``topk``                       one all-gather of ``B k`` (value, id) pairs per rank
-                                   (``consistent_candidates``: first one of ``B candidates``
-                                   LUT scores per rank)
-    ``log_softmax_topk``           the same all-gather plus one scalar per row and rank
-    ``sample``                     the top-k all-gather, then a broadcast of ``B`` ids
-    ``sampled_softmax_loss``       a few all-reduces of ``B`` and ``P`` floats; backward:
+    every method below            first one all-gather of a 96-byte header per rank
+    ``topk``                       all-gathers of ``B scan_k`` scan scores and ``B (3 R + 1)``
+                                   (int8 score, logit, id) values per rank (``invariant=False``:
+                                   one all-gather of ``B k`` (value, id) pairs per rank)
+    ``log_softmax_topk``           the same with ``B k`` pairs, then ``B`` maxima, ``2 B`` int64
+                                   totals and ``B n`` sampled ratios for ``log Z``
+    ``sample``                     the top-k all-gathers, then a broadcast of ``B`` ids
+    ``refresh``                    an all-gather of ``2 max(V_r)`` norms (the global side list)
+    ``sampled_softmax_loss``       an all-gather of ``B C`` scan scores, all-reduces of
+                                   ``O(B)`` values, a broadcast of ``P`` counts; backward:
                                    all-reduce of ``dL/dh``
     ============================  ==========================================================
 
@@ -113,9 +123,9 @@ class VocabParallelQuantizedSoftmax(nn.Module):
             raises on every rank.
         mesh_dim: see ``group``.
         fit: fit the shared codebooks now (``False`` to load a ``state_dict``).
-        consistent_candidates: re-score exactly the single-device candidate set (results
-            independent of the world size, one more all-gather per call; module docstring).
-            An attribute: it can be switched later.
+        invariant: ``True`` (default): results bitwise those of the single-device layer at every
+            world size; ``False``: the cheaper per-rank candidates (module docstring). An
+            attribute: it can be switched later.
         **kwargs: the :class:`torchaq.QuantizedSoftmax` arguments (``num_subspaces``, ``bits``,
             ``threshold``, ``eta``, ``candidates``, ``fit_iters``, ``seed``, ``progress``).
 
@@ -134,7 +144,7 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         num_classes: Optional[int] = None,
         mesh_dim: Optional[Union[int, str]] = None,
         fit: bool = True,
-        consistent_candidates: bool = False,
+        invariant: bool = True,
         **kwargs,
     ):
         super().__init__()
@@ -207,11 +217,19 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         self.num_classes = self.offsets[-1]
         self.local_classes = self.shard_sizes[self.rank]
         self.dim = local.dim
-        self._root = dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0
-        if not isinstance(consistent_candidates, bool):
-            raise TypeError(f"consistent_candidates must be a bool, got {consistent_candidates!r}")
-        #: re-score exactly the single-device candidate set (see the class docstring)
-        self.consistent_candidates = consistent_candidates
+        #: the global rank of group rank 0 (where the codebooks are fitted, whose draw is broadcast)
+        self.root = dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0
+        if not isinstance(invariant, bool):
+            raise TypeError(f"invariant must be a bool, got {invariant!r}")
+        #: results independent of the world size (see the class docstring)
+        self.invariant = invariant
+        #: refresh count, part of every call's header (indexes out of step are refused)
+        self.generation = 0
+        #: size of the global exact side list
+        self.num_side_rows = 0
+        #: run the per-call header agreement (``False`` only to measure what it costs: a rank whose
+        #: arguments differ can then hang or abort the group, as without it)
+        self.agreement = True
         if fit:
             self.refresh(refit=True, queries=queries)
 
@@ -249,74 +267,29 @@ class VocabParallelQuantizedSoftmax(nn.Module):
     def refresh(self, refit: bool = False, queries: Optional[Tensor] = None) -> "VocabParallelQuantizedSoftmax":
         """Re-encode this rank's rows against the shared codebooks; ``refit=True`` re-learns them first.
 
-        ``refit=False`` is local (no communication): each rank encodes its ``V_r`` rows.
-        ``refit=True`` is a collective: the rows the single-device layer would fit on (all
-        ``V`` rows when ``V <= MAX_FIT_ROWS``, else a seeded sample of ``MAX_FIT_ROWS`` rows
-        drawn from the global ids, the same for every world size) are gathered to group rank 0,
-        which fits :class:`torchaq.AnisotropicPQ` (with its ``queries`` for calibration) and
-        broadcasts the quantizer's state; then every rank encodes its rows. Cost: the fit on one
-        rank (as on a single device; the other ranks wait in the broadcast, so the process
-        group's timeout must exceed it) plus ``min(V, MAX_FIT_ROWS) d`` values sent to rank 0.
+        A collective: call it on every rank (``CodebookRefresher`` does). After the header
+        agreement, ``refit=True`` fits the shared codebooks (:func:`torchaq.distributed.fit.fit_shared`:
+        the single-device fit's rows gathered to group rank 0, the quantizer's state broadcast;
+        the other ranks wait in the broadcast, so the process group's timeout must exceed the fit);
+        then every rank re-encodes its ``V_r`` rows (incrementally, as
+        :meth:`torchaq.QuantizedSoftmax.refresh`) and the exact side list is re-chosen over all
+        ``V`` rows (:func:`torchaq.distributed.fit.global_side_rows`, ``2 max(V_r)`` floats per rank).
         """
+        op = "refresh(refit=True)" if refit else "refresh"
+        error = None
+        try:
+            if queries is not None and self.rank == 0:
+                self.local.flat_features(queries, "queries")
+        except (TypeError, ValueError) as exc:
+            error = exc
+        agreement.agree(self.group, self.world_size, self.local.weight.device,
+                        agreement.header(op, self.generation, error=error), op, error)
         if refit:
-            self._fit_shared(queries)
+            fit_shared(self, queries, MAX_FIT_ROWS)
         self.local.refresh(refit=False)
+        self.num_side_rows = global_side_rows(self)
+        self.generation += 1
         return self
-
-    def _fit_shared(self, queries: Optional[Tensor]) -> None:
-        local, group = self.local, self.group
-        q = local.quantizer
-        if self.num_classes < q.num_codewords:
-            raise ValueError(
-                f"the vocabulary has {self.num_classes} classes but bits={q.bits} needs at least {q.num_codewords} to fit the codebooks"
-            )
-        weight = local.weight.detach()
-        start, stop = self.vocab_range
-        if self.num_classes <= MAX_FIT_ROWS:
-            ids = None  # every row, in vocabulary order: the single-device fit's input exactly
-            mine = weight
-            counts = self.shard_sizes
-        else:
-            gen = torch.Generator().manual_seed(q.seed)
-            ids = torch.randperm(self.num_classes, generator=gen)[:MAX_FIT_ROWS]
-            owner = torch.bucketize(ids, torch.tensor(self.offsets[1:]), right=True)
-            counts = torch.bincount(owner, minlength=self.world_size).tolist()
-            mine_ids = ids[(ids >= start) & (ids < stop)]
-            mine = weight.index_select(0, (mine_ids - start).to(weight.device))
-        width = max(counts)
-        send = weight.new_zeros((width, self.dim))
-        send[: mine.shape[0]] = mine
-        gathered = [torch.empty_like(send) for _ in range(self.world_size)] if self.rank == 0 else None
-        dist.gather(send, gathered, dst=self._root, group=group)
-        state = [None, None, None]  # error, state_dict, AQ warm starts (codes fit found: torchaq.quantizers.aq_warm)
-        if self.rank == 0:
-            try:
-                if ids is None:
-                    rows = torch.cat([g[:c] for g, c in zip(gathered, counts)])
-                    max_rows = MAX_FIT_ROWS
-                else:  # put the sampled rows back in the order of the seeded sample
-                    rows = weight.new_empty((ids.shape[0], self.dim))
-                    for r, g in enumerate(gathered):  # each owner sent its rows in sample order
-                        sel = ((ids >= self.offsets[r]) & (ids < self.offsets[r + 1])).nonzero().squeeze(1)
-                        rows[sel.to(rows.device)] = g[: sel.shape[0]]
-                    max_rows = None
-                if queries is not None:
-                    queries = local.flat_features(queries, "queries")
-                q.fit(rows, queries=queries, iters=local.fit_iters, progress=local.progress, max_rows=max_rows)
-                state[1] = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in q.state_dict().items()}
-                state[2] = q.warm_state() if hasattr(q, "warm_state") else None
-            except (TypeError, ValueError, RuntimeError) as exc:
-                state[0] = (type(exc).__name__, str(exc))
-        dist.broadcast_object_list(state, src=self._root, group=group)
-        if state[0] is not None:
-            kind, msg = state[0]
-            raise (ValueError if kind == "ValueError" else TypeError if kind == "TypeError" else RuntimeError)(
-                f"fitting the shared codebooks on group rank 0 failed: {msg}"
-            )
-        if self.rank != 0:
-            q.load_state_dict(state[1])
-            if hasattr(q, "load_warm_state"):
-                q.load_warm_state(state[2])
 
     # ---------------------------------------------------------------------------------------
     # the layer
@@ -338,29 +311,55 @@ class VocabParallelQuantizedSoftmax(nn.Module):
 
     def _candidates(self, candidates: Optional[int], k: int) -> int:
         if candidates is None:
-            candidates = self.local.candidates or default_candidates(k, self.num_classes)
-        if not is_int(candidates) or candidates < k:
-            raise ValueError(f"candidates must be an integer >= k={k}, got {candidates!r}")
+            candidates = min(self.local.candidates or default_candidates(k, self.num_classes), self.num_classes)
+        if not is_int(candidates) or not k <= candidates <= self.num_classes:
+            raise ValueError(f"candidates must be an integer in [k={k}, V={self.num_classes}], got {candidates!r}")
         return int(candidates)
 
+    def begin(self, op: str, h, k: int = 0, candidates: Optional[int] = None, k_name: str = "k",
+              target: Optional[Tensor] = None, check=None, defer: bool = False):
+        """The per-call agreement (:mod:`torchaq.distributed.agreement`) after this rank's own checks
+        (``check``: a callable raising ``TypeError`` / ``ValueError`` for more of them):
+        ``(flat h, k, candidates)``, or the same :class:`VocabParallelError` on every rank.
+        ``defer=True`` (when this rank's checks passed) returns ``finish`` as a fourth value: the
+        header's all-gather runs meanwhile, and ``finish()`` must be called before the next collective."""
+        error, flat, arg = None, None, 0
+        try:
+            if check is not None:
+                check()
+            if op in ("topk", "log_softmax_topk", "sample"):
+                k = self._check_k(k, k_name)
+                candidates = self._candidates(candidates, k)
+            flat = self.local.flat_features(h)
+            if target is not None:
+                check_targets(target, h, self.num_classes)
+        except (TypeError, ValueError) as exc:
+            error = exc
+            arg = k if "k must" in str(exc) and isinstance(k, int) else 0
+        if not self.agreement:
+            if error is not None:
+                raise error
+            return (flat, k, candidates, _done) if defer else (flat, k, candidates)
+        values = agreement.header(op, self.generation, h, k if isinstance(k, int) else -1,
+                                  candidates if isinstance(candidates, int) else -1, target, error, arg)
+        device = h.device if isinstance(h, Tensor) else self.local.weight.device
+        finish = agreement.start_agree(self.group, self.world_size, device, values, error)
+        if not defer or error is not None:
+            finish()
+            finish = _done
+        return (flat, k, candidates, finish) if defer else (flat, k, candidates)
+
     def _local_best(self, flat: Tensor, k: int, candidates: int, with_log_z: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """This rank's ``k`` best (exact logits, global ids) padded to ``k``, and its log-partition piece."""
+        """``invariant=False``: this rank's ``k`` best (exact logits, global ids) padded to ``k``, and its log-partition piece."""
         local = self.local
         k_r = min(k, self.local_classes)
         c_r = min(candidates, self.local_classes)
-        if self.consistent_candidates:
-            logits, classes, lut = self._consistent_candidates(flat, candidates, c_r)
-        else:
-            logits, classes, lut = local.candidate_logits(flat, c_r, k_r)
+        logits, classes, lut = local.candidate_logits(flat, c_r, k_r)
         log_z = None
         if with_log_z:  # log Z_r: exact candidates + the slice's rest, as the single-device layer estimates it
             approx = ops.lut_score(lut, local.packed_codes, self.local_classes, local.float_bias())
-            # consistent_candidates drops some candidates (logit -inf): pointing them at the best kept
-            # class (a repeat) leaves them in the rest, where they count with their LUT score
-            kept = torch.isfinite(logits)
-            classes_z = torch.where(kept, classes, classes[:, :1])
             bias = None if local.bias is None else local.bias.detach()
-            log_z = log_partition(flat, local.weight.detach(), bias, logits, classes_z, approx)
+            log_z = log_partition(flat, local.weight.detach(), bias, logits, classes, approx)
         values, ids = logits[:, :k_r], classes[:, :k_r] + self.offset
         ids = torch.where(torch.isfinite(values), ids, self.num_classes)  # dropped: lose every comparison
         if k_r < k:  # a slice smaller than k: pad with entries that lose every comparison
@@ -369,67 +368,49 @@ class VocabParallelQuantizedSoftmax(nn.Module):
             ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), self.num_classes)], 1)
         return values, ids, log_z
 
-    def _consistent_candidates(self, flat: Tensor, candidates: int, c_r: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """The global LUT-best ``candidates`` that live on this rank, re-scored exactly (sorted, best first).
-
-        Each rank's LUT-best ``c_r`` scores are all-gathered (``B candidates`` floats per rank),
-        the global ``candidates``-th best score ``tau`` is read off their union, and the rank keeps
-        its classes scoring ``>= tau``: the single-device candidate set, split over the ranks
-        (classes tied with ``tau`` may add a few). Classes dropped here get logit ``-inf`` and are
-        moved to the end; they count with their LUT score in ``log Z``.
-        """
-        local = self.local
-        lut = local.quantizer.lut(flat)
-        scores, classes = ops.lut_topk(lut, local.packed_codes, self.local_classes, c_r, local.float_bias())
-        width = min(candidates, self.num_classes)
-        padded = scores.new_full((scores.shape[0], width), -math.inf)
-        padded[:, :c_r] = scores
-        everyone = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(everyone, padded.contiguous(), group=self.group)
-        tau = torch.cat(everyone, 1).topk(width, dim=1).values[:, -1:]  # (B, 1)
-        logits = exact_logits(flat, local.weight.detach(), None if local.bias is None else local.bias.detach(), classes)
-        logits = logits.masked_fill(scores < tau, -math.inf)
-        logits, order = logits.sort(dim=1, descending=True)
-        return logits, classes.gather(1, order), lut
-
-    def _merged(self, h: Tensor, k: int, candidates: Optional[int], with_log_z: bool = False):
-        """Gather every rank's best ``k`` (and log Z piece) and merge: identical on every rank."""
-        self._check_k(k)
-        candidates = self._candidates(candidates, k)
-        flat = self.local.flat_features(h)
+    def _merged(self, flat: Tensor, k: int, candidates: int, with_log_z: bool = False, sync=_done):
+        """``invariant=False``: gather every rank's best ``k`` (and log Z piece) and merge: identical on every rank."""
         values, ids, log_z = self._local_best(flat, k, candidates, with_log_z)
+        sync()  # the header agreement, overlapped with the local work above
         batch = flat.shape[0]
         # one int32 payload per rank: k float32 values (bit pattern), k ids, [log Z piece]
         parts = [values.float().contiguous().view(torch.int32), ids.to(torch.int32)]
         if with_log_z:
             parts.append(log_z.float().unsqueeze(1).contiguous().view(torch.int32))
         payload = torch.cat(parts, 1).contiguous()
-        gathered = [torch.empty_like(payload) for _ in range(self.world_size)]
-        dist.all_gather(gathered, payload, group=self.group)
-        allp = torch.stack(gathered, 1)  # (B, P, width)
+        allp = all_gather_rows(payload, self.group, self.world_size).permute(1, 0, 2)  # (B, P, width)
         all_values = allp[:, :, :k].contiguous().view(torch.float32).reshape(batch, -1)
         all_ids = allp[:, :, k : 2 * k].long().reshape(batch, -1)
-        # deterministic merge: value descending, ties to the lower id (stable sorts)
-        by_id = all_ids.argsort(dim=1, stable=True)
-        all_values, all_ids = all_values.gather(1, by_id), all_ids.gather(1, by_id)
-        order = all_values.argsort(dim=1, descending=True, stable=True)[:, :k]
-        top_values, top_ids = all_values.gather(1, order), all_ids.gather(1, order)
+        top_values, top_ids = best_first(all_values, all_ids, k)
         total_log_z = None
         if with_log_z:
             pieces = allp[:, :, 2 * k].contiguous().view(torch.float32)  # (B, P)
             total_log_z = torch.logsumexp(pieces, dim=1)  # max then sum, the same order on every rank
         return top_values, top_ids, total_log_z
 
+    def _best(self, flat: Tensor, k: int, candidates: int, with_log_z: bool = False, sync=_done):
+        if self.invariant:
+            return invariant_candidates(self, flat, k, candidates, with_log_z, sync)
+        return self._merged(flat, k, candidates, with_log_z, sync)
+
     @torch.no_grad()
     def topk(self, h: Tensor, k: int = 10, candidates: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """Approximate global top-``k``: ``(values, global ids)`` of shape ``(..., k)``, identical on every rank.
 
-        Per rank: LUT scan of its ``V_r`` classes, exact re-score of its ``candidates`` best
-        (default :func:`torchaq.layer.default_candidates` of the global ``V``), its ``k`` best
-        with global ids; then one all-gather of ``B k`` (value, id) pairs per rank and a merge
-        (value descending, ties to the lower id). Values are exact logits.
+        ``invariant=True``: bitwise :meth:`torchaq.QuantizedSoftmax.topk` of the whole weight
+        (:func:`torchaq.distributed.invariant.invariant_topk`). ``invariant=False``: per rank, LUT
+        scan of its ``V_r`` classes, exact re-score of its ``candidates`` best, its ``k`` best with
+        global ids; one all-gather of ``B k`` (value, id) pairs per rank and a merge (value
+        descending, ties to the lower id). Values are exact logits.
         """
-        values, ids, _ = self._merged(h, k, candidates)
+        flat, k, candidates, sync = self.begin("topk", h, k, candidates, defer=True)
+        if self.invariant and self.world_size == 1:  # the single-device layer itself
+            sync()
+            return self.local.topk(h, k, candidates)
+        if self.invariant:
+            values, ids = invariant_topk(self, flat, k, candidates, sync)
+        else:
+            values, ids, _ = self._merged(flat, k, candidates, sync=sync)
         lead = h.shape[:-1]
         return values.reshape(lead + (k,)), ids.reshape(lead + (k,))
 
@@ -437,13 +418,15 @@ class VocabParallelQuantizedSoftmax(nn.Module):
     def log_softmax_topk(self, h: Tensor, k: int = 10, candidates: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """Log-probabilities of the approximate global top-``k``: ``(logp, global ids)``, identical on every rank.
 
-        ``log Z = logsumexp_r log Z_r`` with each rank's piece ``log Z_r = logsumexp(exact logits
-        of its candidates, LUT scores of its other classes)`` (the single-device estimate on the
-        slice); the pieces travel with the top-k all-gather (one float per row and rank) and
-        are combined as an all-reduce would (max, then sum of exponentials). Costs a LUT score
-        pass over the slice on top of :meth:`topk`.
+        ``invariant=True``: bitwise the single-device value (``log Z`` from fixed-point integer sums,
+        :mod:`torchaq.layer.partition`). ``invariant=False``: ``log Z = logsumexp_r log Z_r`` of the
+        ranks' own single-device estimates on their slices (one float per row and rank).
         """
-        values, ids, log_z = self._merged(h, k, candidates, with_log_z=True)
+        flat, k, candidates, sync = self.begin("log_softmax_topk", h, k, candidates, defer=True)
+        if self.invariant and self.world_size == 1:
+            sync()
+            return self.local.log_softmax_topk(h, k, candidates)
+        values, ids, log_z = self._best(flat, k, candidates, with_log_z=True, sync=sync)
         lead = h.shape[:-1]
         return (values - log_z.unsqueeze(1)).reshape(lead + (k,)), ids.reshape(lead + (k,))
 
@@ -459,18 +442,19 @@ class VocabParallelQuantizedSoftmax(nn.Module):
     ) -> Tensor:
         """Top-k (and top-p) sampling of one global class id per row, identical on every rank.
 
-        The merged global top-``top_k`` (as :meth:`topk`) is sampled exactly as
-        :meth:`torchaq.QuantizedSoftmax.sample` does; group rank 0's draw is broadcast to all
-        ranks (every rank also draws, so generators seeded alike stay in step), so the result
-        does not rely on per-rank random states agreeing. With the same ``generator`` seed the
-        draw equals the single-device layer's whenever the merged top-``top_k`` does.
+        The merged global top-``top_k`` (the candidates of :meth:`log_softmax_topk`) is sampled
+        exactly as :meth:`torchaq.QuantizedSoftmax.sample` does; group rank 0's draw is broadcast
+        to all ranks (every rank also draws, so generators seeded alike stay in step), so the
+        result does not rely on per-rank random states agreeing. With ``invariant=True`` and the
+        same ``generator`` seed the draw is the single-device layer's.
         """
-        top_k = self._check_k(top_k, "top_k")
         top_p, temperature = check_sampling_args(top_p, temperature)
-        values, ids, _ = self._merged(h, top_k, candidates)
+        flat, top_k, candidates, sync = self.begin("sample", h, top_k, candidates, k_name="top_k", defer=True)
+        values, ids, _ = self._best(flat, top_k, candidates, sync=sync)
         choice = draw_top_p(values, top_p, temperature, generator)
         tokens = ids.gather(1, choice.to(ids.device)).squeeze(1).contiguous()
-        dist.broadcast(tokens, src=self._root, group=self.group)
+        if self.world_size > 1:
+            dist.broadcast(tokens, src=self.root, group=self.group)
         return tokens.reshape(h.shape[:-1])
 
     sampled_softmax_loss = vocab_parallel_sampled_softmax_loss
@@ -479,7 +463,7 @@ class VocabParallelQuantizedSoftmax(nn.Module):
     # state
     # ---------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
-        return {"shard_sizes": list(self.shard_sizes), "rank": self.rank}
+        return {"shard_sizes": list(self.shard_sizes), "rank": self.rank, "num_side_rows": self.num_side_rows}
 
     def set_extra_state(self, state: dict) -> None:
         if list(state["shard_sizes"]) != self.shard_sizes or state["rank"] != self.rank:
@@ -487,6 +471,7 @@ class VocabParallelQuantizedSoftmax(nn.Module):
                 f"state_dict was saved by rank {state['rank']} of shards {state['shard_sizes']}, "
                 f"but this is rank {self.rank} of shards {self.shard_sizes}"
             )
+        self.num_side_rows = int(state.get("num_side_rows", 0))
 
     def extra_repr(self) -> str:
         return f"V={self.num_classes}, rank={self.rank}/{self.world_size}, slice=[{self.offset}, {self.offset + self.local_classes})"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -11,10 +11,12 @@ from torch import Tensor
 from torchaq import ops
 from torchaq.checks import is_int
 from torchaq.distributed.groups import shard_sizes
+from torchaq.distributed.lut_loss import vp_lut_loss
 from torchaq.distributed.mappings import copy_to_parallel_region, parallel_logsumexp, reduce_from_parallel_region
 from torchaq.ops.rescore import exact_logits, gather_rows, logits_of_rows
-from torchaq.training.conventions import check_reduction, check_targets, reduce_loss
-from torchaq.training.proposals import HARD_PER_ROW
+from torchaq.training.conventions import check_reduction, reduce_loss
+from torchaq.training.lut_proposal import LUT_ROWS, LUT_SHARE
+from torchaq.training.proposals import CANDIDATES_PER_ROW, HARD_PER_ROW
 from torchaq.training.sampled_softmax import SAMPLERS
 
 # the vocabulary-parallel quantized proposal (its own stratified estimator, one proposal shared by
@@ -35,8 +37,23 @@ def vocab_parallel_sampled_softmax_loss(
     class_counts: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     num_hard: int = HARD_PER_ROW,
+    proposal: str = "lut",
+    num_candidates: int = CANDIDATES_PER_ROW,
+    lut_share: Optional[float] = None,
+    lut_rows: Optional[int] = LUT_ROWS,
+    draws: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """Sampled-softmax cross-entropy over the whole vocabulary (every rank returns the same loss).
+
+    The call starts with the header agreement (:mod:`torchaq.distributed.agreement`, targets'
+    checksum included): a bad target or a NaN in ``h`` on one rank raises the same error on all.
+
+    ``sampler="quantized"``, ``proposal="lut"`` (the default): the single-device layer's ``lut``
+    proposal and control variate, split over the ranks (:mod:`torchaq.distributed.lut_loss`;
+    ``num_candidates``, ``lut_share``, ``lut_rows`` as in
+    :meth:`torchaq.QuantizedSoftmax.sampled_softmax_loss`; ``draws=(classes, log_pi)`` evaluates
+    it for given global draws). ``proposal="shared"``: the stratified estimator below, with one
+    proposal shared by the batch.
 
     ``loss = log Z_hat - l_t`` with ``Z_hat = sum_r Z_hat_r``: rank ``r`` estimates the mass of
     its slice as :mod:`torchaq.training.sampled_softmax` does on one device,
@@ -63,16 +80,39 @@ def vocab_parallel_sampled_softmax_loss(
     draws. Communication: all-gathers of ``P`` floats (the allocation) and all-reduces of
     ``B`` and ``PROPOSAL_ROWS`` floats; no ``(B, V)`` tensor anywhere.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    check_reduction(reduction)
-    if not is_int(num_sampled) or not layer.world_size <= num_sampled:
-        raise ValueError(f"num_sampled must be an integer >= the world size {layer.world_size} (one draw per rank at least), got {num_sampled!r}")
-    if not is_int(num_hard) or num_hard < 0:
-        raise ValueError(f"num_hard must be an integer >= 0, got {num_hard!r}")
+    def check():
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if proposal not in ("lut", "shared"):
+            raise ValueError(f'proposal must be "lut" or "shared", got {proposal!r}')
+        check_reduction(reduction)
+        if not is_int(num_sampled) or not layer.world_size <= num_sampled:
+            raise ValueError(f"num_sampled must be an integer >= the world size {layer.world_size} (one draw per rank at least), got {num_sampled!r}")
+        if not is_int(num_hard) or num_hard < 0:
+            raise ValueError(f"num_hard must be an integer >= 0, got {num_hard!r}")
+        if lut_share is not None and (isinstance(lut_share, bool) or not isinstance(lut_share, (int, float)) or not 0 < lut_share <= 1):
+            raise ValueError(f"lut_share must be a number in (0, 1], got {lut_share!r}")
+        if sampler == "unigram" or (class_counts is not None and sampler == "quantized"):
+            v_r = layer.local_classes
+            if class_counts is None or not isinstance(class_counts, Tensor) or class_counts.shape != (v_r,):
+                raise ValueError(f'sampler="unigram" needs class_counts: this rank\'s ({v_r},) slice of positive counts, got {getattr(class_counts, "shape", class_counts)}')
+            if not bool(torch.isfinite(class_counts).all()) or bool((class_counts <= 0).any()):
+                raise ValueError("class_counts must be finite and > 0 for every class (add-one smoothing helps)")
+
+    layer.begin("sampled_softmax_loss", h, target=target, check=check)
+    if sampler == "quantized" and proposal == "lut":
+        flat = layer.local.flat_features(h)
+        flat_target = target.reshape(-1).long().to(flat.device)
+        base = None
+        if class_counts is not None:
+            counts = class_counts.double().to(flat.device)
+            base = counts / reduce_sum(counts.sum().reshape(1), layer.group)
+        loss = vp_lut_loss(layer, flat, flat_target, num_sampled, int(num_hard), int(num_candidates),
+                           float(LUT_SHARE if lut_share is None else lut_share), base, remove_accidental_hits,
+                           generator, None if lut_rows is None else int(lut_rows), draws)
+        return reduce_loss(loss, target, reduction)
     local, group = layer.local, layer.group
     flat = local.flat_features(h)
-    check_targets(target, h, layer.num_classes)  # global class ids
     device = flat.device
     flat_target = target.reshape(-1).long().to(device)
     batch, v_r = flat.shape[0], layer.local_classes
@@ -87,11 +127,7 @@ def vocab_parallel_sampled_softmax_loss(
             proposal = torch.full((v_r,), 1.0 / v_r, device=device)
             mass = float(v_r)
         elif sampler == "unigram":
-            if class_counts is None or not isinstance(class_counts, Tensor) or class_counts.shape != (v_r,):
-                raise ValueError(f'sampler="unigram" needs class_counts: this rank\'s ({v_r},) slice of positive counts, got {getattr(class_counts, "shape", class_counts)}')
             counts = class_counts.double().to(device)
-            if not bool(torch.isfinite(counts).all()) or bool((counts <= 0).any()):
-                raise ValueError("class_counts must be finite and > 0 for every class (add-one smoothing helps)")
             proposal = (counts / counts.sum()).float()
             mass = float(counts.sum())
         else:
@@ -124,6 +160,14 @@ def vocab_parallel_sampled_softmax_loss(
     mine = exact_logits(hin, local.weight, local.bias, local_target.unsqueeze(1)).squeeze(1)
     target_logit = reduce_from_parallel_region(torch.where(owned, mine, torch.zeros_like(mine)), group)
     return reduce_loss(log_z - target_logit, target, reduction)
+
+
+def reduce_sum(x: Tensor, group) -> Tensor:
+    """All-reduce sum of a small tensor (no autograd)."""
+    x = x.clone()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(x, group=group)
+    return x
 
 
 def slice_log_mass(

@@ -58,6 +58,16 @@ class FastTopk(nn.Module):
             h, queries, codebooks, packed, num_classes, scan_k, scan_bias, weight, bias, side, w8, scale,
             default_shortlist(k) if self.shortlist is True else int(self.shortlist), k)
 
+    def shortlist_rows(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The int8 rows and per-row scales :meth:`topk` ranks its candidates with, or ``(None, None)``
+        when it re-scores every candidate (shortlist off, a weight not float32 on CPU). The public seam
+        for :mod:`torchaq.distributed`, which reproduces :meth:`topk` over a split vocabulary."""
+        return self._shortlist_rows(self.weight) if self.shortlist else (None, None)
+
+    def shortlist_size(self, k: int) -> int:
+        """How many candidates :meth:`topk` re-scores exactly after the int8 ranking: ``max(shortlist, k)``."""
+        return max(default_shortlist(k) if self.shortlist is True else int(self.shortlist), k)
+
     def _shortlist_rows(self, weight: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """The int8 copy of the weight rows (:func:`torchaq.ops.layer_topk.quantize_rows_int8`) that ranks
         the candidates before the exact re-score, cached per weight version (float32 weights only)."""

@@ -1,4 +1,4 @@
-"""The log-partition ``log Z`` behind :meth:`torchaq.QuantizedSoftmax.log_softmax_topk`.
+"""The log-partition ``log Z`` behind :meth:`torchaq.QuantizedSoftmax.log_softmax_topk`, the same at every world size.
 
 ``Z = sum_c exp(l_c)`` splits into the candidates ``C`` (exact logits, already computed) and the
 rest ``R``. Summing the float LUT scores ``s_c`` of the rest instead of their logits is biased
@@ -12,11 +12,22 @@ proposal (a ratio estimator with the LUT mass as control variate):
 
 which is unbiased for ``Z_R`` because ``E[exp(l - s)] = Z_R / sum_R exp(s)`` under that proposal.
 The ``n`` classes are drawn by systematic sampling (the ``(j + 1/2) / n`` quantiles of the
-proposal's cumulative mass, accumulated block by block), which is deterministic -- the same ``h`` gives the same ``log Z`` --
-and has lower variance than independent draws. Where the candidates hold nearly all the mass,
-the correction changes nothing that matters; where they hold little (flat softmaxes), it removes
-the selection bias. Cost on top of the full ``(B, V)`` LUT score pass: a softmax, a cumulative sum
-and a search over ``V`` per row, and ``B n d`` multiply-adds for the exact logits of the sample.
+proposal's cumulative mass), which is deterministic -- the same ``h`` gives the same ``log Z``.
+
+**Sums that do not depend on how the classes are split.** Every mass is a sum of *integers*:
+with ``M`` the row's largest term (an exact max), each term ``exp(x - M) <= 1`` is rounded to a
+fixed-point integer ``round(exp(x - M) 2^S)`` (``S = 61 - bit_length(V)``, so ``V`` terms fit in
+int64; absolute error ``2^-S`` per term against a sum ``>= 1``), and the exponential is computed
+from IEEE ``+`` / ``*`` only (:func:`portable_exp`), whose results do not depend on a value's
+position in a SIMD vector (library ``exp`` kernels may round a vector's tail differently).
+Integer sums and cumulative sums are associative, so a vocabulary split over ranks
+(:mod:`torchaq.distributed`) gives bitwise the single-device ``log Z``: each rank sums its slice,
+the ranks exchange their ``(B, 2)`` integer totals and ``(B, n)`` sampled ratios (``comm``),
+and every rank finishes with the same float operations on the same tensors. Integer sums are also
+what lets the work go ``CLASS_BLOCK`` classes at a time (block totals and a running carry give the
+same integers as one pass), so the temporaries are ``(B, CLASS_BLOCK)``, never ``(B, V)``. Cost on
+top of the ``(B, V)`` LUT score pass: about twenty elementwise passes over ``(B, V)`` (two sweeps:
+totals, then the cumulative search), and ``B n d`` multiply-adds for the exact logits of the sample.
 """
 from __future__ import annotations
 
@@ -30,10 +41,54 @@ from torchaq.ops.rescore import row_logits
 
 # classes of the rest scored exactly per row to correct its LUT mass
 REST_SAMPLES = 256
-# sampled classes whose rows are gathered at once (bounds the (B, chunk, d) gather)
-SAMPLE_CHUNK = 16
-# classes per block of the log-sum-exp and the cumulative mass (bounds the (B, block) temporaries)
+# classes per block of the fixed-point sums and cumulative search (bounds the (B, block) temporaries)
 CLASS_BLOCK = 4096
+# (row, class) pairs of the sample scored at once (bounds the (pairs, d) gather of h)
+PAIR_CHUNK = 4096
+_LN2 = math.log(2.0)
+# Taylor coefficients 1/i! of exp on [-ln2/2, ln2/2] (degree 7: relative error < 2e-8 in float64)
+_COEFFS = [1.0 / math.factorial(i) for i in range(8)]
+
+
+def portable_exp(x: Tensor) -> Tensor:
+    """``exp(x)`` for ``x <= 0`` in float64 from IEEE ``+`` and ``*`` only (relative error ~1e-8; 0 below ``e^-700``).
+
+    Bitwise the same for an element wherever it sits in a tensor (vectorised library ``exp``
+    kernels may round a vector's tail with the scalar routine). ``-inf`` gives 0.
+    """
+    x = x.double().clamp(min=-700.0)
+    n = torch.round(x * (1.0 / _LN2))
+    r = x - n * _LN2
+    p = torch.full_like(r, _COEFFS[-1])
+    for c in reversed(_COEFFS[:-1]):
+        p = p * r + c
+    two_n = ((n.to(torch.int64) + 1023) << 52).view(torch.float64)  # 2^n exactly, from its bits
+    return p * two_n
+
+
+def fixed_point_bits(num_classes: int) -> int:
+    """``S``: fraction bits of the fixed-point masses, so that ``2 V`` terms ``<= 1`` fit in int64."""
+    return 61 - int(num_classes).bit_length()
+
+
+def _fixed(x: Tensor, ref: Tensor, bits: int) -> Tensor:
+    """``round(exp(x - ref) 2^bits)`` as int64 (``-inf`` -> 0)."""
+    return torch.round(portable_exp(x.float() - ref.unsqueeze(1)) * float(2.0 ** bits)).to(torch.int64)
+
+
+class _SingleDevice:
+    """The ``comm`` of one device: the whole vocabulary is here."""
+
+    def max(self, x: Tensor) -> Tensor:
+        return x
+
+    def totals(self, x: Tensor) -> Tensor:
+        return x.unsqueeze(0)
+
+    rank = 0
+
+    def merge_samples(self, x: Tensor) -> Tensor:
+        return x
 
 
 def log_partition(
@@ -44,41 +99,77 @@ def log_partition(
     classes: Tensor,
     lut_scores: Tensor,
     samples: int = REST_SAMPLES,
+    comm=None,
+    num_classes: Optional[int] = None,
 ) -> Tensor:
     """``log Z`` per row ``(B,)`` from the exact candidate ``logits`` / ``classes`` ``(B, C)`` and the
     float LUT scores ``(B, V)`` of every class (bias included; overwritten in place); see the module docstring.
 
     Candidates may repeat a class or hold ``-inf`` logits (masked duplicates); both are handled.
     ``samples = 0`` gives the uncorrected estimate ``logsumexp(candidates, LUT scores of the rest)``.
+
+    ``comm`` (vocabulary split over ranks; default: one device): this call sees one slice,
+    ``classes`` and ``lut_scores`` in slice-local ids, and ``comm`` provides ``max(x)`` (an
+    all-reduce max of ``(B,)``), ``totals(x)`` (all-gather of ``(B, 2)`` int64, giving ``(P, B,
+    2)``), ``rank`` and ``merge_samples(x)`` (an all-reduce max of ``(B, n)``); ``num_classes`` is
+    the whole vocabulary's size (default ``lut_scores.shape[1]``; it sets the fixed point).
     """
+    comm = _SingleDevice() if comm is None else comm
+    num_classes = lut_scores.shape[1] if num_classes is None else num_classes
+    bits = fixed_point_bits(2 * num_classes)  # V rest terms + at most V candidates
     rest = lut_scores.scatter_(1, classes, -math.inf)  # in place: the only (B, V) buffer
-    num = rest.shape[1]
-    # log-sum-exp of the rest, CLASS_BLOCK classes at a time (no (B, V) exp temporary)
-    peak = rest.amax(dim=1)
-    has_rest = torch.isfinite(peak)
-    shift = torch.where(has_rest, peak, 0.0)
-    total = torch.zeros_like(shift)
-    for a in range(0, num, CLASS_BLOCK):
-        total += (rest[:, a : a + CLASS_BLOCK] - shift.unsqueeze(1)).exp().sum(dim=1)
-    log_rest = torch.where(has_rest, shift + total.log(), -math.inf)
-    log_cand = torch.logsumexp(logits, dim=1)
+    rows, num = rest.shape
+    none = rest.new_full((rows,), -math.inf)
+    local_max = torch.maximum(rest.amax(1) if num else none, logits.float().amax(1) if logits.shape[1] else none)
+    ref = comm.max(local_max.float())
+    ref = torch.where(torch.isfinite(ref), ref, torch.zeros_like(ref))
+    blocks = range(0, num, CLASS_BLOCK)
+    rest_sum = torch.zeros(rows, dtype=torch.int64, device=rest.device)
+    for a in blocks:
+        rest_sum += _fixed(rest[:, a : a + CLASS_BLOCK], ref, bits).sum(1)
+    mine = torch.stack([_fixed(logits, ref, bits).sum(1), rest_sum], 1)  # (B, 2)
+    every = comm.totals(mine)  # (P, B, 2): exact integers
+    cand_total, rest_total = every.sum(0).unbind(1)
+    scale = 2.0 ** -bits
+    log_cand = torch.log(cand_total.double() * scale)
+    log_rest = torch.log(rest_total.double() * scale)
     if samples > 0 and num > 0:
-        # systematic sampling: the (j + 1/2) / n quantiles of the proposal's cumulative mass, found
-        # block by block (running total ``carry``) instead of in a (B, V) cumulative sum
-        norm = torch.where(has_rest, log_rest, 0.0).unsqueeze(1)
-        u = (torch.arange(samples, device=rest.device, dtype=rest.dtype) + 0.5) / samples
-        u = (u.unsqueeze(0) * total.mul(torch.exp(shift - norm.squeeze(1))).unsqueeze(1)).contiguous()
-        pick = torch.full(u.shape, num - 1, dtype=torch.int64, device=rest.device)
-        carry = torch.zeros(rest.shape[0], 1, device=rest.device, dtype=rest.dtype)
-        for a in range(0, num, CLASS_BLOCK):
-            cum = (rest[:, a : a + CLASS_BLOCK] - norm).exp_().cumsum_(dim=1).add_(carry)
-            inside = (u > carry) & (u <= cum[:, -1:])
-            idx = torch.searchsorted(cum, u).clamp_(max=cum.shape[1] - 1) + a
-            pick = torch.where(inside, idx, pick)
+        prefix = every[: comm.rank, :, 1].sum(0)  # mass of the lower ranks' slices
+        n2 = 2 * samples
+        j = torch.arange(samples, device=rest.device, dtype=torch.int64) * 2 + 1  # (2j + 1)
+        total = rest_total.unsqueeze(1)
+        # t_j = floor((2j + 1) T / 2n) + 1 in [1, T], without int64 overflow
+        target = total // n2 * j + (total % n2) * j // n2 + 1
+        local = target - prefix.unsqueeze(1)
+        owned = (local >= 1) & (local <= every[comm.rank, :, 1].unsqueeze(1))
+        local = local.clamp(min=1).contiguous()
+        # the first class whose cumulative mass reaches ``local``, block by block with a running carry
+        pick = torch.full(local.shape, num - 1, dtype=torch.int64, device=rest.device)
+        carry = torch.zeros(rows, 1, dtype=torch.int64, device=rest.device)
+        for a in blocks:
+            cum = _fixed(rest[:, a : a + CLASS_BLOCK], ref, bits).cumsum_(1).add_(carry)
+            inside = (local > carry) & (local <= cum[:, -1:])
+            found = torch.searchsorted(cum, local).clamp_(max=cum.shape[1] - 1) + a
+            pick = torch.where(inside, found, pick)
             carry = cum[:, -1:]
-        # the sample's exact logits SAMPLE_CHUNK classes at a time: never a (B, samples, d) gather
-        exact = torch.cat([row_logits(h, weight, bias, pick[:, j : j + SAMPLE_CHUNK])
-                           for j in range(0, samples, SAMPLE_CHUNK)], dim=1)
-        ratio = torch.logsumexp(exact - rest.gather(1, pick), dim=1) - math.log(samples)
-        log_rest = torch.where(has_rest, log_rest + ratio, log_rest)
-    return torch.logaddexp(log_cand, log_rest)
+        ratio = torch.full(pick.shape, -math.inf, device=rest.device)
+        r, c = owned.nonzero(as_tuple=True)
+        for a in range(0, r.numel(), PAIR_CHUNK):
+            rr, cc = r[a : a + PAIR_CHUNK], c[a : a + PAIR_CHUNK]
+            cls = pick[rr, cc]
+            ratio[rr, cc] = pointwise_logits(h[rr], weight, bias, cls) - rest[rr, cls]
+        ratio = comm.merge_samples(ratio)
+        correction = torch.logsumexp(ratio.double(), dim=1) - math.log(samples)
+        has_rest = rest_total > 0
+        log_rest = torch.where(has_rest, log_rest + correction, log_rest)
+    return (ref.double() + torch.logaddexp(log_cand, log_rest)).float()
+
+
+def pointwise_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], classes: Tensor) -> Tensor:
+    """``<h_i, W[classes_i]> + bias`` for ``(N, d)`` rows and ``(N,)`` classes, with the re-score kernel
+    (``torchaq::rescore_topk``: each value computed alone, the same bits in any batch)."""
+    if h.shape[0] == 0:
+        return h.new_zeros((0,), dtype=torch.float32)
+    if h.device.type == "cpu":
+        return torch.ops.torchaq.rescore_topk(h, weight, bias, classes.unsqueeze(1), 1)[0].squeeze(1)
+    return row_logits(h, weight, bias, classes.unsqueeze(1)).squeeze(1)

@@ -9,9 +9,13 @@ import torch
 from torch import Tensor
 
 from torchaq.checks import check_features, check_int, has_data
-from torchaq.layer.softmax import QuantizedSoftmax
-
 logger = logging.getLogger("torchaq")
+
+
+def is_refreshable(layer) -> bool:
+    """Whether ``layer`` has what :class:`CodebookRefresher` uses: ``refresh``, ``dim``, ``num_classes``, ``weight``."""
+    return (callable(getattr(layer, "refresh", None)) and isinstance(getattr(layer, "dim", None), int)
+            and isinstance(getattr(layer, "num_classes", None), int) and isinstance(getattr(layer, "weight", None), Tensor))
 
 
 class CodebookRefresher:
@@ -31,8 +35,14 @@ class CodebookRefresher:
             loss.backward(); opt.step(); opt.zero_grad()
             refresher.step(h)
 
+    Any layer with the **refreshable protocol** works: ``refresh(refit: bool, queries: Optional[Tensor])``,
+    ``dim``, ``num_classes`` and a ``weight`` parameter (its device) -- :class:`torchaq.QuantizedSoftmax`
+    and :class:`torchaq.distributed.VocabParallelQuantizedSoftmax` (whose ``refresh`` is a collective:
+    run one refresher per rank, stepped alike, and every rank refreshes at the same step; the
+    re-fit calibrates on group rank 0's recent hidden states).
+
     Args:
-        layer: the :class:`torchaq.QuantizedSoftmax` being trained.
+        layer: the layer being trained (see the protocol above).
         every: re-encode every this many steps (``None``: never).
         refit_every: re-fit the codebooks every this many steps (``None``: never).
         max_queries: recent hidden-state rows kept for the re-fit's calibration.
@@ -40,13 +50,14 @@ class CodebookRefresher:
 
     def __init__(
         self,
-        layer: QuantizedSoftmax,
+        layer,
         every: Optional[int] = 100,
         refit_every: Optional[int] = None,
         max_queries: int = 4096,
     ):
-        if not isinstance(layer, QuantizedSoftmax):
-            raise TypeError(f"layer must be a torchaq.QuantizedSoftmax, got {type(layer).__name__}")
+        if not is_refreshable(layer):
+            raise TypeError(f"layer must have refresh(refit, queries), dim, num_classes and weight (e.g. a "
+                            f"torchaq.QuantizedSoftmax), got {type(layer).__name__}")
         every = None if every is None else check_int(every, "every", low=1)
         refit_every = None if refit_every is None else check_int(refit_every, "refit_every", low=1)
         max_queries = check_int(max_queries, "max_queries", low=20)

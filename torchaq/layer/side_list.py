@@ -113,7 +113,12 @@ def row_norms(x: Tensor) -> Tensor:
 
 def fit_rows_mask(weight: Tensor, threshold: float = FIT_NORM_THRESHOLD) -> Tensor:
     """Boolean ``(V,)`` mask of the rows codebook training should see: all but huge-norm rows."""
-    return robust_z(row_norms(weight)) <= threshold
+    return fit_rows_mask_from_norms(row_norms(weight), threshold)
+
+
+def fit_rows_mask_from_norms(norms: Tensor, threshold: float = FIT_NORM_THRESHOLD) -> Tensor:
+    """:func:`fit_rows_mask` from the ``(V,)`` row norms (a vocabulary split over ranks gathers them)."""
+    return robust_z(norms) <= threshold
 
 
 def row_statistics(weight: Tensor, reconstruction: Tensor, queries: Optional[Tensor] = None) -> Tensor:

@@ -198,6 +198,7 @@ class AnisotropicAQ(ScoreAwareQuantizer):
         iters: int = 4,
         progress: bool = True,
         max_rows: Optional[int] = MAX_FIT_ROWS,
+        sampled_from: Optional[int] = None,
     ) -> "AnisotropicAQ":
         """Learn the codebooks from the rows ``x`` (``(N, dim)``, ``N >= 2**bits``); returns ``self``.
 
@@ -210,12 +211,20 @@ class AnisotropicAQ(ScoreAwareQuantizer):
             progress: show a tqdm progress bar.
             max_rows: learn from a seeded random sample of this many rows when ``x`` has more
                 (``None``: all rows). Encoding all rows is ``encode``'s job.
+            sampled_from: with ``max_rows=None``: ``x`` is the seeded sample of ``len(x)`` rows a
+                ``max_rows`` fit would have drawn from this many rows (the row ids
+                ``torch.randperm(sampled_from, generator=torch.Generator().manual_seed(seed))[:len(x)]``,
+                in that order); the fit then equals that one. ``torchaq.distributed`` uses it.
         """
         self._check_fit_args(x, queries, iters, max_rows, progress)
         xf = x.float()
         generator = torch.Generator().manual_seed(self.seed)
         if max_rows is not None:
             xf = sample_rows(xf, int(max_rows), generator)
+        elif sampled_from is not None and sampled_from > xf.shape[0]:
+            # x already is the seeded sample of len(x) rows out of `sampled_from` (drawn by a caller that
+            # holds the rows elsewhere, e.g. torchaq.distributed): advance the generator as sampling would
+            torch.randperm(int(sampled_from), generator=generator)
         xf = xf.contiguous()
         rules = self._candidate_rules() if queries is not None else [self.rule]
         calib_rounds = min(CALIBRATION_ROUNDS, iters)

@@ -196,6 +196,7 @@ class AnisotropicPQ(ScoreAwareQuantizer):
         iters: int = 5,
         progress: bool = True,
         max_rows: Optional[int] = MAX_FIT_ROWS,
+        sampled_from: Optional[int] = None,
     ) -> "AnisotropicPQ":
         """Learn the codebooks from the rows ``x`` (``(N, dim)``, ``N >= 2**bits``); returns ``self``.
 
@@ -208,12 +209,20 @@ class AnisotropicPQ(ScoreAwareQuantizer):
             progress: show a tqdm progress bar.
             max_rows: learn the codebooks from a seeded random sample of this many rows when
                 ``x`` has more (``None``: all rows). Encoding all rows is ``encode``'s job.
+            sampled_from: with ``max_rows=None``: ``x`` is the seeded sample of ``len(x)`` rows a
+                ``max_rows`` fit would have drawn from this many rows (the row ids
+                ``torch.randperm(sampled_from, generator=torch.Generator().manual_seed(seed))[:len(x)]``,
+                in that order); the fit then equals that one. ``torchaq.distributed`` uses it.
         """
         self._check_fit_args(x, queries, iters, max_rows, progress)
         xp = self.pad(x)
         generator = torch.Generator().manual_seed(self.seed)
         if max_rows is not None:
             xp = sample_rows(xp, max_rows, generator)
+        elif sampled_from is not None and sampled_from > xp.shape[0]:
+            # x already is the seeded sample of len(x) rows out of `sampled_from` (drawn by a caller that
+            # holds the rows elsewhere, e.g. torchaq.distributed): advance the generator as sampling would
+            torch.randperm(int(sampled_from), generator=generator)
         rules = candidate_rules(self.rule) if queries is not None else [self.rule]
         # with calibration: the isotropic fit, a few rounds per candidate, then the winner's rest
         total = self.kmeans_iters + iters

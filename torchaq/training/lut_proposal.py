@@ -131,6 +131,9 @@ class LutMixture:
             rest += e.sum(1).double()
             mix[start:stop] = e.T @ row_weight
         total = float(mix.sum(dtype=torch.float64))
+        #: the unnormalised LUT part of the mixture ``(V,)`` and its sum (a vocabulary split over ranks
+        #: normalises by the sum over all ranks: :mod:`torchaq.distributed.lut_loss`)
+        self.mix, self.mix_total = mix, total
         self.log_rest = torch.log(rest) + shift.double()  # log S_b (-inf when nothing is left)
         share = lut_share if total > 0 and math.isfinite(total) else 0.0
         floor = base.double() if base is not None else torch.full((num_classes,), 1.0 / num_classes,
@@ -193,14 +196,16 @@ def lut_cv_loss(h: Tensor, target: Tensor, weight: Tensor, bias: Optional[Tensor
 def layer_lut_cv_loss(layer, flat: Tensor, target: Tensor, num_sampled: int, num_hard: int, num_candidates: int,
                       lut_share: float, base: Optional[Tensor], remove_accidental_hits: bool,
                       generator: Optional[torch.Generator], control_variate: bool = True,
-                      lut_rows: Optional[int] = None) -> Tensor:
+                      lut_rows: Optional[int] = None, draws: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """The per-row loss for ``layer`` (flattened rows ``flat``, ``target`` ``(B,)``): scan, LUT pass, draws, loss.
 
     ``control_variate=False`` keeps the proposal but drops ``S_b`` and the ``e^{s}`` corrections
     (the plain Horvitz-Thompson estimate, for comparison). ``lut_rows = R < B``: the LUT pass
     runs on ``R`` rows drawn at random (cost ``R V M`` instead of ``B V M``); the mixture is
     theirs, and the other rows use the plain estimate (still unbiased: the proposal does not
-    depend on the draws and ``pi`` is exact)."""
+    depend on the draws and ``pi`` is exact). ``draws = (classes, log_pi)`` replaces the draws (sorted
+    distinct classes and their log inclusion probabilities): the same estimate for given draws, e.g. to
+    compare with the vocabulary-parallel loss."""
     with torch.no_grad():
         props = row_proposals(layer, flat, num_hard, max(num_candidates, num_hard + 1), 0.5, None)
         hard = props.hard
@@ -220,7 +225,7 @@ def layer_lut_cv_loss(layer, flat: Tensor, target: Tensor, num_sampled: int, num
             rows = torch.randperm(batch, generator=gen_cpu)[:lut_rows].sort().values.to(flat.device)
             lut, excluded, shift, row_weight = lut[rows], excluded[rows], shift[rows], row_weight[rows]
         mixture = LutMixture(layer, lut, excluded, shift.float(), row_weight.float(), lut_share, base)
-        classes, log_pi = mixture.draws(num_sampled, generator)
+        classes, log_pi = mixture.draws(num_sampled, generator) if draws is None else draws
         if rows is None:
             draw_lut = lut_logits(layer, flat, classes)
             log_rest = mixture.log_rest

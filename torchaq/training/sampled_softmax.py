@@ -89,7 +89,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -267,6 +267,7 @@ def layer_sampled_softmax_loss(
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
     return_z_loss: bool = False,
+    draws: Optional[Tuple[Tensor, Tensor]] = None,
 ):
     """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
 
@@ -320,6 +321,9 @@ def layer_sampled_softmax_loss(
         softcap: not supported by the sampled estimators (the proposals and the control variates
             are built on uncapped scores): anything but None raises ValueError.
         return_z_loss: also return the z-loss term (reduced like the loss, detached).
+        draws: ``proposal="lut"``: optional ``(classes, log_pi)`` used instead of drawing (sorted
+            distinct class ids and their log inclusion probabilities), to evaluate the estimate
+            for given draws (the vocabulary-parallel loss is checked against it this way).
     """
     check_loss_options(softcap, label_smoothing, z_loss)
     if softcap is not None:
@@ -391,7 +395,7 @@ def _layer_sampled_rows(layer, flat, flat_target, num_sampled, sampler, remove_a
         if proposal == "lut" and share_draws:
             loss = layer_lut_cv_loss(layer, flat, flat_target, num_sampled, int(num_hard), int(num_candidates),
                                      float(lut_share), base, remove_accidental_hits, generator, control_variate,
-                                     None if lut_rows is None else int(lut_rows))
+                                     None if lut_rows is None else int(lut_rows), draws)
             return loss
         proposals = row_proposals(layer, flat, int(num_hard), int(num_candidates), float(candidate_share), base)
         if not share_draws:
