@@ -15,15 +15,19 @@ model's own final hidden states of random prompts, ``model.eval()``); and a head
 zeros, costing nothing -- the limit no head can beat.
 
 Greedy decoding with the KV cache, prompts of 16 random tokens, ``min_new_tokens =
-max_new_tokens`` (no early stop). Decode tokens/s = ``B * (N - 1) / (t(N) - t(1))`` (prefill
-subtracted), best of ``reps`` interleaved repeats (the machine is shared). The head's share of a
-step is the time inside the head module (wall clock around its forward) over the decode time.
+max_new_tokens`` (no early stop). Decode tokens/s = ``B / median step time``, the step time being
+the gap between consecutive calls of the head (one per step: the prefill drops out), median over
+the ``N - 1`` steps of ``reps`` interleaved repeats (robust to the bursts of a shared machine);
+1-thread rows use the process's CPU time (``time.process_time``: other processes cannot inflate
+it), 2-thread rows wall clock. The head's share of a step is the median time inside the head
+module over the median step time.
 Identical tokens: token-level agreement of the quantized head's greedy continuation with the
 dense one, and the share of sequences identical end to end.
 """
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 
 import torch
@@ -45,22 +49,32 @@ class ZeroHead(nn.Module):
 
 
 class TimedHead(nn.Module):
-    """Wraps a head and accumulates the wall seconds spent in its forward."""
+    """Wraps a head and records ``(start, end)`` of every forward call on ``clock``.
+
+    Each decoding step calls the head once, so the gaps between consecutive call starts are the
+    step times (body + head) and ``end - start`` the head's own time, prefill excluded.
+    """
 
     def __init__(self, head: nn.Module):
         super().__init__()
         self.head = head
-        self.seconds = 0.0
+        self.calls: list = []
+        self.clock = time.perf_counter
 
     def forward(self, h):
         if h.is_cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         out = self.head(h)
         if h.is_cuda:
             torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - t0
+        self.calls.append((t0, self.clock()))
         return out
+
+    def steps(self):
+        """``(step seconds, head seconds)`` of the decode steps recorded since the last reset."""
+        starts = [c[0] for c in self.calls]
+        return ([b - a for a, b in zip(starts, starts[1:])], [e - s for s, e in self.calls[1:]])
 
 
 def build_model(name: str, dtype: torch.dtype, seed: int = 0):
@@ -110,16 +124,17 @@ def _generate(model, ids, new_tokens):
 
 
 @torch.no_grad()
-def run_model(name, dtype, batches, threads, new_tokens, reps, fit_threads=2, device="cpu"):
+def run_model(name, dtype, batches, threads, new_tokens, reps, fit_threads=2, device="cpu", ratio=2):
     """Rows of the generate table for one model and dtype (one model in memory at a time)."""
     model = build_model(name, dtype).to(device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     dense = model.lm_head
     v = model.config.vocab_size
     torch.set_num_threads(fit_threads)
     calib = calibration_states(model)
     t0 = time.perf_counter()
-    quant = torchaq.hf.quantize_lm_head(model, queries=calib, progress=False)
+    # ratio 2 is the default layer (M = d / 2); a larger ratio is the fewer-bits-per-class lever
+    kw = {} if ratio == 2 else {"num_subspaces": model.config.hidden_size // ratio}
+    quant = torchaq.hf.quantize_lm_head(model, queries=calib, progress=False, **kw)
     fit_s = time.perf_counter() - t0
     model.eval()
     heads = {"dense": TimedHead(dense), "torchaq": TimedHead(quant), "zero": TimedHead(ZeroHead(v))}
@@ -128,33 +143,30 @@ def run_model(name, dtype, batches, threads, new_tokens, reps, fit_threads=2, de
     gen = torch.Generator().manual_seed(0)
     for th in threads:
         torch.set_num_threads(th)
+        # 1 thread: CPU time of the process (other processes on a shared machine cannot inflate it)
+        clock = time.process_time if th == 1 and device == "cpu" else time.perf_counter
+        for head in heads.values():
+            head.clock = clock
         for b in batches:
             ids = torch.randint(3, v, (b, 16), generator=gen).to(device)
-            best = {k: (float("inf"), 0.0) for k in heads}  # (decode s, head s in decode)
+            step_s = {k: [] for k in heads}
+            head_s = {k: [] for k in heads}
             outs = {}
             for _ in range(reps):
                 for key, head in heads.items():
                     model.lm_head = head
-                    head.seconds = 0.0
-                    sync()
-                    t = time.perf_counter()
-                    _generate(model, ids, 1)
-                    sync()
-                    t1, h1 = time.perf_counter() - t, head.seconds
-                    head.seconds = 0.0
-                    t = time.perf_counter()
+                    head.calls = []
                     outs[key] = _generate(model, ids, new_tokens)[:, ids.shape[1]:]
-                    sync()
-                    tn, hn = time.perf_counter() - t, head.seconds
-                    dec = max(tn - t1, 1e-9)
-                    if dec < best[key][0]:
-                        best[key] = (dec, max(0.0, hn - h1))
-            steps = b * (new_tokens - 1)
-            tps = {k: steps / best[k][0] for k in heads}
+                    st, hs = head.steps()
+                    step_s[key] += st
+                    head_s[key] += hs
+            med = {k: statistics.median(step_s[k]) for k in heads}
+            tps = {k: b / med[k] for k in heads}
             same = (outs["torchaq"] == outs["dense"]).float()
-            row = dict(model=name, dtype=str(dtype).removeprefix("torch."), threads=th, batch=b,
+            row = dict(model=name if ratio == 2 else f"{name} (M = d/{ratio})", dtype=str(dtype).removeprefix("torch."), threads=th, batch=b,
                        dense=tps["dense"], torchaq=tps["torchaq"], zero=tps["zero"],
-                       share_dense=best["dense"][1] / best["dense"][0], share_ours=best["torchaq"][1] / best["torchaq"][0],
+                       share_dense=statistics.median(head_s["dense"]) / med["dense"],
+                       share_ours=statistics.median(head_s["torchaq"]) / med["torchaq"],
                        agree=same.mean().item(), seq_same=same.all(dim=1).float().mean().item(), fit_s=fit_s)
             print("   ", {k: (round(x, 3) if isinstance(x, float) else x) for k, x in row.items()}, flush=True)
             rows.append(row)

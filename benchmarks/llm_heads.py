@@ -64,7 +64,8 @@ def parse(argv=None):
     ap.add_argument("--tables", default=None, help="layer: gemma,llama,datastore; ann: minilm,datastore")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes")
     ap.add_argument("--threads", default=None, help="comma-separated thread counts")
-    ap.add_argument("--variants", default=None, help="layer: d / M ratios of the 4-bit codes, e.g. 2,4,8")
+    ap.add_argument("--variants", default=None,
+                    help="d / M ratios of the 4-bit codes, e.g. 2,4,8 (generate: the quantized head's, default 2)")
     ap.add_argument("--new-tokens", type=int, default=None, help="generate: tokens per sequence")
     ap.add_argument("--reps", type=int, default=2, help="generate: interleaved repeats (best kept)")
     ap.add_argument("--eval", type=int, default=None, help="held-out queries for recall")
@@ -81,12 +82,16 @@ def part_generate(args) -> str:
     batches = _ints(args.batches or ("1,8" if q else "1,8,32"))
     threads = _ints(args.threads or ("2" if q else "1,2"))
     new_tokens = args.new_tokens or (8 if q else 16)
+    ratios = _ints(args.variants or "2")
     rows = []
     for m in models:
         for dt in dtypes:
-            rows += llm_generate.run_model(m, DTYPES[dt], batches, threads, new_tokens, args.reps, device=args.device)
+            for r in ratios:
+                rows += llm_generate.run_model(m, DTYPES[dt], batches, threads, new_tokens, args.reps,
+                                               device=args.device, ratio=r)
     return (f"## generate(): greedy, prompts of 16 random tokens, {new_tokens} new tokens, decode tokens/s "
-            f"(prefill subtracted, best of {args.reps}); device {args.device}\n" + llm_generate.generate_table(rows))
+            f"(B / median step time over {new_tokens - 1} steps x {args.reps} interleaved repeats; 1 thread: process CPU "
+            f"time, 2 threads: wall clock); device {args.device}\n" + llm_generate.generate_table(rows))
 
 
 def part_layer(args) -> str:
