@@ -14,6 +14,8 @@ a busy 2-core machine: run them one model / table at a time with ``--models`` / 
 3. (inside ``layer``) fit and refresh seconds and the index's bytes per class against the dense weight
    (:mod:`benchmarks.llm_layer_ops`, tables from :mod:`benchmarks.llm_tables`, whose docstring
    justifies the synthetic heads' spectrum and norm spread);
+   ``scan`` -- the 4-bit scan alone on random codes: cost per look-up against V, M and batch
+   (does the scan read each code block once for many queries? :mod:`benchmarks.llm_scan`);
 4. ``ann`` -- recall@10 vs queries/s at batch 1 and 64, one thread, against ScaNN's full pipeline
    and FAISS IVF-PQ fast-scan + refine, on the MiniLM table and the datastore, plotted to
    ``<out>.png`` (:mod:`benchmarks.ann_curves`).
@@ -39,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torchaq  # noqa: E402
-from benchmarks import ann_curves, llm_generate, llm_layer_ops, llm_tables  # noqa: E402
+from benchmarks import ann_curves, llm_generate, llm_layer_ops, llm_scan, llm_tables  # noqa: E402
 from benchmarks.common import RESULTS, emit, environment  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -55,7 +57,7 @@ def _names(s: str):
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("generate", "layer", "ann", "all"), default="all")
+    ap.add_argument("--part", choices=("generate", "layer", "scan", "ann", "all"), default="all")
     ap.add_argument("--quick", action="store_true", help="small subsets of every sweep (smoke test, a few minutes)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--out", default=None, help="results file ('' to print only)")
@@ -161,7 +163,7 @@ def main(argv=None) -> str:
     args = parse(argv)
     start = time.perf_counter()
     threads0 = torch.get_num_threads()
-    parts = ("generate", "layer", "ann") if args.part == "all" else (args.part,)
+    parts = ("generate", "layer", "scan", "ann") if args.part == "all" else (args.part,)
     what = "_".join(_names(args.models or args.tables or "")) if args.part != "all" else ""
     out_file = args.out if args.out is not None else str(
         RESULTS / f"llm_heads_{args.part}{'_' + what if what else ''}{'_quick' if args.quick else ''}.txt")
@@ -174,6 +176,9 @@ def main(argv=None) -> str:
             text += ["", part_generate(args)]
         elif p == "layer":
             text += ["", part_layer(args)]
+        elif p == "scan":
+            text += ["", llm_scan.run((65_536, 262_144), (160, 320) if args.quick else (96, 160, 320, 2048),
+                                      _ints(args.batches or ("1,64" if args.quick else "1,4,16,64")))]
         else:
             text += ["", part_ann(args, out_file)]
         torch.set_num_threads(threads0)
