@@ -90,6 +90,7 @@ def ops_table(title: str, rows: list) -> str:
 def refresh_times(layer, frac: float = 0.01, seed: int = 0) -> dict:
     """Seconds of ``refresh()`` after ``frac`` of the rows moved and after every row moved (then restored)."""
     w = layer.weight
+    layer.refresh()  # a layer loaded from a state_dict has no row fingerprints yet: the first refresh re-encodes all
     gen = torch.Generator().manual_seed(seed)
     v = w.shape[0]
     idx = torch.randperm(v, generator=gen)[: max(1, int(frac * v))]
