@@ -148,6 +148,20 @@ def test_lut_topk_4bit_rescan_path():
     check_topk(v[:3], i[:3], exact_scores(lut[:3], codes, b), quant_bound(lut[:3], b), k)
 
 
+def test_lut_topk_4bit_codes_beyond_cache():
+    """Codes over 16 MB (topk.h kCodesInCache: LLM-sized heads) run the two-pass top-k on larger
+    sub-batches of queries (each code chunk read once for all of them): same results as one query
+    at a time, on every ISA."""
+    n, m, k, batch = 131_100, 256, 40, 9
+    lut, packed, codes, b = make_case(batch, n, m, 4, seed=23, bias=True)
+    assert packed.numel() > 16 << 20
+    v, i = ops.lut_topk(lut, packed, n, k, b)
+    for row in (0, 5, 8):
+        v2, i2 = run_all_isas(lambda: ops.lut_topk(lut[row:row + 1], packed, n, k, b))
+        assert torch.equal(v2, v[row:row + 1]) and torch.equal(i2, i[row:row + 1])
+    check_topk(v[:2], i[:2], exact_scores(lut[:2], codes, b), quant_bound(lut[:2], b), k)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("batch", [5, 9])
 def test_thread_split_gives_identical_results(bits, batch):

@@ -134,8 +134,9 @@ int64_t check_scan_args(const at::Tensor& lut, const at::Tensor& packed, int64_t
   return bits;
 }
 
-// Pass-1 sums of the 4-bit two-pass top-k are kept for pass 2 up to this size (B * nblocks * 64
-// bytes: up to B = 549 at V = 30522, B = 64 at V = 262144); beyond it pass 2 re-scans its few blocks.
+// Pass-1 sums of the 4-bit two-pass top-k are kept for pass 2 up to this size (tasks * sub-batch *
+// nblocks * 64 bytes: sub-batches of up to 549 queries at V = 30522, 32 at V = 262144, see
+// two_pass_sub_batch in topk.h); beyond it pass 2 re-scans its few blocks.
 constexpr int64_t kMaxKeptSumsBytes = int64_t(32) << 20;
 
 // Split B queries x nblocks code blocks into a TQ x TB grid of tasks (see split_queries below).
@@ -440,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor> lut_topk_cpu_impl(const at::Tensor& lut_in, c
   // offsets, the two-pass block maxima and selection scratch, and the kept pass-1 sums (if they fit)
   const int64_t cap = 2 * kk + 2 * kBlock, stride = cap + 16;  // see TopK
   const int64_t ntopk = plan.TB * B, ntasks = plan.TQ * plan.TB;
-  const int64_t sums_queries = std::min(plan.qchunk, two_pass_sub_batch(nblocks));  // per task (topk.h)
+  const int64_t sums_queries = std::min(plan.qchunk, two_pass_sub_batch(nblocks, P));  // per task (topk.h)
   const bool keep_sums = four && ntasks * sums_queries * nblocks * kBlock * 2 <= kMaxKeptSumsBytes;
   Scratch scratch({ntopk * (stride + cap) * 4, ntopk * (stride + 2 * cap) * 4, ntopk * int64_t(sizeof(TopK)),
                    work_bytes(plan, P), four ? B * 2 * P * 16 : 0, four ? 4 * B : 0, four ? 4 * B : 0,

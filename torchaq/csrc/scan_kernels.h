@@ -54,7 +54,7 @@ struct Topk4Args {
   const float* bias_tail; // (32,) bias of the last block's classes, zero-padded (with a bias)
   int64_t nblocks;
   float* bmax;            // (B, nblocks) scratch for the two-pass top-k of the SIMD kernels
-  uint16_t* bsums;        // (tasks, two_pass_sub_batch(nblocks), nblocks, 32) pass-1 sums (even classes,
+  uint16_t* bsums;        // (tasks, two_pass_sub_batch(nblocks, P), nblocks, 32) pass-1 sums (even classes,
                           // then odd) of one sub-batch of queries per task (topk.h), kept for pass 2,
                           // or null: pass 2 then re-scans its blocks (large B * nblocks)
   uint32_t* select;       // (number of tasks, nblocks + 16) scratch for block_bound

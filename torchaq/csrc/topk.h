@@ -176,9 +176,17 @@ inline int64_t revisit_blocks(const float* bmax, int64_t blk0, int64_t blk1, flo
 // query -- stay in the core's cache between the two passes instead of streaming B * nblocks * 64
 // bytes to memory and back; the codes are read once per sub-batch instead (from the shared cache at
 // V = 30k). The driver allocates the kept sums for one sub-batch per task.
+// When the codes themselves do not fit the last-level cache (more than kCodesInCache bytes: V =
+// 262k at d = 640, any LLM head at d = 4096), every sub-batch streams them from DRAM, so a
+// sub-batch of 4 reads them B / 4 times: there the kept sums get a larger budget (they are
+// written once and pass 2 reads only the few revisited blocks' 64 bytes, so they need not stay
+// in cache), and each code chunk is read once for up to kKeptSumsBudgetLarge / (64 nblocks) queries.
 constexpr int64_t kKeptSumsBudget = int64_t(512) << 10;
-inline int64_t two_pass_sub_batch(int64_t nblocks) {
-  const int64_t n = kKeptSumsBudget / (nblocks * kBlock * 2) / 4 * 4;
+constexpr int64_t kKeptSumsBudgetLarge = int64_t(16) << 20;
+constexpr int64_t kCodesInCache = int64_t(16) << 20;
+inline int64_t two_pass_sub_batch(int64_t nblocks, int64_t P) {
+  const int64_t budget = nblocks * P * kBlock > kCodesInCache ? kKeptSumsBudgetLarge : kKeptSumsBudget;
+  const int64_t n = budget / (nblocks * kBlock * 2) / 4 * 4;
   return n < 4 ? 4 : n;
 }
 
