@@ -26,11 +26,13 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml setup.py $(CSRC)
 	touch $@
 
 # the bench extra's packages, read from pyproject.toml (one list): re-installing the package
-# itself would rebuild the C++ extension for nothing
-BENCH_DEPS = $(VPY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench']))"
+# itself would rebuild the C++ extension for nothing. cut-cross-entropy goes in with --no-deps (it
+# declares a CUDA triton and more that its torch_compile implementation does not need).
+BENCH_DEPS = $(VPY) -c "import tomllib; print(' '.join(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench'] if d != 'cut-cross-entropy'))"
 
 $(VENV)/.bench: $(VENV)/.installed pyproject.toml
 	$(PIP) install -q $$($(BENCH_DEPS)) $(TORCH)
+	$(PIP) install -q --no-deps cut-cross-entropy
 	touch $@
 
 setup: $(VENV)/.installed

@@ -56,6 +56,7 @@ from torch import Tensor
 from torchaq import ops
 from torchaq.checks import check_int, check_real, is_int
 from torchaq.layer.counter_rng import key_uniforms, row_keys
+from torchaq.layer.exact import topk as exact_topk
 from torchaq.layer.logprobs import row_log_partition
 from torchaq.ops.rescore import row_logits
 
@@ -307,9 +308,26 @@ def _draw(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, lu
     return _reject(layer, plan, rows, keys, temperature, lut_tail)
 
 
+def _categorical_plan(flat, logits, classes, top_p, min_p, t) -> _Plan:
+    """The plan of rows whose every allowed class is in the exact head ``logits`` ``(B, H)`` (best first):
+    ``top_p``'s nucleus and ``min_p``'s floor cut the head, the draw is categorical over it."""
+    floor = torch.full_like(logits[:, 0], -math.inf)
+    if top_p < 1:
+        probs = ((logits - logits[:, :1]) / t).double().softmax(dim=1)
+        keep = (probs.cumsum(dim=1) - probs) < top_p
+        floor = logits.masked_fill(~keep, math.inf).min(dim=1).values
+    if min_p is not None:
+        floor = torch.maximum(floor, logits[:, 0] + t * math.log(min_p))
+    return _Plan(flat, logits, classes, None, floor, _categorical_cum(logits, floor, t))
+
+
 def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: float = ERROR_SIGMAS) -> _Plan:
     """Head, bounds, truncation floor and proposal CDF of every row of ``flat`` (module docstring)."""
     t = temperature
+    if layer.exact_reason is not None:  # no codes (a tiny table): the head is every class, scored exactly
+        logits, classes = exact_topk(flat, layer.weight, layer.bias, top_k or layer.num_classes)
+        _check_overflow(logits[:, :1] / t, t)
+        return _categorical_plan(flat, logits, classes, top_p, min_p, t)
     size = max(candidates or DEFAULT_HEAD, top_k or 1)
     scores, logits, classes = head_scores(layer, flat, size)
     upper = tail_bounds(layer, flat, scores, classes, sigmas)
@@ -319,14 +337,7 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
     floor = torch.full_like(logits[:, 0], -math.inf)
     if top_k is not None:
         logits, classes, upper = _complete(layer, flat, logits, classes, upper, logits[:, top_k - 1])
-        logits, classes = logits[:, :top_k], classes[:, :top_k]
-        if top_p < 1:
-            probs = ((logits - logits[:, :1]) / t).double().softmax(dim=1)
-            keep = (probs.cumsum(dim=1) - probs) < top_p
-            floor = logits.masked_fill(~keep, math.inf).min(dim=1).values
-        if min_p is not None:
-            floor = torch.maximum(floor, logits[:, 0] + t * math.log(min_p))
-        return _Plan(flat, logits, classes, None, floor, _categorical_cum(logits, floor, t))
+        return _categorical_plan(flat, logits[:, :top_k], classes[:, :top_k], top_p, min_p, t)
     if min_p is not None:
         logits, classes, upper = _complete(layer, flat, logits, classes, upper, logits[:, 0])
         upper_max = upper.max(dim=1).values

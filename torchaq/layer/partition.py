@@ -24,8 +24,9 @@ Integer sums and cumulative sums are associative, so a vocabulary split over ran
 (:mod:`torchaq.distributed`) gives bitwise the single-device ``log Z``: each rank sums its slice,
 the ranks exchange their ``(B, 2)`` integer totals and ``(B, n)`` sampled ratios (``comm``),
 and every rank finishes with the same float operations on the same tensors. Integer sums are also
-what lets the work go ``CLASS_BLOCK`` classes at a time (block totals and a running carry give the
-same integers as one pass), so the temporaries are ``(B, CLASS_BLOCK)``, never ``(B, V)``. Cost on
+what lets the work go one block of classes at a time (block totals and a running carry give the
+same integers as one pass): ``CLASS_BLOCKS`` blocks of at least ``MIN_BLOCK`` classes, so the float64
+temporaries are ``(B, V / CLASS_BLOCKS)`` and the peak stays below the dense layer's ``(B, V)`` pair. Cost on
 top of the ``(B, V)`` LUT score pass: about twenty elementwise passes over ``(B, V)`` (two sweeps:
 totals, then the cumulative search), and ``B n d`` multiply-adds for the exact logits of the sample.
 """
@@ -41,10 +42,12 @@ from torchaq.ops.rescore import row_logits
 
 # classes of the rest scored exactly per row to correct its LUT mass
 REST_SAMPLES = 256
-# classes per block of the fixed-point sums and cumulative search (bounds the (B, block) temporaries)
-CLASS_BLOCK = 4096
-# (row, class) pairs of the sample scored at once (bounds the (pairs, d) gather of h)
-PAIR_CHUNK = 4096
+# blocks of the fixed-point sums and cumulative search (bounds the (B, V / blocks) temporaries)
+CLASS_BLOCKS = 32
+MIN_BLOCK = 512
+# (row, class) pairs of the sample scored at once: the (pairs, d) gather of h holds about V / 4 floats
+# (a quarter of one dense logit row), at least MIN_PAIRS and at most MAX_PAIRS
+MIN_PAIRS, MAX_PAIRS = 16, 4096
 _LN2 = math.log(2.0)
 # Taylor coefficients 1/i! of exp on [-ln2/2, ln2/2] (degree 7: relative error < 2e-8 in float64)
 _COEFFS = [1.0 / math.factorial(i) for i in range(8)]
@@ -56,14 +59,18 @@ def portable_exp(x: Tensor) -> Tensor:
     Bitwise the same for an element wherever it sits in a tensor (vectorised library ``exp``
     kernels may round a vector's tail with the scalar routine). ``-inf`` gives 0.
     """
-    x = x.double().clamp(min=-700.0)
-    n = torch.round(x * (1.0 / _LN2))
-    r = x - n * _LN2
-    p = torch.full_like(r, _COEFFS[-1])
+    # in place where the result is the same IEEE operation: three float64 temporaries of x's size
+    x = x.to(torch.float64, copy=True).clamp_(min=-700.0)
+    n = (x * (1.0 / _LN2)).round_()
+    x.sub_(n * _LN2)  # r = x - n ln2 (the product rounded first, as written: no fused multiply-add)
+    p = torch.full_like(x, _COEFFS[-1])
     for c in reversed(_COEFFS[:-1]):
-        p = p * r + c
-    two_n = ((n.to(torch.int64) + 1023) << 52).view(torch.float64)  # 2^n exactly, from its bits
-    return p * two_n
+        p.mul_(x).add_(c)
+    del x
+    two_n = n.to(torch.int64)
+    del n
+    two_n.add_(1023).bitwise_left_shift_(52)  # 2^n exactly, from its bits
+    return p.mul_(two_n.view(torch.float64))
 
 
 def fixed_point_bits(num_classes: int) -> int:
@@ -73,7 +80,7 @@ def fixed_point_bits(num_classes: int) -> int:
 
 def _fixed(x: Tensor, ref: Tensor, bits: int) -> Tensor:
     """``round(exp(x - ref) 2^bits)`` as int64 (``-inf`` -> 0)."""
-    return torch.round(portable_exp(x.float() - ref.unsqueeze(1)) * float(2.0 ** bits)).to(torch.int64)
+    return portable_exp(x.float() - ref.unsqueeze(1)).mul_(float(2.0 ** bits)).round_().to(torch.int64)
 
 
 class _SingleDevice:
@@ -123,10 +130,11 @@ def log_partition(
     local_max = torch.maximum(rest.amax(1) if num else none, logits.float().amax(1) if logits.shape[1] else none)
     ref = comm.max(local_max.float())
     ref = torch.where(torch.isfinite(ref), ref, torch.zeros_like(ref))
-    blocks = range(0, num, CLASS_BLOCK)
+    width = max(MIN_BLOCK, -(-num // CLASS_BLOCKS))
+    blocks = range(0, num, width)
     rest_sum = torch.zeros(rows, dtype=torch.int64, device=rest.device)
     for a in blocks:
-        rest_sum += _fixed(rest[:, a : a + CLASS_BLOCK], ref, bits).sum(1)
+        rest_sum += _fixed(rest[:, a : a + width], ref, bits).sum(1)
     mine = torch.stack([_fixed(logits, ref, bits).sum(1), rest_sum], 1)  # (B, 2)
     every = comm.totals(mine)  # (P, B, 2): exact integers
     cand_total, rest_total = every.sum(0).unbind(1)
@@ -147,15 +155,16 @@ def log_partition(
         pick = torch.full(local.shape, num - 1, dtype=torch.int64, device=rest.device)
         carry = torch.zeros(rows, 1, dtype=torch.int64, device=rest.device)
         for a in blocks:
-            cum = _fixed(rest[:, a : a + CLASS_BLOCK], ref, bits).cumsum_(1).add_(carry)
+            cum = _fixed(rest[:, a : a + width], ref, bits).cumsum_(1).add_(carry)
             inside = (local > carry) & (local <= cum[:, -1:])
             found = torch.searchsorted(cum, local).clamp_(max=cum.shape[1] - 1) + a
             pick = torch.where(inside, found, pick)
             carry = cum[:, -1:]
         ratio = torch.full(pick.shape, -math.inf, device=rest.device)
         r, c = owned.nonzero(as_tuple=True)
-        for a in range(0, r.numel(), PAIR_CHUNK):
-            rr, cc = r[a : a + PAIR_CHUNK], c[a : a + PAIR_CHUNK]
+        pairs = min(MAX_PAIRS, max(MIN_PAIRS, num_classes // (4 * h.shape[1])))
+        for a in range(0, r.numel(), pairs):
+            rr, cc = r[a : a + pairs], c[a : a + pairs]
             cls = pick[rr, cc]
             ratio[rr, cc] = pointwise_logits(h[rr], weight, bias, cls) - rest[rr, cls]
         ratio = comm.merge_samples(ratio)

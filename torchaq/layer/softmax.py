@@ -354,7 +354,7 @@ class QuantizedSoftmax(IndexedLayer):
         top-p among the ``candidates`` re-scored classes only (the mass outside them is never drawn).
         """
         if method == "full":
-            self._warn_if_stale()
+            self.warn_if_stale()
             return sample_full(self, h, top_k, top_p, min_p, temperature, generator, seeds, return_logprobs, candidates)
         if method != "candidates":
             raise ValueError(f'method must be "full" or "candidates", got {method!r}')

@@ -338,7 +338,7 @@ def layer_sampled_softmax_loss(
     rows_h, rows_t = (flat_h, flat_t) if all_kept else (flat_h[kept], flat_t[kept])
     loss = _layer_sampled_rows(layer, rows_h, rows_t, num_sampled, sampler, remove_accidental_hits, class_counts,
                                generator, num_hard, num_candidates, control_variate, share_draws, candidate_share,
-                               proposal, lut_share, lut_rows)
+                               proposal, lut_share, lut_rows, draws)
     z_rows = None
     if label_smoothing or z_loss:
         target_logit = exact_logits(rows_h, layer.weight, layer.bias, rows_t.unsqueeze(1)).squeeze(1)
@@ -367,7 +367,7 @@ def layer_sampled_softmax_loss(
 
 def _layer_sampled_rows(layer, flat, flat_target, num_sampled, sampler, remove_accidental_hits, class_counts, generator,
                         num_hard, num_candidates, control_variate, share_draws, candidate_share, proposal, lut_share,
-                        lut_rows) -> Tensor:
+                        lut_rows, draws) -> Tensor:
     """The per-row sampled loss of kept rows ``flat`` ``(B, d)`` (arguments of :func:`layer_sampled_softmax_loss`)."""
     num_classes = layer.num_classes
     for name, value, low in (("num_hard", num_hard, 0), ("num_candidates", num_candidates, 1)):
