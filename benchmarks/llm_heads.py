@@ -70,6 +70,8 @@ def parse(argv=None):
                     help="d / M ratios of the 4-bit codes, e.g. 2,4,8 (generate: the quantized head's, default 2)")
     ap.add_argument("--new-tokens", type=int, default=None, help="generate: tokens per sequence")
     ap.add_argument("--reps", type=int, default=2, help="generate: interleaved repeats (best kept)")
+    ap.add_argument("--candidates", type=int, default=None, help="layer: topk's candidates (default: the layer's)")
+    ap.add_argument("--no-refresh", action="store_true", help="layer: skip the refresh timings")
     ap.add_argument("--eval", type=int, default=None, help="held-out queries for recall")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -109,7 +111,8 @@ def part_layer(args) -> str:
         variants = [rows.shape[1] // r for r in ratios]
         min_run = 0.2 if q else 0.4
         out.append(llm_layer_ops.run_table(name, rows, fit_q, eval_q, variants, batches, threads, min_run,
-                                           ("topk", "sample", "log_softmax_topk"), num_eval, args.device))
+                                           ("topk", "sample", "log_softmax_topk"), num_eval, args.device,
+                                           refresh=not args.no_refresh, candidates=args.candidates))
         del rows, fit_q, eval_q
     return ("## The layer's ops (1 thread: CPU time of the thread; median ms), recall@10 on held-out queries\n"
             + "\n\n".join(out))

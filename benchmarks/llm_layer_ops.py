@@ -48,7 +48,7 @@ def layer_recall(layer, queries: torch.Tensor, true: torch.Tensor, candidates=No
 
 @torch.no_grad()
 def time_ops(layer, rows, rows_bf16, queries, batches, threads, min_run, ops=("topk", "sample", "log_softmax_topk"),
-             device="cpu"):
+             device="cpu", candidates=None):
     """Rows of ms per call: dense fp32 / bf16 + topk and the layer's ops, per (threads, batch)."""
     out = []
     for th in threads:
@@ -61,7 +61,7 @@ def time_ops(layer, rows, rows_bf16, queries, batches, threads, min_run, ops=("t
             row["dense32"] = timer(lambda: torch.topk(F.linear(h, rows), K, dim=-1))
             row["dense16"] = timer(lambda: torch.topk(F.linear(hb, rows_bf16), K, dim=-1))
             if "topk" in ops:
-                row["topk"] = timer(lambda: layer.topk(h, k=K))
+                row["topk"] = timer(lambda: layer.topk(h, k=K, candidates=candidates))
             if "sample" in ops:
                 row["sample"] = timer(lambda: layer.sample(h, top_k=50))
             if "log_softmax_topk" in ops:
@@ -111,7 +111,7 @@ def refresh_times(layer, frac: float = 0.01, seed: int = 0) -> dict:
 
 
 def run_table(name, rows, fit_q, eval_q, variants, batches, threads, min_run, ops, num_eval, device="cpu",
-              refresh=True):
+              refresh=True, candidates=None):
     """Everything of parts 2 and 3 for one table; returns markdown text."""
     true = exact_top(rows, eval_q[:num_eval])
     rows_bf16 = rows.bfloat16()
@@ -122,13 +122,15 @@ def run_table(name, rows, fit_q, eval_q, variants, batches, threads, min_run, op
         layer, fit_s, cached = fitted_layer(name, rows, fit_q, num_subspaces=m)
         if device != "cpu":
             layer = layer.to(device)
-        rec = layer_recall(layer, eval_q[:num_eval].to(device), true.to(device))
+        rec = layer_recall(layer, eval_q[:num_eval].to(device), true.to(device), candidates)
         print(f"  {name} M={m}: fit {fit_s:.1f} s{' (cached)' if cached else ''}, recall@10 {rec:.4f}", flush=True)
-        timed = time_ops(layer, rows.to(device), rows_bf16.to(device), eval_q, batches, threads, min_run, ops, device)
+        timed = time_ops(layer, rows.to(device), rows_bf16.to(device), eval_q, batches, threads, min_run, ops, device,
+                         candidates)
         ref = refresh_times(layer) if refresh and device == "cpu" else None
         nb = index_bytes(layer)
         text.append(ops_table(f"{name}: V = {v:,}, d = {d}, 4-bit x M = {m} ({4 * m} bits/class), "
-                              f"side rows {layer.side_rows.numel()}, recall@10 {rec:.4f}", timed))
+                              f"side rows {layer.side_rows.numel()}, "
+                              f"topk candidates {candidates or 'default'}, recall@10 {rec:.4f}", timed))
         summary.append([name, m, f"{rec:.4f}", f"{fit_s:.1f}{' (at cache build)' if cached else ''}",
                         f"{ref['every']:.2f}" if ref else "-", f"{ref['some']:.2f}" if ref else "-",
                         f"{nb['codes']:.0f}", f"{nb['codes'] + nb['int8'] + nb['norms']:.0f}",
