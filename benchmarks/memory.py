@@ -89,6 +89,7 @@ def main(argv=None) -> None:
         "nn.Linear + topk": lambda h: F.linear(h, w).topk(10),
         "topk": lambda h: layer.topk(h, k=10),
         "sample(top_k=50)": lambda h: layer.sample(h, top_k=50),
+        "sample() (whole vocabulary)": lambda h: layer.sample(h),
         "log_softmax_topk": lambda h: layer.log_softmax_topk(h, k=10),
         'topk(guarantee="bound")': lambda h: layer.topk(h, k=10, guarantee="bound"),
         "entropy": lambda h: layer.entropy(h),

@@ -56,7 +56,7 @@ from torch import Tensor
 from torchaq import ops
 from torchaq.checks import check_int, check_real, is_int
 from torchaq.layer.counter_rng import key_uniforms, row_keys
-from torchaq.layer.exact import topk as exact_topk
+from torchaq.layer.exact import row_chunks, topk as exact_topk
 from torchaq.layer.logprobs import row_log_partition
 from torchaq.ops.rescore import row_logits
 
@@ -69,6 +69,7 @@ NUCLEUS_SAMPLES = 256  # exactly scored tail classes behind the top_p floor
 NUCLEUS_COMPLETE = 2048  # most tail classes re-scored per row to place the top_p floor among exact logits
 WEIGHT_RANGE = 60.0    # proposal weights are exp(x / T) with x <= WEIGHT_RANGE T above the reference
 BLOCK = 256            # classes per block of the two-level inverse CDF
+SAMPLE_ROWS = 32       # rows sampled at once (bounds the (rows, V) temporaries)
 
 
 class SampleOutput(NamedTuple):
@@ -134,14 +135,20 @@ def head_scores(layer, flat: Tensor, size: int):
     return scores, logits, classes
 
 
-def tail_bounds(layer, flat: Tensor, scores: Tensor, head: Tensor, sigmas: float = ERROR_SIGMAS) -> Tensor:
+def tail_bounds(layer, flat: Tensor, scores: Tensor, head: Tensor, sigmas: float = ERROR_SIGMAS,
+                in_place: bool = False) -> Tensor:
     """``u_i = s_i + z |h| |r_i| / sqrt(d)`` (``z = sigmas``) for every class not in the head, ``-inf`` on
     the head. ``z = sqrt(d)`` is the Cauchy-Schwarz bound (always true, far looser), ``z = 0`` the LUT score."""
     scale = sigmas / math.sqrt(layer.dim)
     norms = layer.residual_norms
-    if not bool(torch.isfinite(norms.index_fill(0, layer.side_rows, 0.0)).all()):
+    # (side rows may hold any norm: they are always in the head; the V-sized fill only when needed)
+    if not bool(torch.isfinite(norms).all()) and not bool(torch.isfinite(norms.index_fill(0, layer.side_rows, 0.0)).all()):
         raise RuntimeError("residual_norms is not finite outside the side list: call layer.refresh()")
-    upper = torch.addcmul(scores, scale * flat.float().norm(dim=1, keepdim=True), norms.float().unsqueeze(0))
+    step = scale * flat.float().norm(dim=1, keepdim=True)
+    if in_place:  # the caller no longer needs the scores: no second (B, V) buffer
+        upper = scores.addcmul_(step, norms.float().unsqueeze(0))
+    else:
+        upper = torch.addcmul(scores, step, norms.float().unsqueeze(0))
     return upper.scatter_(1, head, -math.inf)
 
 
@@ -162,7 +169,7 @@ def _complete(layer, flat, logits, classes, upper, floor, limit: Optional[int] =
     logits, classes = logits.gather(1, order), classes.gather(1, order)
     order = logits.argsort(dim=1, descending=True, stable=True)
     # only the classes merged leave the tail (the others were padding of this batch's widest row)
-    upper = upper.scatter(1, extra, ub.masked_fill(ub >= floor.unsqueeze(1), -math.inf))
+    upper = upper.scatter_(1, extra, ub.masked_fill(ub >= floor.unsqueeze(1), -math.inf))  # in place: our own buffer
     return logits.gather(1, order), classes.gather(1, order), upper
 
 
@@ -330,7 +337,7 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
         return _categorical_plan(flat, logits, classes, top_p, min_p, t)
     size = max(candidates or DEFAULT_HEAD, top_k or 1)
     scores, logits, classes = head_scores(layer, flat, size)
-    upper = tail_bounds(layer, flat, scores, classes, sigmas)
+    upper = tail_bounds(layer, flat, scores, classes, sigmas, in_place=top_k is not None or top_p >= 1)
     upper_max = upper.max(dim=1).values
     _check_overflow(logits[:, :1] / t, t)
     _check_overflow(upper_max / t, t)
@@ -412,11 +419,17 @@ def sample_full(layer, h: Tensor, top_k=None, top_p=1.0, min_p=None, temperature
     top_k, top_p, min_p, temperature = check_full_sampling_args(top_k, top_p, min_p, temperature, layer.num_classes)
     if candidates is not None:
         candidates = check_int(candidates, "candidates", 1, layer.num_classes, f"in [1, V={layer.num_classes}]")
-    seeds = row_seeds(seeds, generator, lead, flat.device)
-    plan = _plan(layer, flat, top_k, top_p, min_p, temperature, candidates)
-    rows = torch.arange(flat.shape[0], device=flat.device)
-    tokens, values, _ = _draw(layer, plan, rows, row_keys(seeds), temperature)
+    keys = row_keys(row_seeds(seeds, generator, lead, flat.device))
+    tokens = torch.empty(flat.shape[0], dtype=torch.int64, device=flat.device)
+    full, truncated = (torch.empty(flat.shape[0], device=flat.device) for _ in range(2))
+    # SAMPLE_ROWS rows at a time: every step is row-wise, so this changes no draw and bounds the
+    # (rows, V) temporaries (scores, bounds, proposal weights) below the dense layer's (B, V) logits
+    for a, b in row_chunks(flat.shape[0], SAMPLE_ROWS):
+        plan = _plan(layer, flat[a:b], top_k, top_p, min_p, temperature, candidates)
+        rows = torch.arange(b - a, device=flat.device)
+        tokens[a:b], values, _ = _draw(layer, plan, rows, keys[a:b], temperature)
+        if return_logprobs:
+            full[a:b], truncated[a:b] = _logprobs(layer, plan, rows, values, temperature)
     if not return_logprobs:
         return tokens.reshape(lead)
-    full, truncated = _logprobs(layer, plan, rows, values, temperature)
     return SampleOutput(tokens.reshape(lead), full.reshape(lead), truncated.reshape(lead))

@@ -62,8 +62,6 @@ DENSE_FRACTION = 8
 BOUND_SLACK = 1e-4
 # classes per block when bound_complete counts the rows each query needs
 CLASS_BLOCK = 4096
-# candidate rows gathered at once per query for their exact logits
-GATHER_BLOCK = 64
 
 
 def default_max_rows(num_classes: int) -> int:
@@ -245,9 +243,8 @@ def bound_complete(
         logits, classes = full.topk(logits.shape[1], dim=1)
         return logits, classes, extra
     ub, extra_classes = upper.topk(most, dim=1)
-    # their exact logits GATHER_BLOCK rows at a time: never a (B, most, d) gather
-    extra_logits = torch.cat([row_logits(h, weight, bias, extra_classes[:, a : a + GATHER_BLOCK])
-                              for a in range(0, most, GATHER_BLOCK)], dim=1).masked_fill(ub < kth, -math.inf)
+    # their exact logits (row_logits gathers a bounded block of rows at a time)
+    extra_logits = row_logits(h, weight, bias, extra_classes).masked_fill(ub < kth, -math.inf)
     logits = torch.cat([logits, extra_logits], dim=1)
     classes = torch.cat([classes, extra_classes], dim=1)
     logits, order = logits.sort(dim=1, descending=True)

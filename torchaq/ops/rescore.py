@@ -67,6 +67,11 @@ def exact_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], candidates: 
     return logits_of_rows(h, gather_rows(weight, candidates)[0], bias, candidates)
 
 
+# weight elements gathered at once by row_logits (256 KB of float32; the product as much again): bounds
+# its (B, C, d) temporaries
+ROW_LOGITS_ELEMENTS = 1 << 16
+
+
 def row_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], classes: Tensor) -> Tensor:
     """Exact logits ``<h_b, W[c]> + bias[c]`` of per-row classes, float32 ``(B, C)``, batch-invariant.
 
@@ -74,10 +79,19 @@ def row_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], classes: Tenso
     alone or in any batch: each dot product is its own reduction over ``d`` (``torch.linalg.vecdot``
     of the gathered rows), where the batched mat-vec of :func:`exact_logits` lets the BLAS pick a
     blocking by batch size (its rows differ by rounding from batch to batch). Cost: ``B * C * d``
-    multiply-adds and a ``(B, C, d)`` gather; not differentiable through a custom node (inference).
+    multiply-adds; the rows are gathered a block of columns at a time (at most about
+    ``ROW_LOGITS_ELEMENTS`` weight elements), which changes no value. Not differentiable through a
+    custom node (inference).
     """
-    rows = weight.index_select(0, classes.reshape(-1)).view(*classes.shape, weight.shape[1])
-    out = torch.linalg.vecdot(rows.float(), h.float().unsqueeze(1))
+    rows, cols = classes.shape
+    d = weight.shape[1]
+    step = max(1, ROW_LOGITS_ELEMENTS // max(1, rows * d))
+    hf = h.float().unsqueeze(1)
+    out = torch.empty(rows, cols, dtype=torch.float32, device=h.device)
+    for a in range(0, cols, step):
+        block = classes[:, a : a + step]
+        gathered = weight.index_select(0, block.reshape(-1)).view(*block.shape, d)
+        out[:, a : a + step] = torch.linalg.vecdot(gathered.float(), hf)
     if bias is not None:
         out = out + bias[classes].float()
     return out
