@@ -48,28 +48,34 @@ class ZeroHead(nn.Module):
         return h.new_zeros(h.shape[:-1] + (self.num_classes,))
 
 
-class TimedHead(nn.Module):
-    """Wraps a head and records ``(start, end)`` of every forward call on ``clock``.
+class TimedHead:
+    """Records ``(start, end)`` of every forward call of a head module on ``clock`` (forward hooks).
 
     Each decoding step calls the head once, so the gaps between consecutive call starts are the
-    step times (body + head) and ``end - start`` the head's own time, prefill excluded.
+    step times (body + head) and ``end - start`` the head's own time, prefill excluded. Hooks, not
+    a wrapper module: the model must still see the head itself (``torchaq.hf``'s ``generate``
+    takes its fast path only when ``get_output_embeddings()`` is the quantized head).
     """
 
     def __init__(self, head: nn.Module):
-        super().__init__()
-        self.head = head
+        self.module = head
         self.calls: list = []
         self.clock = time.perf_counter
+        self._start = None
+        head.register_forward_pre_hook(self._pre)
+        head.register_forward_hook(self._post)
 
-    def forward(self, h):
+    def _sync(self, h):
         if h.is_cuda:
             torch.cuda.synchronize()
-        t0 = self.clock()
-        out = self.head(h)
-        if h.is_cuda:
-            torch.cuda.synchronize()
-        self.calls.append((t0, self.clock()))
-        return out
+
+    def _pre(self, module, args):
+        self._sync(args[0])
+        self._start = self.clock()
+
+    def _post(self, module, args, out):
+        self._sync(args[0])
+        self.calls.append((self._start, self.clock()))
 
     def steps(self):
         """``(step seconds, head seconds)`` of the decode steps recorded since the last reset."""
@@ -134,7 +140,7 @@ def run_model(name, dtype, batches, threads, new_tokens, reps, fit_threads=2, de
     t0 = time.perf_counter()
     # ratio 2 is the default layer (M = d / 2); a larger ratio is the fewer-bits-per-class lever
     kw = {} if ratio == 2 else {"num_subspaces": model.config.hidden_size // ratio}
-    quant = torchaq.hf.quantize_lm_head(model, queries=calib, progress=False, **kw)
+    quant = torchaq.hf.quantize_lm_head(model, queries=calib, progress=False, **kw).get_output_embeddings()
     fit_s = time.perf_counter() - t0
     model.eval()
     heads = {"dense": TimedHead(dense), "torchaq": TimedHead(quant), "zero": TimedHead(ZeroHead(v))}
@@ -154,7 +160,7 @@ def run_model(name, dtype, batches, threads, new_tokens, reps, fit_threads=2, de
             outs = {}
             for _ in range(reps):
                 for key, head in heads.items():
-                    model.lm_head = head
+                    model.lm_head = head.module
                     head.calls = []
                     outs[key] = _generate(model, ids, new_tokens)[:, ids.shape[1]:]
                     st, hs = head.steps()

@@ -154,11 +154,13 @@ def test_exact_modes_equal_dense_and_skip_the_fast_path(fp32_tied, monkeypatch):
     calls = _count_fast_steps(head, monkeypatch)
     beam = dict(max_new_tokens=6, num_beams=3, do_sample=False)
     assert torch.equal(quantized.generate(prompt, **beam), dense.generate(prompt, **beam))
-    sampled = dict(max_new_tokens=8, do_sample=True, top_k=0, temperature=0.9)
-    torch.manual_seed(3)
-    expected = dense.generate(prompt, **sampled)
-    torch.manual_seed(3)
-    assert torch.equal(quantized.generate(prompt, **sampled), expected)  # the exact distribution
+    # pure sampling, top_p alone, min_p, temperature: the dense model's draws, token for token
+    for options in (dict(top_k=0, temperature=0.9), dict(top_k=0, top_p=0.8), dict(top_k=0, min_p=0.05)):
+        sampled = dict(max_new_tokens=8, do_sample=True, **options)
+        torch.manual_seed(3)
+        expected = dense.generate(prompt, **sampled)
+        torch.manual_seed(3)
+        assert torch.equal(quantized.generate(prompt, **sampled), expected), options  # the exact distribution
     scored = dict(max_new_tokens=4, do_sample=False, output_scores=True, output_logits=True, return_dict_in_generate=True)
     a, b = dense.generate(prompt, **scored), quantized.generate(prompt, **scored)
     assert torch.equal(a.sequences, b.sequences)

@@ -66,6 +66,19 @@ def test_tiny_width_scores_exactly(d):
     logp, idx = layer.log_softmax_topk(q, k=5)
     torch.testing.assert_close(logp, torch.log_softmax(q @ w.T, 1).topk(5).values)
     assert layer.sample(q, top_k=1).equal(ref.indices[:, 0])
+    # the whole-vocabulary sampler draws from the exact softmax: the token's logprob is exact
+    out = layer.sample(q, seeds=torch.arange(50), return_logprobs=True)
+    torch.testing.assert_close(out.logprobs, torch.log_softmax(q @ w.T, 1).gather(1, out.tokens[:, None])[:, 0])
+    # training: no codes to sample from, so the loss is the exact cross-entropy
+    target = torch.randint(3000, (50,), generator=G)
+    target[3] = -100
+    hq = q.clone().requires_grad_()
+    loss = layer.sampled_softmax_loss(hq, target, num_sampled=64)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(q @ w.T, target))
+    loss.backward()
+    assert torch.isfinite(hq.grad).all() and hq.grad[3].abs().max() == 0
+    none = layer.sampled_softmax_loss(q, target, num_sampled=64, reduction="none")
+    assert none.shape == target.shape
     layer.refresh()  # no index to refresh: nothing fails
 
 

@@ -105,6 +105,7 @@ from torchaq.training.conventions import (
     kept_rows,
     reduce_loss,
 )
+from torchaq.training.linear_ce import linear_cross_entropy
 from torchaq.training.lut_proposal import LUT_ROWS, LUT_SHARE, layer_lut_cv_loss
 from torchaq.training.proposals import (
     CANDIDATE_SHARE,
@@ -331,6 +332,15 @@ def layer_sampled_softmax_loss(
     if not is_int(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     check_sampled_args(h, target, layer.num_classes, num_sampled, sampler, reduction, ignore_index)
+    if getattr(layer, "exact_reason", None) is not None:
+        # a table scored exactly (too few rows or columns for codes) has no quantized proposal: its
+        # exact loss costs about what the sampled one would
+        out = linear_cross_entropy(layer.flat_features(h), layer.weight, target.reshape(-1), layer.bias,
+                                   ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                                   z_loss=z_loss, return_z_loss=return_z_loss)
+        if reduction != "none":
+            return out
+        return tuple(t.reshape(target.shape) for t in out) if return_z_loss else out.reshape(target.shape)
     flat_h = layer.flat_features(h)
     flat_t = target.reshape(-1).long()
     kept = kept_rows(flat_t, ignore_index)
