@@ -100,7 +100,9 @@ def quality(layer: torchaq.QuantizedSoftmax, h: torch.Tensor, table: torch.Tenso
     scores = torchaq.ops.lut_score(lut, layer.packed_codes, layer.num_classes)
     plain = logits[:, :10] - log_partition(h, layer.weight, None, logits, classes, scores, samples=0).unsqueeze(1)
     out["lp_err_plain"] = float((plain - torch.log_softmax(exact, 1).gather(1, classes[:, :10])).abs().mean())
-    _, bclasses, extra = layer._bound_complete(h, logits, classes, lut, 10)
+    fresh_scores = lambda: torchaq.ops.lut_score(lut, layer.packed_codes, layer.num_classes)  # noqa: E731
+    _, bclasses, extra = outliers.bound_complete(h, layer.weight.detach(), None, fresh_scores, layer.residual_norms,
+                                                 logits, classes, 10)
     out["bound_more"] = float((extra > 0).float().mean())
     out["bound_extra"] = float(extra.float().mean())
     out["bound_top10"] = float((bclasses[:, :10].sort(1).values == exact.topk(10).indices.sort(1).values).all(1).float().mean())

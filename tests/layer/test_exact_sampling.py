@@ -136,6 +136,15 @@ def test_logprobs_are_exact(setup):
     top = (h @ layer.weight.detach().T + layer.bias.detach()).topk(5)
     trunc = torch.log_softmax(top.values, 1)[(top.indices == out.tokens[:, None])]
     torch.testing.assert_close(out.truncated_logprobs, trunc, atol=2e-5, rtol=0)
+    # a floor that is a class's logit from another kernel (one ulp above this pass's value) keeps
+    # that class: a peaked row's nucleus of one token has truncated log-probability 0, not inf
+    from torchaq.layer.logprobs import row_log_partition
+
+    logits = h @ layer.weight.detach().T + layer.bias.detach()
+    top = logits.max(1).values
+    floor = torch.nextafter(top, torch.full_like(top, math.inf))
+    both = row_log_partition(h, layer.weight, layer.bias, 1.0, floor)
+    torch.testing.assert_close(both[:, 1], top, atol=1e-5, rtol=1e-6)
     # token_logprobs: one token per row or several, leading dims kept
     exact = torch.log_softmax(h @ layer.weight.detach().T + layer.bias.detach(), 1)
     tokens = torch.randint(0, V, (8, 3), generator=torch.Generator().manual_seed(0))

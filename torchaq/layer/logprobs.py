@@ -20,6 +20,9 @@ from torch import Tensor
 from torchaq.checks import check_real
 from torchaq.ops.rescore import row_logits
 
+# relative slack of the truncation floor (float32 dot products in different orders differ by ~1e-7)
+FLOOR_SLACK = 1e-5
+
 
 def row_log_partition(h: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float = 1.0,
                       floor: Optional[Tensor] = None) -> Tensor:
@@ -41,7 +44,10 @@ def row_log_partition(h: Tensor, weight: Tensor, bias: Optional[Tensor], tempera
         scaled = logits / temperature
         out[r, 0] = torch.logsumexp(scaled, 0)
         if floor is not None:
-            out[r, 1] = torch.logsumexp(scaled.masked_fill(logits < floor[r], -math.inf), 0)
+            # the floor is an exact logit computed by another kernel (another summation order): a
+            # class at the floor must not fall out by a last-bit difference of its logit here
+            below = logits < floor[r] - FLOOR_SLACK * (1 + floor[r].abs())
+            out[r, 1] = torch.logsumexp(scaled.masked_fill(below, -math.inf), 0)
     return out if floor is not None else out[:, 0]
 
 
