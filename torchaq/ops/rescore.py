@@ -68,8 +68,9 @@ def exact_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], candidates: 
 
 
 # weight elements gathered at once by row_logits (256 KB of float32; the product as much again): bounds
-# its (B, C, d) temporaries
+# its (B, C, d) temporaries; at least ROW_LOGITS_MIN_COLUMNS columns per block (few Python steps at large B)
 ROW_LOGITS_ELEMENTS = 1 << 16
+ROW_LOGITS_MIN_COLUMNS = 16
 
 
 def row_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], classes: Tensor) -> Tensor:
@@ -79,13 +80,13 @@ def row_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], classes: Tenso
     alone or in any batch: each dot product is its own reduction over ``d`` (``torch.linalg.vecdot``
     of the gathered rows), where the batched mat-vec of :func:`exact_logits` lets the BLAS pick a
     blocking by batch size (its rows differ by rounding from batch to batch). Cost: ``B * C * d``
-    multiply-adds; the rows are gathered a block of columns at a time (at most about
-    ``ROW_LOGITS_ELEMENTS`` weight elements), which changes no value. Not differentiable through a
-    custom node (inference).
+    multiply-adds; the rows are gathered a block of columns at a time (about
+    ``ROW_LOGITS_ELEMENTS`` weight elements, at least ``ROW_LOGITS_MIN_COLUMNS`` columns), which
+    changes no value. Not differentiable through a custom node (inference).
     """
     rows, cols = classes.shape
     d = weight.shape[1]
-    step = max(1, ROW_LOGITS_ELEMENTS // max(1, rows * d))
+    step = max(ROW_LOGITS_MIN_COLUMNS, ROW_LOGITS_ELEMENTS // max(1, rows * d))
     hf = h.float().unsqueeze(1)
     out = torch.empty(rows, cols, dtype=torch.float32, device=h.device)
     for a in range(0, cols, step):
