@@ -2,9 +2,11 @@
 switch must be set before anything imports triton, so it is set here, first."""
 import contextlib
 import os
+import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -47,3 +49,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def spawn_ranks(worker, world: int, args: tuple, what: str, deadline: float) -> None:
+    """Spawn ``world`` processes running ``worker(rank, *args)``; if they are not all done within
+    ``deadline`` seconds, kill them and fail the test, so a stuck rank can never hang CI (an
+    exception on any rank is re-raised here by ``torch.multiprocessing``)."""
+    ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
+    end = time.monotonic() + deadline
+    while not ctx.join(timeout=max(0.5, min(5.0, end - time.monotonic()))):
+        if time.monotonic() >= end:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            pytest.fail(f"{world} ranks running {what} were not done within {deadline} s (killed)")

@@ -7,14 +7,13 @@ not done by a deadline, so no test can hang CI.
 """
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import spawn_ranks
 
 V, D = 1003, 32
 SHARDS = {1: [1003], 2: [400, 603], 3: [300, 350, 353], 4: [250, 260, 243, 250]}  # uneven on purpose
@@ -34,16 +33,8 @@ def _data(seed=0):
 
 
 def _run(world: int, check: str, tmp_path, deadline: float = DEADLINE_S) -> None:
-    """Spawn ``world`` ranks running ``check``; fail (killing them) if they are not done within ``deadline``."""
-    store = tmp_path / "store"  # a fresh file store per test
-    ctx = mp.start_processes(_worker, args=(world, str(store), check), nprocs=world, join=False, start_method="spawn")
-    end = time.monotonic() + deadline
-    while not ctx.join(timeout=max(0.5, min(5.0, end - time.monotonic()))):
-        if time.monotonic() >= end:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            pytest.fail(f"{world} ranks running {check} were not done within {deadline} s (killed)")
+    """Spawn ``world`` ranks running ``check`` (a fresh file store per test), killed after ``deadline``."""
+    spawn_ranks(_worker, world, (world, str(tmp_path / "store"), check), check, deadline)
 
 
 def _worker(rank: int, world: int, store: str, checks: str) -> None:

@@ -7,14 +7,13 @@ kills them and fails if they are not done by a deadline.
 """
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import spawn_ranks
 
 V, D, B = 1003, 32, 24
 KW = dict(num_subspaces=16, progress=False, seed=0)
@@ -23,15 +22,7 @@ DEADLINE_S = 240
 
 
 def _run(world: int, checks: str, tmp_path, deadline: float = DEADLINE_S) -> None:
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "store"), checks), nprocs=world, join=False,
-                             start_method="spawn")
-    end = time.monotonic() + deadline
-    while not ctx.join(timeout=max(0.5, min(5.0, end - time.monotonic()))):
-        if time.monotonic() >= end:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            pytest.fail(f"{world} ranks running {checks} were not done within {deadline} s (killed)")
+    spawn_ranks(_worker, world, (world, str(tmp_path / "store"), checks), checks, deadline)
 
 
 def _worker(rank: int, world: int, store: str, checks: str) -> None:

@@ -6,8 +6,8 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import spawn_ranks
 
 import torchaq
 
@@ -152,4 +152,4 @@ def _check_parallel(rank: int) -> None:
 
 
 def test_vocab_parallel_layer_with_aq(tmp_path):
-    mp.spawn(_worker, args=(len(SIZES), str(tmp_path / "store")), nprocs=len(SIZES), join=True)
+    spawn_ranks(_worker, len(SIZES), (len(SIZES), str(tmp_path / "store")), "the AQ vocabulary-parallel check", 240)
