@@ -66,6 +66,16 @@ def best_first(values: Tensor, ids: Tensor, n: int) -> Tuple[Tensor, Tensor]:
     return values.gather(1, order), ids.gather(1, order)
 
 
+def best_padded(values: Tensor, ids: Tensor, n: int, pad_id: int) -> Tuple[Tensor, Tensor]:
+    """:func:`best_first`, padded to ``n`` columns (``-inf`` values, id ``pad_id``) when a row has fewer."""
+    values, ids = best_first(values, ids, min(n, ids.shape[1]))
+    short = n - ids.shape[1]
+    if short > 0:
+        values = torch.cat([values, values.new_full((values.shape[0], short), -math.inf)], 1)
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], short), pad_id)], 1)
+    return values, ids
+
+
 def _scan_bias(layer, exclude: bool) -> Optional[Tensor]:
     """The bias this rank's scan ranks with: the single-device layer's ``scan_bias`` restricted to the slice."""
     local = layer.local
@@ -171,20 +181,13 @@ def invariant_topk(layer, flat: Tensor, k: int, candidates: int, sync=_done) -> 
     batch = flat.shape[0]
     if w8 is None or scan_k + num_side <= keep:
         exact = _exact(layer, flat, cand, ok)
-        vals, ids = best_first(exact, (cand + layer.offset).masked_fill(~ok, layer.num_classes), min(k, cand.shape[1]))
-        if vals.shape[1] < k:
-            vals = torch.cat([vals, vals.new_full((batch, k - vals.shape[1]), -math.inf)], 1)
-            ids = torch.cat([ids, ids.new_full((batch, k - ids.shape[1]), layer.num_classes)], 1)
+        vals, ids = best_padded(exact, (cand + layer.offset).masked_fill(~ok, layer.num_classes), k, layer.num_classes)
         allp = _payload_gather(layer, [vals, ids])
         return best_first(allp[:, :, :k].contiguous().view(torch.float32).reshape(batch, -1),
                           allp[:, :, k:].long().reshape(batch, -1), k)
     score = _int8_scores(layer, flat, cand, ok, w8, scale)
     gid = (cand + layer.offset).masked_fill(~ok, layer.num_classes)
-    width = min(keep, cand.shape[1])
-    s8, sid = best_first(score, gid, width)
-    if width < keep:
-        s8 = torch.cat([s8, s8.new_full((batch, keep - width), -math.inf)], 1)
-        sid = torch.cat([sid, sid.new_full((batch, keep - width), layer.num_classes)], 1)
+    s8, sid = best_padded(score, gid, keep, layer.num_classes)
     mine = sid < layer.num_classes
     local_ids = (sid - layer.offset).clamp(0, layer.local_classes - 1)
     exact = _exact(layer, flat, local_ids, mine)
@@ -234,20 +237,13 @@ def invariant_candidates(layer, flat: Tensor, k: int, candidates: int, with_log_
     exact = _exact(layer, flat, cand, ok)
     batch = flat.shape[0]
     gid = (cand + layer.offset).masked_fill(~ok, layer.num_classes)
-    width = min(k, cand.shape[1])
-    vals, ids = best_first(exact, gid, width)
-    if width < k:
-        vals = torch.cat([vals, vals.new_full((batch, k - width), -math.inf)], 1)
-        ids = torch.cat([ids, ids.new_full((batch, k - width), layer.num_classes)], 1)
+    vals, ids = best_padded(exact, gid, k, layer.num_classes)
     # the single-device layer keeps the best `candidates` of the scan_k + S re-scored classes: the
     # n worst (value ascending, id descending) are dropped to the rest, where they count by LUT score
     drop = max(0, scan_k + num_side - candidates) if with_log_z else 0
     parts = [vals, ids]
     if drop:
-        low, low_ids = best_first(-exact.masked_fill(~ok, math.inf), -gid.masked_fill(~ok, -1), min(drop, cand.shape[1]))
-        if low.shape[1] < drop:
-            low = torch.cat([low, low.new_full((batch, drop - low.shape[1]), -math.inf)], 1)
-            low_ids = torch.cat([low_ids, low_ids.new_full((batch, drop - low_ids.shape[1]), 1)], 1)
+        low, low_ids = best_padded(-exact.masked_fill(~ok, math.inf), -gid.masked_fill(~ok, -1), drop, 1)
         parts += [low, low_ids]
     allp = _payload_gather(layer, parts)
     top_values, top_ids = best_first(allp[:, :, :k].contiguous().view(torch.float32).reshape(batch, -1),
