@@ -48,6 +48,12 @@ def _lut_score():
     return [(lut4, packed4, 100, b), (lut8, packed8, 70)]
 
 
+def _lut_score_quantized():
+    lut4, packed4, b = _lut_case(3, 100, 7, 4, seed=4, bias=True)
+    lut8, packed8, _ = _lut_case(2, 70, 3, 8, seed=5)
+    return [(lut4, packed4, 100, b), (lut4, packed4, 100), (lut8, packed8, 70)]
+
+
 def _lut_topk():
     lut4, packed4, b = _lut_case(3, 100, 7, 4, seed=4, bias=True)
     lut8, packed8, _ = _lut_case(2, 70, 3, 8, seed=5)
@@ -134,6 +140,7 @@ SAMPLE_INPUTS = {
     "unpack_codes": _unpack_codes,
     "lut_score": _lut_score,
     "lut_topk": _lut_topk,
+    "lut_score_quantized": _lut_score_quantized,
     "pq_encode": _pq_encode,
     "anisotropic_encode": _anisotropic_encode,
     "aq_encode": _aq_encode,

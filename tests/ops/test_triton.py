@@ -242,6 +242,7 @@ def _opcheck_cases():
         (torch.ops.torchaq.lut_score.default, (lut, packed, 70, b)),
         (torch.ops.torchaq.lut_topk.default, (lut, packed, 70, 9, b)),
         (torch.ops.torchaq.lut_topk.default, (lut8, packed8, 40, 5, None)),
+        (torch.ops.torchaq.lut_score_quantized.default, (lut, packed, 70, b)),
     ]
 
 
@@ -264,6 +265,10 @@ def test_opcheck_triton_kernels_under_interpreter():
             v, i = torch.ops.torchaq.lut_topk(*_opcheck_cases()[2][1])  # really ran the Triton kernel
             v_ref, _ = ops.lut_topk_reference(*_opcheck_cases()[2][1])
             torch.testing.assert_close(v, v_ref, atol=1e-4, rtol=1e-4)
+            # lut_score_quantized on the Triton path: the exact float scores, step 0
+            scores, step = torch.ops.torchaq.lut_score_quantized(*_opcheck_cases()[4][1])
+            torch.testing.assert_close(scores, ops.lut_score_reference(*_opcheck_cases()[4][1]), atol=1e-4, rtol=1e-4)
+            assert bool((step == 0).all())
 
 
 @gpu_only

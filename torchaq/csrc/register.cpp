@@ -19,6 +19,7 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("compute_lut", &torchaq::cpu::compute_lut_cpu);
   m.impl("lut_topk", &torchaq::cpu::lut_topk_cpu);
   m.impl("lut_score", &torchaq::cpu::lut_score_cpu);
+  m.impl("lut_score_quantized", &torchaq::cpu::lut_score_quantized_cpu);
   m.impl("pq_encode", &torchaq::cpu::pq_encode_cpu);
   m.impl("anisotropic_encode", &torchaq::cpu::anisotropic_encode_cpu);
   m.impl("aq_encode", &torchaq::cpu::aq_encode_cpu);

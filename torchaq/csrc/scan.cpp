@@ -44,6 +44,7 @@
 #include <new>
 #include <vector>
 
+#include "lut_quantize.h"
 #include "scan_generic.h"
 #include "scan_kernels.h"
 #include "topk.h"
@@ -90,6 +91,7 @@ Isa current_isa() {
 struct Kernels {
   void (*compute_lut)(const float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
   void (*topk4)(const Topk4Args&, const Task&);
+  void (*qscore4)(const Topk4Args&, const Task&);
   void (*topk8)(const FloatScanArgs&, const Task&);
   void (*score4)(const FloatScanArgs&, const Task&);
   void (*score8)(const FloatScanArgs&, const Task&);
@@ -98,10 +100,10 @@ struct Kernels {
 Kernels kernels_for(Isa isa) {
   switch (isa) {
 #if defined(TORCHAQ_X86_KERNELS)
-    case Isa::Avx512: return {compute_lut_avx512, topk4_avx512, topk8_avx512, score4_avx512, score8_avx512};
-    case Isa::Avx2: return {compute_lut_avx2, topk4_avx2, topk8_avx2, score4_avx2, score8_avx2};
+    case Isa::Avx512: return {compute_lut_avx512, topk4_avx512, qscore4_avx512, topk8_avx512, score4_avx512, score8_avx512};
+    case Isa::Avx2: return {compute_lut_avx2, topk4_avx2, qscore4_avx2, topk8_avx2, score4_avx2, score8_avx2};
 #endif
-    default: return {compute_lut_scalar, topk4_scalar, topk8_scalar, score4_scalar, score8_scalar};
+    default: return {compute_lut_scalar, topk4_scalar, qscore4_scalar, topk8_scalar, score4_scalar, score8_scalar};
   }
 }
 
@@ -242,110 +244,6 @@ bool all_finite(const float* x, int64_t n) {
   return ok;
 }
 
-// min and max of the 16 entries of one LUT row (entries are finite: checked by the caller).
-inline void row_range(const float* l, float* lo, float* hi) {
-#if defined(__SSE2__)
-  __m128 mn = _mm_loadu_ps(l), mx = mn;
-  for (int j = 4; j < 16; j += 4) {
-    const __m128 x = _mm_loadu_ps(l + j);
-    mn = _mm_min_ps(mn, x);
-    mx = _mm_max_ps(mx, x);
-  }
-  mn = _mm_min_ps(mn, _mm_movehl_ps(mn, mn));
-  mn = _mm_min_ss(mn, _mm_shuffle_ps(mn, mn, 1));
-  mx = _mm_max_ps(mx, _mm_movehl_ps(mx, mx));
-  mx = _mm_max_ss(mx, _mm_shuffle_ps(mx, mx, 1));
-  *lo = _mm_cvtss_f32(mn);
-  *hi = _mm_cvtss_f32(mx);
-#else
-  *lo = *std::min_element(l, l + 16);
-  *hi = *std::max_element(l, l + 16);
-#endif
-}
-
-// q[j] = uint8(min(255, (l[j] - mn) * sf + 0.5)) for the 16 entries of one row (the values are
-// >= 0.5, so truncation rounds to nearest; the saturating packs do the min).
-inline void quantize_row(const float* l, float mn, float sf, uint8_t* q) {
-#if defined(__SSE2__)
-  const __m128 vmn = _mm_set1_ps(mn), vsf = _mm_set1_ps(sf), half = _mm_set1_ps(0.5f);
-  __m128i w[4];
-  for (int j = 0; j < 4; ++j)
-    w[j] = _mm_cvttps_epi32(_mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(l + 4 * j), vmn), vsf), half));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
-                   _mm_packus_epi16(_mm_packs_epi32(w[0], w[1]), _mm_packs_epi32(w[2], w[3])));
-#else
-  for (int j = 0; j < 16; ++j) q[j] = uint8_t(std::min(255.f, (l[j] - mn) * sf + 0.5f));
-#endif
-}
-
-// Fewest uint8 steps the median subspace's trimmed range may span before a query falls back to the
-// exact float scan (benchmarks/outliers.py prints how often it triggers on real tables).
-constexpr double kMinMedianLevels = 4.0;
-
-// 4th largest minus 4th smallest of the 16 entries of one LUT row.
-inline double trimmed_range(const float* l) {
-  float t[16];
-  std::memcpy(t, l, sizeof(t));
-  std::nth_element(t, t + 3, t + 16);
-  std::nth_element(t + 4, t + 12, t + 16);
-  return double(t[12]) - double(t[3]);
-}
-
-// Per-query uint8 LUT (B, 2P, 16) (rows >= M zero), 1 / scale and the sum of offsets, from
-// finite entries (checked by the caller). coarse[b] = 1 when query b's median subspace range gets
-// fewer than kMinMedianLevels steps (its table cannot be resolved with one scale).
-void quantize_lut(const at::Tensor& lut, int64_t P, uint8_t* qlut, float* inv_scale, float* offset,
-                  uint8_t* coarse) {
-  const int64_t B = lut.size(0), M = lut.size(1);
-  TORCH_CHECK_VALUE(M < 65535, "lut_topk: 4-bit codes support M < 65535 subspaces, got M = ", M);
-  const float* L = lut.const_data_ptr<float>();
-  // ~M * 16 entries per query: a few queries already pay for a thread
-  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / (16 * M)), [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> mins;  // reused: no allocation per call
-    thread_local std::vector<double> ranges;
-    if (mins.size() < size_t(M)) mins.resize(size_t(M));
-    if (ranges.size() < size_t(M)) ranges.resize(size_t(M));
-    for (int64_t b = begin; b < end; ++b) {
-      const float* l = L + b * M * 16;
-      uint8_t* q = qlut + b * 2 * P * 16;
-      std::memset(q + M * 16, 0, size_t((2 * P - M) * 16));
-      double maxr = 0, sumr = 0, off = 0;
-      for (int64_t m = 0; m < M; ++m) {
-        float lo, hi;  // exact: both are entries of the row
-        row_range(l + m * 16, &lo, &hi);
-        const double r = double(hi) - double(lo);  // exact in double
-        mins[size_t(m)] = lo;
-        maxr = std::max(maxr, r);
-        sumr += r;
-        off += lo;
-      }
-      const double scale = maxr > 0 ? std::min(255.0 / maxr, double(65535 - M) / sumr) : 1.0;
-      // the median trimmed range of an evenly spaced sample of at most ~16 subspaces (cheap next to
-      // the scan at batch 1; a false alarm only costs speed: the fallback is exact)
-      const int64_t stride = std::max<int64_t>(1, M / 16);
-      int64_t ns = 0;
-      for (int64_t m = 0; m < M; m += stride) ranges[size_t(ns++)] = trimmed_range(l + m * 16);
-      std::nth_element(ranges.begin(), ranges.begin() + ns / 2, ranges.begin() + ns);
-      coarse[b] = maxr > 0 && ranges[size_t(ns / 2)] * scale < kMinMedianLevels ? 1 : 0;
-      if (scale < 1e37) {
-        // float (vectorised): the rounding error of (l - min) * scale is ~1e-7 of a step, far
-        // inside the half step of slack that the uint16 budget keeps per subspace
-        const float sf = float(scale);
-        for (int64_t m = 0; m < M; ++m) quantize_row(l + m * 16, mins[size_t(m)], sf, q + m * 16);
-      } else {  // ranges below ~1e-35: the scale overflows float
-        for (int64_t m = 0; m < M; ++m) {
-          for (int j = 0; j < 16; ++j) {
-            const double v = (double(l[m * 16 + j]) - double(mins[size_t(m)])) * scale + 0.5;  // round, v >= 0.5
-            q[m * 16 + j] = uint8_t(std::min(255.0, v));
-          }
-        }
-      }
-      inv_scale[b] = float(1.0 / scale);
-      offset[b] = float(off);
-    }
-  });
-}
-
 // Merge the TB partial top-k of every query into the sorted output; value(q, key) de-quantizes.
 // Sorting packs (key order bits, inverted index) into one uint64, so that a plain descending
 // integer sort is the (key desc, index asc) order.
@@ -473,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor> lut_topk_cpu_impl(const at::Tensor& lut_in, c
     uint32_t* select = scratch.take<uint32_t>(ntasks * (nblocks + 16));
     uint16_t* bsums = keep_sums ? scratch.take<uint16_t>(ntasks * sums_queries * nblocks * kBlock) : nullptr;
     Topk4Args a{packed.const_data_ptr<uint8_t>(), P, num_classes, qlut, inv_scale, offset, bias_ptr, bias_tail,
-                nblocks, bmax, bsums, select, sums_queries};
+                nblocks, bmax, bsums, select, sums_queries, nullptr};
     run_tasks(plan, B, nblocks, P, topk, work, [&](const Task& t) { kern.topk4(a, t); });
     merge_topk(topk, B, plan.TB, kk, vals, idx, [&](int64_t q, float key) {
       // with a bias the key already is the de-quantized score; without, it is the uint16 sum
@@ -547,6 +445,49 @@ at::Tensor lut_score_cpu(const at::Tensor& lut_in, const at::Tensor& packed_in, 
   run_tasks(plan, B, nblocks, P, nullptr, scratch.take<uint8_t>(work_bytes(plan, P)),
             [&](const Task& t) { bits == 4 ? kern.score4(a, t) : kern.score8(a, t); });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> lut_score_quantized_cpu(const at::Tensor& lut_in, const at::Tensor& packed_in,
+                                                           int64_t num_classes, const std::optional<at::Tensor>& bias_in) {
+  const int64_t bits = check_scan_args(lut_in, packed_in, num_classes, bias_in);
+  const int64_t B = lut_in.size(0);
+  at::Tensor step = at::zeros({B}, lut_in.options());
+  if (bits != 4) return {lut_score_cpu(lut_in, packed_in, num_classes, bias_in), step};  // exact sums: step 0
+  at::Tensor out = at::empty({B, num_classes}, lut_in.options());
+  if (B == 0 || num_classes == 0) return {out, step};
+  const at::Tensor lut = lut_in.contiguous(), packed = packed_in.contiguous();
+  const std::optional<at::Tensor> bias =
+      bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  TORCH_CHECK_VALUE(all_finite(lut.const_data_ptr<float>(), lut.numel()),
+                    "lut_score_quantized needs finite lut entries (got inf or nan)");
+  TORCH_CHECK_VALUE(!bias.has_value() || all_finite(bias->const_data_ptr<float>(), num_classes),
+                    "lut_score_quantized needs a finite bias (got inf or nan)");
+  const int64_t nblocks = packed.size(0), P = packed.size(1);
+  const Plan plan = make_plan(B, nblocks, P);
+  Scratch scratch({work_bytes(plan, P), B * 2 * P * 16, 4 * B, 4 * B, B});
+  uint8_t* work = scratch.take<uint8_t>(work_bytes(plan, P));
+  uint8_t* qlut = scratch.take<uint8_t>(B * 2 * P * 16);
+  float* inv_scale = scratch.take<float>(B);
+  float* offset = scratch.take<float>(B);
+  uint8_t* coarse = scratch.take<uint8_t>(B);
+  quantize_lut(lut, P, qlut, inv_scale, offset, coarse);
+  Topk4Args a{packed.const_data_ptr<uint8_t>(), P, num_classes, qlut, inv_scale, offset,
+              bias.has_value() ? bias->const_data_ptr<float>() : nullptr, nullptr, nblocks, nullptr, nullptr,
+              nullptr, 0, out.data_ptr<float>()};
+  const Kernels kern = kernels_for(current_isa());
+  run_tasks(plan, B, nblocks, P, nullptr, work, [&](const Task& t) { kern.qscore4(a, t); });
+  // a query whose table one uint8 scale cannot resolve gets its exact float scores (step 0)
+  std::vector<int64_t> rows;
+  float* st = step.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    if (coarse[b]) rows.push_back(b);
+    else st[b] = inv_scale[b];
+  }
+  if (!rows.empty()) {
+    const at::Tensor idx = at::tensor(rows, lut.options().dtype(at::kLong));
+    out.index_copy_(0, idx, lut_score_cpu(lut.index_select(0, idx).contiguous(), packed, num_classes, bias));
+  }
+  return {out, step};
 }
 
 }  // namespace cpu

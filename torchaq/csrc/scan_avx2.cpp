@@ -202,6 +202,58 @@ void topk4_impl(const Topk4Args& a, const Task& t) {
   }
 }
 
+// lut_score_quantized: the de-quantized score of every class of blocks [c0, c1) for queries
+// q .. q + Q - 1, written to a.out in natural class order with the float ops of qscore4_generic:
+// float(sum) * inv_scale + (offset + bias).
+template <int Q>
+void qscore_group(const Topk4Args& a, int64_t q, int64_t c0, int64_t c1) {
+  const int64_t tstride = 2 * a.P * 16;
+  alignas(32) float btail[kBlock], otail[kBlock];
+  for (int64_t blk = c0; blk < c1; ++blk) {
+    __m256i even[Q], odd[Q];
+    block_sums<Q>(a.packed + blk * a.P * kBlock, a.P, a.qlut + q * tstride, tstride, even, odd);
+    const int64_t base = blk * kBlock, valid = min64(kBlock, a.num_classes - base);
+    const float* b = nullptr;
+    if (a.bias != nullptr) {
+      b = a.bias + base;
+      if (valid < kBlock) {  // the last block: its bias zero-padded (never read past the end)
+        for (int i = 0; i < kBlock; ++i) btail[i] = i < valid ? a.bias[base + i] : 0.f;
+        b = btail;
+      }
+    }
+    for (int j = 0; j < Q; ++j) {
+      // unpack: lo = classes 0-7 | 16-23, hi = classes 8-15 | 24-31 (16-bit lanes, per 128-bit half)
+      const __m256i lo = _mm256_unpacklo_epi16(even[j], odd[j]), hi = _mm256_unpackhi_epi16(even[j], odd[j]);
+      const __m128i part[4] = {_mm256_castsi256_si128(lo), _mm256_castsi256_si128(hi), _mm256_extracti128_si256(lo, 1),
+                               _mm256_extracti128_si256(hi, 1)};
+      const __m256 inv = _mm256_set1_ps(a.inv_scale[q + j]), off = _mm256_set1_ps(a.offset[q + j]);
+      float* o = valid == kBlock ? a.out + (q + j) * a.num_classes + base : otail;
+      for (int g = 0; g < 4; ++g) {  // classes 8g .. 8g + 7
+        const __m256 s = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(part[g]));
+        const __m256 add = b != nullptr ? _mm256_add_ps(off, _mm256_loadu_ps(b + 8 * g)) : _mm256_add_ps(off, _mm256_setzero_ps());
+        _mm256_storeu_ps(o + 8 * g, _mm256_add_ps(_mm256_mul_ps(s, inv), add));
+      }
+      if (valid < kBlock)
+        for (int64_t i = 0; i < valid; ++i) a.out[(q + j) * a.num_classes + base + i] = otail[i];
+    }
+  }
+}
+
+void qscore4_impl(const Topk4Args& a, const Task& t) {
+  const int64_t cb = chunk_blocks(a.P);
+  for (int64_t c0 = t.blk0; c0 < t.blk1; c0 += cb) {
+    const int64_t c1 = min64(t.blk1, c0 + cb);
+    int64_t q = t.q0;
+    for (; q + kGroup <= t.q1; q += kGroup) qscore_group<kGroup>(a, q, c0, c1);
+    switch (t.q1 - q) {
+      case 3: qscore_group<3>(a, q, c0, c1); break;
+      case 2: qscore_group<2>(a, q, c0, c1); break;
+      case 1: qscore_group<1>(a, q, c0, c1); break;
+      default: break;
+    }
+  }
+}
+
 }  // namespace
 
 void topk4_avx2(const Topk4Args& a, const Task& t) {
@@ -215,6 +267,7 @@ void compute_lut_avx2(const float* q, const float* c, const float* ct, int64_t b
                       int64_t K, int64_t dsub, float* out) {
   compute_lut_generic(q, c, ct, b0, b1, M, K, dsub, out);
 }
+void qscore4_avx2(const Topk4Args& a, const Task& t) { qscore4_impl(a, t); }
 void topk8_avx2(const FloatScanArgs& a, const Task& t) { topk8_generic(a, t); }
 void score4_avx2(const FloatScanArgs& a, const Task& t) { score4_generic(a, t); }
 void score8_avx2(const FloatScanArgs& a, const Task& t) { score8_generic(a, t); }

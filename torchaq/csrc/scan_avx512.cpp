@@ -270,6 +270,68 @@ void topk4_impl(const Topk4Args& a, const Task& t) {
   }
 }
 
+// lut_score_quantized: the de-quantized score of every class of blocks [c0, c1) for queries
+// q .. q + Q - 1, written to a.out in natural class order (the float ops of qscore4_generic).
+template <int Q, bool kGfni>
+void qscore_group(const Topk4Args& a, int64_t q, const uint8_t* xt, int64_t xstride, int64_t c0, int64_t c1) {
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+  for (int64_t blk = c0; blk < c1; ++blk) {
+    __m256i even[Q], odd[Q];
+    if (kGfni)
+      block_sums_gfni<Q>(a.packed + blk * a.P * kBlock, a.P, xt, xstride, even, odd);
+    else
+      block_sums<Q>(a.packed + blk * a.P * kBlock, a.P, xt, xstride, even, odd);
+    const int64_t base = blk * kBlock, valid = min64(kBlock, a.num_classes - base);
+    __m512 be = _mm512_setzero_ps(), bo = _mm512_setzero_ps();
+    if (a.bias != nullptr) {  // the bias in natural order, split into the even and the odd classes
+      const __mmask16 m0 = __mmask16(valid >= 16 ? 0xFFFF : (1u << valid) - 1);
+      const __mmask16 m1 = __mmask16(valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : (1u << (valid - 16)) - 1);
+      const __m512 b0 = _mm512_maskz_loadu_ps(m0, a.bias + base), b1 = _mm512_maskz_loadu_ps(m1, a.bias + base + 16);
+      be = _mm512_permutex2var_ps(b0, ev, b1);
+      bo = _mm512_permutex2var_ps(b0, od, b1);
+    }
+    for (int j = 0; j < Q; ++j) {
+      const __m512 inv = _mm512_set1_ps(a.inv_scale[q + j]), off = _mm512_set1_ps(a.offset[q + j]);
+      const __m512 ke = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(even[j])), inv),
+                                      _mm512_add_ps(off, be));
+      const __m512 ko = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(odd[j])), inv),
+                                      _mm512_add_ps(off, bo));
+      float* o = a.out + (q + j) * a.num_classes + base;
+      if (valid == kBlock) {
+        _mm512_storeu_ps(o, _mm512_permutex2var_ps(ke, first, ko));
+        _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(ke, second, ko));
+      } else {
+        const __mmask16 m0 = __mmask16(valid >= 16 ? 0xFFFF : (1u << valid) - 1);
+        const __mmask16 m1 = __mmask16(valid <= 16 ? 0 : (1u << (valid - 16)) - 1);
+        _mm512_mask_storeu_ps(o, m0, _mm512_permutex2var_ps(ke, first, ko));
+        _mm512_mask_storeu_ps(o + 16, m1, _mm512_permutex2var_ps(ke, second, ko));
+      }
+    }
+  }
+}
+
+template <bool kGfni>
+void qscore4_impl(const Topk4Args& a, const Task& t) {
+  const int64_t P = a.P, xstride = (P + 1) / 2 * 128, cb = chunk_blocks(P);
+  uint8_t* xt = t.work;
+  for (int64_t q = t.q0; q < t.q1; ++q) expand_tables(a.qlut + q * (2 * P * 16), P, xt + (q - t.q0) * xstride);
+  for (int64_t c0 = t.blk0; c0 < t.blk1; c0 += cb) {
+    const int64_t c1 = min64(t.blk1, c0 + cb);
+    int64_t q = t.q0;
+    for (; q + kGroup <= t.q1; q += kGroup) qscore_group<kGroup, kGfni>(a, q, xt + (q - t.q0) * xstride, xstride, c0, c1);
+    const uint8_t* x = xt + (q - t.q0) * xstride;
+    switch (t.q1 - q) {
+      case 3: qscore_group<3, kGfni>(a, q, x, xstride, c0, c1); break;
+      case 2: qscore_group<2, kGfni>(a, q, x, xstride, c0, c1); break;
+      case 1: qscore_group<1, kGfni>(a, q, x, xstride, c0, c1); break;
+      default: break;
+    }
+  }
+}
+
 // Exact float sums for 4-bit codes: vpermps looks up 16 float entries (one zmm) per instruction.
 void sums4_float_avx512(const float* lut, const uint8_t* codes, int64_t P, float* acc) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
@@ -331,6 +393,14 @@ void topk4_avx512(const Topk4Args& a, const Task& t) {
   } else {
     gfni ? topk4_impl<false, true>(a, t) : topk4_impl<false, false>(a, t);
   }
+}
+void qscore4_avx512(const Topk4Args& a, const Task& t) {
+  static const bool has_gfni = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("gfni") != 0;
+  }();
+  const char* off = std::getenv("TORCHAQ_NO_GFNI");
+  (has_gfni && !(off != nullptr && off[0] == '1')) ? qscore4_impl<true>(a, t) : qscore4_impl<false>(a, t);
 }
 void compute_lut_avx512(const float* q, const float* c, const float* ct, int64_t b0, int64_t b1, int64_t M,
                         int64_t K, int64_t dsub, float* out) {

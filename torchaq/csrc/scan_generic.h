@@ -99,6 +99,34 @@ inline void topk4_generic(const Topk4Args& a, const Task& t) {
   }
 }
 
+// lut_score_quantized: every class's de-quantized uint8-LUT score written to a.out (B, N),
+//   float(sum) * inv_scale + (offset + bias)      (bias 0 without one; the float ops of lut_topk's keys)
+inline void qscore4_generic(const Topk4Args& a, const Task& t) {
+  const int64_t P = a.P, cb = chunk_blocks(P);
+  for (int64_t c0 = t.blk0; c0 < t.blk1; c0 += cb) {
+    const int64_t c1 = min64(t.blk1, c0 + cb);
+    for (int64_t q = t.q0; q < t.q1; ++q) {
+      const uint8_t* T = a.qlut + q * (2 * P * 16);
+      for (int64_t blk = c0; blk < c1; ++blk) {
+        const uint8_t* codes = a.packed + blk * P * kBlock;
+        uint32_t sum[kBlock] = {0};
+        for (int64_t p = 0; p < P; ++p) {
+          const uint8_t* lo = T + (2 * p) * 16;
+          const uint8_t* hi = lo + 16;
+          for (int i = 0; i < kBlock; ++i) {
+            const uint8_t c = codes[p * kBlock + i];
+            sum[i] += uint32_t(lo[c & 15]) + uint32_t(hi[c >> 4]);
+          }
+        }
+        const int64_t base = blk * kBlock, valid = min64(kBlock, a.num_classes - base);
+        float* o = a.out + q * a.num_classes + base;
+        for (int64_t i = 0; i < valid; ++i)
+          o[i] = float(sum[i]) * a.inv_scale[q] + (a.offset[q] + (a.bias != nullptr ? a.bias[base + i] : 0.f));
+      }
+    }
+  }
+}
+
 // Exact float sums of one block for one query over a float LUT. 4-bit: lut is (2P, 16).
 inline void sums4_float(const float* lut, const uint8_t* codes, int64_t P, float* acc) {
   for (int i = 0; i < kBlock; ++i) acc[i] = 0.f;

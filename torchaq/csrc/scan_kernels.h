@@ -59,6 +59,7 @@ struct Topk4Args {
                           // or null: pass 2 then re-scans its blocks (large B * nblocks)
   uint32_t* select;       // (number of tasks, nblocks + 16) scratch for block_bound
   int64_t sums_queries;   // queries of kept sums per task: min(queries per task, two_pass_sub_batch)
+  float* out;             // lut_score_quantized only: (B, N) de-quantized scores (null for the top-k)
 };
 
 // Float-LUT scans: exact float sums (8-bit top-k, 4-bit and 8-bit lut_score).
@@ -79,6 +80,7 @@ inline int64_t scratch_bytes_per_query(int64_t P) { return 64 * (P + 2); }
   void compute_lut_##isa(const float* q, const float* c, const float* ct, int64_t b0, int64_t b1, int64_t M, \
                          int64_t K, int64_t dsub, float* out);     \
   void topk4_##isa(const Topk4Args& a, const Task& t);             \
+  void qscore4_##isa(const Topk4Args& a, const Task& t);           \
   void topk8_##isa(const FloatScanArgs& a, const Task& t);         \
   void score4_##isa(const FloatScanArgs& a, const Task& t);        \
   void score8_##isa(const FloatScanArgs& a, const Task& t);

@@ -6,6 +6,7 @@ namespace torchaq {
 namespace cpu {
 
 void topk4_scalar(const Topk4Args& a, const Task& t) { topk4_generic(a, t); }
+void qscore4_scalar(const Topk4Args& a, const Task& t) { qscore4_generic(a, t); }
 void compute_lut_scalar(const float* q, const float* c, const float* ct, int64_t b0, int64_t b1, int64_t M,
                       int64_t K, int64_t dsub, float* out) {
   compute_lut_generic(q, c, ct, b0, b1, M, K, dsub, out);

@@ -15,6 +15,7 @@ module                 ops
 ``lut``                ``compute_lut``
 ``pack``               ``pack_codes``, ``unpack_codes``
 ``scan``               ``lut_score``, ``lut_topk``
+``quantized_scan``     ``lut_score_quantized`` (every class's score from the uint8 LUT of the 4-bit scans)
 ``encode``             ``pq_encode``, ``anisotropic_encode`` (PQ encoders)
 ``aq_encode``          ``aq_encode`` (additive codes, LSQ++)
 ``normal_apply``       ``anisotropic_normal_apply``, ``anisotropic_normal_rhs``
@@ -65,6 +66,7 @@ from torchaq.ops.rescore import (
     rescore_topk_reference,
     row_logits,
 )
+from torchaq.ops.quantized_scan import lut_score_quantized, lut_score_quantized_reference, quantize_lut_reference
 from torchaq.ops.scan import lut_score, lut_score_reference, lut_topk, lut_topk_reference
 from torchaq.ops.schemas import SCHEMAS
 
@@ -75,6 +77,7 @@ REFERENCES = {
     "unpack_codes": unpack_codes_reference,
     "lut_score": lut_score_reference,
     "lut_topk": lut_topk_reference,
+    "lut_score_quantized": lut_score_quantized_reference,
     "aq_encode": aq_encode_reference,
     "rescore_topk": rescore_topk_reference,
     "pq_encode": pq_encode_reference,

@@ -22,7 +22,7 @@ def _chunk_rows(batch: int, num_subspaces: int) -> int:
     return max(BLOCK, (8 << 20) // max(1, batch * num_subspaces) // BLOCK * BLOCK)
 
 
-def _score_chunks(lut: Tensor, packed: Tensor, num_classes: int, bias: Optional[Tensor]):
+def score_chunks(lut: Tensor, packed: Tensor, num_classes: int, bias: Optional[Tensor]):
     """Yield ``(start, scores)`` with exact float32 LUT sums for consecutive chunks of classes."""
     batch, m, k = lut.shape
     bits = bits_of_lut(lut)
@@ -51,7 +51,7 @@ def _lut_score_fake(lut: Tensor, packed: Tensor, num_classes: int, bias: Optiona
 def lut_score_reference(lut: Tensor, packed: Tensor, num_classes: int, bias: Optional[Tensor] = None) -> Tensor:
     check_lut_scan_args(lut, packed, num_classes, bias)
     out = lut.new_empty((lut.shape[0], num_classes))
-    for start, scores in _score_chunks(lut, packed, num_classes, bias):
+    for start, scores in score_chunks(lut, packed, num_classes, bias):
         out[:, start : start + scores.shape[1]] = scores
     return out
 
@@ -77,7 +77,7 @@ def lut_topk_reference(
     batch = lut.shape[0]
     best_v = lut.new_full((batch, 0), -math.inf)
     best_i = torch.zeros((batch, 0), dtype=torch.int64, device=lut.device)
-    for start, scores in _score_chunks(lut, packed, num_classes, bias):
+    for start, scores in score_chunks(lut, packed, num_classes, bias):
         idx = torch.arange(start, start + scores.shape[1], device=lut.device).expand(batch, -1)
         v = torch.cat([best_v, scores], dim=1)
         i = torch.cat([best_i, idx], dim=1)

@@ -14,6 +14,8 @@ SCHEMAS = {
     "pack_codes": "pack_codes(Tensor codes, int bits) -> Tensor",
     "unpack_codes": "unpack_codes(Tensor packed, int num_subspaces, int bits, int num_classes) -> Tensor",
     "lut_score": "lut_score(Tensor lut, Tensor packed, int num_classes, Tensor? bias=None) -> Tensor",
+    "lut_score_quantized": "lut_score_quantized(Tensor lut, Tensor packed, int num_classes, Tensor? bias=None)"
+                           " -> (Tensor, Tensor)",
     "lut_topk": "lut_topk(Tensor lut, Tensor packed, int num_classes, int k, Tensor? bias=None) -> (Tensor, Tensor)",
     "aq_encode": "aq_encode(Tensor x, Tensor codebooks, Tensor codes, Tensor eta, Tensor perturb, int icm_iters,"
                  " bool greedy) -> Tensor",
