@@ -118,8 +118,8 @@ def acceptance(layer, queries, temperature=1.0):
         rates = []
         for h in queries:
             flat = h.unsqueeze(0)
-            scores, logits, classes = exact_sampling.head_scores(layer, flat, exact_sampling.DEFAULT_HEAD)
-            upper = exact_sampling.tail_bounds(layer, flat, scores, classes, sig)
+            scores, logits, classes, step = exact_sampling.head_scores(layer, flat, exact_sampling.DEFAULT_HEAD)
+            upper = exact_sampling.tail_bounds(layer, flat, scores, classes, sig, rounding=step)
             exact = (flat @ layer.weight.detach().T)[0] / temperature
             m = exact.max()
             z = (exact - m).exp().sum()
@@ -145,6 +145,12 @@ def error_quantiles(layer, queries):
         rows.append([f"{q}", f"{torch.quantile(ratio.double(), q).item():.4f}", f"{normal.icdf(torch.tensor(q)).item():.4f}"])
     rows.append(["max", f"{ratio.max().item():.4f}", f"(z = {exact_sampling.ERROR_SIGMAS} bound: "
                  f"{exact_sampling.ERROR_SIGMAS / math.sqrt(layer.dim):.4f})"])
+    # the bound the sampler applies (uint8-LUT scores plus both allowances): how often it fails
+    scores, _, classes, step = exact_sampling.head_scores(layer, queries, exact_sampling.DEFAULT_HEAD)
+    upper = exact_sampling.tail_bounds(layer, queries, scores, classes, rounding=step)
+    tail = upper > -math.inf
+    rows.append(["l > u (sampler's bound, quantized scores)", f"{int((l > upper)[tail].sum())} of {int(tail.sum())}",
+                 f"expected {float(tail.sum()) * (1 - float(torch.distributions.Normal(0.0, 1.0).cdf(torch.tensor(exact_sampling.ERROR_SIGMAS)))):.1f}"])
     return rows
 
 

@@ -55,6 +55,18 @@ def _chi2(draws, probs, bins):
     return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
 
 
+def test_counter_uniforms_numpy_path_equals_torch_path():
+    """key_uniforms hashes in numpy on CPU; the torch ops (every other device) give the same bits."""
+    from torchaq.layer.counter_rng import hashed_counters, hashed_numbers, key_uniforms, row_keys
+
+    keys = row_keys(torch.tensor([0, 1, -5, 2 ** 62, -(2 ** 62), 123456789]))
+    for stream, n in ((0, 1), (3, 32), (17, 257)):
+        via_torch = (hashed_numbers(keys.unsqueeze(1), hashed_counters(stream, n, keys.device), mix32).double() + 0.5) / 2.0 ** 53
+        assert torch.equal(key_uniforms(keys, stream, n), via_torch)
+    seeds = torch.tensor([0, 1, -1, -5, 2 ** 62, -(2 ** 63), 2 ** 63 - 1, 123456789])
+    assert torch.equal(row_keys(seeds), mix32(seeds ^ mix32((seeds >> 32) ^ 0x9E3779B9)))
+
+
 def test_counter_uniforms_are_the_hash_and_batch_free():
     def py(x):
         x &= 0xFFFFFFFF

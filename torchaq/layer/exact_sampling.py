@@ -5,10 +5,12 @@
 then ``min_p``). The method, chosen on measurements (``benchmarks/sampling.py``; DESIGN.md s. 11):
 
 **Rejection from a bounded LUT proposal with an exact head.** One LUT pass gives every class's
-float score ``s_i`` (:func:`torchaq.ops.lut_score`); the scan's best ``C`` classes plus the side
-list (the *head*) are re-scored exactly. Each other class gets an upper bound of its logit
-``u_i = s_i + z |h| |r_i| / sqrt(d)`` (``r_i = W_i - decode(code_i)``, the layer's
-``residual_norms``). The proposal is ``q_i ∝ exp(l_i / T)`` on the head and ``exp(u_i / T)`` on the
+score ``s_i`` from the uint8 LUT of the 4-bit scans (:func:`torchaq.ops.lut_score_quantized`: a
+quarter of the float LUT's cost on AVX-512, within ``M step / 2`` of the float sum); the scan's
+best ``C`` classes plus the side list (the *head*) are re-scored exactly. Each other class gets an
+upper bound of its logit ``u_i = s_i + z (|h| |r_i| / sqrt(d) + step sqrt(M / 12))``
+(``r_i = W_i - decode(code_i)``, the layer's ``residual_norms``; the second term is the rounding
+of ``M`` uint8 entries, :func:`rounding_allowance`). The proposal is ``q_i ∝ exp(l_i / T)`` on the head and ``exp(u_i / T)`` on the
 rest; a drawn head class is kept, a drawn tail class is re-scored exactly and kept with
 probability ``exp((l_i - u_i) / T)``. Whenever ``l_i <= u_i`` holds this is textbook rejection
 sampling: the kept draw has *exactly* the target distribution. ``PROPOSALS`` draws per row are
@@ -22,7 +24,9 @@ negligible at LM-like entropy. The bound used is ``z = ERROR_SIGMAS`` standard d
 measured error model: on the MiniLM table with real hidden states, ``(l_i - s_i) / (|h| |r_i|)``
 has the quantiles of ``N(0, 1/d)`` (0.99: 0.120 vs 0.119, 0.9999: 0.189 vs 0.190, 0.99999: 0.217
 vs 0.217; the benchmark re-measures them), so the bound fails for a given (row, class) with
-probability ``P(N(0, 1) > z) ~= 1.0e-6``. Where it fails, that class alone is drawn with
+probability ``P(N(0, 1) > z) ~= 1.0e-6``. The rounding term models the ``M`` rounding errors as
+independent (each uniform within half a step) and adds its ``z`` standard deviations (never more
+than the worst case ``M step / 2``); on the MiniLM table it is ~4% of the bound. Where it fails, that class alone is drawn with
 probability ``exp((u_i - l_i) / T) < 1`` times its own: the total-variation error is at most the
 mass of the violating classes (in expectation ``<= 1e-6`` of the tail mass). It is exact, not
 bounded, for every class of the head and for every draw under ``top_k`` (below). ``benchmarks/sampling.py``
@@ -116,12 +120,14 @@ def row_seeds(seeds: Optional[Tensor], generator: Optional[torch.Generator], lea
 
 
 def head_scores(layer, flat: Tensor, size: int):
-    """The LUT scores of every class ``(B, V)``, and the head: the scan's best ``size`` classes plus
-    the side list, re-scored exactly, best first (``(B, H)`` logits and classes, repeats at -inf)."""
+    """The LUT scores of every class ``(B, V)`` and their quantization step ``(B,)`` (from the uint8
+    LUT of the 4-bit scans, :func:`torchaq.ops.lut_score_quantized`; step 0: exact float sums), and
+    the head: the scan's best ``size`` classes plus the side list, re-scored exactly, best first
+    (``(B, H)`` logits and classes, repeats at -inf). Returns ``(scores, logits, classes, step)``."""
     q, num = layer.quantizer, layer.num_classes
     q.check_fitted()
     lut = q.lut(flat)
-    scores = ops.lut_score(lut, layer.packed_codes, num, layer.float_bias())
+    scores, step = ops.lut_score_quantized(lut, layer.packed_codes, num, layer.float_bias())
     side = layer.side_rows
     if HEAD_FROM_SCAN:  # the fast-scan top-k (ranks with a uint8 LUT; side rows excluded)
         scan_k = max(1, min(size, num - side.numel()))
@@ -132,13 +138,24 @@ def head_scores(layer, flat: Tensor, size: int):
         classes = torch.cat([classes, side.to(classes.device).expand(classes.shape[0], -1)], dim=1)
     bias = None if layer.bias is None else layer.bias.detach()
     logits, classes = torch.ops.torchaq.rescore_topk.default(flat, layer.weight.detach(), bias, classes, classes.shape[1])
-    return scores, logits, classes
+    return scores, logits, classes, step
+
+
+def rounding_allowance(step: Tensor, num_subspaces: int, sigmas: float, worst_case: bool = False) -> Tensor:
+    """``(B, 1)``: the part of the bound for the uint8 rounding of the scores: a sum of ``M`` errors, each
+    within ``step / 2`` (``M step / 2`` at most, what ``worst_case`` uses), whose standard deviation is
+    ``step sqrt(M / 12)`` when they are independent; ``min(z sqrt(M / 12), M / 2) * step``."""
+    m = num_subspaces
+    return ((m / 2 if worst_case else min(sigmas * math.sqrt(m / 12), m / 2)) * step.float()).unsqueeze(1)
 
 
 def tail_bounds(layer, flat: Tensor, scores: Tensor, head: Tensor, sigmas: float = ERROR_SIGMAS,
-                in_place: bool = False) -> Tensor:
-    """``u_i = s_i + z |h| |r_i| / sqrt(d)`` (``z = sigmas``) for every class not in the head, ``-inf`` on
-    the head. ``z = sqrt(d)`` is the Cauchy-Schwarz bound (always true, far looser), ``z = 0`` the LUT score."""
+                in_place: bool = False, rounding: Optional[Tensor] = None) -> Tensor:
+    """``u_i = s_i + z (|h| |r_i| / sqrt(d) + step sqrt(M / 12))`` (``z = sigmas``; the second term is
+    :func:`rounding_allowance` of the quantization step ``rounding`` ``(B,)``; absent with ``None``) for every class not in
+    the head, ``-inf`` on the head. ``z = sqrt(d)`` is the Cauchy-Schwarz bound (always true, far
+    looser), ``z = 0`` the LUT score. Adding the two standard deviations bounds their root sum of
+    squares, so the one-sided tail of the sum stays below that of ``z`` sigmas."""
     scale = sigmas / math.sqrt(layer.dim)
     norms = layer.residual_norms
     # (side rows may hold any norm: they are always in the head; the V-sized fill only when needed)
@@ -149,6 +166,9 @@ def tail_bounds(layer, flat: Tensor, scores: Tensor, head: Tensor, sigmas: float
         upper = scores.addcmul_(step, norms.float().unsqueeze(0))
     else:
         upper = torch.addcmul(scores, step, norms.float().unsqueeze(0))
+    if rounding is not None:
+        # the Cauchy-Schwarz comparison (z >= sqrt(d)) is a worst-case bound: so is its rounding term
+        upper.add_(rounding_allowance(rounding, layer.quantizer.num_subspaces, sigmas, sigmas >= math.sqrt(layer.dim)))
     return upper.scatter_(1, head, -math.inf)
 
 
@@ -178,7 +198,7 @@ def _nucleus_floor(layer, flat, logits, scores, upper, top_p: float, temperature
     better mass is below ``top_p`` times the estimated full partition function."""
     t = temperature
     tail = upper > -math.inf
-    top = torch.maximum(logits[:, 0], scores.masked_fill(~tail, -math.inf).max(dim=1).values) / t
+    top = torch.maximum(logits[:, 0], scores.masked_fill(~tail, -math.inf).amax(dim=1)) / t
     prop = ((scores / t - top.unsqueeze(1)).exp() * tail).double()  # exp(s / T) on the tail, 0 on the head
     cum = prop.cumsum(dim=1)
     mass = cum[:, -1:]
@@ -336,9 +356,9 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
         _check_overflow(logits[:, :1] / t, t)
         return _categorical_plan(flat, logits, classes, top_p, min_p, t)
     size = max(candidates or DEFAULT_HEAD, top_k or 1)
-    scores, logits, classes = head_scores(layer, flat, size)
-    upper = tail_bounds(layer, flat, scores, classes, sigmas, in_place=top_k is not None or top_p >= 1)
-    upper_max = upper.max(dim=1).values
+    scores, logits, classes, step = head_scores(layer, flat, size)
+    upper = tail_bounds(layer, flat, scores, classes, sigmas, in_place=top_k is not None or top_p >= 1, rounding=step)
+    upper_max = upper.amax(dim=1)  # values only (max(dim) also finds the argmax)
     _check_overflow(logits[:, :1] / t, t)
     _check_overflow(upper_max / t, t)
     floor = torch.full_like(logits[:, 0], -math.inf)
@@ -347,7 +367,7 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
         return _categorical_plan(flat, logits[:, :top_k], classes[:, :top_k], top_p, min_p, t)
     if min_p is not None:
         logits, classes, upper = _complete(layer, flat, logits, classes, upper, logits[:, 0])
-        upper_max = upper.max(dim=1).values
+        upper_max = upper.amax(dim=1)
         floor = logits[:, 0] + t * math.log(min_p)
     if top_p < 1:
         # estimate the floor, re-score every class whose bound reaches it, estimate again: the nucleus
@@ -356,21 +376,25 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
         logits, classes, upper = _complete(layer, flat, logits, classes, upper, torch.maximum(floor, nucleus),
                                            NUCLEUS_COMPLETE)
         floor = torch.maximum(floor, _nucleus_floor(layer, flat, logits, scores, upper, top_p, t))
-        upper_max = upper.max(dim=1).values
+        upper_max = upper.amax(dim=1)
     # a bound far above the best exact logit (tiny temperature): re-score those classes, so that the
     # weights below neither all underflow nor overflow (per row: a row's head never depends on its batch)
     risky = upper_max - logits[:, 0] > WEIGHT_RANGE * t
     if bool(risky.any()):
         logits, classes, upper = _complete(layer, flat, logits, classes, upper,
                                            torch.where(risky, logits[:, 0], math.inf), NUCLEUS_COMPLETE)
-        upper_max = upper.max(dim=1).values
+        upper_max = upper.amax(dim=1)
     top = torch.maximum(logits[:, 0], upper_max - WEIGHT_RANGE * t).unsqueeze(1)
     num_head, num = logits.shape[1], upper.shape[1]
     span = num + (-num % BLOCK)  # the tail first, block-aligned: the layout never depends on the head's width
-    weights = upper.new_zeros((upper.shape[0], span + num_head + (-num_head % BLOCK)))
+    weights = upper.new_empty((upper.shape[0], span + num_head + (-num_head % BLOCK)))
+    weights[:, num:span].zero_()  # only the padding is zeroed: the rest is written below
+    weights[:, span + num_head:].zero_()
     tail = weights[:, :num]
     torch.sub(upper, top, out=tail)
-    tail.div_(t).exp_()
+    if t != 1.0:
+        tail.div_(t)
+    tail.exp_()
     torch.exp((logits - top) / t, out=weights[:, span:span + num_head])
     if bool((floor > -math.inf).any()):
         weights[:, span:span + num_head].masked_fill_(logits < floor.unsqueeze(1), 0.0)
