@@ -254,6 +254,33 @@ void qscore4_impl(const Topk4Args& a, const Task& t) {
   }
 }
 
+// Exact float sums for 4-bit codes (lut_score): 16 float entries per table are two ymm halves; vpermps
+// looks up the low 3 bits of each index in both, and a blend on bit 3 picks the half. Same adds in
+// the same order as sums4_float (low nibble, then high nibble, p = 0, 1, ...), so the same floats.
+void sums4_float_avx2(const float* lut, const uint8_t* codes, int64_t P, float* acc) {
+  __m256 a[4];
+  for (int g = 0; g < 4; ++g) a[g] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    const float* lo = lut + (2 * p) * 16;
+    const float* hi = lo + 16;
+    const __m256 lo0 = _mm256_loadu_ps(lo), lo1 = _mm256_loadu_ps(lo + 8);
+    const __m256 hi0 = _mm256_loadu_ps(hi), hi1 = _mm256_loadu_ps(hi + 8);
+    for (int g = 0; g < 4; ++g) {
+      const __m256i c =
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + p * kBlock + 8 * g)));
+      const __m256i h = _mm256_srli_epi32(c, 4);
+      // blendv reads the sign bit: bit 3 of the low nibble (c << 28), bit 7 of the byte (c << 24)
+      const __m256 vl = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo0, c), _mm256_permutevar8x32_ps(lo1, c),
+                                         _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+      const __m256 vh = _mm256_blendv_ps(_mm256_permutevar8x32_ps(hi0, h), _mm256_permutevar8x32_ps(hi1, h),
+                                         _mm256_castsi256_ps(_mm256_slli_epi32(c, 24)));
+      a[g] = _mm256_add_ps(a[g], vl);
+      a[g] = _mm256_add_ps(a[g], vh);
+    }
+  }
+  for (int g = 0; g < 4; ++g) _mm256_storeu_ps(acc + 8 * g, a[g]);
+}
+
 }  // namespace
 
 void topk4_avx2(const Topk4Args& a, const Task& t) {
@@ -269,7 +296,9 @@ void compute_lut_avx2(const float* q, const float* c, const float* ct, int64_t b
 }
 void qscore4_avx2(const Topk4Args& a, const Task& t) { qscore4_impl(a, t); }
 void topk8_avx2(const FloatScanArgs& a, const Task& t) { topk8_generic(a, t); }
-void score4_avx2(const FloatScanArgs& a, const Task& t) { score4_generic(a, t); }
+void score4_avx2(const FloatScanArgs& a, const Task& t) {
+  score_float_generic(a, t, sums4_float_avx2, 2 * a.P * 16, a.P);
+}
 void score8_avx2(const FloatScanArgs& a, const Task& t) { score8_generic(a, t); }
 
 }  // namespace cpu
