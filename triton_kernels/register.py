@@ -2,7 +2,8 @@
 
 Imported by :func:`torchaq.backends.load_triton_kernels` only when triton imports and CUDA is
 available; CPU tensors keep the C++ / reference kernels. ``pack_codes`` / ``unpack_codes`` stay on
-the pure-torch reference (pure data movement, run once at prepack time).
+the pure-torch reference (pure data movement, run once at prepack time), and so does ``row_topk``
+(a stable sort of a ``(B, N)`` matrix already on the GPU: one library call).
 
 The ops keep their fake kernels from :mod:`torchaq.ops`, so ``torch.compile`` traces them as
 single opaque nodes that launch these kernels at run time (no graph break).

@@ -54,6 +54,12 @@ def _lut_score_quantized():
     return [(lut4, packed4, 100, b), (lut4, packed4, 100), (lut8, packed8, 70)]
 
 
+def _row_topk():
+    g = torch.Generator().manual_seed(6)
+    scores = torch.randn(4, 300, generator=g)
+    return [(scores, 10), (scores.round(), 50), (scores, 400)]
+
+
 def _lut_topk():
     lut4, packed4, b = _lut_case(3, 100, 7, 4, seed=4, bias=True)
     lut8, packed8, _ = _lut_case(2, 70, 3, 8, seed=5)
@@ -141,6 +147,7 @@ SAMPLE_INPUTS = {
     "lut_score": _lut_score,
     "lut_topk": _lut_topk,
     "lut_score_quantized": _lut_score_quantized,
+    "row_topk": _row_topk,
     "pq_encode": _pq_encode,
     "anisotropic_encode": _anisotropic_encode,
     "aq_encode": _aq_encode,

@@ -12,6 +12,7 @@
 #include "linear_ce.h"
 #include "normal_apply.h"
 #include "rescore.h"
+#include "row_topk.h"
 #include "scan.h"
 #include "scan_kernels.h"
 
@@ -20,6 +21,7 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("lut_topk", &torchaq::cpu::lut_topk_cpu);
   m.impl("lut_score", &torchaq::cpu::lut_score_cpu);
   m.impl("lut_score_quantized", &torchaq::cpu::lut_score_quantized_cpu);
+  m.impl("row_topk", &torchaq::cpu::row_topk_cpu);
   m.impl("pq_encode", &torchaq::cpu::pq_encode_cpu);
   m.impl("anisotropic_encode", &torchaq::cpu::anisotropic_encode_cpu);
   m.impl("aq_encode", &torchaq::cpu::aq_encode_cpu);

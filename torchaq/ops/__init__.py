@@ -16,6 +16,7 @@ module                 ops
 ``pack``               ``pack_codes``, ``unpack_codes``
 ``scan``               ``lut_score``, ``lut_topk``
 ``quantized_scan``     ``lut_score_quantized`` (every class's score from the uint8 LUT of the 4-bit scans)
+``row_topk``           ``row_topk`` (each row's best scores of a matrix in memory, ties by index)
 ``encode``             ``pq_encode``, ``anisotropic_encode`` (PQ encoders)
 ``aq_encode``          ``aq_encode`` (additive codes, LSQ++)
 ``normal_apply``       ``anisotropic_normal_apply``, ``anisotropic_normal_rhs``
@@ -67,6 +68,7 @@ from torchaq.ops.rescore import (
     row_logits,
 )
 from torchaq.ops.quantized_scan import lut_score_quantized, lut_score_quantized_reference, quantize_lut_reference
+from torchaq.ops.row_topk import check_row_topk_args, row_topk, row_topk_reference
 from torchaq.ops.scan import lut_score, lut_score_reference, lut_topk, lut_topk_reference
 from torchaq.ops.schemas import SCHEMAS
 
@@ -78,6 +80,7 @@ REFERENCES = {
     "lut_score": lut_score_reference,
     "lut_topk": lut_topk_reference,
     "lut_score_quantized": lut_score_quantized_reference,
+    "row_topk": row_topk_reference,
     "aq_encode": aq_encode_reference,
     "rescore_topk": rescore_topk_reference,
     "pq_encode": pq_encode_reference,

@@ -16,6 +16,7 @@ SCHEMAS = {
     "lut_score": "lut_score(Tensor lut, Tensor packed, int num_classes, Tensor? bias=None) -> Tensor",
     "lut_score_quantized": "lut_score_quantized(Tensor lut, Tensor packed, int num_classes, Tensor? bias=None)"
                            " -> (Tensor, Tensor)",
+    "row_topk": "row_topk(Tensor scores, int k) -> (Tensor, Tensor)",
     "lut_topk": "lut_topk(Tensor lut, Tensor packed, int num_classes, int k, Tensor? bias=None) -> (Tensor, Tensor)",
     "aq_encode": "aq_encode(Tensor x, Tensor codebooks, Tensor codes, Tensor eta, Tensor perturb, int icm_iters,"
                  " bool greedy) -> Tensor",
