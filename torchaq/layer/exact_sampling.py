@@ -5,18 +5,18 @@
 then ``min_p``). The method, chosen on measurements (``benchmarks/sampling.py``; DESIGN.md s. 11):
 
 **Rejection from a bounded LUT proposal with an exact head.** One LUT pass gives every class's
-score ``s_i`` from the uint8 LUT of the 4-bit scans (:func:`torchaq.ops.lut_score_quantized`: a
-quarter of the float LUT's cost on AVX-512, within ``M step / 2`` of the float sum); the scan's
-best ``C`` classes plus the side list (the *head*) are re-scored exactly. Each other class gets an
+score ``s_i`` from the uint8 LUT of the 4-bit scans (:func:`torchaq.ops.lut_score_quantized`: byte
+look-ups instead of float gathers, within ``M step / 2`` of the float sum); the best ``C`` of those
+scores plus the side list (the *head*) are re-scored exactly. Each other class gets an
 upper bound of its logit ``u_i = s_i + z (|h| |r_i| / sqrt(d) + step sqrt(M / 12))``
 (``r_i = W_i - decode(code_i)``, the layer's ``residual_norms``; the second term is the rounding
 of ``M`` uint8 entries, :func:`rounding_allowance`). The proposal is ``q_i ∝ exp(l_i / T)`` on the head and ``exp(u_i / T)`` on the
 rest; a drawn head class is kept, a drawn tail class is re-scored exactly and kept with
 probability ``exp((l_i - u_i) / T)``. Whenever ``l_i <= u_i`` holds this is textbook rejection
-sampling: the kept draw has *exactly* the target distribution. ``PROPOSALS`` draws per row are
-tried per round (the first kept one wins, as in sequential rejection), so a round costs
-``PROPOSALS * d`` multiply-adds; rows with nothing kept after ``MAX_ROUNDS`` rounds are drawn from
-their exact logits (one pass over ``W``), so no row is ever cut short.
+sampling: the kept draw has *exactly* the target distribution. Round ``r`` tries
+``PROPOSALS * 2**r`` draws per row (the first kept one wins, as in sequential rejection), so it
+costs at most that many times ``d`` multiply-adds; rows with nothing kept after ``MAX_ROUNDS``
+rounds are drawn from their exact logits (one pass over ``W``), so no row is ever cut short.
 
 **Guarantee.** The Cauchy-Schwarz bound ``|l_i - s_i| <= |h| |r_i|`` always holds but is ~20x
 loose in ``d = 384`` (a residual is nearly orthogonal to a query), which would make acceptance
@@ -44,10 +44,11 @@ falls among the head and estimated when the nucleus reaches into the tail.
 **Batch invariance.** Every random number is :func:`torchaq.layer.counter_rng.uniforms` of the
 row's seed (``seeds=`` or, with ``generator``, one int64 per row drawn from it), and every step is
 row-wise (LUT, scan, exact logits by :func:`torchaq.ops.row_logits`, per-row sums), so with
-``seeds`` a row gets the same token alone or in any batch. Cost beyond :meth:`topk`'s scan: one
-float LUT pass ``O(V M)``, a few ``O(V)`` passes (bound, ``exp``, cumulative sum), ``(C + S) d``
-for the head and ``PROPOSALS d`` per round; with ``return_logprobs`` one exact pass over ``W`` per
-row (:mod:`torchaq.layer.logprobs`).
+``seeds`` a row gets the same token alone or in any batch. Cost per row: one uint8-LUT pass
+``O(V M)`` (its scores also give the head, :func:`torchaq.ops.row_topk`, without a second scan), a
+few ``O(V)`` passes (bound, ``exp``, block sums), ``(C + S) d`` for the head and at most
+``PROPOSALS 2**r d`` in round ``r``; with ``return_logprobs`` one exact pass over ``W`` per row
+(:mod:`torchaq.layer.logprobs`).
 """
 from __future__ import annotations
 
@@ -66,9 +67,9 @@ from torchaq.ops.rescore import row_logits
 
 ERROR_SIGMAS = 4.75    # one-sided N(0, 1) tail 1.0e-6: the LUT error bound, in units of |h| |r_i| / sqrt(d)
 DEFAULT_HEAD = 256     # scan candidates re-scored exactly (plus the side list)
-HEAD_FROM_SCAN = True   # head from the fast-scan top-k (measured: batch 1 1.59 vs 1.84 ms, batch 64 48.8 vs 55.9 ms with torch.topk of the float scores)
-PROPOSALS = 32         # proposals per row and rejection round
-MAX_ROUNDS = 32        # then the row is drawn from its exact logits
+PROPOSALS = 32         # proposals per row in the first rejection round, doubling every round
+MAX_ROUNDS = 6         # (2,016 proposals in all) then the row is drawn from its exact logits
+ROUND_PROPOSALS = 16384  # proposals processed at once in a round (bounds its (draws, n, BLOCK) gather)
 NUCLEUS_SAMPLES = 256  # exactly scored tail classes behind the top_p floor
 NUCLEUS_COMPLETE = 2048  # most tail classes re-scored per row to place the top_p floor among exact logits
 WEIGHT_RANGE = 60.0    # proposal weights are exp(x / T) with x <= WEIGHT_RANGE T above the reference
@@ -122,18 +123,16 @@ def row_seeds(seeds: Optional[Tensor], generator: Optional[torch.Generator], lea
 def head_scores(layer, flat: Tensor, size: int):
     """The LUT scores of every class ``(B, V)`` and their quantization step ``(B,)`` (from the uint8
     LUT of the 4-bit scans, :func:`torchaq.ops.lut_score_quantized`; step 0: exact float sums), and
-    the head: the scan's best ``size`` classes plus the side list, re-scored exactly, best first
-    (``(B, H)`` logits and classes, repeats at -inf). Returns ``(scores, logits, classes, step)``."""
+    the head: the best ``size`` of those scores (:func:`torchaq.ops.row_topk`, the ranking of the
+    fast scan without a second pass) plus the side list, re-scored exactly, best first (``(B, H)``
+    logits and classes). The scores carry the scan's bias, which pushes side rows far below every
+    real score (:meth:`scan_bias`): they are always in the head, whose scores are never read again.
+    Returns ``(scores, logits, classes, step)``."""
     q, num = layer.quantizer, layer.num_classes
     q.check_fitted()
-    lut = q.lut(flat)
-    scores, step = ops.lut_score_quantized(lut, layer.packed_codes, num, layer.float_bias())
+    scores, step = ops.lut_score_quantized(q.lut(flat), layer.packed_codes, num, layer.scan_bias())
     side = layer.side_rows
-    if HEAD_FROM_SCAN:  # the fast-scan top-k (ranks with a uint8 LUT; side rows excluded)
-        scan_k = max(1, min(size, num - side.numel()))
-        _, classes = ops.lut_topk(lut, layer.packed_codes, num, scan_k, layer.scan_bias())
-    else:  # the top-k of the float scores already in hand (a side row found again is a repeat: -inf)
-        classes = scores.topk(min(size, num), dim=1, sorted=False).indices
+    _, classes = ops.row_topk(scores, max(1, min(size, num - side.numel())))
     if side.numel():
         classes = torch.cat([classes, side.to(classes.device).expand(classes.shape[0], -1)], dim=1)
     bias = None if layer.bias is None else layer.bias.detach()
@@ -283,46 +282,60 @@ class _Plan(NamedTuple):
     weights: Optional[Tensor] = None  # else: (B, L / BLOCK, BLOCK) float32 proposal weights, tail first
 
 
-def _reject(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, lut_tail: bool = False):
-    """Rejection sampling (module docstring) for draws on ``rows`` ``(P,)`` with keys ``(P,)`` (:func:`row_keys` of the seeds):
-    ``(tokens, token logits, detected bound violations)`` ``(P,)``. ``lut_tail=True`` keeps every tail
-    draw (the "exact head + LUT tail" method, measured for comparison: biased by the LUT error)."""
+def _round(layer, plan: _Plan, rows: Tensor, keys: Tensor, rnd: int, n: int, temperature: float, lut_tail: bool):
+    """One rejection round of ``n`` proposals for draws on ``rows`` ``(P,)`` with keys ``(P,)``:
+    ``(done, tokens, token logits, detected bound violations)`` ``(P,)`` (the first kept proposal)."""
     t = temperature
     flat, logits, classes, upper, floor, cum = plan[:6]
     num_head = logits.shape[1]
     span = upper.shape[1] + (-upper.shape[1] % BLOCK)  # where the head starts (tail first, see _plan)
     bias = None if layer.bias is None else layer.bias.detach()
-    weight = layer.weight.detach()
+    r = rows.unsqueeze(1)
+    pos = _search_blocks(plan.weights, cum, rows, key_uniforms(keys, 2 * rnd + 1, n))
+    in_head = pos >= span
+    hpos = (pos - span).clamp(min=0, max=num_head - 1)
+    tpos = pos.clamp(max=upper.shape[1] - 1)
+    cls = torch.where(in_head, classes[r, hpos], tpos)
+    exact = logits[r, hpos].clone()
+    drawn, slot = (~in_head).nonzero(as_tuple=True)  # re-score the tail draws only, one dot each
+    if drawn.numel():
+        exact[drawn, slot] = row_logits(flat[rows[drawn]], layer.weight.detach(), bias, cls[drawn, slot].unsqueeze(1))[:, 0]
+    excess = torch.where(in_head, 0.0, (exact - upper[r, tpos]) / t)
+    accept = in_head | ((exact >= floor[r])
+                        & (lut_tail | (key_uniforms(keys, 2 * rnd + 2, n).log() < excess.double())))
+    first = accept.to(torch.int8).argmax(dim=1, keepdim=True)
+    return (accept.any(dim=1), cls.gather(1, first).squeeze(1), exact.gather(1, first).squeeze(1),
+            (excess > 0).sum(dim=1))
+
+
+def _reject(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, lut_tail: bool = False):
+    """Rejection sampling (module docstring) for draws on ``rows`` ``(P,)`` with keys ``(P,)`` (:func:`row_keys` of the seeds):
+    ``(tokens, token logits, detected bound violations)`` ``(P,)``. ``lut_tail=True`` keeps every tail
+    draw (the "exact head + LUT tail" method, measured for comparison: biased by the LUT error).
+
+    Round ``r`` tries ``PROPOSALS * 2**r`` proposals per pending draw: a draw whose acceptance rate is
+    low finishes in a few rounds instead of paying a round's fixed cost many times. The schedule
+    depends on the round alone, never on how many draws are pending, so a draw is the same in any
+    batch; pending draws are processed ``ROUND_PROPOSALS // n`` at a time (memory only)."""
     count = rows.shape[0]
-    tokens = torch.zeros(count, dtype=torch.int64, device=flat.device)
-    values = torch.zeros(count, dtype=torch.float32, device=flat.device)
-    violations = torch.zeros(count, dtype=torch.int64, device=flat.device)
-    pending = torch.arange(count, device=flat.device)
+    tokens = torch.zeros(count, dtype=torch.int64, device=rows.device)
+    values = torch.zeros(count, dtype=torch.float32, device=rows.device)
+    violations = torch.zeros(count, dtype=torch.int64, device=rows.device)
+    pending = torch.arange(count, device=rows.device)
     for rnd in range(MAX_ROUNDS):
         if pending.numel() == 0:
             break
-        r = rows[pending].unsqueeze(1)
-        pos = _search_blocks(plan.weights, cum, rows[pending], key_uniforms(keys[pending], 2 * rnd + 1, PROPOSALS))
-        in_head = pos >= span
-        hpos = (pos - span).clamp(min=0, max=num_head - 1)
-        tpos = pos.clamp(max=upper.shape[1] - 1)
-        cls = torch.where(in_head, classes[r, hpos], tpos)
-        exact = logits[r, hpos].clone()
-        drawn, slot = (~in_head).nonzero(as_tuple=True)  # re-score the tail draws only, one dot each
-        if drawn.numel():
-            exact[drawn, slot] = row_logits(flat[rows[pending][drawn]], weight, bias, cls[drawn, slot].unsqueeze(1))[:, 0]
-        excess = torch.where(in_head, 0.0, (exact - upper[r, tpos]) / t)
-        accept = in_head | ((exact >= floor[r])
-                            & (lut_tail | (key_uniforms(keys[pending], 2 * rnd + 2, PROPOSALS).log() < excess.double())))
-        violations[pending] += (excess > 0).sum(dim=1)
-        done = accept.any(dim=1)
-        first = accept.to(torch.int8).argmax(dim=1, keepdim=True)
-        tokens[pending[done]] = cls.gather(1, first).squeeze(1)[done]
-        values[pending[done]] = exact.gather(1, first).squeeze(1)[done]
-        pending = pending[~done]
+        n = PROPOSALS << rnd
+        left = []
+        for part in pending.split(max(1, ROUND_PROPOSALS // n)):
+            done, tok, val, viol = _round(layer, plan, rows[part], keys[part], rnd, n, temperature, lut_tail)
+            tokens[part[done]], values[part[done]] = tok[done], val[done]
+            violations[part] += viol
+            left.append(part[~done])
+        pending = torch.cat(left)
     if pending.numel():
         p_rows = rows[pending]
-        tok, val = _exact_rows(layer, flat[p_rows], floor[p_rows], t, key_uniforms(keys[pending], 0, 1))
+        tok, val = _exact_rows(layer, plan.flat[p_rows], plan.floor[p_rows], temperature, key_uniforms(keys[pending], 0, 1))
         tokens[pending], values[pending] = tok, val
     return tokens, values, violations
 
