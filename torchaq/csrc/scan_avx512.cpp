@@ -114,6 +114,16 @@ __attribute__((noinline, target("gfni"))) void block_sums_gfni(const uint8_t* co
   }
 }
 
+// block_sums or block_sums_gfni (the same sums; GFNI where the CPU has it, see topk4_avx512).
+template <int Q, bool kGfni>
+inline void sums_of_block(const uint8_t* codes, int64_t P, const uint8_t* xt, int64_t xstride, __m256i* even,
+                          __m256i* odd) {
+  if (kGfni)
+    block_sums_gfni<Q>(codes, P, xt, xstride, even, odd);
+  else
+    block_sums<Q>(codes, P, xt, xstride, even, odd);
+}
+
 // Keys of one block in even/odd order: the uint16 sum itself without a bias (de-quantized at
 // the end, a monotone map), else the de-quantized score plus bias.
 template <bool kBias>
@@ -169,10 +179,7 @@ void scan_group(const Topk4Args& a, const Task& t, int64_t q, const uint8_t* xt,
                 int64_t c1) {
   for (int64_t blk = c0; blk < c1; ++blk) {
     __m256i even[Q], odd[Q];
-    if (kGfni)
-      block_sums_gfni<Q>(a.packed + blk * a.P * kBlock, a.P, xt, xstride, even, odd);
-    else
-      block_sums<Q>(a.packed + blk * a.P * kBlock, a.P, xt, xstride, even, odd);
+    sums_of_block<Q, kGfni>(a.packed + blk * a.P * kBlock, a.P, xt, xstride, even, odd);
     const int64_t base = blk * kBlock;
     for (int j = 0; j < Q; ++j) {
       __m512 ke, ko;
@@ -258,10 +265,7 @@ void topk4_impl(const Topk4Args& a, const Task& t) {
             _mm_prefetch(reinterpret_cast<const char*>(qsums + sel[i + kAhead] * kBlock), _MM_HINT_T0);
           load_sums(qsums + blk * kBlock, &even, &odd);
         } else {
-          if (kGfni)
-          block_sums_gfni<1>(a.packed + blk * P * kBlock, P, x, xstride, &even, &odd);
-        else
-          block_sums<1>(a.packed + blk * P * kBlock, P, x, xstride, &even, &odd);
+          sums_of_block<1, kGfni>(a.packed + blk * P * kBlock, P, x, xstride, &even, &odd);
         }
         block_keys<kBias>(a, q, base, even, odd, ke, ko);
         emit(a, h, base, ke, ko);
@@ -280,10 +284,7 @@ void qscore_group(const Topk4Args& a, int64_t q, const uint8_t* xt, int64_t xstr
   const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
   for (int64_t blk = c0; blk < c1; ++blk) {
     __m256i even[Q], odd[Q];
-    if (kGfni)
-      block_sums_gfni<Q>(a.packed + blk * a.P * kBlock, a.P, xt, xstride, even, odd);
-    else
-      block_sums<Q>(a.packed + blk * a.P * kBlock, a.P, xt, xstride, even, odd);
+    sums_of_block<Q, kGfni>(a.packed + blk * a.P * kBlock, a.P, xt, xstride, even, odd);
     const int64_t base = blk * kBlock, valid = min64(kBlock, a.num_classes - base);
     __m512 be = _mm512_setzero_ps(), bo = _mm512_setzero_ps();
     if (a.bias != nullptr) {  // the bias in natural order, split into the even and the odd classes

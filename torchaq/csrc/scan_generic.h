@@ -65,6 +65,23 @@ inline void compute_lut_generic(const float* q, const float* c, const float* ct,
   }
 }
 
+// 4-bit: one block's 32 sums over the tables (2P, 16), subspace 2p (low nibble) then 2p + 1 added
+// in order p = 0, 1, ... (the order every SIMD kernel keeps): uint8 tables into exact uint32 sums
+// (the quantized scans), float tables into float sums (lut_score).
+template <typename Entry, typename Acc>
+inline void block_sums4(const Entry* table, const uint8_t* codes, int64_t P, Acc* acc) {
+  for (int i = 0; i < kBlock; ++i) acc[i] = Acc(0);
+  for (int64_t p = 0; p < P; ++p) {
+    const Entry* lo = table + (2 * p) * 16;
+    const Entry* hi = lo + 16;
+    for (int i = 0; i < kBlock; ++i) {
+      const uint8_t c = codes[p * kBlock + i];
+      acc[i] += Acc(lo[c & 15]);
+      acc[i] += Acc(hi[c >> 4]);
+    }
+  }
+}
+
 // 4-bit top-k on the uint8 LUT: exact uint32 sums of the quantized entries.
 inline void topk4_generic(const Topk4Args& a, const Task& t) {
   const int64_t P = a.P, cb = chunk_blocks(P);
@@ -75,15 +92,8 @@ inline void topk4_generic(const Topk4Args& a, const Task& t) {
       TopK& h = t.topk[q - t.q0];
       for (int64_t blk = c0; blk < c1; ++blk) {
         const uint8_t* codes = a.packed + blk * P * kBlock;
-        uint32_t sum[kBlock] = {0};
-        for (int64_t p = 0; p < P; ++p) {
-          const uint8_t* lo = T + (2 * p) * 16;
-          const uint8_t* hi = lo + 16;
-          for (int i = 0; i < kBlock; ++i) {
-            const uint8_t c = codes[p * kBlock + i];
-            sum[i] += uint32_t(lo[c & 15]) + uint32_t(hi[c >> 4]);
-          }
-        }
+        uint32_t sum[kBlock];
+        block_sums4(T, codes, P, sum);
         float key[kBlock];
         const int64_t base = blk * kBlock;
         for (int i = 0; i < kBlock; ++i) {
@@ -109,15 +119,8 @@ inline void qscore4_generic(const Topk4Args& a, const Task& t) {
       const uint8_t* T = a.qlut + q * (2 * P * 16);
       for (int64_t blk = c0; blk < c1; ++blk) {
         const uint8_t* codes = a.packed + blk * P * kBlock;
-        uint32_t sum[kBlock] = {0};
-        for (int64_t p = 0; p < P; ++p) {
-          const uint8_t* lo = T + (2 * p) * 16;
-          const uint8_t* hi = lo + 16;
-          for (int i = 0; i < kBlock; ++i) {
-            const uint8_t c = codes[p * kBlock + i];
-            sum[i] += uint32_t(lo[c & 15]) + uint32_t(hi[c >> 4]);
-          }
-        }
+        uint32_t sum[kBlock];
+        block_sums4(T, codes, P, sum);
         const int64_t base = blk * kBlock, valid = min64(kBlock, a.num_classes - base);
         float* o = a.out + q * a.num_classes + base;
         for (int64_t i = 0; i < valid; ++i)
@@ -128,18 +131,7 @@ inline void qscore4_generic(const Topk4Args& a, const Task& t) {
 }
 
 // Exact float sums of one block for one query over a float LUT. 4-bit: lut is (2P, 16).
-inline void sums4_float(const float* lut, const uint8_t* codes, int64_t P, float* acc) {
-  for (int i = 0; i < kBlock; ++i) acc[i] = 0.f;
-  for (int64_t p = 0; p < P; ++p) {
-    const float* lo = lut + (2 * p) * 16;
-    const float* hi = lo + 16;
-    for (int i = 0; i < kBlock; ++i) {
-      const uint8_t c = codes[p * kBlock + i];
-      acc[i] += lo[c & 15];
-      acc[i] += hi[c >> 4];
-    }
-  }
-}
+inline void sums4_float(const float* lut, const uint8_t* codes, int64_t P, float* acc) { block_sums4(lut, codes, P, acc); }
 
 // 8-bit: lut is (M, 256).
 inline void sums8_float(const float* lut, const uint8_t* codes, int64_t M, float* acc) {
