@@ -10,8 +10,8 @@ look-ups instead of float gathers, within ``M step / 2`` of the float sum); the 
 scores plus the side list (the *head*) are re-scored exactly. Each other class gets an
 upper bound of its logit ``u_i = s_i + z (|h| |r_i| / sqrt(d) + step sqrt(M / 12))``
 (``r_i = W_i - decode(code_i)``, the layer's ``residual_norms``; the second term is the rounding
-of ``M`` uint8 entries, :func:`rounding_allowance`). The proposal is ``q_i ∝ exp(l_i / T)`` on the head and ``exp(u_i / T)`` on the
-rest; a drawn head class is kept, a drawn tail class is re-scored exactly and kept with
+of ``M`` uint8 entries, :func:`rounding_allowance`). The proposal is ``q_i ∝ exp(l_i / T)`` on the
+head and ``exp(u_i / T)`` on the rest; a drawn head class is kept, a drawn tail class is re-scored exactly and kept with
 probability ``exp((l_i - u_i) / T)``. Whenever ``l_i <= u_i`` holds this is textbook rejection
 sampling: the kept draw has *exactly* the target distribution. Round ``r`` tries
 ``PROPOSALS * 2**r`` draws per row (the first kept one wins, as in sequential rejection), so it
@@ -26,7 +26,8 @@ has the quantiles of ``N(0, 1/d)`` (0.99: 0.120 vs 0.119, 0.9999: 0.189 vs 0.190
 vs 0.217; the benchmark re-measures them), so the bound fails for a given (row, class) with
 probability ``P(N(0, 1) > z) ~= 1.0e-6``. The rounding term models the ``M`` rounding errors as
 independent (each uniform within half a step) and adds its ``z`` standard deviations (never more
-than the worst case ``M step / 2``); on the MiniLM table it is ~4% of the bound. Where it fails, that class alone is drawn with
+than the worst case ``M step / 2``); it is a small part of the bound, and the benchmark counts how
+often the whole bound fails on quantized scores. Where it fails, that class alone is drawn with
 probability ``exp((u_i - l_i) / T) < 1`` times its own: the total-variation error is at most the
 mass of the violating classes (in expectation ``<= 1e-6`` of the tail mass). It is exact, not
 bounded, for every class of the head and for every draw under ``top_k`` (below). ``benchmarks/sampling.py``
@@ -151,8 +152,8 @@ def rounding_allowance(step: Tensor, num_subspaces: int, sigmas: float, worst_ca
 def tail_bounds(layer, flat: Tensor, scores: Tensor, head: Tensor, sigmas: float = ERROR_SIGMAS,
                 in_place: bool = False, rounding: Optional[Tensor] = None) -> Tensor:
     """``u_i = s_i + z (|h| |r_i| / sqrt(d) + step sqrt(M / 12))`` (``z = sigmas``; the second term is
-    :func:`rounding_allowance` of the quantization step ``rounding`` ``(B,)``; absent with ``None``) for every class not in
-    the head, ``-inf`` on the head. ``z = sqrt(d)`` is the Cauchy-Schwarz bound (always true, far
+    :func:`rounding_allowance` of the quantization step ``rounding`` ``(B,)``, absent with ``None``)
+    for every class not in the head, ``-inf`` on the head. ``z = sqrt(d)`` is the Cauchy-Schwarz bound (always true, far
     looser), ``z = 0`` the LUT score. Adding the two standard deviations bounds their root sum of
     squares, so the one-sided tail of the sum stays below that of ``z`` sigmas."""
     scale = sigmas / math.sqrt(layer.dim)
