@@ -82,52 +82,49 @@ inline void block_sums4(const Entry* table, const uint8_t* codes, int64_t P, Acc
   }
 }
 
-// 4-bit top-k on the uint8 LUT: exact uint32 sums of the quantized entries.
-inline void topk4_generic(const Topk4Args& a, const Task& t) {
+// The portable 4-bit scans' traversal: for each chunk of blocks (kept in cache), each query of the
+// task, each block in increasing order, fn(q, blk, sum) with that block's exact uint32 sums over the
+// query's quantized tables.
+template <typename Fn>
+inline void each_block_sums4(const Topk4Args& a, const Task& t, Fn&& fn) {
   const int64_t P = a.P, cb = chunk_blocks(P);
   for (int64_t c0 = t.blk0; c0 < t.blk1; c0 += cb) {
     const int64_t c1 = min64(t.blk1, c0 + cb);
     for (int64_t q = t.q0; q < t.q1; ++q) {
       const uint8_t* T = a.qlut + q * (2 * P * 16);
-      TopK& h = t.topk[q - t.q0];
       for (int64_t blk = c0; blk < c1; ++blk) {
-        const uint8_t* codes = a.packed + blk * P * kBlock;
         uint32_t sum[kBlock];
-        block_sums4(T, codes, P, sum);
-        float key[kBlock];
-        const int64_t base = blk * kBlock;
-        for (int i = 0; i < kBlock; ++i) {
-          // same float operations, same order as the SIMD kernels: s * inv + (offset + bias)
-          key[i] = a.bias == nullptr
-                       ? float(sum[i])
-                       : float(sum[i]) * a.inv_scale[q] +
-                             (a.offset[q] + (base + i < a.num_classes ? a.bias[base + i] : 0.f));
-        }
-        offer_block(h, key, blk, a.num_classes);
+        block_sums4(T, a.packed + blk * P * kBlock, P, sum);
+        fn(q, blk, sum);
       }
     }
   }
 }
 
+// 4-bit top-k on the uint8 LUT: exact uint32 sums of the quantized entries.
+inline void topk4_generic(const Topk4Args& a, const Task& t) {
+  each_block_sums4(a, t, [&](int64_t q, int64_t blk, const uint32_t* sum) {
+    float key[kBlock];
+    const int64_t base = blk * kBlock;
+    for (int i = 0; i < kBlock; ++i) {
+      // same float operations, same order as the SIMD kernels: s * inv + (offset + bias)
+      key[i] = a.bias == nullptr
+                   ? float(sum[i])
+                   : float(sum[i]) * a.inv_scale[q] + (a.offset[q] + (base + i < a.num_classes ? a.bias[base + i] : 0.f));
+    }
+    offer_block(t.topk[q - t.q0], key, blk, a.num_classes);
+  });
+}
+
 // lut_score_quantized: every class's de-quantized uint8-LUT score written to a.out (B, N),
 //   float(sum) * inv_scale + (offset + bias)      (bias 0 without one; the float ops of lut_topk's keys)
 inline void qscore4_generic(const Topk4Args& a, const Task& t) {
-  const int64_t P = a.P, cb = chunk_blocks(P);
-  for (int64_t c0 = t.blk0; c0 < t.blk1; c0 += cb) {
-    const int64_t c1 = min64(t.blk1, c0 + cb);
-    for (int64_t q = t.q0; q < t.q1; ++q) {
-      const uint8_t* T = a.qlut + q * (2 * P * 16);
-      for (int64_t blk = c0; blk < c1; ++blk) {
-        const uint8_t* codes = a.packed + blk * P * kBlock;
-        uint32_t sum[kBlock];
-        block_sums4(T, codes, P, sum);
-        const int64_t base = blk * kBlock, valid = min64(kBlock, a.num_classes - base);
-        float* o = a.out + q * a.num_classes + base;
-        for (int64_t i = 0; i < valid; ++i)
-          o[i] = float(sum[i]) * a.inv_scale[q] + (a.offset[q] + (a.bias != nullptr ? a.bias[base + i] : 0.f));
-      }
-    }
-  }
+  each_block_sums4(a, t, [&](int64_t q, int64_t blk, const uint32_t* sum) {
+    const int64_t base = blk * kBlock, valid = min64(kBlock, a.num_classes - base);
+    float* o = a.out + q * a.num_classes + base;
+    for (int64_t i = 0; i < valid; ++i)
+      o[i] = float(sum[i]) * a.inv_scale[q] + (a.offset[q] + (a.bias != nullptr ? a.bias[base + i] : 0.f));
+  });
 }
 
 // Exact float sums of one block for one query over a float LUT. 4-bit: lut is (2P, 16).
