@@ -1,6 +1,7 @@
 """Test set-up. Without a GPU, Triton kernels run under the interpreter on CPU tensors; the
 switch must be set before anything imports triton, so it is set here, first."""
 import contextlib
+import math
 import os
 import time
 
@@ -63,3 +64,34 @@ def spawn_ranks(worker, world: int, args: tuple, what: str, deadline: float) -> 
                 if proc.is_alive():
                     proc.kill()
             pytest.fail(f"{world} ranks running {what} were not done within {deadline} s (killed)")
+
+
+def rejection_plan(seed: int = 0, rows: int = 3, num_classes: int = 700, dim: int = 24, head: int = 20, block: int = 64,
+                   draws: int = 40, temperature: float = 0.8, floors: bool = True):
+    """The arguments of ``torchaq.ops.reject_rounds`` for a random plan laid out as the sampler lays it
+    out (tail bounds, then the exact head, block-padded): bounds above the exact logits except a few
+    (so violations occur), a truncation floor on one row."""
+    from torchaq.ops.counter_rng import row_keys
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(num_classes, dim, generator=g) / dim ** 0.5
+    b = 0.2 * torch.randn(num_classes, generator=g)
+    h = 2 * torch.randn(rows, dim, generator=g)
+    exact = h @ w.T + b
+    logits, classes = exact.topk(head, dim=1)
+    upper = exact + 0.4 * torch.rand(rows, num_classes, generator=g) - 0.02  # l > u on ~5% of the classes
+    upper.scatter_(1, classes, -math.inf)
+    floor = torch.full((rows,), -math.inf)
+    if floors:
+        floor[0] = logits[0, head // 2]
+    top = torch.maximum(logits[:, :1], upper.amax(dim=1, keepdim=True))
+    span = num_classes + (-num_classes % block)
+    total = span + head + (-head % block)
+    weights = torch.zeros(rows, total)
+    weights[:, :num_classes] = ((upper - top) / temperature).exp().masked_fill(upper < floor[:, None], 0.0)
+    weights[:, span:span + head] = ((logits - top) / temperature).exp().masked_fill(logits < floor[:, None], 0.0)
+    weights = weights.view(rows, -1, block)
+    cum = weights.sum(dim=2).cumsum(dim=1, dtype=torch.float64)
+    draw_rows = torch.randint(0, rows, (draws,), generator=g)
+    keys = row_keys(torch.randint(-(2 ** 62), 2 ** 62, (draws,), generator=g))
+    return (h, w, b, logits, classes, upper, floor, weights, cum, draw_rows, keys, temperature)

@@ -15,7 +15,7 @@ import torch
 
 import torchaq
 from torchaq import ops
-from torchaq.layer.counter_rng import mix32, uniforms
+from torchaq.ops.counter_rng import mix32, uniforms
 from torchaq.layer.exact_sampling import sample_many
 
 V, D = 1500, 16
@@ -57,7 +57,7 @@ def _chi2(draws, probs, bins):
 
 def test_counter_uniforms_numpy_path_equals_torch_path():
     """key_uniforms hashes in numpy on CPU; the torch ops (every other device) give the same bits."""
-    from torchaq.layer.counter_rng import hashed_counters, hashed_numbers, key_uniforms, row_keys
+    from torchaq.ops.counter_rng import hashed_counters, hashed_numbers, key_uniforms, row_keys
 
     keys = row_keys(torch.tensor([0, 1, -5, 2 ** 62, -(2 ** 62), 123456789]))
     for stream, n in ((0, 1), (3, 32), (17, 257)):
@@ -279,3 +279,16 @@ def test_bad_inputs_name_the_argument(setup, call, match):
     layer, h = setup
     with pytest.raises(ValueError, match=match):
         call(layer, h)
+
+
+def test_non_finite_residual_norms_are_refused_after_every_change(setup):
+    """The finiteness check of the residual norms is cached per tensor version: a change re-arms it."""
+    layer, h = setup
+    layer.sample(h, seeds=torch.arange(8))  # checked and cached
+    outside = next(i for i in range(V) if i not in set(layer.side_rows.tolist()))
+    with torch.no_grad():
+        layer.residual_norms[outside] = math.inf  # an in-place write: a new version
+    with pytest.raises(RuntimeError, match="residual_norms is not finite"):
+        layer.sample(h, seeds=torch.arange(8))
+    layer.refresh(refit=True)
+    layer.sample(h, seeds=torch.arange(8))

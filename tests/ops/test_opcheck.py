@@ -6,6 +6,8 @@ ones registered for CPU tensors (the C++ kernels when ``torchaq._C`` loaded, els
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -58,6 +60,38 @@ def _row_topk():
     g = torch.Generator().manual_seed(6)
     scores = torch.randn(4, 300, generator=g)
     return [(scores, 10), (scores.round(), 50), (scores, 400)]
+
+
+def _row_log_partition():
+    g = _gen(7)
+    h, w, b = torch.randn(3, 20, generator=g), torch.randn(90, 20, generator=g), torch.randn(90, generator=g)
+    return [(h, w, b, 1.0, None), (h, w, None, 0.5, torch.tensor([0.0, -math.inf, 1.0])),
+            (h, w.to(torch.bfloat16), b, 2.0, None)]
+
+
+def _inverse_cdf():
+    g = _gen(9)
+    w = torch.rand(3, 5, 8, generator=g)
+    w[1, 2] = 0.0  # an empty block
+    cum = w.sum(dim=2).cumsum(dim=1, dtype=torch.float64)
+    rows = torch.tensor([0, 2, 1, 1])
+    return [(w, cum, rows, torch.rand(4, 6, generator=g, dtype=torch.float64))]
+
+
+def _reject_rounds():
+    from conftest import rejection_plan
+
+    args = rejection_plan(5, draws=6)
+    return [(*args, 4, 3, False), (*args, 2, 2, True)]
+
+
+def _proposal_weights():
+    g = _gen(10)
+    upper, logits = torch.randn(3, 50, generator=g), torch.randn(3, 7, generator=g).sort(dim=1, descending=True).values
+    upper[:, ::5] = -math.inf
+    floor = torch.tensor([-math.inf, 0.0, -math.inf])
+    top = torch.maximum(logits[:, 0], upper.amax(dim=1))
+    return [(upper, logits, floor, top, 1.0, 16), (upper, logits, floor, top, 0.6, 7)]
 
 
 def _lut_topk():
@@ -148,6 +182,10 @@ SAMPLE_INPUTS = {
     "lut_topk": _lut_topk,
     "lut_score_quantized": _lut_score_quantized,
     "row_topk": _row_topk,
+    "row_log_partition": _row_log_partition,
+    "inverse_cdf": _inverse_cdf,
+    "reject_rounds": _reject_rounds,
+    "proposal_weights": _proposal_weights,
     "pq_encode": _pq_encode,
     "anisotropic_encode": _anisotropic_encode,
     "aq_encode": _aq_encode,

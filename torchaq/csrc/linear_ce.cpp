@@ -264,5 +264,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
           has_bias ? grad_b.to(bias_in->scalar_type()) : e_in.new_empty({0})};
 }
 
+LceStatsFn lce_stats_kernel() { return tile_kernels().stats; }
+LceGradFn lce_grad_kernel() { return tile_kernels().grad; }
+
 }  // namespace cpu
 }  // namespace torchaq

@@ -24,5 +24,12 @@ TORCHAQ_DECLARE_LCE(avx2)
 TORCHAQ_DECLARE_LCE(avx512)
 #undef TORCHAQ_DECLARE_LCE
 
+using LceStatsFn = void (*)(const float*, int64_t, int64_t, float*, float*, float*);
+// The stats kernel of the active ISA (the one linear_ce uses; defined in linear_ce.cpp).
+LceStatsFn lce_stats_kernel();
+using LceGradFn = void (*)(float*, int64_t, int64_t, const float*, const float*, const float*, float);
+// The grad kernel of the active ISA (with a = 1, s = null, cap = 0 it is an element-wise exp(x - lse)).
+LceGradFn lce_grad_kernel();
+
 }  // namespace cpu
 }  // namespace torchaq

@@ -9,9 +9,13 @@
 
 #include "aq_encode.h"
 #include "encode.h"
+#include "inverse_cdf.h"
 #include "linear_ce.h"
 #include "normal_apply.h"
+#include "proposal.h"
+#include "reject.h"
 #include "rescore.h"
+#include "row_partition.h"
 #include "row_topk.h"
 #include "scan.h"
 #include "scan_kernels.h"
@@ -22,6 +26,10 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("lut_score", &torchaq::cpu::lut_score_cpu);
   m.impl("lut_score_quantized", &torchaq::cpu::lut_score_quantized_cpu);
   m.impl("row_topk", &torchaq::cpu::row_topk_cpu);
+  m.impl("row_log_partition", &torchaq::cpu::row_log_partition_cpu);
+  m.impl("inverse_cdf", &torchaq::cpu::inverse_cdf_cpu);
+  m.impl("reject_rounds", &torchaq::cpu::reject_rounds_cpu);
+  m.impl("proposal_weights", &torchaq::cpu::proposal_weights_cpu);
   m.impl("pq_encode", &torchaq::cpu::pq_encode_cpu);
   m.impl("anisotropic_encode", &torchaq::cpu::anisotropic_encode_cpu);
   m.impl("aq_encode", &torchaq::cpu::aq_encode_cpu);

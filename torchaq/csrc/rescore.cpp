@@ -56,9 +56,15 @@ void dots_avx512(const float* h, const float* rows, int64_t ld, int64_t d, const
 }
 #endif
 
+DotsFn dots_kernel() {  // the kernel set the scans use (honours TORCHAQ_FORCE_SCALAR / TORCHAQ_CPU_ISA)
+  const char* isa = active_isa();
+  if (std::strcmp(isa, "avx512") == 0) return dots_avx512;
+  if (std::strcmp(isa, "avx2") == 0) return dots_avx2;
+  return dots_scalar;
+}
+
 namespace {
 
-using DotsFn = void (*)(const float*, const float*, int64_t, int64_t, const int32_t*, int64_t, float*);
 using DotsI8Fn = void (*)(const int16_t*, float, const int8_t*, const float*, int64_t, const int32_t*, int64_t,
                           float*);
 
@@ -74,13 +80,6 @@ float quantize_query_i16(const float* h, int64_t d, int64_t limit, int16_t* h16)
   const float inv = 1.f / s;
   for (int64_t i = 0; i < d; ++i) h16[i] = int16_t(std::max(-lim, std::min(lim, std::nearbyint(h[i] * inv))));
   return s;
-}
-
-DotsFn dots_kernel() {  // the kernel set the scans use (honours TORCHAQ_FORCE_SCALAR / TORCHAQ_CPU_ISA)
-  const char* isa = active_isa();
-  if (std::strcmp(isa, "avx512") == 0) return dots_avx512;
-  if (std::strcmp(isa, "avx2") == 0) return dots_avx2;
-  return dots_scalar;
 }
 
 // Per-thread scratch, reused across calls (no allocation on the hot path once warm).

@@ -22,5 +22,9 @@ TORCHAQ_DECLARE_DOTS(avx2)
 TORCHAQ_DECLARE_DOTS(avx512)
 #undef TORCHAQ_DECLARE_DOTS
 
+using DotsFn = void (*)(const float*, const float*, int64_t, int64_t, const int32_t*, int64_t, float*);
+// The dots kernel of the active ISA (scan.h's active_isa(): honours TORCHAQ_FORCE_SCALAR / TORCHAQ_CPU_ISA).
+DotsFn dots_kernel();
+
 }  // namespace cpu
 }  // namespace torchaq

@@ -15,7 +15,6 @@ module                 what
 ``sampling``           top-p / temperature checks and draws (shared with the distributed layer)
 ``exact_sampling``     ``sample``: draws from the full-vocabulary softmax (rejection from a bounded LUT proposal)
 ``logprobs``           exact, batch-invariant log-probabilities of given tokens (``token_logprobs``)
-``counter_rng``        counter-based uniforms: a row's random numbers never depend on its batch
 ``side_list``          rows the codes cannot represent: the exact side list, the residual bound
 ``partition``          the log-partition estimate behind ``log_softmax_topk``
 ``incremental``        refresh re-encodes only the rows that moved

@@ -42,7 +42,7 @@ exact terms plus an importance sample of ``NUCLEUS_SAMPLES`` exactly scored tail
 control variate of :mod:`torchaq.layer.partition`), which is unbiased; its floor is exact when it
 falls among the head and estimated when the nucleus reaches into the tail.
 
-**Batch invariance.** Every random number is :func:`torchaq.layer.counter_rng.uniforms` of the
+**Batch invariance.** Every random number is :func:`torchaq.ops.counter_rng.uniforms` of the
 row's seed (``seeds=`` or, with ``generator``, one int64 per row drawn from it), and every step is
 row-wise (LUT, scan, exact logits by :func:`torchaq.ops.row_logits`, per-row sums), so with
 ``seeds`` a row gets the same token alone or in any batch. Cost per row: one uint8-LUT pass
@@ -54,6 +54,7 @@ few ``O(V)`` passes (bound, ``exp``, block sums), ``(C + S) d`` for the head and
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -61,7 +62,7 @@ from torch import Tensor
 
 from torchaq import ops
 from torchaq.checks import check_int, check_real, is_int
-from torchaq.layer.counter_rng import key_uniforms, row_keys
+from torchaq.ops.counter_rng import key_uniforms, row_keys
 from torchaq.layer.exact import row_chunks, topk as exact_topk
 from torchaq.layer.logprobs import row_log_partition
 from torchaq.ops.rescore import row_logits
@@ -70,11 +71,10 @@ ERROR_SIGMAS = 4.75    # one-sided N(0, 1) tail 1.0e-6: the LUT error bound, in 
 DEFAULT_HEAD = 256     # scan candidates re-scored exactly (plus the side list)
 PROPOSALS = 32         # proposals per row in the first rejection round, doubling every round
 MAX_ROUNDS = 6         # (2,016 proposals in all) then the row is drawn from its exact logits
-ROUND_PROPOSALS = 16384  # proposals processed at once in a round (bounds its (draws, n, BLOCK) gather)
 NUCLEUS_SAMPLES = 256  # exactly scored tail classes behind the top_p floor
 NUCLEUS_COMPLETE = 2048  # most tail classes re-scored per row to place the top_p floor among exact logits
 WEIGHT_RANGE = 60.0    # proposal weights are exp(x / T) with x <= WEIGHT_RANGE T above the reference
-BLOCK = 256            # classes per block of the two-level inverse CDF
+BLOCK = 256            # classes per block of the two-level inverse CDF (:func:`torchaq.ops.inverse_cdf`)
 SAMPLE_ROWS = 32       # rows sampled at once (bounds the (rows, V) temporaries)
 
 
@@ -149,6 +149,22 @@ def rounding_allowance(step: Tensor, num_subspaces: int, sigmas: float, worst_ca
     return ((m / 2 if worst_case else min(sigmas * math.sqrt(m / 12), m / 2)) * step.float()).unsqueeze(1)
 
 
+_CHECKED_NORMS: dict = {}  # id(norms) -> (weak reference, tensor version) of norms already checked
+
+
+def check_finite_norms(norms: Tensor, side_rows: Tensor) -> None:
+    """Refuse residual norms that are not finite outside the side list (side rows may hold any norm:
+    they are always in the head). A V-sized check, made once per tensor and version."""
+    seen = _CHECKED_NORMS.get(id(norms))
+    if seen is not None and seen[0]() is norms and seen[1] == norms._version:
+        return
+    if not bool(torch.isfinite(norms).all()) and not bool(torch.isfinite(norms.index_fill(0, side_rows, 0.0)).all()):
+        raise RuntimeError("residual_norms is not finite outside the side list: call layer.refresh()")
+    if len(_CHECKED_NORMS) > 256:
+        _CHECKED_NORMS.clear()
+    _CHECKED_NORMS[id(norms)] = (weakref.ref(norms), norms._version)
+
+
 def tail_bounds(layer, flat: Tensor, scores: Tensor, head: Tensor, sigmas: float = ERROR_SIGMAS,
                 in_place: bool = False, rounding: Optional[Tensor] = None) -> Tensor:
     """``u_i = s_i + z (|h| |r_i| / sqrt(d) + step sqrt(M / 12))`` (``z = sigmas``; the second term is
@@ -158,9 +174,7 @@ def tail_bounds(layer, flat: Tensor, scores: Tensor, head: Tensor, sigmas: float
     squares, so the one-sided tail of the sum stays below that of ``z`` sigmas."""
     scale = sigmas / math.sqrt(layer.dim)
     norms = layer.residual_norms
-    # (side rows may hold any norm: they are always in the head; the V-sized fill only when needed)
-    if not bool(torch.isfinite(norms).all()) and not bool(torch.isfinite(norms.index_fill(0, layer.side_rows, 0.0)).all()):
-        raise RuntimeError("residual_norms is not finite outside the side list: call layer.refresh()")
+    check_finite_norms(norms, layer.side_rows)
     step = scale * flat.float().norm(dim=1, keepdim=True)
     if in_place:  # the caller no longer needs the scores: no second (B, V) buffer
         upper = scores.addcmul_(step, norms.float().unsqueeze(0))
@@ -229,21 +243,6 @@ def _search(cum: Tensor, rows: Tensor, u: Tensor) -> Tensor:
     return pos.clamp_(max=cum.shape[1] - 1)
 
 
-def _search_blocks(weights: Tensor, cum: Tensor, rows: Tensor, u: Tensor) -> Tensor:
-    """Inverse-CDF positions in two levels: the block from the cumulative block sums ``cum`` ``(R, nb)``,
-    then the class inside it from that block's ``BLOCK`` weights (``weights`` ``(R, nb, BLOCK)``), so no
-    ``O(V)`` float64 cumulative sum is needed. ``u`` ``(P, n)`` uniforms of draws on ``rows`` ``(P,)``."""
-    blk = _search(cum, rows, u)
-    c = cum[0] if cum.shape[0] == 1 else cum[rows]
-    total = c[..., -1:] if cum.shape[0] > 1 else c[-1]
-    start = torch.where(blk > 0, (c[blk - 1] if cum.shape[0] == 1 else c.gather(1, (blk - 1).clamp(min=0))), 0.0)
-    w = weights[0][blk] if cum.shape[0] == 1 else weights[rows.unsqueeze(1), blk]  # (P, n, BLOCK)
-    inner = w.cumsum(dim=2, dtype=torch.float64)
-    rest = torch.minimum((u * total - start).clamp(min=0), inner[..., -1] * (1 - 2.0 ** -40))
-    pos = torch.searchsorted(inner, rest.unsqueeze(2).contiguous(), right=True).squeeze(2).clamp_(max=BLOCK - 1)
-    return blk * BLOCK + pos
-
-
 def _categorical_cum(logits: Tensor, floor: Tensor, temperature: float) -> Tensor:
     """Cumulative float64 weights of ``softmax(logits / T)`` restricted to ``logits >= floor``."""
     w = ((logits - logits[:, :1]) / temperature).double().exp().masked_fill(logits < floor.unsqueeze(1), 0.0)
@@ -283,57 +282,21 @@ class _Plan(NamedTuple):
     weights: Optional[Tensor] = None  # else: (B, L / BLOCK, BLOCK) float32 proposal weights, tail first
 
 
-def _round(layer, plan: _Plan, rows: Tensor, keys: Tensor, rnd: int, n: int, temperature: float, lut_tail: bool):
-    """One rejection round of ``n`` proposals for draws on ``rows`` ``(P,)`` with keys ``(P,)``:
-    ``(done, tokens, token logits, detected bound violations)`` ``(P,)`` (the first kept proposal)."""
-    t = temperature
-    flat, logits, classes, upper, floor, cum = plan[:6]
-    num_head = logits.shape[1]
-    span = upper.shape[1] + (-upper.shape[1] % BLOCK)  # where the head starts (tail first, see _plan)
-    bias = None if layer.bias is None else layer.bias.detach()
-    r = rows.unsqueeze(1)
-    pos = _search_blocks(plan.weights, cum, rows, key_uniforms(keys, 2 * rnd + 1, n))
-    in_head = pos >= span
-    hpos = (pos - span).clamp(min=0, max=num_head - 1)
-    tpos = pos.clamp(max=upper.shape[1] - 1)
-    cls = torch.where(in_head, classes[r, hpos], tpos)
-    exact = logits[r, hpos].clone()
-    drawn, slot = (~in_head).nonzero(as_tuple=True)  # re-score the tail draws only, one dot each
-    if drawn.numel():
-        exact[drawn, slot] = row_logits(flat[rows[drawn]], layer.weight.detach(), bias, cls[drawn, slot].unsqueeze(1))[:, 0]
-    excess = torch.where(in_head, 0.0, (exact - upper[r, tpos]) / t)
-    accept = in_head | ((exact >= floor[r])
-                        & (lut_tail | (key_uniforms(keys, 2 * rnd + 2, n).log() < excess.double())))
-    first = accept.to(torch.int8).argmax(dim=1, keepdim=True)
-    return (accept.any(dim=1), cls.gather(1, first).squeeze(1), exact.gather(1, first).squeeze(1),
-            (excess > 0).sum(dim=1))
-
-
 def _reject(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, lut_tail: bool = False):
     """Rejection sampling (module docstring) for draws on ``rows`` ``(P,)`` with keys ``(P,)`` (:func:`row_keys` of the seeds):
     ``(tokens, token logits, detected bound violations)`` ``(P,)``. ``lut_tail=True`` keeps every tail
     draw (the "exact head + LUT tail" method, measured for comparison: biased by the LUT error).
 
-    Round ``r`` tries ``PROPOSALS * 2**r`` proposals per pending draw: a draw whose acceptance rate is
-    low finishes in a few rounds instead of paying a round's fixed cost many times. The schedule
-    depends on the round alone, never on how many draws are pending, so a draw is the same in any
-    batch; pending draws are processed ``ROUND_PROPOSALS // n`` at a time (memory only)."""
-    count = rows.shape[0]
-    tokens = torch.zeros(count, dtype=torch.int64, device=rows.device)
-    values = torch.zeros(count, dtype=torch.float32, device=rows.device)
-    violations = torch.zeros(count, dtype=torch.int64, device=rows.device)
-    pending = torch.arange(count, device=rows.device)
-    for rnd in range(MAX_ROUNDS):
-        if pending.numel() == 0:
-            break
-        n = PROPOSALS << rnd
-        left = []
-        for part in pending.split(max(1, ROUND_PROPOSALS // n)):
-            done, tok, val, viol = _round(layer, plan, rows[part], keys[part], rnd, n, temperature, lut_tail)
-            tokens[part[done]], values[part[done]] = tok[done], val[done]
-            violations[part] += viol
-            left.append(part[~done])
-        pending = torch.cat(left)
+    Round ``r`` tries ``PROPOSALS * 2**r`` proposals per draw (:func:`torchaq.ops.reject_rounds`): a
+    draw whose acceptance rate is low finishes in a few rounds instead of paying a round's fixed cost
+    many times. The schedule depends on the round alone, never on how many draws are pending, so a
+    draw is the same in any batch. Draws with nothing kept after ``MAX_ROUNDS`` rounds are drawn from
+    their exact logits."""
+    bias = None if layer.bias is None else layer.bias.detach()
+    done, tokens, values, violations = ops.reject_rounds(
+        plan.flat.float(), layer.weight.detach(), bias, plan.logits, plan.classes, plan.upper, plan.floor, plan.weights,
+        plan.cum, rows, keys, temperature, PROPOSALS, MAX_ROUNDS, lut_tail)
+    pending = (~done).nonzero().squeeze(1)
     if pending.numel():
         p_rows = rows[pending]
         tok, val = _exact_rows(layer, plan.flat[p_rows], plan.floor[p_rows], temperature, key_uniforms(keys[pending], 0, 1))
@@ -398,23 +361,10 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
         logits, classes, upper = _complete(layer, flat, logits, classes, upper,
                                            torch.where(risky, logits[:, 0], math.inf), NUCLEUS_COMPLETE)
         upper_max = upper.amax(dim=1)
-    top = torch.maximum(logits[:, 0], upper_max - WEIGHT_RANGE * t).unsqueeze(1)
-    num_head, num = logits.shape[1], upper.shape[1]
-    span = num + (-num % BLOCK)  # the tail first, block-aligned: the layout never depends on the head's width
-    weights = upper.new_empty((upper.shape[0], span + num_head + (-num_head % BLOCK)))
-    weights[:, num:span].zero_()  # only the padding is zeroed: the rest is written below
-    weights[:, span + num_head:].zero_()
-    tail = weights[:, :num]
-    torch.sub(upper, top, out=tail)
-    if t != 1.0:
-        tail.div_(t)
-    tail.exp_()
-    torch.exp((logits - top) / t, out=weights[:, span:span + num_head])
-    if bool((floor > -math.inf).any()):
-        weights[:, span:span + num_head].masked_fill_(logits < floor.unsqueeze(1), 0.0)
-        tail.masked_fill_(upper < floor.unsqueeze(1), 0.0)
-    weights = weights.view(weights.shape[0], -1, BLOCK)
-    return _Plan(flat, logits, classes, upper, floor, weights.sum(dim=2).cumsum(dim=1, dtype=torch.float64), weights)
+    top = torch.maximum(logits[:, 0], upper_max - WEIGHT_RANGE * t)
+    # the tail first, block-aligned: the layout never depends on the head's width
+    weights, cum = ops.proposal_weights(upper, logits, floor, top, t, BLOCK)
+    return _Plan(flat, logits, classes, upper, floor, cum, weights)
 
 
 def _logprobs(layer, plan: _Plan, rows: Tensor, values: Tensor, temperature: float):

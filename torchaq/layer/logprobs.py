@@ -1,13 +1,12 @@
 """Exact log-probabilities of given classes under the full softmax, without a ``(B, V)`` logit matrix.
 
 ``log p(c | h) = l_c / T - logsumexp_i (l_i / T)`` with ``l = h @ W.T + b`` over all ``V`` classes.
-Exact means exact: ``log Z`` is a log-sum-exp of every exact logit, computed one row at a time
-(one ``torch.mv`` over ``W`` per row, then ``torch.logsumexp``), so only a ``(V,)`` vector is alive
-at once and a row's value is bitwise the same alone or in any batch (a batched matmul lets the BLAS
-pick its blocking by batch size, and its rows then differ by rounding). The cost is the dense
-layer's: ``B * V * d`` multiply-adds, reading all of ``W`` once per row (at batch 64, a few times a
-batched ``nn.Linear`` on one CPU thread: ``benchmarks/sampling.py`` prints it). The class logits
-themselves come from :func:`torchaq.ops.row_logits` (``B * C * d``).
+Exact means exact: ``log Z`` is a log-sum-exp of every exact logit (:func:`torchaq.ops.row_log_partition`:
+tiles of classes, no ``(B, V)`` matrix), and a row's value is bitwise the same alone or in any batch
+(a batched matmul lets the BLAS pick its blocking by batch size, and its rows then differ by
+rounding). The cost is the dense layer's: ``B * V * d`` multiply-adds, one read of ``W`` per call
+(``benchmarks/sampling.py`` prints it). The class logits themselves come from
+:func:`torchaq.ops.row_logits` (``B * C * d``).
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from torchaq import ops
 from torchaq.checks import check_real
 from torchaq.ops.rescore import row_logits
 
@@ -30,24 +30,13 @@ def row_log_partition(h: Tensor, weight: Tensor, bias: Optional[Tensor], tempera
 
     With ``floor`` (``(B,)`` logits), also the log-sum-exp over the classes with ``l_i >= floor``
     only (the truncated distribution's partition function; ``-inf`` floors keep every class):
-    returns ``(B, 2)`` ``[full, truncated]``. One pass over ``W`` per row (module docstring).
+    returns ``(B, 2)`` ``[full, truncated]``. :func:`torchaq.ops.row_log_partition` (module docstring).
     """
-    w = weight.detach()
-    w = w if w.dtype == torch.float32 else w.float()  # exact float32 logits, as ``row_logits``
-    b = None if bias is None else bias.detach().float()
-    out = torch.empty((h.shape[0], 1 if floor is None else 2), dtype=torch.float32, device=h.device)
-    for r in range(h.shape[0]):
-        row = h[r].detach().float().clone()  # a fresh, aligned vector: the BLAS path cannot depend on the batch
-        logits = torch.mv(w, row)
-        if b is not None:
-            logits = logits + b
-        scaled = logits / temperature
-        out[r, 0] = torch.logsumexp(scaled, 0)
-        if floor is not None:
-            # the floor is an exact logit computed by another kernel (another summation order): a
-            # class at the floor must not fall out by a last-bit difference of its logit here
-            below = logits < floor[r] - FLOOR_SLACK * (1 + floor[r].abs())
-            out[r, 1] = torch.logsumexp(scaled.masked_fill(below, -math.inf), 0)
+    if floor is not None:
+        # the floor is an exact logit computed by another kernel (another summation order): a
+        # class at the floor must not fall out by a last-bit difference of its logit there
+        floor = (floor - FLOOR_SLACK * (1 + floor.abs())).float().contiguous()
+    out = ops.row_log_partition(h, weight, bias, temperature, floor)
     return out if floor is not None else out[:, 0]
 
 

@@ -17,6 +17,11 @@ module                 ops
 ``scan``               ``lut_score``, ``lut_topk``
 ``quantized_scan``     ``lut_score_quantized`` (every class's score from the uint8 LUT of the 4-bit scans)
 ``row_topk``           ``row_topk`` (each row's best scores of a matrix in memory, ties by index)
+``row_partition``      ``row_log_partition`` (each row's exact log-partition function, batch-invariant)
+``inverse_cdf``        ``inverse_cdf`` (categorical draws from block-summed weights)
+``proposal``           ``proposal_weights`` (the full-vocabulary sampler's proposal as block weights)
+``reject``             ``reject_rounds`` (the full-vocabulary sampler's rejection rounds)
+``counter_rng``        counter-based uniforms (no op): a row's random numbers never depend on its batch
 ``encode``             ``pq_encode``, ``anisotropic_encode`` (PQ encoders)
 ``aq_encode``          ``aq_encode`` (additive codes, LSQ++)
 ``normal_apply``       ``anisotropic_normal_apply``, ``anisotropic_normal_rhs``
@@ -36,6 +41,7 @@ from torchaq.ops.encode import (
     pq_encode_reference,
     score_aware_encode,
 )
+from torchaq.ops.inverse_cdf import check_inverse_cdf_args, inverse_cdf, inverse_cdf_reference
 from torchaq.ops.layer_topk import layer_topk, layer_topk_reference, quantize_rows_int8
 from torchaq.ops.layout import (
     BITS_OF_K,
@@ -68,6 +74,9 @@ from torchaq.ops.rescore import (
     row_logits,
 )
 from torchaq.ops.quantized_scan import lut_score_quantized, lut_score_quantized_reference, quantize_lut_reference
+from torchaq.ops.proposal import check_proposal_args, proposal_weights, proposal_weights_reference, proposal_width
+from torchaq.ops.reject import check_reject_args, reject_rounds, reject_rounds_reference
+from torchaq.ops.row_partition import check_row_log_partition_args, row_log_partition, row_log_partition_reference
 from torchaq.ops.row_topk import check_row_topk_args, row_topk, row_topk_reference
 from torchaq.ops.scan import lut_score, lut_score_reference, lut_topk, lut_topk_reference
 from torchaq.ops.schemas import SCHEMAS
@@ -81,6 +90,10 @@ REFERENCES = {
     "lut_topk": lut_topk_reference,
     "lut_score_quantized": lut_score_quantized_reference,
     "row_topk": row_topk_reference,
+    "row_log_partition": row_log_partition_reference,
+    "inverse_cdf": inverse_cdf_reference,
+    "reject_rounds": reject_rounds_reference,
+    "proposal_weights": proposal_weights_reference,
     "aq_encode": aq_encode_reference,
     "rescore_topk": rescore_topk_reference,
     "pq_encode": pq_encode_reference,

@@ -17,6 +17,14 @@ SCHEMAS = {
     "lut_score_quantized": "lut_score_quantized(Tensor lut, Tensor packed, int num_classes, Tensor? bias=None)"
                            " -> (Tensor, Tensor)",
     "row_topk": "row_topk(Tensor scores, int k) -> (Tensor, Tensor)",
+    "row_log_partition": "row_log_partition(Tensor h, Tensor weight, Tensor? bias, float temperature, Tensor? floor)"
+                         " -> Tensor",
+    "inverse_cdf": "inverse_cdf(Tensor weights, Tensor cum, Tensor rows, Tensor u) -> Tensor",
+    "reject_rounds": "reject_rounds(Tensor h, Tensor weight, Tensor? bias, Tensor logits, Tensor classes, Tensor upper,"
+                     " Tensor floor, Tensor weights, Tensor cum, Tensor rows, Tensor keys, float temperature,"
+                     " int proposals, int rounds, bool lut_tail) -> (Tensor, Tensor, Tensor, Tensor)",
+    "proposal_weights": "proposal_weights(Tensor upper, Tensor logits, Tensor floor, Tensor top, float temperature,"
+                        " int block) -> (Tensor, Tensor)",
     "lut_topk": "lut_topk(Tensor lut, Tensor packed, int num_classes, int k, Tensor? bias=None) -> (Tensor, Tensor)",
     "aq_encode": "aq_encode(Tensor x, Tensor codebooks, Tensor codes, Tensor eta, Tensor perturb, int icm_iters,"
                  " bool greedy) -> Tensor",

@@ -1,0 +1,83 @@
+// torchaq::proposal_weights on CPU: per row, one pass writes (x - top) / T (-inf below the floor and
+// in the padding), one call of the fused cross-entropy's vectorised exp turns the row into weights
+// (exp(-inf) = 0), then the block sums (eight float32 partial sums per block) and their float64
+// running sum. Rows in parallel; a row never reads another. Semantics: torchaq/ops/proposal.py.
+#include "proposal.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "linear_ce_kernels.h"
+
+namespace torchaq {
+namespace cpu {
+namespace {
+
+// dst[j] = (x[j] - top) / T, or -inf where x[j] < floor (T = 1: no division, as the reference)
+void exponents(const float* x, int64_t n, float top, float t, float floor, float* dst) {
+  if (t == 1.0f) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = x[j] < floor ? -INFINITY : x[j] - top;
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = x[j] < floor ? -INFINITY : (x[j] - top) / t;
+  }
+}
+
+float block_sum(const float* w, int64_t m) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= m; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += w[j + l];
+  for (; j < m; ++j) acc[0] += w[j];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> proposal_weights_cpu(const at::Tensor& upper_in, const at::Tensor& logits_in,
+                                                        const at::Tensor& floor_in, const at::Tensor& top_in,
+                                                        double temperature, int64_t block) {
+  TORCH_CHECK_VALUE(upper_in.dim() == 2 && upper_in.scalar_type() == at::kFloat, "upper must be a float32 (B, N) tensor");
+  const int64_t B = upper_in.size(0), N = upper_in.size(1);
+  TORCH_CHECK_VALUE(logits_in.dim() == 2 && logits_in.size(0) == B && logits_in.scalar_type() == at::kFloat,
+                    "logits must be a float32 (", B, ", H) tensor");
+  TORCH_CHECK_VALUE(floor_in.dim() == 1 && floor_in.size(0) == B && floor_in.scalar_type() == at::kFloat,
+                    "floor must be a float32 (", B, ",) tensor");
+  TORCH_CHECK_VALUE(top_in.dim() == 1 && top_in.size(0) == B && top_in.scalar_type() == at::kFloat,
+                    "top must be a float32 (", B, ",) tensor");
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be a finite number > 0");
+  TORCH_CHECK_VALUE(block >= 1, "block must be >= 1");
+  const at::Tensor upper = upper_in.contiguous(), logits = logits_in.contiguous(), floor = floor_in.contiguous(),
+                   top = top_in.contiguous();
+  const int64_t H = logits.size(1), span = N + (block - N % block) % block;
+  const int64_t width = span + H + (block - H % block) % block, nb = width / block;
+  at::Tensor weights = at::empty({B, nb, block}, upper.options());
+  at::Tensor cum = at::empty({B, nb}, upper.options().dtype(at::kDouble));
+  const float* up = upper.data_ptr<float>();
+  const float* lp = logits.data_ptr<float>();
+  const float* fp = floor.data_ptr<float>();
+  const float* tp = top.data_ptr<float>();
+  float* wp = weights.data_ptr<float>();
+  double* cp = cum.data_ptr<double>();
+  const float t = float(temperature);
+  const auto exp_kernel = lce_grad_kernel();  // a[i] exp(x - lse[i]) - 0: with a = 1, lse = 0, exp(x)
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    const float zero = 0.0f, one = 1.0f;
+    for (int64_t b = b0; b < b1; ++b) {
+      float* w = wp + b * width;
+      exponents(up + b * N, N, tp[b], t, fp[b], w);
+      for (int64_t j = N; j < span; ++j) w[j] = -INFINITY;
+      exponents(lp + b * H, H, tp[b], t, fp[b], w + span);
+      for (int64_t j = span + H; j < width; ++j) w[j] = -INFINITY;
+      exp_kernel(w, 1, width, &zero, &one, nullptr, 0.0f);
+      double run = 0.0;
+      for (int64_t k = 0; k < nb; ++k) cp[b * nb + k] = run += double(block_sum(w + k * block, block));
+    }
+  });
+  return {weights, cum};
+}
+
+}  // namespace cpu
+}  // namespace torchaq
