@@ -20,11 +20,23 @@ int64_t inverse_cdf_one(const float* w, const double* c, int64_t nb, int64_t m, 
   const int64_t blk = std::min<int64_t>(std::upper_bound(c, c + nb, target) - c, nb - 1);
   const double start = blk > 0 ? c[blk - 1] : 0.0;
   const float* wb = w + blk * m;
+  const double shrink = 1.0 - 1.0 / double(int64_t(1) << 40);
+  const double want = std::max(target - start, 0.0);
+  // One running sum, stopped at the first j whose sum exceeds `want`. The reference also clamps want
+  // to S (1 - 2^-40), S the block's whole sum; S >= run, so where run (1 - 2^-40) > want the clamp
+  // cannot change the answer. Otherwise (rounding at the block's very end) the reference's two passes.
+  double run = 0.0;
+  for (int64_t j = 0; j < m; ++j) {
+    run += double(wb[j]);
+    if (run > want) {
+      if (run * shrink > want) return blk * m + j;
+      break;
+    }
+  }
   double sum = 0.0;
   for (int64_t j = 0; j < m; ++j) sum += double(wb[j]);
-  const double rest = std::min(std::max(target - start, 0.0), sum * (1.0 - 1.0 / double(int64_t(1) << 40)));
-  // the first j whose running sum exceeds rest (the running sum is recomputed in the same order)
-  double run = 0.0;
+  const double rest = std::min(want, sum * shrink);
+  run = 0.0;
   for (int64_t j = 0; j < m; ++j) {
     run += double(wb[j]);
     if (run > rest) return blk * m + j;

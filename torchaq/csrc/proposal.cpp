@@ -18,10 +18,17 @@ namespace {
 
 // dst[j] = (x[j] - top) / T, or -inf where x[j] < floor (T = 1: no division, as the reference)
 void exponents(const float* x, int64_t n, float top, float t, float floor, float* dst) {
+  // (branch-free bodies, so that the compiler vectorises them)
   if (t == 1.0f) {
-    for (int64_t j = 0; j < n; ++j) dst[j] = x[j] < floor ? -INFINITY : x[j] - top;
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = x[j] - top;
+      dst[j] = x[j] < floor ? -INFINITY : v;
+    }
   } else {
-    for (int64_t j = 0; j < n; ++j) dst[j] = x[j] < floor ? -INFINITY : (x[j] - top) / t;
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = (x[j] - top) / t;
+      dst[j] = x[j] < floor ? -INFINITY : v;
+    }
   }
 }
 

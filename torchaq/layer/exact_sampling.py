@@ -195,10 +195,12 @@ def _complete(layer, flat, logits, classes, upper, floor, limit: Optional[int] =
     most = most if limit is None else min(most, limit)
     if most == 0:
         return logits, classes, upper
-    ub, extra = upper.topk(most, dim=1)
+    ub, extra = ops.row_topk(upper, most)
     bias = None if layer.bias is None else layer.bias.detach()
-    extra_logits = row_logits(flat, layer.weight.detach(), bias, extra).masked_fill(ub < floor.unsqueeze(1), -math.inf)
-    logits, classes = torch.cat([logits, extra_logits], 1), torch.cat([classes, extra], 1)
+    # exact logits of the merged classes (best first): the padding of narrower rows scores -inf
+    extra_logits, merged = torch.ops.torchaq.rescore_topk.default(flat.float(), layer.weight.detach(), bias, extra, most)
+    extra_logits = extra_logits.masked_fill(upper.gather(1, merged) < floor.unsqueeze(1), -math.inf)
+    logits, classes = torch.cat([logits, extra_logits], 1), torch.cat([classes, merged], 1)
     order = classes.argsort(dim=1, stable=True)  # class order, then a stable sort by logit: ties by class id
     logits, classes = logits.gather(1, order), classes.gather(1, order)
     order = logits.argsort(dim=1, descending=True, stable=True)
@@ -211,19 +213,20 @@ def _nucleus_floor(layer, flat, logits, scores, upper, top_p: float, temperature
     """The ``top_p`` floor ``(B,)`` (module docstring): the logit of the last class whose strictly
     better mass is below ``top_p`` times the estimated full partition function."""
     t = temperature
-    tail = upper > -math.inf
-    top = torch.maximum(logits[:, 0], scores.masked_fill(~tail, -math.inf).amax(dim=1)) / t
-    prop = ((scores / t - top.unsqueeze(1)).exp() * tail).double()  # exp(s / T) on the tail, 0 on the head
-    cum = prop.cumsum(dim=1)
+    tail = scores.masked_fill(upper == -math.inf, -math.inf)  # the LUT scores of the tail classes
+    top = torch.maximum(logits[:, 0], tail.amax(dim=1))
+    # the proposal exp(s / T) on the tail (relative to exp(top / T)) and stratified draws from it
+    weights, cum = ops.proposal_weights(tail, logits[:, :0], torch.full_like(top, -math.inf), top, t, BLOCK)
     mass = cum[:, -1:]
     u = (torch.arange(NUCLEUS_SAMPLES, device=flat.device, dtype=torch.float64) + 0.5) / NUCLEUS_SAMPLES
-    pick = torch.searchsorted(cum, (u.unsqueeze(0) * mass).contiguous(), right=True).clamp_(max=scores.shape[1] - 1)
+    rows = torch.arange(flat.shape[0], device=flat.device)
+    pick = ops.inverse_cdf(weights, cum, rows, u.expand(flat.shape[0], -1).contiguous()).clamp_(max=scores.shape[1] - 1)
     bias = None if layer.bias is None else layer.bias.detach()
     exact = row_logits(flat, layer.weight.detach(), bias, pick)
     weight = (mass / NUCLEUS_SAMPLES) * ((exact - scores.gather(1, pick)) / t).double().exp()
     weight = torch.where(mass > 0, weight, 0.0)
     points = torch.cat([logits, exact], 1)
-    masses = torch.cat([(logits / t - top.unsqueeze(1)).double().exp(), weight], 1)
+    masses = torch.cat([((logits - top.unsqueeze(1)) / t).double().exp(), weight], 1)
     order = points.argsort(dim=1, descending=True, stable=True)
     points, masses = points.gather(1, order), masses.gather(1, order)
     before = masses.cumsum(dim=1) - masses
