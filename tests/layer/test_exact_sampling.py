@@ -148,6 +148,17 @@ def test_logprobs_are_exact(setup):
     top = (h @ layer.weight.detach().T + layer.bias.detach()).topk(5)
     trunc = torch.log_softmax(top.values, 1)[(top.indices == out.tokens[:, None])]
     torch.testing.assert_close(out.truncated_logprobs, trunc, atol=2e-5, rtol=0)
+    # top_p: the truncated log-probability under Hugging Face's nucleus of the exact logits
+    for p in (0.5, 0.9, 0.99):
+        out = layer.sample(h, seeds=torch.arange(8), top_p=p, return_logprobs=True)
+        logits = (h @ layer.weight.detach().T + layer.bias.detach()).double()
+        values, order = logits.sort(dim=1, descending=True)
+        probs = values.softmax(1)
+        keep = (probs.cumsum(1) - probs) < p
+        nucleus = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, keep)
+        assert bool(nucleus.gather(1, out.tokens[:, None]).all()), "a token drawn outside the exact nucleus"
+        trunc = torch.log_softmax(logits.masked_fill(~nucleus, -math.inf), 1).gather(1, out.tokens[:, None])[:, 0]
+        torch.testing.assert_close(out.truncated_logprobs.double(), trunc, atol=1e-3, rtol=0)
     # a floor that is a class's logit from another kernel (one ulp above this pass's value) keeps
     # that class: a peaked row's nucleus of one token has truncated log-probability 0, not inf
     from torchaq.layer.logprobs import row_log_partition

@@ -94,6 +94,13 @@ def _proposal_weights():
     return [(upper, logits, floor, top, 1.0, 16), (upper, logits, floor, top, 0.6, 7)]
 
 
+def _mass_histogram():
+    g = _gen(11)
+    h, w, b = torch.randn(3, 20, generator=g), torch.randn(90, 20, generator=g), torch.randn(90, generator=g)
+    top = (h @ w.T + b).amax(dim=1) + 0.01
+    return [(h, w, b, 1.0, top, 0.05, 64), (h, w, None, 0.5, top, 0.5, 5)]
+
+
 def _lut_topk():
     lut4, packed4, b = _lut_case(3, 100, 7, 4, seed=4, bias=True)
     lut8, packed8, _ = _lut_case(2, 70, 3, 8, seed=5)
@@ -186,6 +193,7 @@ SAMPLE_INPUTS = {
     "inverse_cdf": _inverse_cdf,
     "reject_rounds": _reject_rounds,
     "proposal_weights": _proposal_weights,
+    "mass_histogram": _mass_histogram,
     "pq_encode": _pq_encode,
     "anisotropic_encode": _anisotropic_encode,
     "aq_encode": _aq_encode,

@@ -11,6 +11,7 @@
 #include "encode.h"
 #include "inverse_cdf.h"
 #include "linear_ce.h"
+#include "mass_histogram.h"
 #include "normal_apply.h"
 #include "proposal.h"
 #include "reject.h"
@@ -30,6 +31,7 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("inverse_cdf", &torchaq::cpu::inverse_cdf_cpu);
   m.impl("reject_rounds", &torchaq::cpu::reject_rounds_cpu);
   m.impl("proposal_weights", &torchaq::cpu::proposal_weights_cpu);
+  m.impl("mass_histogram", &torchaq::cpu::mass_histogram_cpu);
   m.impl("pq_encode", &torchaq::cpu::pq_encode_cpu);
   m.impl("anisotropic_encode", &torchaq::cpu::anisotropic_encode_cpu);
   m.impl("aq_encode", &torchaq::cpu::aq_encode_cpu);

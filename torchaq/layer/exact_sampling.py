@@ -37,10 +37,15 @@ counts the detected violations (a drawn class whose exact logit exceeds its boun
 class whose bound reaches the ``k``-th exact logit, re-scored exactly), then a categorical draw
 among those ``k``. ``min_p``: a floor ``l >= l_max + T log(min_p)`` on the exact top-1 (completed the
 same way), applied inside the rejection step. ``top_p``: the nucleus is the best classes until
-their mass reaches ``top_p`` times the *full* partition function; the mass curve is the head's
-exact terms plus an importance sample of ``NUCLEUS_SAMPLES`` exactly scored tail classes (the
-control variate of :mod:`torchaq.layer.partition`), which is unbiased; its floor is exact when it
-falls among the head and estimated when the nucleus reaches into the tail.
+their mass reaches ``top_p`` times the *full* partition function ``Z``. One exact pass over ``W``
+(:func:`torchaq.ops.mass_histogram`) gives every class's mass in bins of ``NUCLEUS_BIN_WIDTH`` in
+``l / T``, hence ``Z`` and the mass curve to one bin; every class whose bound reaches the crossing
+bin is then re-scored exactly (at most ``NUCLEUS_COMPLETE``). Where the crossing class and all
+classes above it are exactly scored, the floor is its exact logit: the nucleus is Hugging Face's,
+and so are the truncated log-probabilities. Where more classes than that share the nucleus (a flat
+row), the floor is the crossing bin's lower edge: the nucleus keeps that whole bin, at most its mass
+more than the exact one. ``top_p`` therefore costs one pass over ``W``, like a dense layer, without
+the dense layer's sort of every row's ``V`` logits.
 
 **Batch invariance.** Every random number is :func:`torchaq.ops.counter_rng.uniforms` of the
 row's seed (``seeds=`` or, with ``generator``, one int64 per row drawn from it), and every step is
@@ -71,7 +76,8 @@ ERROR_SIGMAS = 4.75    # one-sided N(0, 1) tail 1.0e-6: the LUT error bound, in 
 DEFAULT_HEAD = 256     # scan candidates re-scored exactly (plus the side list)
 PROPOSALS = 32         # proposals per row in the first rejection round, doubling every round
 MAX_ROUNDS = 6         # (2,016 proposals in all) then the row is drawn from its exact logits
-NUCLEUS_SAMPLES = 256  # exactly scored tail classes behind the top_p floor
+NUCLEUS_BIN_WIDTH = 0.004  # top_p: bins of the exact mass curve, in units of l / T (the floor's resolution
+NUCLEUS_BINS = 4096        # where the nucleus reaches past the exactly scored classes), 16.4 below the top
 NUCLEUS_COMPLETE = 2048  # most tail classes re-scored per row to place the top_p floor among exact logits
 WEIGHT_RANGE = 60.0    # proposal weights are exp(x / T) with x <= WEIGHT_RANGE T above the reference
 BLOCK = 256            # classes per block of the two-level inverse CDF (:func:`torchaq.ops.inverse_cdf`)
@@ -209,30 +215,23 @@ def _complete(layer, flat, logits, classes, upper, floor, limit: Optional[int] =
     return logits.gather(1, order), classes.gather(1, order), upper
 
 
-def _nucleus_floor(layer, flat, logits, scores, upper, top_p: float, temperature: float) -> Tensor:
-    """The ``top_p`` floor ``(B,)`` (module docstring): the logit of the last class whose strictly
-    better mass is below ``top_p`` times the estimated full partition function."""
-    t = temperature
-    tail = scores.masked_fill(upper == -math.inf, -math.inf)  # the LUT scores of the tail classes
-    top = torch.maximum(logits[:, 0], tail.amax(dim=1))
-    # the proposal exp(s / T) on the tail (relative to exp(top / T)) and stratified draws from it
-    weights, cum = ops.proposal_weights(tail, logits[:, :0], torch.full_like(top, -math.inf), top, t, BLOCK)
-    mass = cum[:, -1:]
-    u = (torch.arange(NUCLEUS_SAMPLES, device=flat.device, dtype=torch.float64) + 0.5) / NUCLEUS_SAMPLES
-    rows = torch.arange(flat.shape[0], device=flat.device)
-    pick = ops.inverse_cdf(weights, cum, rows, u.expand(flat.shape[0], -1).contiguous()).clamp_(max=scores.shape[1] - 1)
-    bias = None if layer.bias is None else layer.bias.detach()
-    exact = row_logits(flat, layer.weight.detach(), bias, pick)
-    weight = (mass / NUCLEUS_SAMPLES) * ((exact - scores.gather(1, pick)) / t).double().exp()
-    weight = torch.where(mass > 0, weight, 0.0)
-    points = torch.cat([logits, exact], 1)
-    masses = torch.cat([((logits - top.unsqueeze(1)) / t).double().exp(), weight], 1)
-    order = points.argsort(dim=1, descending=True, stable=True)
-    points, masses = points.gather(1, order), masses.gather(1, order)
-    before = masses.cumsum(dim=1) - masses
-    keep = before < top_p * masses.sum(dim=1, keepdim=True)
-    last = keep.sum(dim=1, keepdim=True).clamp_(min=1) - 1
-    return points.gather(1, last).squeeze(1)
+def _nucleus_floor(logits: Tensor, upper: Tensor, masses: Tensor, top: Tensor, top_p: float, t: float) -> Tensor:
+    """The ``top_p`` floor ``(B,)`` (module docstring). ``masses`` ``(B, NUCLEUS_BINS)``: the exact mass
+    ``exp((l - top) / T)`` of all classes in bins of ``(top - l) / T`` (:func:`torchaq.ops.mass_histogram`),
+    so their sum is the exact partition function over ``exp(top / T)``. The floor is the exact logit of
+    the class whose strictly better mass is below ``top_p`` times it and whose own mass crosses it, if
+    that class and every class above it are exactly scored (``logits``, best first, and no tail bound
+    ``upper`` reaching it); else the lower edge of the bin in which the masses cross ``top_p`` (the
+    whole crossing bin is kept: at most its mass more than the exact nucleus)."""
+    total = masses.sum(dim=1, keepdim=True)
+    exact = ((logits - top.unsqueeze(1)) / t).double().exp()
+    before = exact.cumsum(dim=1) - exact
+    last = (before < top_p * total).sum(dim=1, keepdim=True).clamp_(min=1) - 1
+    crossing = logits.gather(1, last).squeeze(1)
+    exact_ok = (exact.sum(dim=1) >= top_p * total[:, 0]) & (upper.amax(dim=1) < crossing)
+    k = (masses.cumsum(dim=1) < top_p * total).sum(dim=1).clamp_(max=masses.shape[1] - 1)
+    edge = top - (k + 1).float() * (NUCLEUS_BIN_WIDTH * t)
+    return torch.where(exact_ok, crossing, edge)
 
 
 def _search(cum: Tensor, rows: Tensor, u: Tensor) -> Tensor:
@@ -337,7 +336,7 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
         return _categorical_plan(flat, logits, classes, top_p, min_p, t)
     size = max(candidates or DEFAULT_HEAD, top_k or 1)
     scores, logits, classes, step = head_scores(layer, flat, size)
-    upper = tail_bounds(layer, flat, scores, classes, sigmas, in_place=top_k is not None or top_p >= 1, rounding=step)
+    upper = tail_bounds(layer, flat, scores, classes, sigmas, in_place=True, rounding=step)
     upper_max = upper.amax(dim=1)  # values only (max(dim) also finds the argmax)
     _check_overflow(logits[:, :1] / t, t)
     _check_overflow(upper_max / t, t)
@@ -352,10 +351,12 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
     if top_p < 1:
         # estimate the floor, re-score every class whose bound reaches it, estimate again: the nucleus
         # then ends among exactly scored classes unless more than NUCLEUS_COMPLETE of them qualified
-        nucleus = _nucleus_floor(layer, flat, logits, scores, upper, top_p, t)
+        top = torch.maximum(logits[:, 0], upper_max)
+        masses = ops.mass_histogram(flat, layer.weight, layer.bias, t, top, NUCLEUS_BIN_WIDTH, NUCLEUS_BINS)
+        nucleus = _nucleus_floor(logits, upper, masses, top, top_p, t)
         logits, classes, upper = _complete(layer, flat, logits, classes, upper, torch.maximum(floor, nucleus),
                                            NUCLEUS_COMPLETE)
-        floor = torch.maximum(floor, _nucleus_floor(layer, flat, logits, scores, upper, top_p, t))
+        floor = torch.maximum(floor, _nucleus_floor(logits, upper, masses, top, top_p, t))
         upper_max = upper.amax(dim=1)
     # a bound far above the best exact logit (tiny temperature): re-score those classes, so that the
     # weights below neither all underflow nor overflow (per row: a row's head never depends on its batch)

@@ -18,6 +18,7 @@ module                 ops
 ``quantized_scan``     ``lut_score_quantized`` (every class's score from the uint8 LUT of the 4-bit scans)
 ``row_topk``           ``row_topk`` (each row's best scores of a matrix in memory, ties by index)
 ``row_partition``      ``row_log_partition`` (each row's exact log-partition function, batch-invariant)
+``mass_histogram``     ``mass_histogram`` (each row's exact softmax mass in bins of logit)
 ``inverse_cdf``        ``inverse_cdf`` (categorical draws from block-summed weights)
 ``proposal``           ``proposal_weights`` (the full-vocabulary sampler's proposal as block weights)
 ``reject``             ``reject_rounds`` (the full-vocabulary sampler's rejection rounds)
@@ -58,6 +59,7 @@ from torchaq.ops.layout import (
 )
 from torchaq.ops.linear_ce import acc_dtype, check_linear_ce_args, linear_ce, linear_ce_reference
 from torchaq.ops.lut import compute_lut, compute_lut_reference
+from torchaq.ops.mass_histogram import check_mass_histogram_args, mass_histogram, mass_histogram_reference
 from torchaq.ops.normal_apply import (
     anisotropic_normal_apply,
     anisotropic_normal_apply_reference,
@@ -92,6 +94,7 @@ REFERENCES = {
     "row_topk": row_topk_reference,
     "row_log_partition": row_log_partition_reference,
     "inverse_cdf": inverse_cdf_reference,
+    "mass_histogram": mass_histogram_reference,
     "reject_rounds": reject_rounds_reference,
     "proposal_weights": proposal_weights_reference,
     "aq_encode": aq_encode_reference,

@@ -19,6 +19,8 @@ SCHEMAS = {
     "row_topk": "row_topk(Tensor scores, int k) -> (Tensor, Tensor)",
     "row_log_partition": "row_log_partition(Tensor h, Tensor weight, Tensor? bias, float temperature, Tensor? floor)"
                          " -> Tensor",
+    "mass_histogram": "mass_histogram(Tensor h, Tensor weight, Tensor? bias, float temperature, Tensor top,"
+                      " float width, int bins) -> Tensor",
     "inverse_cdf": "inverse_cdf(Tensor weights, Tensor cum, Tensor rows, Tensor u) -> Tensor",
     "reject_rounds": "reject_rounds(Tensor h, Tensor weight, Tensor? bias, Tensor logits, Tensor classes, Tensor upper,"
                      " Tensor floor, Tensor weights, Tensor cum, Tensor rows, Tensor keys, float temperature,"
