@@ -43,8 +43,9 @@ their mass reaches ``top_p`` times the *full* partition function ``Z``. One exac
 bin is then re-scored exactly (at most ``NUCLEUS_COMPLETE``). Where the crossing class and all
 classes above it are exactly scored, the floor is its exact logit: the nucleus is Hugging Face's,
 and so are the truncated log-probabilities. Where more classes than that share the nucleus (a flat
-row), the floor is the crossing bin's lower edge: the nucleus keeps that whole bin, at most its mass
-more than the exact one. ``top_p`` therefore costs one pass over ``W``, like a dense layer, without
+row), the floor is placed inside the crossing bin as if its mass were spread evenly: the nucleus
+then differs from the exact one only by classes within one bin of its floor (measured by
+``benchmarks/sampling.py``). ``top_p`` therefore costs one pass over ``W``, like a dense layer, without
 the dense layer's sort of every row's ``V`` logits.
 
 **Batch invariance.** Every random number is :func:`torchaq.ops.counter_rng.uniforms` of the
@@ -221,17 +222,23 @@ def _nucleus_floor(logits: Tensor, upper: Tensor, masses: Tensor, top: Tensor, t
     so their sum is the exact partition function over ``exp(top / T)``. The floor is the exact logit of
     the class whose strictly better mass is below ``top_p`` times it and whose own mass crosses it, if
     that class and every class above it are exactly scored (``logits``, best first, and no tail bound
-    ``upper`` reaching it); else the lower edge of the bin in which the masses cross ``top_p`` (the
-    whole crossing bin is kept: at most its mass more than the exact nucleus)."""
+    ``upper`` reaching it); else a point inside the bin in which the masses cross ``top_p``, placed
+    as if that bin's mass were spread evenly over its width."""
     total = masses.sum(dim=1, keepdim=True)
     exact = ((logits - top.unsqueeze(1)) / t).double().exp()
     before = exact.cumsum(dim=1) - exact
     last = (before < top_p * total).sum(dim=1, keepdim=True).clamp_(min=1) - 1
     crossing = logits.gather(1, last).squeeze(1)
     exact_ok = (exact.sum(dim=1) >= top_p * total[:, 0]) & (upper.amax(dim=1) < crossing)
-    k = (masses.cumsum(dim=1) < top_p * total).sum(dim=1).clamp_(max=masses.shape[1] - 1)
-    edge = top - (k + 1).float() * (NUCLEUS_BIN_WIDTH * t)
-    return torch.where(exact_ok, crossing, edge)
+    cum = masses.cumsum(dim=1)
+    k = (cum < top_p * total).sum(dim=1, keepdim=True).clamp_(max=masses.shape[1] - 1)
+    # inside the crossing bin, the share of its mass still needed, as a share of its width (the mass
+    # taken as spread evenly over the bin's logits): the kept mass is then top_p Z to within the
+    # classes at the floor, not to within a whole bin
+    need = top_p * total - torch.where(k > 0, cum.gather(1, (k - 1).clamp(min=0)), 0.0)
+    share = (need / masses.gather(1, k).clamp(min=1e-300)).clamp_(0.0, 1.0)
+    inside = top - ((k + share).squeeze(1) * (NUCLEUS_BIN_WIDTH * t)).float()
+    return torch.where(exact_ok, crossing, inside)
 
 
 def _search(cum: Tensor, rows: Tensor, u: Tensor) -> Tensor:
