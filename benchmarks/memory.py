@@ -7,7 +7,8 @@ already allocated; the call's outputs count). Measured with ``torch.profiler`` m
 (the allocator's running total, ``Total Allocated``): every tensor torch or the torchaq ops
 allocate is seen; scratch memory the C++ kernels take with ``malloc`` outside torch is not.
 
-Paths: ``topk(k=10)``, ``sample(top_k=50)``, ``log_softmax_topk(k=10)``,
+Paths: ``topk(k=10)``, ``sample`` (``top_k=50``, whole vocabulary, ``top_p=0.9``, with
+``return_logprobs``), ``token_logprobs``, ``log_softmax_topk(k=10)``,
 ``topk(k=10, guarantee="bound")``, ``entropy``; baselines: ``nn.Linear`` + ``log_softmax`` +
 ``topk`` (what the issue compares against) and ``nn.Linear`` + ``topk``.
 
@@ -90,6 +91,9 @@ def main(argv=None) -> None:
         "topk": lambda h: layer.topk(h, k=10),
         "sample(top_k=50)": lambda h: layer.sample(h, top_k=50),
         "sample() (whole vocabulary)": lambda h: layer.sample(h),
+        "sample(top_p=0.9)": lambda h: layer.sample(h, top_p=0.9),
+        "sample(return_logprobs=True)": lambda h: layer.sample(h, return_logprobs=True),
+        "token_logprobs": lambda h: layer.token_logprobs(h, torch.zeros(h.shape[0], dtype=torch.int64)),
         "log_softmax_topk": lambda h: layer.log_softmax_topk(h, k=10),
         'topk(guarantee="bound")': lambda h: layer.topk(h, k=10, guarantee="bound"),
         "entropy": lambda h: layer.entropy(h),

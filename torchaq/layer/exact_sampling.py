@@ -259,7 +259,8 @@ def _categorical_cum(logits: Tensor, floor: Tensor, temperature: float) -> Tenso
 
 
 def _check_overflow(values: Tensor, temperature: float) -> None:
-    if not bool(torch.isfinite(values[values > -math.inf]).all()):
+    """``values / T`` (``-inf`` allowed: rows with no tail) must stay below float32's overflow."""
+    if not bool((values / temperature < math.inf).all()):  # (false for +inf and nan)
         raise ValueError(f"temperature={temperature!r} is so small that logits / temperature overflow float32")
 
 
@@ -339,14 +340,13 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
     t = temperature
     if layer.exact_reason is not None:  # no codes (a tiny table): the head is every class, scored exactly
         logits, classes = exact_topk(flat, layer.weight, layer.bias, top_k or layer.num_classes)
-        _check_overflow(logits[:, :1] / t, t)
+        _check_overflow(logits[:, :1], t)
         return _categorical_plan(flat, logits, classes, top_p, min_p, t)
     size = max(candidates or DEFAULT_HEAD, top_k or 1)
     scores, logits, classes, step = head_scores(layer, flat, size)
     upper = tail_bounds(layer, flat, scores, classes, sigmas, in_place=True, rounding=step)
     upper_max = upper.amax(dim=1)  # values only (max(dim) also finds the argmax)
-    _check_overflow(logits[:, :1] / t, t)
-    _check_overflow(upper_max / t, t)
+    _check_overflow(torch.stack([logits[:, 0], upper_max]), t)
     floor = torch.full_like(logits[:, 0], -math.inf)
     if top_k is not None:
         logits, classes, upper = _complete(layer, flat, logits, classes, upper, logits[:, top_k - 1])
