@@ -44,9 +44,9 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(lp.exp() * lp).sum(1)
 
 
-def scale_for_entropy(h, weight, target=3.0):
-    """Scale ``a`` with mean entropy of ``softmax(a h W^T)`` ~= ``target`` (bisection on log a)."""
-    lo, hi = 0.0, math.log(100.0)
+def scale_for_entropy(h, weight, target=3.0, lowest=1.0):
+    """Scale ``a`` in ``[lowest, 100]`` with mean entropy of ``softmax(a h W^T)`` ~= ``target`` (bisection on log a)."""
+    lo, hi = math.log(lowest), math.log(100.0)
     for _ in range(20):
         mid = 0.5 * (lo + hi)
         if entropy(math.exp(mid) * h @ weight.T).mean() > target:

@@ -64,7 +64,10 @@ def test_counter_uniforms_numpy_path_equals_torch_path():
         via_torch = (hashed_numbers(keys.unsqueeze(1), hashed_counters(stream, n, keys.device), mix32).double() + 0.5) / 2.0 ** 53
         assert torch.equal(key_uniforms(keys, stream, n), via_torch)
     seeds = torch.tensor([0, 1, -1, -5, 2 ** 62, -(2 ** 63), 2 ** 63 - 1, 123456789])
-    assert torch.equal(row_keys(seeds), mix32(seeds ^ mix32((seeds >> 32) ^ 0x9E3779B9)))
+    assert torch.equal(row_keys(seeds), mix32(seeds ^ mix32((seeds >> 32) ^ 0x9E3779B9)))  # Python integers
+    many = torch.cat([seeds, torch.randint(-(2 ** 63), 2 ** 63 - 1, (100,), generator=torch.Generator().manual_seed(1))])
+    assert torch.equal(row_keys(many), mix32(many ^ mix32((many >> 32) ^ 0x9E3779B9)))  # numpy
+    assert torch.equal(row_keys(many)[:8], row_keys(seeds))
 
 
 def test_counter_uniforms_are_the_hash_and_batch_free():

@@ -50,12 +50,13 @@ the dense layer's sort of every row's ``V`` logits.
 
 **Batch invariance.** Every random number is :func:`torchaq.ops.counter_rng.uniforms` of the
 row's seed (``seeds=`` or, with ``generator``, one int64 per row drawn from it), and every step is
-row-wise (LUT, scan, exact logits by :func:`torchaq.ops.row_logits`, per-row sums), so with
-``seeds`` a row gets the same token alone or in any batch. Cost per row: one uint8-LUT pass
-``O(V M)`` (its scores also give the head, :func:`torchaq.ops.row_topk`, without a second scan), a
-few ``O(V)`` passes (bound, ``exp``, block sums), ``(C + S) d`` for the head and at most
-``PROPOSALS 2**r d`` in round ``r``; with ``return_logprobs`` one exact pass over ``W`` per row
-(:mod:`torchaq.layer.logprobs`).
+row-wise (LUT, scan, exact logits, the proposal :func:`torchaq.ops.proposal_weights`, the rounds
+:func:`torchaq.ops.reject_rounds`, per-row sums), so with ``seeds`` a row gets the same token alone
+or in any batch. Cost per row: one uint8-LUT pass ``O(V M)`` (its scores also give the head,
+:func:`torchaq.ops.row_topk`, without a second scan), a few ``O(V)`` passes (bound, ``exp``, block
+sums), ``(C + S) d`` for the head and at most ``PROPOSALS 2**r d`` in round ``r``; with ``top_p``,
+and again with ``return_logprobs``, one exact pass over ``W`` (``V d``:
+:mod:`torchaq.layer.logprobs`).
 """
 from __future__ import annotations
 

@@ -42,6 +42,19 @@ def _mix32_numpy(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> 16)
 
 
+SMALL_BATCH = 16  # row_keys hashes this many seeds or fewer as Python integers (batch-1 sampling)
+
+
+def _mix32_int(x: int) -> int:
+    """:func:`mix32` on a Python integer (two's complement of any size: the same low 32 bits)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
 def _numpy_path(x: Tensor) -> bool:
     """Hash in numpy: on CPU in eager mode (under ``torch.compile`` dynamo would trace the numpy calls
     into uint64 tensor ops, which fake tensors do not support; the torch path gives the same bits)."""
@@ -51,6 +64,9 @@ def _numpy_path(x: Tensor) -> bool:
 def row_keys(seeds: Tensor) -> Tensor:
     """int64 ``(B,)`` per-row keys in ``[0, 2**32)`` from int64 seeds (both halves of each seed)."""
     seeds = seeds.long()
+    if _numpy_path(seeds) and seeds.numel() <= SMALL_BATCH:  # Python integers: no array set-up at all
+        return torch.tensor([_mix32_int(s ^ _mix32_int((s >> 32) ^ 0x9E3779B9)) for s in seeds.tolist()],
+                            dtype=torch.int64)
     if _numpy_path(seeds):  # numpy, as in key_uniforms (only the low 32 bits of each word matter,
         # so the logical shift of uint64 gives what torch's arithmetic shift of int64 gives)
         with np.errstate(over="ignore"):
