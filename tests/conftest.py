@@ -66,6 +66,16 @@ def spawn_ranks(worker, world: int, args: tuple, what: str, deadline: float) -> 
             pytest.fail(f"{world} ranks running {what} were not done within {deadline} s (killed)")
 
 
+def random_head(num_classes: int, dim: int, batch: int, seed: int = 0, dtype=torch.float32):
+    """``(h, weight, bias)``: a random ``(V, d)`` head (rows of norm ~1, in ``dtype``), a float32 bias and
+    ``(B, d)`` hidden states that give moderately peaked logits (the exact-pass op tests)."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(num_classes, dim, generator=g) / math.sqrt(dim)).to(dtype)
+    b = 0.3 * torch.randn(num_classes, generator=g)
+    h = 3 * torch.randn(batch, dim, generator=g)
+    return h, w, b
+
+
 def rejection_plan(seed: int = 0, rows: int = 3, num_classes: int = 700, dim: int = 24, head: int = 20, block: int = 64,
                    draws: int = 40, temperature: float = 0.8, floors: bool = True):
     """The arguments of ``torchaq.ops.reject_rounds`` for a random plan laid out as the sampler lays it

@@ -12,14 +12,13 @@ import torch
 import torchaq
 from torchaq import ops
 
+from conftest import random_head
+
 CPP = torchaq.backends.CPU_EXTENSION_LOADED
 
 
 def case(V=3000, d=48, B=5, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(V, d, generator=g) / math.sqrt(d)).to(dtype)
-    b = 0.3 * torch.randn(V, generator=g)
-    h = 3 * torch.randn(B, d, generator=g)
+    h, w, b = random_head(V, d, B, seed, dtype)
     top = (h @ w.float().T + b).amax(dim=1) + 0.0123
     return h, w, b, top
 

@@ -15,17 +15,13 @@ import torch
 import torchaq
 from torchaq import ops
 
-from conftest import ISAS, isa
+from conftest import ISAS, isa, random_head
 
 CPP = torchaq.backends.CPU_EXTENSION_LOADED
 
 
 def case(V=1000, d=37, B=9, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(V, d, generator=g) / math.sqrt(d)).to(dtype)
-    b = 0.3 * torch.randn(V, generator=g)
-    h = 3 * torch.randn(B, d, generator=g)
-    return h, w, b
+    return random_head(V, d, B, seed, dtype)
 
 
 def exact(h, w, b, t, floor):

@@ -18,7 +18,8 @@ _M32 = 0xFFFFFFFF
 
 
 def mix32(x: Tensor) -> Tensor:
-    """``lowbias32``: a 32-bit integer hash of int64 ``x`` (its low 32 bits), result in ``[0, 2**32)``.
+    """``lowbias32``: a 32-bit integer hash of int64 ``x`` (its low 32 bits; a tensor or a Python integer),
+    result in ``[0, 2**32)``.
 
     The products ``x * c`` (``x, c < 2**32``) may pass ``2**63``: int64 multiplication wraps modulo
     ``2**64`` in torch's CPU and CUDA kernels (two's complement), and only the low 32 bits are kept, so
@@ -45,16 +46,6 @@ def _mix32_numpy(x: np.ndarray) -> np.ndarray:
 SMALL_BATCH = 16  # row_keys hashes this many seeds or fewer as Python integers (batch-1 sampling)
 
 
-def _mix32_int(x: int) -> int:
-    """:func:`mix32` on a Python integer (two's complement of any size: the same low 32 bits)."""
-    x &= _M32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
 def _numpy_path(x: Tensor) -> bool:
     """Hash in numpy: on CPU in eager mode (under ``torch.compile`` dynamo would trace the numpy calls
     into uint64 tensor ops, which fake tensors do not support; the torch path gives the same bits)."""
@@ -64,8 +55,8 @@ def _numpy_path(x: Tensor) -> bool:
 def row_keys(seeds: Tensor) -> Tensor:
     """int64 ``(B,)`` per-row keys in ``[0, 2**32)`` from int64 seeds (both halves of each seed)."""
     seeds = seeds.long()
-    if _numpy_path(seeds) and seeds.numel() <= SMALL_BATCH:  # Python integers: no array set-up at all
-        return torch.tensor([_mix32_int(s ^ _mix32_int((s >> 32) ^ 0x9E3779B9)) for s in seeds.tolist()],
+    if _numpy_path(seeds) and seeds.numel() <= SMALL_BATCH:  # mix32 on Python integers: no array set-up
+        return torch.tensor([mix32(s ^ mix32((s >> 32) ^ 0x9E3779B9)) for s in seeds.tolist()],
                             dtype=torch.int64)
     if _numpy_path(seeds):  # numpy, as in key_uniforms (only the low 32 bits of each word matter,
         # so the logical shift of uint64 gives what torch's arithmetic shift of int64 gives)
