@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchaq  # noqa: E402
 from benchmarks.common import RESULTS, emit, environment, markdown_table  # noqa: E402
 from benchmarks.llm_tables import fitted_layer, table  # noqa: E402
-from benchmarks.sampling import (SETTINGS, entropy, error_quantiles, logprob_errors, quality,  # noqa: E402
+from benchmarks.sampling import (ERROR_COLUMNS, SETTINGS, entropy, error_quantiles, logprob_errors, quality,  # noqa: E402
                                  scale_for_entropy, speed)
 
 
@@ -58,10 +58,10 @@ def main(argv=None) -> str:
             "", f"## max |logprob error| (nats) vs dense log_softmax, {nlp} queries",
             markdown_table(["setting", "full softmax", "truncated", "rows with truncated error > 0.01",
                             "drawn outside the float64 nucleus"], logprob_errors(layer, q[:nlp], SETTINGS)),
-            "", "## LUT error model: quantiles of (l - s) / (|h| |r_i|), 32 queries, vs N(0, 1/d); the bound's "
-            "failures per (query, class) (the quality table's violations count proposals: one failing class a draw "
-            "proposes often counts many times)",
-            markdown_table(["quantile", "measured", "N(0, 1/d)"], error_quantiles(layer, q[:32])),
+            "", "## LUT error model: quantiles of (l - s) in units of its modelled scale, 32 queries, vs N(0, 1); "
+            "the bound's failures per (query, class) (the quality table's violations count proposals: one failing "
+            "class a draw proposes often counts many times)",
+            markdown_table(ERROR_COLUMNS, error_quantiles(layer, q[:32])),
             "", "## Speed (ms per call, CPU time of one thread; x = dense / sample)",
             markdown_table(["batch", "dense softmax + multinomial", "dense top_p=0.9 (sort + nucleus + multinomial)",
                             "sample", "sample top_p=0.9 (x = dense top_p / it)", "sample T=0.7",

@@ -36,7 +36,7 @@ distribution. The fast path needs no ``eval()``.
 
 **Saving.** The head's parameters keep the keys of the ``nn.Linear`` (``lm_head.weight``, shared
 with a tied embedding, so HF's tied-weight handling applies), and its index is buffers beside
-them: ``lm_head.packed_codes``, ``side_rows``, ``residual_norms``, ``quantizer.codebooks`` and
+them: ``lm_head.packed_codes``, ``side_rows``, ``residual_norms``, ``error_scales``, ``quantizer.codebooks`` and
 ``quantizer._extra_state`` (an int64 tensor: safetensors stores tensors only). The layer's
 options go into ``config.torchaq_lm_head``. A checkpoint opened without torchaq is a dense
 model with a few unexpected keys; :func:`from_pretrained` rebuilds the head from the saved codes.

@@ -295,14 +295,14 @@ def test_bad_inputs_name_the_argument(setup, call, match):
         call(layer, h)
 
 
-def test_non_finite_residual_norms_are_refused_after_every_change(setup):
-    """The finiteness check of the residual norms is cached per tensor version: a change re-arms it."""
+def test_non_finite_error_scales_are_refused_after_every_change(setup):
+    """The finiteness check of the error scales is cached per tensor version: a change re-arms it."""
     layer, h = setup
     layer.sample(h, seeds=torch.arange(8))  # checked and cached
     outside = next(i for i in range(V) if i not in set(layer.side_rows.tolist()))
     with torch.no_grad():
-        layer.residual_norms[outside] = math.inf  # an in-place write: a new version
-    with pytest.raises(RuntimeError, match="residual_norms is not finite"):
+        layer.error_scales[outside] = math.inf  # an in-place write: a new version
+    with pytest.raises(RuntimeError, match="error_scales is not finite"):
         layer.sample(h, seeds=torch.arange(8))
     layer.refresh(refit=True)
     layer.sample(h, seeds=torch.arange(8))

@@ -16,6 +16,7 @@ module                 what
 ``exact_sampling``     ``sample``: draws from the full-vocabulary softmax (rejection from a bounded LUT proposal)
 ``logprobs``           exact, batch-invariant log-probabilities of given tokens (``token_logprobs``)
 ``side_list``          rows the codes cannot represent: the exact side list, the residual bound
+``error_model``        the sampler's per-class LUT error scale (``error_scales``)
 ``partition``          the log-partition estimate behind ``log_softmax_topk``
 ``incremental``        refresh re-encodes only the rows that moved
 ``refresher``          :class:`CodebookRefresher`: refresh / refit on a schedule while training

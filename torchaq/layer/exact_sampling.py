@@ -8,9 +8,10 @@ then ``min_p``). The method, chosen on measurements (``benchmarks/sampling.py``;
 score ``s_i`` from the uint8 LUT of the 4-bit scans (:func:`torchaq.ops.lut_score_quantized`: byte
 look-ups instead of float gathers, within ``M step / 2`` of the float sum); the best ``C`` of those
 scores plus the side list (the *head*) are re-scored exactly. Each other class gets an
-upper bound of its logit ``u_i = s_i + z (|h| |r_i| / sqrt(d) + step sqrt(M / 12))``
-(``r_i = W_i - decode(code_i)``, the layer's ``residual_norms``; the second term is the rounding
-of ``M`` uint8 entries, :func:`rounding_allowance`). The proposal is ``q_i ∝ exp(l_i / T)`` on the
+upper bound of its logit ``u_i = s_i + z (|h| rho_i + step sqrt(M / 12))`` (``rho_i`` the scale of
+class ``i``'s LUT error ``<h, r_i>``, ``r_i = W_i - decode(code_i)``: the layer's ``error_scales``,
+:mod:`torchaq.layer.error_model`; the second term is the rounding of ``M`` uint8 entries,
+:func:`rounding_allowance`). The proposal is ``q_i ∝ exp(l_i / T)`` on the
 head and ``exp(u_i / T)`` on the rest; a drawn head class is kept, a drawn tail class is re-scored exactly and kept with
 probability ``exp((l_i - u_i) / T)``. Whenever ``l_i <= u_i`` holds this is textbook rejection
 sampling: the kept draw has *exactly* the target distribution. Round ``r`` tries
@@ -18,13 +19,14 @@ sampling: the kept draw has *exactly* the target distribution. Round ``r`` tries
 costs at most that many times ``d`` multiply-adds; rows with nothing kept after ``MAX_ROUNDS``
 rounds are drawn from their exact logits (one pass over ``W``), so no row is ever cut short.
 
-**Guarantee.** The Cauchy-Schwarz bound ``|l_i - s_i| <= |h| |r_i|`` always holds but is ~20x
-loose in ``d = 384`` (a residual is nearly orthogonal to a query), which would make acceptance
-negligible at LM-like entropy. The bound used is ``z = ERROR_SIGMAS`` standard deviations of the
-measured error model: on the MiniLM table with real hidden states, ``(l_i - s_i) / (|h| |r_i|)``
-has the quantiles of ``N(0, 1/d)`` (0.99: 0.120 vs 0.119, 0.9999: 0.189 vs 0.190, 0.99999: 0.217
-vs 0.217; the benchmark re-measures them), so the bound fails for a given (row, class) with
-probability ``P(N(0, 1) > z) ~= 1.0e-6``. The rounding term models the ``M`` rounding errors as
+**Guarantee.** The Cauchy-Schwarz bound ``|l_i - s_i| <= |h| |r_i|`` always holds but is about
+``sqrt(d) / z`` times too loose (a residual is nearly orthogonal to a query), which would make
+acceptance negligible at LM-like entropy. The bound used is ``z = ERROR_SIGMAS`` standard
+deviations of the error model of :mod:`torchaq.layer.error_model`: ``(l_i - s_i) / (|h| rho_i)``
+is taken as ``N(0, 1)``, so the bound fails for a given (row, class) with probability
+``P(N(0, 1) > z) ~= 1.0e-6``. ``benchmarks/sampling.py`` (MiniLM, real states) and
+``benchmarks/sampling_llm.py`` (Gemma- and Llama-3-shaped heads) measure its quantiles and count
+the bound's failures on quantized scores. The rounding term models the ``M`` rounding errors as
 independent (each uniform within half a step) and adds its ``z`` standard deviations (never more
 than the worst case ``M step / 2``); it is a small part of the bound, and the benchmark counts how
 often the whole bound fails on quantized scores. Where it fails, that class alone is drawn with
@@ -161,13 +163,14 @@ _CHECKED_NORMS: dict = {}  # id(norms) -> (weak reference, tensor version) of no
 
 
 def check_finite_norms(norms: Tensor, side_rows: Tensor) -> None:
-    """Refuse residual norms that are not finite outside the side list (side rows may hold any norm:
+    """Refuse error scales that are not finite outside the side list (side rows may hold any scale:
     they are always in the head). A V-sized check, made once per tensor and version."""
     seen = _CHECKED_NORMS.get(id(norms))
     if seen is not None and seen[0]() is norms and seen[1] == norms._version:
         return
     if not bool(torch.isfinite(norms).all()) and not bool(torch.isfinite(norms.index_fill(0, side_rows, 0.0)).all()):
-        raise RuntimeError("residual_norms is not finite outside the side list: call layer.refresh()")
+        raise RuntimeError("error_scales is not finite outside the side list (a checkpoint saved without them, or "
+                           "a bad write): call layer.refresh()")
     if len(_CHECKED_NORMS) > 256:
         _CHECKED_NORMS.clear()
     _CHECKED_NORMS[id(norms)] = (weakref.ref(norms), norms._version)
@@ -175,15 +178,16 @@ def check_finite_norms(norms: Tensor, side_rows: Tensor) -> None:
 
 def tail_bounds(layer, flat: Tensor, scores: Tensor, head: Tensor, sigmas: float = ERROR_SIGMAS,
                 in_place: bool = False, rounding: Optional[Tensor] = None) -> Tensor:
-    """``u_i = s_i + z (|h| |r_i| / sqrt(d) + step sqrt(M / 12))`` (``z = sigmas``; the second term is
-    :func:`rounding_allowance` of the quantization step ``rounding`` ``(B,)``, absent with ``None``)
-    for every class not in the head, ``-inf`` on the head. ``z = sqrt(d)`` is the Cauchy-Schwarz bound (always true, far
-    looser), ``z = 0`` the LUT score. Adding the two standard deviations bounds their root sum of
-    squares, so the one-sided tail of the sum stays below that of ``z`` sigmas."""
-    scale = sigmas / math.sqrt(layer.dim)
-    norms = layer.residual_norms
+    """``u_i = s_i + z (|h| rho_i + step sqrt(M / 12))`` (``z = sigmas``; ``rho_i`` the layer's
+    ``error_scales``, :mod:`torchaq.layer.error_model`; the second term is :func:`rounding_allowance`
+    of the quantization step ``rounding`` ``(B,)``, absent with ``None``) for every class not in the
+    head, ``-inf`` on the head. ``rho_i >= |r_i| / sqrt(d)``, so ``z = sqrt(d)`` is at least the
+    Cauchy-Schwarz bound (always true, far looser); ``z = 0`` is the LUT score. Adding the two
+    standard deviations bounds their root sum of squares, so the one-sided tail of the sum stays
+    below that of ``z`` sigmas."""
+    norms = layer.error_scales
     check_finite_norms(norms, layer.side_rows)
-    step = scale * flat.float().norm(dim=1, keepdim=True)
+    step = sigmas * flat.float().norm(dim=1, keepdim=True)
     if in_place:  # the caller no longer needs the scores: no second (B, V) buffer
         upper = scores.addcmul_(step, norms.float().unsqueeze(0))
     else:

@@ -11,13 +11,13 @@ update) says whether anything changed at all, so a refresh after no step costs n
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from torchaq import ops
-from torchaq.layer import side_list
+from torchaq.layer import error_model, side_list
 
 # directions of the fingerprint: a change that happens to be orthogonal to all of them (to float
 # precision) goes unnoticed; four make that practically impossible for a real update
@@ -64,39 +64,55 @@ def write_packed_rows(packed: Tensor, rows: Tensor, codes: Tensor, bits: int) ->
     packed[rows // ops.BLOCK, :, rows % ops.BLOCK] = pairs.to(packed.device, torch.uint8)
 
 
-def update_side_rows(weight: Tensor, quantizer, rows: Tensor, codes: Optional[Tensor], row_norms: Optional[Tensor],
-                     residual_norms: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+class RowStats(NamedTuple):
+    """What the side list and the sampler's bound read per row, kept between refreshes: ``(V,)``
+    row norms, residual norms, error scales (:mod:`torchaq.layer.error_model`) and the side list."""
+
+    row_norms: Tensor
+    residual_norms: Tensor
+    error_scales: Tensor
+    side_rows: Tensor
+
+
+def update_side_rows(weight: Tensor, quantizer, rows: Tensor, codes: Tensor, cached: Optional[RowStats],
+                     model: Optional[error_model.ErrorModel]) -> Optional[RowStats]:
     """After an incremental re-encode of ``rows`` (``codes`` their new uint8 codes): the new
-    ``(row_norms, residual_norms, side_rows)``, recomputing only those rows.
+    :class:`RowStats`, recomputing only those rows (their error scales under the same ``model``).
 
     :meth:`torchaq.QuantizedSoftmax.refresh_side_rows` decodes all ``V`` rows (``O(V d)``); here
-    the row norms and residual norms of the other rows are the ones cached at the last refresh
-    (their weight and codes did not change), so the cost is ``O(n d)`` for ``n`` changed rows plus
+    the norms and error scales of the other rows are the ones cached at the last refresh (their
+    weight and codes did not change), so the cost is ``O(n d k)`` for ``n`` changed rows plus
     ``O(V log V)`` for the side list's robust statistics
     (:func:`torchaq.layer.side_list.select_side_rows_from_norms`, the same rule). Returns None
     when nothing usable is cached (the caller then runs the full pass).
     """
-    norms, res = row_norms, residual_norms
-    if norms is None or norms.shape != res.shape or norms.device != res.device or not bool(torch.isfinite(res).all()):
+    if cached is None or model is None:
+        return None
+    norms, res, scales = cached.row_norms, cached.residual_norms, cached.error_scales
+    if norms is None or norms.shape != res.shape or scales.shape != res.shape or norms.device != res.device \
+            or not bool(torch.isfinite(res).all()):
         return None
     if rows.numel():
         rows_w = weight.detach()[rows.to(weight.device)].float()
-        recon = quantizer.decode(codes, dtype=torch.float32).to(rows_w.device)
-        norms = norms.clone()
+        residuals = rows_w - quantizer.decode(codes, dtype=torch.float32).to(rows_w.device)
+        norms, res, scales = norms.clone(), res.clone(), scales.clone()
         norms[rows] = side_list.row_norms(rows_w)
-        res = res.clone()
-        res[rows] = side_list.residual_norms(rows_w, recon)
-    return norms, res, side_list.select_side_rows_from_norms(norms, res)
+        res[rows] = side_list.row_norms(residuals)
+        scales[rows] = error_model.error_scales(residuals, res[rows], model)
+    return RowStats(norms, res, scales, side_list.select_side_rows_from_norms(norms, res))
 
 
-def all_side_rows(weight: Tensor, quantizer, codes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(row_norms, residual_norms, side_rows)`` after a full re-encode, from the uint8 ``(V, M)``
-    ``codes`` just computed: no unpacking, and the row and residual norms are computed once (the
-    side-list rule reads exactly these two; :meth:`torchaq.QuantizedSoftmax.refresh_side_rows`
-    without queries). The row norms are what :func:`update_side_rows` reuses. Cost ``O(V d)``.
+def all_side_rows(weight: Tensor, quantizer, codes: Tensor) -> Tuple[RowStats, error_model.ErrorModel]:
+    """:class:`RowStats` after a full re-encode, from the uint8 ``(V, M)`` ``codes`` just computed,
+    and the error model they used (fitted on this weight; incremental refreshes reuse it): no
+    unpacking, and the residuals are computed once (the side-list rule reads the row and residual
+    norms alone; :meth:`torchaq.QuantizedSoftmax.refresh_side_rows` without queries).
+    Cost ``O(V d k)``.
     """
     weight = weight.detach().float()
-    recon = quantizer.decode(codes, dtype=torch.float32).to(weight.device)
-    norms = side_list.row_norms(weight)
-    res = side_list.residual_norms(weight, recon)
-    return norms, res, side_list.select_side_rows_from_norms(norms, res)
+    residuals = quantizer.decode(codes, dtype=torch.float32).to(weight.device)
+    torch.sub(weight, residuals, out=residuals)  # in place: one (V, d) buffer, not two
+    model = error_model.fit_error_model(weight)
+    norms, res = side_list.row_norms(weight), side_list.row_norms(residuals)
+    scales = error_model.error_scales(residuals, res, model)
+    return RowStats(norms, res, scales, side_list.select_side_rows_from_norms(norms, res)), model

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from torchaq import ops
 from torchaq.checks import check_features, check_int, has_data
-from torchaq.layer import construction, incremental, probe, side_list, staleness, state
+from torchaq.layer import construction, error_model, incremental, probe, side_list, staleness, state
 from torchaq.layer.fast_topk import FastTopk
 
 
@@ -64,17 +64,19 @@ class IndexedLayer(FastTopk):
             codes = self.quantizer.encode(weight)
             self.packed_codes = self.quantizer.pack(codes)
             # refresh_side_rows() from the codes in hand
-            self._row_norms, self.residual_norms, self.side_rows = incremental.all_side_rows(weight, self.quantizer, codes)
+            self._set_row_stats(*incremental.all_side_rows(weight, self.quantizer, codes))
         elif rows.numel():
             construction.check_weight_rows(weight[rows])
             codes = self.quantizer.encode(weight[rows])
             incremental.write_packed_rows(self.packed_codes, rows, codes, self.quantizer.bits)
             # the side list, touching only these rows
-            update = incremental.update_side_rows(weight, self.quantizer, rows, codes, self._row_norms, self.residual_norms)
+            cached = None if self._row_norms is None else incremental.RowStats(
+                self._row_norms, self.residual_norms, self.error_scales, self.side_rows)
+            update = incremental.update_side_rows(weight, self.quantizer, rows, codes, cached, self._error_model)
             if update is None:
                 self.refresh_side_rows()
             else:
-                self._row_norms, self.residual_norms, self.side_rows = update
+                self._set_row_stats(update, self._error_model)
         self._mark_fresh()
         self._fingerprint, self._encode_key = fingerprint, self._encoding_key()
         if refit:
@@ -101,6 +103,14 @@ class IndexedLayer(FastTopk):
     def _after_load(self, incompatible_keys) -> None:
         """``load_state_dict`` post-hook (registered on the class's function, so it pickles)."""
         self._mark_fresh(full=True)
+        if self.__dict__.pop("_legacy_state", False) and self.exact_reason is None and self.quantizer.fitted \
+                and has_data(self.weight):
+            # a checkpoint from before error_scales: derive them from its weight and codes (O(V d k)),
+            # keeping its side list (which may have been chosen with queries)
+            codes = ops.unpack_codes(self.packed_codes, self.quantizer.num_subspaces, self.quantizer.bits,
+                                     self.num_classes)
+            stats, model = incremental.all_side_rows(self.weight, self.quantizer, codes)
+            self._set_row_stats(incremental.RowStats(*stats[:3], self.side_rows), model)
 
     def _mark_fresh(self, full: bool = False) -> None:
         """The index matches the weight now: snapshot it, re-arm the stale warning, drop cached
@@ -151,8 +161,15 @@ class IndexedLayer(FastTopk):
         device = self.weight.device
         self.register_buffer("side_rows", torch.zeros(0, dtype=torch.int64, device=device))
         self.register_buffer("residual_norms", torch.full((self.num_classes,), math.inf, device=device))
+        # the sampler's per-class LUT error scale (torchaq.layer.error_model); inf until the first refresh
+        self.register_buffer("error_scales", torch.full((self.num_classes,), math.inf, device=device))
         self._scan_bias_cache: Tuple = (None, None)
         self._row_norms: Optional[Tensor] = None  # |W_i| at the last refresh (incremental refreshes reuse them)
+        self._error_model: Optional[error_model.ErrorModel] = None  # fitted at the last full re-encode
+
+    def _set_row_stats(self, stats: incremental.RowStats, model: error_model.ErrorModel) -> None:
+        self._row_norms, self.residual_norms, self.error_scales, self.side_rows = stats
+        self._error_model = model
 
     @torch.no_grad()
     def refresh_side_rows(self, queries: Optional[Tensor] = None) -> Tensor:
@@ -163,16 +180,12 @@ class IndexedLayer(FastTopk):
         :func:`torchaq.layer.side_list.select_side_rows`. Returns ``side_rows``.
         """
         codes = ops.unpack_codes(self.packed_codes, self.quantizer.num_subspaces, self.quantizer.bits, self.num_classes)
-        if queries is None:  # the rule reads the row and residual norms alone (also what refresh keeps)
-            self._row_norms, self.residual_norms, self.side_rows = incremental.all_side_rows(
-                self.weight, self.quantizer, codes)
-            return self.side_rows
-        weight = self.weight.detach()
-        recon = self.quantizer.decode(codes, dtype=torch.float32).to(weight.device)
-        queries = self.flat_features(queries, "queries")
-        self.residual_norms = side_list.residual_norms(weight, recon)
-        self._row_norms = side_list.row_norms(weight)  # kept for incremental refreshes
-        self.side_rows = side_list.select_side_rows(weight, recon, queries)
+        # the norms and error scales (what refresh keeps); the rule reads the row and residual norms alone
+        self._set_row_stats(*incremental.all_side_rows(self.weight, self.quantizer, codes))
+        if queries is not None:  # the rule with the observed-error statistic: one more decode
+            weight = self.weight.detach()
+            recon = self.quantizer.decode(codes, dtype=torch.float32).to(weight.device)
+            self.side_rows = side_list.select_side_rows(weight, recon, self.flat_features(queries, "queries"))
         return self.side_rows
 
     def scan_bias(self) -> Optional[Tensor]:
@@ -197,6 +210,7 @@ class IndexedLayer(FastTopk):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # refuse bad tensors naming the key; the side list's length varies: take the stored one's shape
+        self._legacy_state = prefix + "packed_codes" in state_dict and prefix + "error_scales" not in state_dict
         state.adapt(state_dict, prefix, self.num_classes, self.side_rows)
         before = len(error_msgs)
         state.check(state_dict, prefix, self.num_classes, error_msgs)

@@ -42,7 +42,8 @@ class QuantizedSoftmax(IndexedLayer):
     by :func:`torchaq.layer.side_list.select_side_rows` (its docstring says how, and what it costs):
     they are scored exactly for every query and merged into the candidates of :meth:`topk`,
     :meth:`sample`, :meth:`log_softmax_topk` and the sampled softmax's hard set; the scan never
-    ranks them. ``residual_norms`` (``|W_i - decode(code_i)|``) backs ``topk(..., guarantee="bound")``.
+    ranks them. ``residual_norms`` (``|W_i - decode(code_i)|``) backs ``topk(..., guarantee="bound")``,
+    ``error_scales`` (:mod:`torchaq.layer.error_model`) the tail bound of :meth:`sample`.
 
     Two ways to build it (:mod:`torchaq.layer.construction`)::
 

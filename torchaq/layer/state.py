@@ -21,7 +21,9 @@ def adapt(state_dict: dict, prefix: str, num_classes: int, side_rows: Tensor) ->
     key = prefix + "side_rows"
     if key not in state_dict:
         state_dict[key] = side_rows
-    state_dict.setdefault(prefix + "residual_norms", torch.full((num_classes,), math.inf))
+    # inf: the bounds are unknown until a refresh (the sampler says so; checkpoints before error_scales)
+    for name in ("residual_norms", "error_scales"):
+        state_dict.setdefault(prefix + name, torch.full((num_classes,), math.inf))
 
 
 def check(state_dict: dict, prefix: str, num_classes: int, error_msgs: List[str]) -> None:
@@ -45,6 +47,7 @@ def check(state_dict: dict, prefix: str, num_classes: int, error_msgs: List[str]
             bad("side_rows", f"rows must lie in [0, V={num_classes}), got [{int(rows.min())}, {int(rows.max())}]")
         elif rows.numel() != rows.unique().numel():
             bad("side_rows", "rows must not repeat")
-    res = state_dict.get(prefix + "residual_norms")
-    if isinstance(res, Tensor) and has_data(res) and res.numel() and bool(torch.isnan(res).any() | (res < 0).any()):
-        bad("residual_norms", "must be >= 0 (inf allowed), got NaN or a negative value")
+    for name in ("residual_norms", "error_scales"):
+        res = state_dict.get(prefix + name)
+        if isinstance(res, Tensor) and has_data(res) and res.numel() and bool(torch.isnan(res).any() | (res < 0).any()):
+            bad(name, "must be >= 0 (inf allowed), got NaN or a negative value")
