@@ -74,6 +74,7 @@ from torchaq.checks import check_int, check_real, is_int
 from torchaq.ops.counter_rng import key_uniforms, row_keys
 from torchaq.layer.exact import row_chunks, topk as exact_topk
 from torchaq.layer.logprobs import row_log_partition
+from torchaq.layer.side_list import count_at_least
 from torchaq.ops.rescore import row_logits
 
 ERROR_SIGMAS = 4.75    # one-sided N(0, 1) tail 1.0e-6: the LUT error bound, in units of |h| |r_i| / sqrt(d)
@@ -202,8 +203,7 @@ def _complete(layer, flat, logits, classes, upper, floor, limit: Optional[int] =
     """Merge into the head every tail class whose bound reaches ``floor`` ``(B,)``, re-scored exactly;
     returns the merged ``(logits, classes)`` best first (ties by class id) and ``upper`` with them at -inf.
     ``limit`` caps the classes merged per row (those with the highest bounds)."""
-    need = upper >= floor.unsqueeze(1)
-    most = int(need.sum(dim=1).max()) if need.numel() else 0
+    most = int(count_at_least(upper, floor.unsqueeze(1)).max()) if upper.numel() else 0
     most = most if limit is None else min(most, limit)
     if most == 0:
         return logits, classes, upper

@@ -182,6 +182,13 @@ def select_side_rows(
     return _pick_side_rows(row_statistics(weight, reconstruction, queries).amax(dim=1), threshold, max_rows)
 
 
+def count_at_least(values: Tensor, floor: Tensor) -> Tensor:
+    """int64 ``(B,)``: how many entries of each row of ``values`` ``(B, V)`` are ``>= floor`` ``(B, 1)``,
+    counted ``CLASS_BLOCK`` classes at a time: a ``(B, V)`` mask and its int64 sum (torch widens a
+    bool sum) would hold 9 bytes per value, more than the values themselves."""
+    return sum((values[:, a : a + CLASS_BLOCK] >= floor).sum(dim=1) for a in range(0, values.shape[1], CLASS_BLOCK))
+
+
 def residual_norms(weight: Tensor, reconstruction: Tensor) -> Tensor:
     """``|x_i - x~_i|`` per row, float32 ``(V,)``: the Cauchy-Schwarz radius of each LUT score."""
     return row_norms(weight.detach().float() - reconstruction.float())
@@ -227,9 +234,7 @@ def bound_complete(
     upper.scatter_(1, classes, -math.inf)  # already exact
     kth = logits[:, k - 1 : k]
     kth = kth - BOUND_SLACK * (1 + kth.abs())
-    # rows each query needs, counted CLASS_BLOCK classes at a time (a (B, V) mask and its int64 sum
-    # would hold 9 bytes per score)
-    extra = sum((upper[:, a : a + CLASS_BLOCK] >= kth).sum(dim=1) for a in range(0, upper.shape[1], CLASS_BLOCK))
+    extra = count_at_least(upper, kth)  # rows each query needs
     most = int(extra.max()) if extra.numel() else 0
     if most == 0:
         return logits, classes, extra
