@@ -211,13 +211,17 @@ def _complete(layer, flat, logits, classes, upper, floor, limit: Optional[int] =
     bias = None if layer.bias is None else layer.bias.detach()
     # exact logits of the merged classes (best first): the padding of narrower rows scores -inf
     extra_logits, merged = torch.ops.torchaq.rescore_topk.default(flat.float(), layer.weight.detach(), bias, extra, most)
-    extra_logits = extra_logits.masked_fill(upper.gather(1, merged) < floor.unsqueeze(1), -math.inf)
+    extra_logits.masked_fill_(upper.gather(1, merged) < floor.unsqueeze(1), -math.inf)
+    # only the classes merged leave the tail (the others were padding of this batch's widest row);
+    # in place (our own buffer), and before the sort so that these temporaries are gone by then
+    upper.scatter_(1, extra, ub.masked_fill_(ub >= floor.unsqueeze(1), -math.inf))
+    del ub, extra
     logits, classes = torch.cat([logits, extra_logits], 1), torch.cat([classes, merged], 1)
+    del extra_logits, merged
     order = classes.argsort(dim=1, stable=True)  # class order, then a stable sort by logit: ties by class id
     logits, classes = logits.gather(1, order), classes.gather(1, order)
+    del order
     order = logits.argsort(dim=1, descending=True, stable=True)
-    # only the classes merged leave the tail (the others were padding of this batch's widest row)
-    upper = upper.scatter_(1, extra, ub.masked_fill(ub >= floor.unsqueeze(1), -math.inf))  # in place: our own buffer
     return logits.gather(1, order), classes.gather(1, order), upper
 
 
@@ -369,6 +373,7 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
         logits, classes, upper = _complete(layer, flat, logits, classes, upper, torch.maximum(floor, nucleus),
                                            NUCLEUS_COMPLETE)
         floor = torch.maximum(floor, _nucleus_floor(logits, upper, masses, top, top_p, t))
+        del masses  # not alive beside the proposal's weights
         upper_max = upper.amax(dim=1)
     # a bound far above the best exact logit (tiny temperature): re-score those classes, so that the
     # weights below neither all underflow nor overflow (per row: a row's head never depends on its batch)
