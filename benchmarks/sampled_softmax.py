@@ -8,8 +8,8 @@ Two parts, one results file each:
   ``V = 131072, d = 256, B = 512``. Rows: the full softmax, ``torchaq.chunked_cross_entropy``
   (exact, ``O(B chunk)`` memory), and the uniform / unigram / quantized samplers at each
   ``--num-sampled`` (quantized: both proposals, ``candidates`` and ``lut`` with its LUT pass on
-  128 rows, 64 rows or every row: ``lut/128``, ``lut/64``, ``lut/all``; ``lut/64+hard96``: the
-  default with a hard set of 96 of 192 candidates). The quantized sampler's time includes the index refresh amortised over
+  128 rows, 64 rows or every row: ``lut/128``, ``lut/64`` (the default: a hard set of 96 of 192
+  candidates), ``lut/all``; ``lut/64+hard32``: the earlier default, a hard set of 32 of 128). The quantized sampler's time includes the index refresh amortised over
   ``--reencode-every`` steps (the time of one ``layer.refresh()`` divided by it). CPU time of
   the thread (one torch thread), so other processes on a shared machine do not inflate it.
   Memory: what autograd saves for backward (unique storages seen by ``saved_tensors_hooks``,
@@ -69,7 +69,7 @@ def loss_fn(method, layer, h, target, num_sampled, gen, counts):
         return F.cross_entropy(layer(h), target)
     if method == "chunked":
         return torchaq.chunked_cross_entropy(h, layer.weight, layer.bias, target)
-    sampler, _, proposal = method.partition(" ")  # "quantized lut" / "quantized lut/128" / "quantized lut/64+hard96"
+    sampler, _, proposal = method.partition(" ")  # "quantized lut" / "quantized lut/128" / "quantized lut/64+hard32"
     proposal, _, hard = proposal.partition("+hard")
     proposal, _, rows = proposal.partition("/")
     extra = {"proposal": proposal} if proposal else {}
@@ -138,7 +138,7 @@ def part_time(args) -> None:
             state = os.path.join(tmp, "layer.pt")
             torch.save(make_layer(vocab, dim, fit=True).state_dict(), state)
             samplers = ("uniform", "unigram", "quantized candidates", "quantized lut/128", "quantized lut/64",
-                        "quantized lut/all", "quantized lut/64+hard96")
+                        "quantized lut/all", "quantized lut/64+hard32")
             runs = [("full", 0), ("chunked", 0)] + [(m, n) for n in counts for m in samplers]
             for method, n in runs:
                 cmd = [sys.executable, __file__, "--child", method, "--shape", f"{vocab},{dim},{batch}",
@@ -196,23 +196,24 @@ def part_quality(args) -> None:
                         full_loss, grads, 1)]
     configs = [
         ("uniform", dict(sampler="uniform")),
-        ("quantized, top-128 candidates, no control variate", dict(sampler="quantized", proposal="candidates",
+        ("quantized, candidates proposal (default 96 hard / 192), no control variate", dict(sampler="quantized", proposal="candidates",
                                                                    control_variate=False)),
-        ("quantized, top-128 candidates + their control variate", dict(sampler="quantized", proposal="candidates")),
+        ("quantized, candidates proposal + their control variate", dict(sampler="quantized", proposal="candidates")),
         ("quantized, whole-LUT mixture + LUT-sum control variate, LUT pass on every row",
          dict(sampler="quantized", proposal="lut", lut_rows=None)),
         ("quantized, whole-LUT mixture, every row, no control variate (plain Horvitz-Thompson)",
          dict(sampler="quantized", proposal="lut", lut_rows=None, control_variate=False)),
         ("quantized, whole-LUT mixture, LUT pass on 128 rows", dict(sampler="quantized", proposal="lut",
                                                                      lut_rows=128)),
-        ("quantized (default: whole-LUT mixture, LUT pass on 64 rows)", dict(sampler="quantized")),
+        ("quantized (default: whole-LUT mixture, LUT pass on 64 rows, 96 hard / 192 candidates)", dict(sampler="quantized")),
         ("quantized, whole-LUT mixture, every row, no floor (lut_share 1)",
          dict(sampler="quantized", proposal="lut", lut_rows=None, lut_share=1.0)),
-        ("quantized, whole-LUT mixture, every row, 64 hard",
+        ("quantized, whole-LUT mixture, every row, 64 hard / 192 candidates",
          dict(sampler="quantized", proposal="lut", lut_rows=None, num_hard=64)),
         ("quantized, whole-LUT mixture, every row, 128 hard / 256 candidates",
          dict(sampler="quantized", proposal="lut", lut_rows=None, num_hard=128, num_candidates=256)),
-        ("quantized, default + 96 hard / 192 candidates", dict(sampler="quantized", num_hard=96, num_candidates=192)),
+        ("quantized, the earlier default: 32 hard / 128 candidates", dict(sampler="quantized", num_hard=32,
+                                                                            num_candidates=128)),
         ("quantized, top candidates, 64 hard / 512 candidates", dict(sampler="quantized", proposal="candidates",
                                                                       num_hard=64, num_candidates=512)),
     ]
@@ -220,7 +221,7 @@ def part_quality(args) -> None:
         for name, kw in configs:
             rows.append(quality_row(name, m, kw, layer, target, g, big_g, small, full_loss, grads, args.reps))
     for m in (4, 16):  # each row its own m draws: (B, m, d) gathers
-        rows.append(quality_row("quantized, top-128 candidates, per-row draws (no sharing)", m,
+        rows.append(quality_row("quantized, candidates proposal, per-row draws (no sharing)", m,
                                 dict(sampler="quantized", proposal="candidates", share_draws=False),
                                 layer, target, g, big_g, small, full_loss, grads, args.reps))
     table_md = markdown_table(

@@ -13,7 +13,8 @@ from torchaq.checks import is_int
 from torchaq.distributed.groups import shard_sizes
 from torchaq.distributed.lut_loss import vp_lut_loss
 from torchaq.distributed.mappings import copy_to_parallel_region, parallel_logsumexp, reduce_from_parallel_region
-from torchaq.ops.rescore import exact_logits, gather_rows, logits_of_rows
+from torchaq.ops.class_logits import class_logits
+from torchaq.ops.rescore import exact_logits
 from torchaq.training.conventions import check_reduction, reduce_loss
 from torchaq.training.lut_proposal import LUT_ROWS, LUT_SHARE
 from torchaq.training.proposals import CANDIDATES_PER_ROW, HARD_PER_ROW
@@ -188,13 +189,9 @@ def slice_log_mass(
     only the hard set is excluded) and the kept ones weighted by ``(1 - Q(E_b)) / (m' Q(s))``.
     """
     batch = h.shape[0]
-    hard_rows, target_rows, draw_rows = gather_rows(weight, hard, local_target.unsqueeze(1), samples)
-    hard_logits = logits_of_rows(h, hard_rows, bias, hard)  # (B, n)
-    target_logit = logits_of_rows(h, target_rows, bias, local_target.unsqueeze(1)).squeeze(1)
+    (hard_logits, target_logit), draw_logits = class_logits(h, weight, bias, [hard, local_target.unsqueeze(1)], samples)
+    target_logit = target_logit.squeeze(1)
     hard_is_target = (hard == local_target.unsqueeze(1)) & owned.unsqueeze(1)
-    draw_logits = (h @ draw_rows.T.to(h.dtype)).float()
-    if bias is not None:
-        draw_logits = draw_logits + bias[samples].float()
     # excluded classes per row, sorted, padded with -1 (never a class id)
     sentinel = torch.full_like(local_target, -1)
     excl_target = torch.where(owned, local_target, sentinel) if remove_accidental_hits else sentinel

@@ -67,6 +67,7 @@ from torchaq.ops.normal_apply import (
     anisotropic_normal_rhs_reference,
 )
 from torchaq.ops.pack import codes_of_packed_rows, pack_codes, pack_codes_reference, unpack_codes, unpack_codes_reference
+from torchaq.ops.class_logits import class_logits
 from torchaq.ops.rescore import (
     exact_logits,
     gather_rows,

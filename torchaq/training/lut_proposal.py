@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchaq import ops
-from torchaq.ops.rescore import gather_rows, logits_of_rows
+from torchaq.ops.class_logits import class_logits
 from torchaq.training.proposals import excluded_mask, row_proposals
 
 logger = logging.getLogger("torchaq")
@@ -161,12 +161,8 @@ def lut_cv_loss(h: Tensor, target: Tensor, weight: Tensor, bias: Optional[Tensor
     draws with ``log_pi``; ``draw_lut`` ``(B, u)`` their LUT scores; ``log_rest`` ``(B,)`` ``log
     S_b`` over the classes outside each row's exact set. Gradients flow through the exact logits.
     """
-    hard_rows, target_rows, draw_rows = gather_rows(weight, hard, target.unsqueeze(1), classes)
-    hard_logits = logits_of_rows(h, hard_rows, bias, hard)
-    target_logit = logits_of_rows(h, target_rows, bias, target.unsqueeze(1)).squeeze(1)
-    draw_logits = h.float() @ draw_rows.float().T
-    if bias is not None:
-        draw_logits = draw_logits + bias[classes].float()
+    (hard_logits, target_logit), draw_logits = class_logits(h, weight, bias, [hard, target.unsqueeze(1)], classes)
+    target_logit = target_logit.squeeze(1)
     hard_is_target = hard == target.unsqueeze(1)
     excluded = torch.cat([hard, target.unsqueeze(1)], 1) if remove_accidental_hits else hard
     drop = excluded_mask(classes, excluded)

@@ -61,7 +61,8 @@ gradient is that of the plain estimator rescaled by the new ``Z_hat_b``.
 
 **Cost** per step for ``B`` rows of dimension ``d``: the scan (``B V M`` LUT lookups for ``M``
 subspaces, the SIMD ``lut_topk`` op) plus ``B (|H| + 1 + |U|) d`` multiply-adds for the exact
-logits, ``|U| <= m``; the full softmax is ``3 B V d`` (forward and backward). Memory: ``(B,
+logits, ``|U| <= m`` (:func:`torchaq.ops.class_logits`: on CPU without gathering ``(B, |H|, d)``
+rows); the full softmax is ``3 B V d`` (forward and backward). Memory: ``(B,
 num_candidates)`` scan results and ``(B, |H| + |U|)`` logits instead of ``(B, V)``; the weight
 gradient is the dense ``(V, d)`` tensor autograd keeps for an ``nn.Parameter`` (only used rows
 are non-zero). ``benchmarks/sampled_softmax.py`` measures time, memory and gradient quality;
@@ -96,7 +97,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchaq.checks import is_int
-from torchaq.ops.rescore import exact_logits, gather_rows, logits_of_rows
+from torchaq.ops.class_logits import class_logits
+from torchaq.ops.rescore import exact_logits
 from torchaq.training.conventions import (
     IGNORE_INDEX,
     check_loss_options,
@@ -157,12 +159,9 @@ def sampled_softmax_loss(
     """
     batch, device = h.shape[0], h.device
     hard = torch.zeros((batch, 0), dtype=torch.int64, device=device) if hard is None else hard
-    hard_rows, target_rows, draw_rows = gather_rows(weight, hard, target.unsqueeze(1), classes)
-    hard_logits = logits_of_rows(h, hard_rows, bias, hard)  # (B, n)
-    target_logit = logits_of_rows(h, target_rows, bias, target.unsqueeze(1)).squeeze(1)
-    draw_logits = h.float() @ draw_rows.float().T  # (B, |U|), one matmul
-    if bias is not None:
-        draw_logits = draw_logits + bias[classes].float()
+    # (B, n), (B, 1) and (B, |U|): one node, no (B, n, d) gather
+    (hard_logits, target_logit), draw_logits = class_logits(h, weight, bias, [hard, target.unsqueeze(1)], classes)
+    target_logit = target_logit.squeeze(1)
     hard_is_target = hard == target.unsqueeze(1)
     excluded = torch.cat([hard, target.unsqueeze(1)], 1) if remove_accidental_hits else hard
     drop = excluded_mask(classes, excluded)
@@ -217,10 +216,8 @@ def per_row_sampled_softmax_loss(
     counts = torch.full((batch,), num_sampled, dtype=torch.int64)
     samples, _ = proposals.draw(counts, generator)
     samples = samples.view(batch, num_sampled)
-    hard_rows, target_rows, draw_rows = gather_rows(weight, hard, target.unsqueeze(1), samples)
-    hard_logits = logits_of_rows(h, hard_rows, bias, hard)
-    target_logit = logits_of_rows(h, target_rows, bias, target.unsqueeze(1)).squeeze(1)
-    draw_logits = logits_of_rows(h, draw_rows, bias, samples)
+    (hard_logits, target_logit, draw_logits), _ = class_logits(h, weight, bias, [hard, target.unsqueeze(1), samples])
+    target_logit = target_logit.squeeze(1)
     hard_is_target = hard == target.unsqueeze(1)
     excluded = torch.cat([hard, target.unsqueeze(1)], 1) if remove_accidental_hits else hard
     keep = ~(samples.unsqueeze(2) == excluded.unsqueeze(1)).any(2)
