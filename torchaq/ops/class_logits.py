@@ -6,13 +6,13 @@ draws). :func:`class_logits` returns both from one autograd node:
 
 * **per-row classes** ``(B, C)``: on CPU in float32, a sampled dense-dense product
   (``torch.sparse.sampled_addmm`` on a CSR pattern of the distinct (row, class) pairs: a class
-  repeated within a row, such as a target also in the hard set, is computed once) in the forward pass, and two
-  sparse-dense products in the backward: ``dh = G W`` (``G`` the ``(B, V)`` sparse gradient of the
-  logits) and ``dW_U = G_U^T h`` for the ``U`` distinct classes read, added into the one dense
-  ``(V, d)`` weight gradient. Cost ``O(B C d)`` multiply-adds in each pass and no ``(B, C, d)``
-  buffer: the gather of the rows, a batched mat-vec and, in the backward, a batched outer product
-  would each write ``B C d`` floats, which is most of a sampled step on a CPU
-  (``benchmarks/sampled_softmax.py`` times it);
+  repeated within a row, such as a target also in the hard set, is computed once) in the forward
+  pass, and two sparse-dense products in the backward: ``dh = G W`` (``G`` the ``(B, V)`` sparse
+  gradient of the logits) and ``dW += G^T h``, accumulated in place into the one dense ``(V, d)``
+  weight gradient. Cost ``O(B C d)`` multiply-adds in each pass and no ``(B, C, d)`` buffer: the
+  gather of the rows, a batched mat-vec and, in the backward, a batched outer product would each
+  write ``B C d`` floats, which is most of a sampled step on a CPU (``benchmarks/sampled_softmax.py``
+  times it);
 * **shared classes** ``(u,)``: one gather of ``u`` rows and a matmul (``B u d``).
 
 Elsewhere (another device, other dtypes, under ``torch.compile``, which does not trace sparse
@@ -51,16 +51,14 @@ def _row_pattern(per_row: Tensor, num_classes: int) -> Tuple[Tensor, Tensor, Ten
     return crow, pairs.remainder(num_classes), inverse
 
 
-def _transposed_csr(crow: Tensor, col: Tensor, values: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(distinct classes (U,), (U, B) CSR)``: the transpose of a row pattern, compacted to the classes
-    that occur (each class's entries sorted by row)."""
+def _transposed_csr(crow: Tensor, col: Tensor, values: Tensor, num_classes: int) -> Tensor:
+    """The ``(V, B)`` CSR transpose of a row pattern (each class's entries sorted by row)."""
     batch = crow.numel() - 1
-    distinct, inverse = torch.unique(col, return_inverse=True)
-    order = torch.argsort(inverse, stable=True)  # by class, then by row (the pattern is sorted by row)
-    crow_t = torch.zeros(distinct.numel() + 1, dtype=torch.int64, device=col.device)
-    crow_t[1:] = torch.bincount(inverse, minlength=distinct.numel()).cumsum(0)
+    order = torch.argsort(col, stable=True)  # by class, then by row (the pattern is sorted by row)
+    crow_t = torch.zeros(num_classes + 1, dtype=torch.int64, device=col.device)
+    crow_t[1:] = torch.bincount(col, minlength=num_classes).cumsum(0)
     row_of = torch.repeat_interleave(torch.arange(batch, device=col.device), crow.diff())[order]
-    return distinct, _csr_tensor(crow_t, row_of, values[order], (distinct.numel(), batch))
+    return _csr_tensor(crow_t, row_of, values[order], (num_classes, batch))
 
 
 class _ClassLogits(torch.autograd.Function):
@@ -99,9 +97,8 @@ class _ClassLogits(torch.autograd.Function):
                 grad_h = torch.sparse.mm(_csr_tensor(crow, col, g, (batch, num_classes)), weight) + gs @ rows
             if ctx.needs_input_grad[1]:
                 grad_w = torch.zeros_like(weight)
-                if col.numel():
-                    distinct, transposed = _transposed_csr(crow, col, g)
-                    grad_w.index_add_(0, distinct, torch.sparse.mm(transposed, h))
+                if col.numel():  # in place: torch.sparse.mm would allocate (and zero) a second (V, d)
+                    grad_w.addmm_(_transposed_csr(crow, col, g, num_classes), h)
                 grad_w.index_add_(0, shared, gs.T @ h)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = torch.zeros(num_classes, dtype=torch.float32, device=h.device)
