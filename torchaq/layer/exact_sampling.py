@@ -77,7 +77,7 @@ from torchaq.layer.logprobs import row_log_partition
 from torchaq.layer.side_list import count_at_least
 from torchaq.ops.rescore import row_logits
 
-ERROR_SIGMAS = 4.75    # one-sided N(0, 1) tail 1.0e-6: the LUT error bound, in units of |h| |r_i| / sqrt(d)
+ERROR_SIGMAS = 4.75    # one-sided N(0, 1) tail 1.0e-6: the LUT error bound, in units of |h| rho_i (error_scales)
 DEFAULT_HEAD = 256     # scan candidates re-scored exactly (plus the side list)
 PROPOSALS = 32         # proposals per row in the first rejection round, doubling every round
 MAX_ROUNDS = 6         # (2,016 proposals in all) then the row is drawn from its exact logits

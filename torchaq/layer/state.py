@@ -21,7 +21,7 @@ def adapt(state_dict: dict, prefix: str, num_classes: int, side_rows: Tensor) ->
     key = prefix + "side_rows"
     if key not in state_dict:
         state_dict[key] = side_rows
-    # inf: the bounds are unknown until a refresh (the sampler says so; checkpoints before error_scales)
+    # inf: unknown until a refresh (a checkpoint without error_scales gets them at load, from its weight and codes)
     for name in ("residual_norms", "error_scales"):
         state_dict.setdefault(prefix + name, torch.full((num_classes,), math.inf))
 
