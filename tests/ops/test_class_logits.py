@@ -100,3 +100,14 @@ def test_no_warning_reaches_the_user():
         outs, sh = class_logits(h, w, b, per_row, shared)
         _loss(outs, sh).backward()
     assert not [str(x.message) for x in seen]
+
+
+@pytest.mark.parametrize("which", ["per_row", "shared"])
+def test_class_ids_out_of_range_are_refused(which):
+    h, w, b, per_row, shared = _case()
+    if which == "per_row":
+        per_row[0][2, 1] = w.shape[0]
+    else:
+        shared[0] = -1
+    with pytest.raises(ValueError, match=which):
+        class_logits(h, w, b, per_row, shared)

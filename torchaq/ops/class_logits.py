@@ -121,6 +121,11 @@ def class_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], per_row: Seq
     widths = [t.shape[1] for t in per_row]
     classes = torch.cat(list(per_row), dim=1)
     shared_ids = shared if shared is not None else classes.new_zeros(0)
+    for name, ids in (("per_row", classes), ("shared", shared_ids)):
+        # checked here: the sparse path does not check its pattern (an id out of range would read out of bounds)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+            raise ValueError(f"{name} must hold class ids in [0, V={weight.shape[0]}), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
     if _sparse_path(h, weight) and classes.shape[0] and classes.shape[1]:
         logits, shared_logits = _ClassLogits.apply(h.float(), weight, bias, classes, shared_ids)
     else:
