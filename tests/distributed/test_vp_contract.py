@@ -32,6 +32,8 @@ def _worker(rank: int, world: int, store: str, checks: str) -> None:
     try:
         for check in checks.split(","):
             globals()[check](rank, world)
+        # no rank tears the group down while another still waits in a collective (gloo then aborts it)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
