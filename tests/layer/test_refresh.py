@@ -60,6 +60,29 @@ def _side_rows_by_rule(layer):
     return outliers.select_side_rows(weight, recon), outliers.residual_norms(weight, recon)
 
 
+def test_side_rows_with_queries_take_their_observed_errors_in_one_decode(monkeypatch):
+    """refresh_side_rows(queries) is select_side_rows with the queries' observed errors; the norms and
+    error scales are those of a refresh; one decode of all rows; bad queries change nothing."""
+    layer = _layer()
+    queries = torch.randn(40, D, generator=torch.Generator().manual_seed(2))
+    codes = ops.unpack_codes(layer.packed_codes, layer.quantizer.num_subspaces, layer.quantizer.bits, layer.num_classes)
+    recon = layer.quantizer.decode(codes, dtype=torch.float32)
+    want = outliers.select_side_rows(layer.weight.detach(), recon, queries)
+    scales = layer.error_scales.clone()
+    before = layer.side_rows.clone()
+    with pytest.raises(ValueError, match="queries"):
+        layer.refresh_side_rows(torch.full((3, D), float("nan")))
+    assert torch.equal(layer.side_rows, before)
+    decoded = []
+    original = layer.quantizer.decode
+    monkeypatch.setattr(layer.quantizer, "decode", lambda c, dtype=None: decoded.append(c.shape[0]) or original(c, dtype))
+    assert torch.equal(layer.refresh_side_rows(queries), want)
+    assert decoded == [V]
+    assert torch.equal(layer.side_rows, want)
+    torch.testing.assert_close(layer.residual_norms, outliers.residual_norms(layer.weight.detach(), recon))
+    torch.testing.assert_close(layer.error_scales, scales)
+
+
 def test_incremental_side_rows_equal_the_full_pass(monkeypatch):
     """The side list and residual norms after an incremental refresh equal refresh_side_rows()'s,
     and the incremental refresh does not decode all rows."""

@@ -89,7 +89,7 @@ def update_side_rows(weight: Tensor, quantizer, rows: Tensor, codes: Tensor, cac
     if cached is None or model is None:
         return None
     norms, res, scales = cached.row_norms, cached.residual_norms, cached.error_scales
-    if norms is None or norms.shape != res.shape or scales.shape != res.shape or norms.device != res.device \
+    if norms.shape != res.shape or scales.shape != res.shape or norms.device != res.device \
             or not bool(torch.isfinite(res).all()):
         return None
     if rows.numel():
@@ -102,17 +102,21 @@ def update_side_rows(weight: Tensor, quantizer, rows: Tensor, codes: Tensor, cac
     return RowStats(norms, res, scales, side_list.select_side_rows_from_norms(norms, res))
 
 
-def all_side_rows(weight: Tensor, quantizer, codes: Tensor) -> Tuple[RowStats, error_model.ErrorModel]:
+def all_side_rows(weight: Tensor, quantizer, codes: Tensor,
+                  queries: Optional[Tensor] = None) -> Tuple[RowStats, error_model.ErrorModel]:
     """:class:`RowStats` after a full re-encode, from the uint8 ``(V, M)`` ``codes`` just computed,
-    and the error model they used (fitted on this weight; incremental refreshes reuse it): no
-    unpacking, and the residuals are computed once (the side-list rule reads the row and residual
-    norms alone; :meth:`torchaq.QuantizedSoftmax.refresh_side_rows` without queries).
-    Cost ``O(V d k)``.
+    and the error model they used (fitted on this weight; incremental refreshes reuse it): one decode,
+    and the residuals are computed once. The side list follows the rule on the row and residual norms
+    alone (what every refresh applies), or with checked ``queries`` ``(B, d)`` also their observed
+    errors (:func:`torchaq.layer.side_list.select_side_rows`). Cost ``O(V d k)``.
     """
     weight = weight.detach().float()
-    residuals = quantizer.decode(codes, dtype=torch.float32).to(weight.device)
-    torch.sub(weight, residuals, out=residuals)  # in place: one (V, d) buffer, not two
+    recon = quantizer.decode(codes, dtype=torch.float32).to(weight.device)
+    side = None if queries is None else side_list.select_side_rows(weight, recon, queries)
+    residuals = torch.sub(weight, recon, out=recon)  # in place: one (V, d) buffer, not two
     model = error_model.fit_error_model(weight)
     norms, res = side_list.row_norms(weight), side_list.row_norms(residuals)
     scales = error_model.error_scales(residuals, res, model)
-    return RowStats(norms, res, scales, side_list.select_side_rows_from_norms(norms, res)), model
+    if side is None:
+        side = side_list.select_side_rows_from_norms(norms, res)
+    return RowStats(norms, res, scales, side), model

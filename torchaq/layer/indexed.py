@@ -179,13 +179,9 @@ class IndexedLayer(FastTopk):
         optional ``queries`` add the observed-error statistic of
         :func:`torchaq.layer.side_list.select_side_rows`. Returns ``side_rows``.
         """
+        queries = None if queries is None else self.flat_features(queries, "queries")
         codes = ops.unpack_codes(self.packed_codes, self.quantizer.num_subspaces, self.quantizer.bits, self.num_classes)
-        # the norms and error scales (what refresh keeps); the rule reads the row and residual norms alone
-        self._set_row_stats(*incremental.all_side_rows(self.weight, self.quantizer, codes))
-        if queries is not None:  # the rule with the observed-error statistic: one more decode
-            weight = self.weight.detach()
-            recon = self.quantizer.decode(codes, dtype=torch.float32).to(weight.device)
-            self.side_rows = side_list.select_side_rows(weight, recon, self.flat_features(queries, "queries"))
+        self._set_row_stats(*incremental.all_side_rows(self.weight, self.quantizer, codes, queries))
         return self.side_rows
 
     def scan_bias(self) -> Optional[Tensor]:
