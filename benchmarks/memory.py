@@ -10,7 +10,9 @@ allocate is seen; scratch memory the C++ kernels take with ``malloc`` outside to
 Paths: ``topk(k=10)``, ``sample`` (``top_k=50``, whole vocabulary, ``top_p=0.9``, with
 ``return_logprobs``), ``token_logprobs``, ``log_softmax_topk(k=10)``,
 ``topk(k=10, guarantee="bound")``, ``entropy``; baselines: ``nn.Linear`` + ``log_softmax`` +
-``topk`` (what the issue compares against) and ``nn.Linear`` + ``topk``.
+``topk`` (what the issue compares against; every ratio is to it), ``nn.Linear`` + ``topk``, and the
+dense forms of the sampling paths: ``softmax`` + ``multinomial``, and a nucleus draw as Hugging
+Face's ``TopPLogitsWarper`` makes it (sort, nucleus, multinomial).
 
     python benchmarks/memory.py            # batches 1 256 4096
     python benchmarks/memory.py --quick    # batches 1 256
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torchaq  # noqa: E402
 from benchmarks.common import CACHE, RESULTS, emit, environment, markdown_table  # noqa: E402
+from benchmarks.sampling import dense_top_p  # noqa: E402
 from examples.real_data import load_table  # noqa: E402
 
 
@@ -88,6 +91,8 @@ def main(argv=None) -> None:
     paths = {
         "nn.Linear + log_softmax + topk (dense)": lambda h: F.log_softmax(F.linear(h, w), dim=1).topk(10),
         "nn.Linear + topk": lambda h: F.linear(h, w).topk(10),
+        "nn.Linear + softmax + multinomial (dense sample)": lambda h: torch.multinomial(F.softmax(F.linear(h, w), 1), 1),
+        "nn.Linear + sort + nucleus + multinomial (dense top_p=0.9)": lambda h: dense_top_p(F.linear(h, w), 0.9),
         "topk": lambda h: layer.topk(h, k=10),
         "sample(top_k=50)": lambda h: layer.sample(h, top_k=50),
         "sample() (whole vocabulary)": lambda h: layer.sample(h),

@@ -79,8 +79,8 @@ def random_head(num_classes: int, dim: int, batch: int, seed: int = 0, dtype=tor
 def rejection_plan(seed: int = 0, rows: int = 3, num_classes: int = 700, dim: int = 24, head: int = 20, block: int = 64,
                    draws: int = 40, temperature: float = 0.8, floors: bool = True):
     """The arguments of ``torchaq.ops.reject_rounds`` for a random plan laid out as the sampler lays it
-    out (tail bounds, then the exact head, block-padded): bounds above the exact logits except a few
-    (so violations occur), a truncation floor on one row."""
+    out (the weights of the tail bounds, then of the exact head, block-padded): bounds above the exact
+    logits except a few (so violations occur), a truncation floor on one row."""
     from torchaq.ops.counter_rng import row_keys
 
     g = torch.Generator().manual_seed(seed)
@@ -104,4 +104,4 @@ def rejection_plan(seed: int = 0, rows: int = 3, num_classes: int = 700, dim: in
     cum = weights.sum(dim=2).cumsum(dim=1, dtype=torch.float64)
     draw_rows = torch.randint(0, rows, (draws,), generator=g)
     keys = row_keys(torch.randint(-(2 ** 62), 2 ** 62, (draws,), generator=g))
-    return (h, w, b, logits, classes, upper, floor, weights, cum, draw_rows, keys, temperature)
+    return (h, w, b, logits, classes, num_classes, top[:, 0], floor, weights, cum, draw_rows, keys, temperature)

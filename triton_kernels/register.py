@@ -30,8 +30,9 @@ KERNELS = {
     "lut_topk": lambda lut, packed, num_classes, k, bias=None: triton_lut_topk(lut, packed, num_classes, k, bias),
     # on a GPU the float LUT costs what the uint8 one does: exact sums, which the op's contract
     # reports as step 0 (the sampler then adds no rounding allowance)
-    "lut_score_quantized": lambda lut, packed, num_classes, bias=None: (
-        triton_lut_score(lut, packed, num_classes, bias), lut.new_zeros((lut.shape[0],))),
+    "lut_score_quantized": lambda lut, packed, num_classes, bias=None, columns=0: (
+        torchaq.ops.widen_scores(triton_lut_score(lut, packed, num_classes, bias), columns),
+        lut.new_zeros((lut.shape[0],))),
     # float64 stays on the reference (tl.dot has no float64 tiles)
     "linear_ce": lambda e, *args: (torchaq.ops.linear_ce_reference if e.dtype == torch.float64 else triton_linear_ce)(
         e, *args),

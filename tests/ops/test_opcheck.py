@@ -53,13 +53,14 @@ def _lut_score():
 def _lut_score_quantized():
     lut4, packed4, b = _lut_case(3, 100, 7, 4, seed=4, bias=True)
     lut8, packed8, _ = _lut_case(2, 70, 3, 8, seed=5)
-    return [(lut4, packed4, 100, b), (lut4, packed4, 100), (lut8, packed8, 70)]
+    return [(lut4, packed4, 100, b), (lut4, packed4, 100), (lut8, packed8, 70), (lut4, packed4, 100, b, 128),
+            (lut8, packed8, 70, None, 96)]
 
 
 def _row_topk():
     g = torch.Generator().manual_seed(6)
     scores = torch.randn(4, 300, generator=g)
-    return [(scores, 10), (scores.round(), 50), (scores, 400)]
+    return [(scores, 10), (scores.round(), 50), (scores, 400), (torch.randn(4, 320, generator=g)[:, :300], 10)]
 
 
 def _row_log_partition():
@@ -91,7 +92,12 @@ def _proposal_weights():
     upper[:, ::5] = -math.inf
     floor = torch.tensor([-math.inf, 0.0, -math.inf])
     top = torch.maximum(logits[:, 0], upper.amax(dim=1))
-    return [(upper, logits, floor, top, 1.0, 16), (upper, logits, floor, top, 0.6, 7)]
+    cases = []
+    for t, block, width in ((1.0, 16, 80), (0.6, 7, 70)):
+        buf = torch.zeros(3, width)
+        buf[:, :50] = upper
+        cases.append((buf, 50, logits, floor, top, t, block))
+    return cases
 
 
 def _mass_histogram():
@@ -192,7 +198,7 @@ SAMPLE_INPUTS = {
     "row_log_partition": _row_log_partition,
     "inverse_cdf": _inverse_cdf,
     "reject_rounds": _reject_rounds,
-    "proposal_weights": _proposal_weights,
+    "proposal_weights_": _proposal_weights,
     "mass_histogram": _mass_histogram,
     "pq_encode": _pq_encode,
     "anisotropic_encode": _anisotropic_encode,

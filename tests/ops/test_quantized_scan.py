@@ -113,3 +113,22 @@ def test_bad_inputs(backend):
         fn(lut, packed, 70, None)  # 3 blocks of 32, packed has 2
     with pytest.raises(ValueError, match="num_subspaces"):
         fn(lut[:, :2].contiguous(), packed, 40, None)
+    with pytest.raises((ValueError, RuntimeError), match="columns"):
+        fn(lut, packed, 40, b, -1)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_columns_widen_the_buffer(backend, bits):
+    """``columns``: the scores in the first N columns of a wider buffer, zeros after; the same scores
+    as without (a coarse query included); fewer columns than classes changes nothing."""
+    fn = ops.lut_score_quantized_reference if backend == "reference" else ops.lut_score_quantized
+    lut, packed, b = make_case(3, 100, 7, seed=11, bias=True, bits=bits)
+    if bits == 4:
+        lut[1, :, 5] = 1e4  # a coarse query: exact scores
+    plain, step = fn(lut, packed, 100, b)
+    wide, wstep = fn(lut, packed, 100, b, 160)
+    assert wide.shape == (3, 160) and torch.equal(wstep, step)
+    assert torch.equal(wide[:, :100], plain) and bool((wide[:, 100:] == 0).all())
+    narrow, _ = fn(lut, packed, 100, b, 50)
+    assert torch.equal(narrow, plain)

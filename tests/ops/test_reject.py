@@ -24,9 +24,9 @@ def test_equals_reference(seed, kwargs, lut_tail):
         assert torch.equal(got[3], want[3])
         assert torch.allclose(got[2], want[2], rtol=1e-5, atol=1e-5)
         # a kept tail token is a class above the floor; head tokens are head classes
-        h, w, b, logits, classes, upper, floor = args[:7]
+        h, w, b, logits, classes, num_tail, top, floor = args[:8]
         done, tokens = got[0], got[1]
-        rows = args[9]
+        rows = args[10]
         assert bool((tokens[done] >= 0).all()) and bool((tokens[done] < w.shape[0]).all())
         exact = (h[rows] * w[tokens]).sum(1) + b[tokens]
         assert bool((exact[done] >= floor[rows][done] - 1e-5).all())
@@ -35,9 +35,9 @@ def test_equals_reference(seed, kwargs, lut_tail):
 def test_a_draw_is_the_same_alone():
     args = list(rejection_plan(4, draws=30))
     batch = ops.reject_rounds(*args, 8, 4, False)
-    rows, keys = args[9], args[10]
+    rows, keys = args[10], args[11]
     for p in range(rows.shape[0]):
-        args[9], args[10] = rows[p:p + 1].clone(), keys[p:p + 1].clone()
+        args[10], args[11] = rows[p:p + 1].clone(), keys[p:p + 1].clone()
         alone = ops.reject_rounds(*args, 8, 4, False)
         assert all(torch.equal(a, b[p:p + 1]) for a, b in zip(alone, batch))
 
@@ -46,10 +46,14 @@ def test_a_draw_is_the_same_alone():
 def test_bad_input(fn):
     args = list(rejection_plan())
     with pytest.raises((ValueError, RuntimeError), match="rows must be in"):
-        fn(*args[:9], torch.full_like(args[9], 99), *args[10:], 4, 2, False)
+        fn(*args[:10], torch.full_like(args[10], 99), *args[11:], 4, 2, False)
     with pytest.raises((ValueError, RuntimeError), match="keys"):
-        fn(*args[:10], args[10][:2], args[11], 4, 2, False)
+        fn(*args[:11], args[11][:2], args[12], 4, 2, False)
     with pytest.raises((ValueError, RuntimeError), match="floor"):
+        fn(*args[:7], args[7][:1], *args[8:], 4, 2, False)
+    with pytest.raises((ValueError, RuntimeError), match="top"):
         fn(*args[:6], args[6][:1], *args[7:], 4, 2, False)
+    with pytest.raises((ValueError, RuntimeError), match="num_tail"):
+        fn(*args[:5], args[1].shape[0] + 1, *args[6:], 4, 2, False)
     with pytest.raises((ValueError, RuntimeError), match="proposals"):
         fn(*args, 0, 2, False)

@@ -1,5 +1,5 @@
-// torchaq::proposal_weights on CPU: per row, one pass writes (x - top) / T (-inf below the floor and
-// in the padding), one call of the fused cross-entropy's vectorised exp turns the row into weights
+// torchaq::proposal_weights_ on CPU: per row, one pass writes (x - top) / T over the bounds (-inf below
+// the floor and in the padding), one call of the fused cross-entropy's vectorised exp turns the row into weights
 // (exp(-inf) = 0), then the block sums (eight float32 partial sums per block) and their float64
 // running sum. Rows in parallel; a row never reads another. Semantics: torchaq/ops/proposal.py.
 #include "proposal.h"
@@ -43,26 +43,26 @@ float block_sum(const float* w, int64_t m) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> proposal_weights_cpu(const at::Tensor& upper_in, const at::Tensor& logits_in,
-                                                        const at::Tensor& floor_in, const at::Tensor& top_in,
-                                                        double temperature, int64_t block) {
-  TORCH_CHECK_VALUE(upper_in.dim() == 2 && upper_in.scalar_type() == at::kFloat, "upper must be a float32 (B, N) tensor");
-  const int64_t B = upper_in.size(0), N = upper_in.size(1);
+at::Tensor proposal_weights_cpu(at::Tensor& weights, int64_t num_tail, const at::Tensor& logits_in,
+                                const at::Tensor& floor_in, const at::Tensor& top_in, double temperature,
+                                int64_t block) {
+  TORCH_CHECK_VALUE(block >= 1, "block must be >= 1");
+  TORCH_CHECK_VALUE(weights.dim() == 2 && weights.scalar_type() == at::kFloat && weights.is_contiguous(),
+                    "weights must be a contiguous float32 (B, W) tensor");
+  const int64_t B = weights.size(0), W = weights.size(1), N = num_tail;
   TORCH_CHECK_VALUE(logits_in.dim() == 2 && logits_in.size(0) == B && logits_in.scalar_type() == at::kFloat,
                     "logits must be a float32 (", B, ", H) tensor");
+  const int64_t H = logits_in.size(1), span = N + (block - N % block) % block;
+  TORCH_CHECK_VALUE(N >= 0 && W % block == 0 && W >= span + H, "weights must have a multiple of block=", block,
+                    " columns, at least ", span + H, " for num_tail=", N, " and ", H, " head logits, got ", W);
   TORCH_CHECK_VALUE(floor_in.dim() == 1 && floor_in.size(0) == B && floor_in.scalar_type() == at::kFloat,
                     "floor must be a float32 (", B, ",) tensor");
   TORCH_CHECK_VALUE(top_in.dim() == 1 && top_in.size(0) == B && top_in.scalar_type() == at::kFloat,
                     "top must be a float32 (", B, ",) tensor");
   TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be a finite number > 0");
-  TORCH_CHECK_VALUE(block >= 1, "block must be >= 1");
-  const at::Tensor upper = upper_in.contiguous(), logits = logits_in.contiguous(), floor = floor_in.contiguous(),
-                   top = top_in.contiguous();
-  const int64_t H = logits.size(1), span = N + (block - N % block) % block;
-  const int64_t width = span + H + (block - H % block) % block, nb = width / block;
-  at::Tensor weights = at::empty({B, nb, block}, upper.options());
-  at::Tensor cum = at::empty({B, nb}, upper.options().dtype(at::kDouble));
-  const float* up = upper.data_ptr<float>();
+  const at::Tensor logits = logits_in.contiguous(), floor = floor_in.contiguous(), top = top_in.contiguous();
+  const int64_t nb = W / block;
+  at::Tensor cum = at::empty({B, nb}, weights.options().dtype(at::kDouble));
   const float* lp = logits.data_ptr<float>();
   const float* fp = floor.data_ptr<float>();
   const float* tp = top.data_ptr<float>();
@@ -73,17 +73,17 @@ std::tuple<at::Tensor, at::Tensor> proposal_weights_cpu(const at::Tensor& upper_
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     const float zero = 0.0f, one = 1.0f;
     for (int64_t b = b0; b < b1; ++b) {
-      float* w = wp + b * width;
-      exponents(up + b * N, N, tp[b], t, fp[b], w);
+      float* w = wp + b * W;
+      exponents(w, N, tp[b], t, fp[b], w);  // the bounds, element by element into their exponents
       for (int64_t j = N; j < span; ++j) w[j] = -INFINITY;
       exponents(lp + b * H, H, tp[b], t, fp[b], w + span);
-      for (int64_t j = span + H; j < width; ++j) w[j] = -INFINITY;
-      exp_kernel(w, 1, width, &zero, &one, nullptr, 0.0f);
+      for (int64_t j = span + H; j < W; ++j) w[j] = -INFINITY;
+      exp_kernel(w, 1, W, &zero, &one, nullptr, 0.0f);
       double run = 0.0;
       for (int64_t k = 0; k < nb; ++k) cp[b * nb + k] = run += double(block_sum(w + k * block, block));
     }
   });
-  return {weights, cum};
+  return cum;
 }
 
 }  // namespace cpu

@@ -30,7 +30,7 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("row_log_partition", &torchaq::cpu::row_log_partition_cpu);
   m.impl("inverse_cdf", &torchaq::cpu::inverse_cdf_cpu);
   m.impl("reject_rounds", &torchaq::cpu::reject_rounds_cpu);
-  m.impl("proposal_weights", &torchaq::cpu::proposal_weights_cpu);
+  m.impl("proposal_weights_", &torchaq::cpu::proposal_weights_cpu);
   m.impl("mass_histogram", &torchaq::cpu::mass_histogram_cpu);
   m.impl("pq_encode", &torchaq::cpu::pq_encode_cpu);
   m.impl("anisotropic_encode", &torchaq::cpu::anisotropic_encode_cpu);

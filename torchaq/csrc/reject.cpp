@@ -41,7 +41,8 @@ inline double key_uniform(uint32_t key, int64_t stream, int64_t j) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reject_rounds_cpu(
     const at::Tensor& h_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
-    const at::Tensor& logits_in, const at::Tensor& classes_in, const at::Tensor& upper_in, const at::Tensor& floor_in,
+    const at::Tensor& logits_in, const at::Tensor& classes_in, int64_t num_tail, const at::Tensor& top_in,
+    const at::Tensor& floor_in,
     const at::Tensor& weights_in, const at::Tensor& cum_in, const at::Tensor& rows_in, const at::Tensor& keys_in,
     double temperature, int64_t proposals, int64_t rounds, bool lut_tail) {
   TORCH_CHECK_VALUE(h_in.dim() == 2 && h_in.scalar_type() == at::kFloat, "h must be a float32 (R, d) tensor");
@@ -52,13 +53,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reject_rounds_cpu(
                     "logits must be a float32 (R, H) tensor with H >= 1");
   TORCH_CHECK_VALUE(classes_in.sizes() == logits_in.sizes() && classes_in.scalar_type() == at::kLong,
                     "classes must be an int64 tensor shaped like logits");
-  TORCH_CHECK_VALUE(upper_in.dim() == 2 && upper_in.size(0) == R && upper_in.scalar_type() == at::kFloat,
-                    "upper must be a float32 (R, N) tensor");
+  TORCH_CHECK_VALUE(num_tail >= 0 && num_tail <= weight_in.size(0), "num_tail must be in [0, V=", weight_in.size(0),
+                    "], got ", num_tail);
+  TORCH_CHECK_VALUE(top_in.dim() == 1 && top_in.size(0) == R && top_in.scalar_type() == at::kFloat,
+                    "top must be a float32 (R,) tensor");
   TORCH_CHECK_VALUE(floor_in.dim() == 1 && floor_in.size(0) == R && floor_in.scalar_type() == at::kFloat,
                     "floor must be a float32 (R,) tensor");
   TORCH_CHECK_VALUE(weights_in.dim() == 3 && weights_in.size(0) == R && weights_in.scalar_type() == at::kFloat,
                     "weights must be a float32 (R, nb, m) tensor");
-  const int64_t H = logits_in.size(1), N = upper_in.size(1), nb = weights_in.size(1), m = weights_in.size(2);
+  const int64_t H = logits_in.size(1), N = num_tail, nb = weights_in.size(1), m = weights_in.size(2);
   const int64_t span = N + (m - N % m) % m;
   TORCH_CHECK_VALUE(nb * m >= span + H, "weights must hold the tail and the head");
   TORCH_CHECK_VALUE(cum_in.dim() == 2 && cum_in.size(0) == R && cum_in.size(1) == nb &&
@@ -69,10 +72,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reject_rounds_cpu(
                     "keys must be an int64 tensor shaped like rows");
   TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0");
   TORCH_CHECK_VALUE(proposals >= 1 && rounds >= 0 && rounds <= 30, "proposals must be >= 1 and rounds in [0, 30]");
-  TORCH_CHECK_VALUE(N <= weight_in.size(0) && weight_in.size(0) < (int64_t(1) << 31), "upper has more classes than weight");
+  TORCH_CHECK_VALUE(weight_in.size(0) < (int64_t(1) << 31), "weight must have < 2^31 rows");
 
   const at::Tensor h = h_in.contiguous(), logits = logits_in.contiguous(), classes = classes_in.contiguous(),
-                   upper = upper_in.contiguous(), floor = floor_in.contiguous(), weights = weights_in.contiguous(),
+                   top = top_in.contiguous(), floor = floor_in.contiguous(), weights = weights_in.contiguous(),
                    cum = cum_in.contiguous(), rows = rows_in.contiguous(), keys = keys_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   const bool f32 = weight.scalar_type() == at::kFloat;
@@ -91,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reject_rounds_cpu(
   const float* hp = h.data_ptr<float>();
   const float* lp = logits.data_ptr<float>();
   const int64_t* cp = classes.data_ptr<int64_t>();
-  const float* up = upper.data_ptr<float>();
+  const float* topp = top.data_ptr<float>();
   const float* fp = floor.data_ptr<float>();
   const float* wp = weights.data_ptr<float>();
   const double* sp = cum.data_ptr<double>();
@@ -131,9 +134,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reject_rounds_cpu(
               dots(hr, row.data(), d, d, &zero, 1, &exact);
             }
             if (bp != nullptr) exact += bp[cls];
-            const float excess = (exact - up[r * N + cls]) / t;
-            viol += excess > 0;
-            accept = exact >= fp[r] && (lut_tail || std::log(key_uniform(key, 2 * rnd + 2, j)) < double(excess));
+            // the bound, read back from the weight that overwrote it: (l - u) / T = (l - top) / T - log w
+            const float w = wp[r * nb * m + pos];
+            const double excess = double((exact - topp[r]) / t) - std::log(double(w));
+            viol += w > 0 && excess > 0;
+            accept = w > 0 && exact >= fp[r] && (lut_tail || std::log(key_uniform(key, 2 * rnd + 2, j)) < excess);
           }
           if (accept && !dp[p]) {
             dp[p] = true;

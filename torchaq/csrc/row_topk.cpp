@@ -124,7 +124,9 @@ std::tuple<at::Tensor, at::Tensor> row_topk_cpu(const at::Tensor& scores_in, int
   at::Tensor values = at::empty({B, kk}, scores_in.options());
   at::Tensor indices = at::empty({B, kk}, scores_in.options().dtype(at::kLong));
   if (B == 0 || kk == 0) return {values, indices};
-  const at::Tensor scores = scores_in.contiguous();
+  // rows may lie apart (the sampler's scores are the first N columns of a wider buffer): no copy then
+  const at::Tensor scores = scores_in.stride(1) == 1 ? scores_in : scores_in.contiguous();
+  const int64_t ld = B > 1 ? scores.stride(0) : N;
   const float* x = scores.const_data_ptr<float>();
   // per row: a running top-k (layout of lut_topk_cpu's; see TopK), then one merge with TB = 1
   const int64_t cap = 2 * kk + 2 * kBlock, stride = cap + 16, nb = (N + kBlock - 1) / kBlock;
@@ -139,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> row_topk_cpu(const at::Tensor& scores_in, int
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> bmax(static_cast<size_t>(nb));
     std::vector<uint32_t> tmp(static_cast<size_t>(nb + 16)), sel(static_cast<size_t>(nb + 16));
-    for (int64_t r = begin; r < end; ++r) bad[r] = !row_into(topk[r], x + r * N, N, bmax.data(), tmp.data(), sel.data());
+    for (int64_t r = begin; r < end; ++r) bad[r] = !row_into(topk[r], x + r * ld, N, bmax.data(), tmp.data(), sel.data());
   });
   for (int64_t r = 0; r < B; ++r)
     TORCH_CHECK_VALUE(!bad[r], "row_topk: scores must not contain nan (row ", r, " does)");

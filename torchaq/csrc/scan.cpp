@@ -417,12 +417,21 @@ at::Tensor lut_score_cpu(const at::Tensor& lut_in, const at::Tensor& packed_in, 
 }
 
 std::tuple<at::Tensor, at::Tensor> lut_score_quantized_cpu(const at::Tensor& lut_in, const at::Tensor& packed_in,
-                                                           int64_t num_classes, const std::optional<at::Tensor>& bias_in) {
+                                                           int64_t num_classes, const std::optional<at::Tensor>& bias_in,
+                                                           int64_t columns) {
   const int64_t bits = check_scan_args(lut_in, packed_in, num_classes, bias_in);
-  const int64_t B = lut_in.size(0);
+  TORCH_CHECK_VALUE(columns >= 0, "columns must be >= 0, got ", columns);
+  const int64_t B = lut_in.size(0), width = std::max(columns, num_classes);
   at::Tensor step = at::zeros({B}, lut_in.options());
-  if (bits != 4) return {lut_score_cpu(lut_in, packed_in, num_classes, bias_in), step};  // exact sums: step 0
-  at::Tensor out = at::empty({B, num_classes}, lut_in.options());
+  // one (B, width) buffer: the scores in its first num_classes columns, zeros after (room the caller
+  // fills in place, e.g. the sampler's proposal weights)
+  at::Tensor out = at::empty({B, width}, lut_in.options());
+  if (width > num_classes) out.narrow(1, num_classes, width - num_classes).zero_();
+  at::Tensor scores = out.narrow(1, 0, num_classes);
+  if (bits != 4) {  // exact sums: step 0
+    if (B > 0) scores.copy_(lut_score_cpu(lut_in, packed_in, num_classes, bias_in));
+    return {out, step};
+  }
   if (B == 0 || num_classes == 0) return {out, step};
   const at::Tensor lut = lut_in.contiguous(), packed = packed_in.contiguous();
   const std::optional<at::Tensor> bias =
@@ -442,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor> lut_score_quantized_cpu(const at::Tensor& lut
   quantize_lut(lut, P, qlut, inv_scale, offset, coarse);
   Topk4Args a{packed.const_data_ptr<uint8_t>(), P, num_classes, qlut, inv_scale, offset,
               bias.has_value() ? bias->const_data_ptr<float>() : nullptr, nullptr, nblocks, nullptr, nullptr,
-              nullptr, 0, out.data_ptr<float>()};
+              nullptr, 0, out.data_ptr<float>(), width};
   const Kernels kern = kernels_for(current_isa());
   run_tasks(plan, B, nblocks, P, nullptr, work, [&](const Task& t) { kern.qscore4(a, t); });
   // a query whose table one uint8 scale cannot resolve gets its exact float scores (step 0)
@@ -454,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor> lut_score_quantized_cpu(const at::Tensor& lut
   }
   if (!rows.empty()) {
     const at::Tensor idx = at::tensor(rows, lut.options().dtype(at::kLong));
-    out.index_copy_(0, idx, lut_score_cpu(lut.index_select(0, idx).contiguous(), packed, num_classes, bias));
+    scores.index_copy_(0, idx, lut_score_cpu(lut.index_select(0, idx).contiguous(), packed, num_classes, bias));
   }
   return {out, step};
 }

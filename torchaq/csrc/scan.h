@@ -23,7 +23,8 @@ at::Tensor lut_score_cpu(const at::Tensor& lut, const at::Tensor& packed, int64_
 // quantization step per query: each score is within M * step / 2 of lut_score's; step 0 where the
 // scores are exact (8-bit codes, or a query quantize_lut flags coarse).
 std::tuple<at::Tensor, at::Tensor> lut_score_quantized_cpu(const at::Tensor& lut, const at::Tensor& packed,
-                                                           int64_t num_classes, const std::optional<at::Tensor>& bias);
+                                                           int64_t num_classes, const std::optional<at::Tensor>& bias,
+                                                           int64_t columns);
 
 // Name of the kernel set the next call will use: "avx512", "avx2" or "scalar".
 const char* active_isa();

@@ -227,14 +227,14 @@ void qscore_group(const Topk4Args& a, int64_t q, int64_t c0, int64_t c1) {
       const __m128i part[4] = {_mm256_castsi256_si128(lo), _mm256_castsi256_si128(hi), _mm256_extracti128_si256(lo, 1),
                                _mm256_extracti128_si256(hi, 1)};
       const __m256 inv = _mm256_set1_ps(a.inv_scale[q + j]), off = _mm256_set1_ps(a.offset[q + j]);
-      float* o = valid == kBlock ? a.out + (q + j) * a.num_classes + base : otail;
+      float* o = valid == kBlock ? a.out + (q + j) * a.out_stride + base : otail;
       for (int g = 0; g < 4; ++g) {  // classes 8g .. 8g + 7
         const __m256 s = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(part[g]));
         const __m256 add = b != nullptr ? _mm256_add_ps(off, _mm256_loadu_ps(b + 8 * g)) : _mm256_add_ps(off, _mm256_setzero_ps());
         _mm256_storeu_ps(o + 8 * g, _mm256_add_ps(_mm256_mul_ps(s, inv), add));
       }
       if (valid < kBlock)
-        for (int64_t i = 0; i < valid; ++i) a.out[(q + j) * a.num_classes + base + i] = otail[i];
+        for (int64_t i = 0; i < valid; ++i) a.out[(q + j) * a.out_stride + base + i] = otail[i];
     }
   }
 }

@@ -300,7 +300,7 @@ void qscore_group(const Topk4Args& a, int64_t q, const uint8_t* xt, int64_t xstr
                                       _mm512_add_ps(off, be));
       const __m512 ko = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(odd[j])), inv),
                                       _mm512_add_ps(off, bo));
-      float* o = a.out + (q + j) * a.num_classes + base;
+      float* o = a.out + (q + j) * a.out_stride + base;
       if (valid == kBlock) {
         _mm512_storeu_ps(o, _mm512_permutex2var_ps(ke, first, ko));
         _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(ke, second, ko));

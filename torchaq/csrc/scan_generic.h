@@ -116,12 +116,12 @@ inline void topk4_generic(const Topk4Args& a, const Task& t) {
   });
 }
 
-// lut_score_quantized: every class's de-quantized uint8-LUT score written to a.out (B, N),
+// lut_score_quantized: every class's de-quantized uint8-LUT score written to a.out (rows a.out_stride apart),
 //   float(sum) * inv_scale + (offset + bias)      (bias 0 without one; the float ops of lut_topk's keys)
 inline void qscore4_generic(const Topk4Args& a, const Task& t) {
   each_block_sums4(a, t, [&](int64_t q, int64_t blk, const uint32_t* sum) {
     const int64_t base = blk * kBlock, valid = min64(kBlock, a.num_classes - base);
-    float* o = a.out + q * a.num_classes + base;
+    float* o = a.out + q * a.out_stride + base;
     for (int64_t i = 0; i < valid; ++i)
       o[i] = float(sum[i]) * a.inv_scale[q] + (a.offset[q] + (a.bias != nullptr ? a.bias[base + i] : 0.f));
   });

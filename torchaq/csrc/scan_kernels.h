@@ -60,6 +60,7 @@ struct Topk4Args {
   uint32_t* select;       // (number of tasks, nblocks + 16) scratch for block_bound
   int64_t sums_queries;   // queries of kept sums per task: min(queries per task, two_pass_sub_batch)
   float* out;             // lut_score_quantized only: (B, N) de-quantized scores (null for the top-k)
+  int64_t out_stride;     // floats from one query's row of out to the next (>= N)
 };
 
 // Float-LUT scans: exact float sums (8-bit top-k, 4-bit and 8-bit lut_score).

@@ -52,13 +52,16 @@ the dense layer's sort of every row's ``V`` logits.
 
 **Batch invariance.** Every random number is :func:`torchaq.ops.counter_rng.uniforms` of the
 row's seed (``seeds=`` or, with ``generator``, one int64 per row drawn from it), and every step is
-row-wise (LUT, scan, exact logits, the proposal :func:`torchaq.ops.proposal_weights`, the rounds
+row-wise (LUT, scan, exact logits, the proposal :func:`torchaq.ops.proposal_weights_`, the rounds
 :func:`torchaq.ops.reject_rounds`, per-row sums), so with ``seeds`` a row gets the same token alone
 or in any batch. Cost per row: one uint8-LUT pass ``O(V M)`` (its scores also give the head,
 :func:`torchaq.ops.row_topk`, without a second scan), a few ``O(V)`` passes (bound, ``exp``, block
 sums), ``(C + S) d`` for the head and at most ``PROPOSALS 2**r d`` in round ``r``; with ``top_p``,
 and again with ``return_logprobs``, one exact pass over ``W`` (``V d``:
-:mod:`torchaq.layer.logprobs`).
+:mod:`torchaq.layer.logprobs`). Memory per row: one buffer of ``V`` floats plus the head's room
+(``BLOCK``-padded): the scan writes the scores into it, the bounds are formed over the scores and
+the proposal weights over the bounds (the rounds read a bound back as ``top + T log w``), so a row
+holds fewer bytes than a dense layer's logits and probabilities; rows go ``SAMPLE_ROWS`` at a time.
 """
 from __future__ import annotations
 
@@ -132,19 +135,26 @@ def row_seeds(seeds: Optional[Tensor], generator: Optional[torch.Generator], lea
     return torch.randint(-(2 ** 62), 2 ** 62, (batch,), generator=generator, device=gen_device).to(device)
 
 
-def head_scores(layer, flat: Tensor, size: int):
-    """The LUT scores of every class ``(B, V)`` and their quantization step ``(B,)`` (from the uint8
-    LUT of the 4-bit scans, :func:`torchaq.ops.lut_score_quantized`; step 0: exact float sums), and
-    the head: the best ``size`` of those scores (:func:`torchaq.ops.row_topk`, the ranking of the
-    fast scan without a second pass) plus the side list, re-scored exactly, best first (``(B, H)``
-    logits and classes). The scores carry the scan's bias, which pushes side rows far below every
-    real score (:meth:`scan_bias`): they are always in the head, whose scores are never read again.
-    Returns ``(scores, logits, classes, step)``."""
+def head_width(layer, size: int) -> int:
+    """Classes in the head of :func:`head_scores`: the scan's best ``size`` plus the side list."""
+    side = layer.side_rows.numel()
+    return max(1, min(size, layer.num_classes - side)) + side
+
+
+def head_scores(layer, flat: Tensor, size: int, columns: int = 0):
+    """The LUT scores of every class and their quantization step ``(B,)`` (from the uint8 LUT of the
+    4-bit scans, :func:`torchaq.ops.lut_score_quantized`; step 0: exact float sums), and the head: the
+    best ``size`` of those scores (:func:`torchaq.ops.row_topk`, the ranking of the fast scan without a
+    second pass) plus the side list, re-scored exactly, best first (``(B, H)`` logits and classes).
+    The scores are the first ``V`` columns of a ``(B, max(columns, V))`` buffer (zeros after: room for
+    the proposal weights, written in place). They carry the scan's bias, which pushes side rows far
+    below every real score (:meth:`scan_bias`): they are always in the head, whose scores are never
+    read again. Returns ``(scores, logits, classes, step)``."""
     q, num = layer.quantizer, layer.num_classes
     q.check_fitted()
-    scores, step = ops.lut_score_quantized(q.lut(flat), layer.packed_codes, num, layer.scan_bias())
+    scores, step = ops.lut_score_quantized(q.lut(flat), layer.packed_codes, num, layer.scan_bias(), columns)
     side = layer.side_rows
-    _, classes = ops.row_topk(scores, max(1, min(size, num - side.numel())))
+    _, classes = ops.row_topk(scores[:, :num], head_width(layer, size) - side.numel())
     if side.numel():
         classes = torch.cat([classes, side.to(classes.device).expand(classes.shape[0], -1)], dim=1)
     bias = None if layer.bias is None else layer.bias.detach()
@@ -216,36 +226,42 @@ def _complete(layer, flat, logits, classes, upper, floor, limit: Optional[int] =
     # in place (our own buffer), and before the sort so that these temporaries are gone by then
     upper.scatter_(1, extra, ub.masked_fill_(ub >= floor.unsqueeze(1), -math.inf))
     del ub, extra
-    logits, classes = torch.cat([logits, extra_logits], 1), torch.cat([classes, merged], 1)
+    # class order, then a stable sort by logit: ties by class id (int32 ids: half the bytes of the sorts)
+    logits, classes = torch.cat([logits, extra_logits], 1), torch.cat([classes.int(), merged.int()], 1)
     del extra_logits, merged
-    order = classes.argsort(dim=1, stable=True)  # class order, then a stable sort by logit: ties by class id
-    logits, classes = logits.gather(1, order), classes.gather(1, order)
+    classes, order = classes.sort(dim=1, stable=True)
+    logits = logits.gather(1, order)
     del order
     order = logits.argsort(dim=1, descending=True, stable=True)
-    return logits.gather(1, order), classes.gather(1, order), upper
+    logits = logits.gather(1, order)
+    classes = classes.gather(1, order)
+    del order
+    return logits, classes.long(), upper
 
 
-def _nucleus_floor(logits: Tensor, upper: Tensor, masses: Tensor, top: Tensor, top_p: float, t: float) -> Tensor:
-    """The ``top_p`` floor ``(B,)`` (module docstring). ``masses`` ``(B, NUCLEUS_BINS)``: the exact mass
-    ``exp((l - top) / T)`` of all classes in bins of ``(top - l) / T`` (:func:`torchaq.ops.mass_histogram`),
-    so their sum is the exact partition function over ``exp(top / T)``. The floor is the exact logit of
-    the class whose strictly better mass is below ``top_p`` times it and whose own mass crosses it, if
-    that class and every class above it are exactly scored (``logits``, best first, and no tail bound
-    ``upper`` reaching it); else a point inside the bin in which the masses cross ``top_p``, placed
-    as if that bin's mass were spread evenly over its width."""
-    total = masses.sum(dim=1, keepdim=True)
-    exact = ((logits - top.unsqueeze(1)) / t).double().exp()
-    before = exact.cumsum(dim=1) - exact
-    last = (before < top_p * total).sum(dim=1, keepdim=True).clamp_(min=1) - 1
+def _nucleus_floor(logits: Tensor, upper: Tensor, cum: Tensor, top: Tensor, top_p: float, t: float) -> Tensor:
+    """The ``top_p`` floor ``(B,)`` (module docstring). ``cum`` ``(B, NUCLEUS_BINS)``: the running sums of
+    the exact masses ``exp((l - top) / T)`` of all classes in bins of ``(top - l) / T``
+    (:func:`torchaq.ops.mass_histogram`), so ``cum[:, -1]`` is the exact partition function over
+    ``exp(top / T)``. The floor is the exact logit of the class whose strictly better mass is below
+    ``top_p`` times it and whose own mass crosses it, if that class and every class above it are
+    exactly scored (``logits``, best first, and no tail bound ``upper`` reaching it); else a point
+    inside the bin in which the masses cross ``top_p``, placed as if that bin's mass were spread
+    evenly over its width."""
+    total = cum[:, -1:]
+    # running sums of the head's exact masses, in place: the mass strictly better than class i is the
+    # sum up to class i - 1 (and 0 before the first, always below top_p Z)
+    run = (logits - top.unsqueeze(1)).div_(t).double().exp_().cumsum_(dim=1)
+    last = (run[:, :-1] < top_p * total).sum(dim=1, keepdim=True)
     crossing = logits.gather(1, last).squeeze(1)
-    exact_ok = (exact.sum(dim=1) >= top_p * total[:, 0]) & (upper.amax(dim=1) < crossing)
-    cum = masses.cumsum(dim=1)
-    k = (cum < top_p * total).sum(dim=1, keepdim=True).clamp_(max=masses.shape[1] - 1)
+    exact_ok = (run[:, -1] >= top_p * total[:, 0]) & (upper.amax(dim=1) < crossing)
+    del run
+    k = (cum < top_p * total).sum(dim=1, keepdim=True).clamp_(max=cum.shape[1] - 1)
     # inside the crossing bin, the share of its mass still needed, as a share of its width (the mass
     # taken as spread evenly over the bin's logits): the kept mass is then top_p Z to within the
     # classes at the floor, not to within a whole bin
-    need = top_p * total - torch.where(k > 0, cum.gather(1, (k - 1).clamp(min=0)), 0.0)
-    share = (need / masses.gather(1, k).clamp(min=1e-300)).clamp_(0.0, 1.0)
+    below = torch.where(k > 0, cum.gather(1, (k - 1).clamp(min=0)), 0.0)
+    share = ((top_p * total - below) / (cum.gather(1, k) - below).clamp(min=1e-300)).clamp_(0.0, 1.0)
     inside = top - ((k + share).squeeze(1) * (NUCLEUS_BIN_WIDTH * t)).float()
     return torch.where(exact_ok, crossing, inside)
 
@@ -290,15 +306,15 @@ def _exact_rows(layer, flat: Tensor, floor: Tensor, temperature: float, u: Tenso
 
 
 class _Plan(NamedTuple):
-    """What the draws of each row read: the exact head, the tail bounds, the floor, the proposal's CDF."""
+    """What the draws of each row read: the exact head, the floor, the proposal (over the tail bounds) and its CDF."""
 
     flat: Tensor
     logits: Tensor
     classes: Tensor
-    upper: Optional[Tensor]  # None: a categorical draw among the head (top_k)
     floor: Tensor
-    cum: Tensor  # top_k: (B, k) cumulative weights; else (B, L / BLOCK) cumulative block sums
+    cum: Tensor  # categorical (top_k): (B, k) cumulative weights; else (B, L / BLOCK) cumulative block sums
     weights: Optional[Tensor] = None  # else: (B, L / BLOCK, BLOCK) float32 proposal weights, tail first
+    top: Optional[Tensor] = None  # else: (B,) the weights' reference exponent (:func:`torchaq.ops.proposal_weights_`)
 
 
 def _reject(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, lut_tail: bool = False):
@@ -313,8 +329,8 @@ def _reject(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, 
     their exact logits."""
     bias = None if layer.bias is None else layer.bias.detach()
     done, tokens, values, violations = ops.reject_rounds(
-        plan.flat.float(), layer.weight.detach(), bias, plan.logits, plan.classes, plan.upper, plan.floor, plan.weights,
-        plan.cum, rows, keys, temperature, PROPOSALS, MAX_ROUNDS, lut_tail)
+        plan.flat.float(), layer.weight.detach(), bias, plan.logits, plan.classes, layer.num_classes, plan.top,
+        plan.floor, plan.weights, plan.cum, rows, keys, temperature, PROPOSALS, MAX_ROUNDS, lut_tail)
     pending = (~done).nonzero().squeeze(1)
     if pending.numel():
         p_rows = rows[pending]
@@ -325,7 +341,7 @@ def _reject(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, 
 
 def _draw(layer, plan: _Plan, rows: Tensor, keys: Tensor, temperature: float, lut_tail: bool = False):
     """``(tokens, token logits, violations)`` for draws on ``rows`` of ``plan`` with per-draw ``seeds``."""
-    if plan.upper is None:
+    if plan.weights is None:
         pos = _search(plan.cum, rows, key_uniforms(keys, 0, 1)).squeeze(1)
         return plan.classes[rows, pos], plan.logits[rows, pos], torch.zeros_like(pos)
     return _reject(layer, plan, rows, keys, temperature, lut_tail)
@@ -341,7 +357,7 @@ def _categorical_plan(flat, logits, classes, top_p, min_p, t) -> _Plan:
         floor = logits.masked_fill(~keep, math.inf).min(dim=1).values
     if min_p is not None:
         floor = torch.maximum(floor, logits[:, 0] + t * math.log(min_p))
-    return _Plan(flat, logits, classes, None, floor, _categorical_cum(logits, floor, t))
+    return _Plan(flat, logits, classes, floor, _categorical_cum(logits, floor, t))
 
 
 def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: float = ERROR_SIGMAS) -> _Plan:
@@ -351,9 +367,12 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
         logits, classes = exact_topk(flat, layer.weight, layer.bias, top_k or layer.num_classes)
         _check_overflow(logits[:, :1], t)
         return _categorical_plan(flat, logits, classes, top_p, min_p, t)
-    size = max(candidates or DEFAULT_HEAD, top_k or 1)
-    scores, logits, classes, step = head_scores(layer, flat, size)
-    upper = tail_bounds(layer, flat, scores, classes, sigmas, in_place=True, rounding=step)
+    size, num = max(candidates or DEFAULT_HEAD, top_k or 1), layer.num_classes
+    # one (B, W) buffer holds the scores, then the bounds over them, then the proposal weights over
+    # those: W leaves room for the head the completions below may grow (else a wider copy is made)
+    grown = head_width(layer, size) + (NUCLEUS_COMPLETE if top_p < 1 else 0) + (NUCLEUS_COMPLETE if min_p else 0)
+    buf, logits, classes, step = head_scores(layer, flat, size, 0 if top_k else ops.proposal_width(num, grown, BLOCK))
+    upper = tail_bounds(layer, flat, buf[:, :num], classes, sigmas, in_place=True, rounding=step)
     upper_max = upper.amax(dim=1)  # values only (max(dim) also finds the argmax)
     _check_overflow(torch.stack([logits[:, 0], upper_max]), t)
     floor = torch.full_like(logits[:, 0], -math.inf)
@@ -368,12 +387,13 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
         # estimate the floor, re-score every class whose bound reaches it, estimate again: the nucleus
         # then ends among exactly scored classes unless more than NUCLEUS_COMPLETE of them qualified
         top = torch.maximum(logits[:, 0], upper_max)
-        masses = ops.mass_histogram(flat, layer.weight, layer.bias, t, top, NUCLEUS_BIN_WIDTH, NUCLEUS_BINS)
-        nucleus = _nucleus_floor(logits, upper, masses, top, top_p, t)
+        # running sums in place: one (B, NUCLEUS_BINS) buffer
+        cum = ops.mass_histogram(flat, layer.weight, layer.bias, t, top, NUCLEUS_BIN_WIDTH, NUCLEUS_BINS).cumsum_(1)
+        nucleus = _nucleus_floor(logits, upper, cum, top, top_p, t)
         logits, classes, upper = _complete(layer, flat, logits, classes, upper, torch.maximum(floor, nucleus),
                                            NUCLEUS_COMPLETE)
-        floor = torch.maximum(floor, _nucleus_floor(logits, upper, masses, top, top_p, t))
-        del masses  # not alive beside the proposal's weights
+        floor = torch.maximum(floor, _nucleus_floor(logits, upper, cum, top, top_p, t))
+        del cum  # not alive beside the proposal's weights
         upper_max = upper.amax(dim=1)
     # a bound far above the best exact logit (tiny temperature): re-score those classes, so that the
     # weights below neither all underflow nor overflow (per row: a row's head never depends on its batch)
@@ -383,15 +403,19 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
                                            torch.where(risky, logits[:, 0], math.inf), NUCLEUS_COMPLETE)
         upper_max = upper.amax(dim=1)
     top = torch.maximum(logits[:, 0], upper_max - WEIGHT_RANGE * t)
+    width = ops.proposal_width(num, logits.shape[1], BLOCK)
+    if width > buf.shape[1]:  # the head outgrew the room left for it
+        buf = torch.cat([upper, upper.new_zeros((upper.shape[0], width - num))], dim=1)
+    del upper
     # the tail first, block-aligned: the layout never depends on the head's width
-    weights, cum = ops.proposal_weights(upper, logits, floor, top, t, BLOCK)
-    return _Plan(flat, logits, classes, upper, floor, cum, weights)
+    cum = ops.proposal_weights_(buf, num, logits, floor, top, t, BLOCK)
+    return _Plan(flat, logits, classes, floor, cum, buf.view(buf.shape[0], -1, BLOCK), top)
 
 
 def _logprobs(layer, plan: _Plan, rows: Tensor, values: Tensor, temperature: float):
     """Exact ``(full, truncated)`` log-probabilities of drawn tokens with logits ``values`` on ``rows``."""
     t = temperature
-    if plan.upper is None:  # top_k: the truncated partition function is the head's own
+    if plan.weights is None:  # top_k: the truncated partition function is the head's own
         kept = (plan.logits / t).masked_fill(plan.logits < plan.floor.unsqueeze(1), -math.inf)
         log_z = torch.stack([row_log_partition(plan.flat, layer.weight, layer.bias, t), torch.logsumexp(kept, 1)], 1)
     else:

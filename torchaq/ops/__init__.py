@@ -20,7 +20,7 @@ module                 ops
 ``row_partition``      ``row_log_partition`` (each row's exact log-partition function, batch-invariant)
 ``mass_histogram``     ``mass_histogram`` (each row's exact softmax mass in bins of logit)
 ``inverse_cdf``        ``inverse_cdf`` (categorical draws from block-summed weights)
-``proposal``           ``proposal_weights`` (the full-vocabulary sampler's proposal as block weights)
+``proposal``           ``proposal_weights_`` (the full-vocabulary sampler's proposal as block weights, in place)
 ``reject``             ``reject_rounds`` (the full-vocabulary sampler's rejection rounds)
 ``counter_rng``        counter-based uniforms (no op): a row's random numbers never depend on its batch
 ``encode``             ``pq_encode``, ``anisotropic_encode`` (PQ encoders)
@@ -76,8 +76,9 @@ from torchaq.ops.rescore import (
     rescore_topk_reference,
     row_logits,
 )
-from torchaq.ops.quantized_scan import lut_score_quantized, lut_score_quantized_reference, quantize_lut_reference
-from torchaq.ops.proposal import check_proposal_args, proposal_weights, proposal_weights_reference, proposal_width
+from torchaq.ops.quantized_scan import lut_score_quantized, lut_score_quantized_reference, quantize_lut_reference, widen_scores
+from torchaq.ops.proposal import (check_proposal_args, proposal_weights, proposal_weights_,
+                                  proposal_weights_reference, proposal_width)
 from torchaq.ops.reject import check_reject_args, reject_rounds, reject_rounds_reference
 from torchaq.ops.row_partition import check_row_log_partition_args, row_log_partition, row_log_partition_reference
 from torchaq.ops.row_topk import check_row_topk_args, row_topk, row_topk_reference
@@ -97,7 +98,7 @@ REFERENCES = {
     "inverse_cdf": inverse_cdf_reference,
     "mass_histogram": mass_histogram_reference,
     "reject_rounds": reject_rounds_reference,
-    "proposal_weights": proposal_weights_reference,
+    "proposal_weights_": proposal_weights_reference,
     "aq_encode": aq_encode_reference,
     "rescore_topk": rescore_topk_reference,
     "pq_encode": pq_encode_reference,

@@ -60,37 +60,54 @@ def quantize_lut_reference(lut: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]
     return q.to(torch.uint8), (1.0 / scale).float(), _sequential_sum(lo).float(), coarse
 
 
+def widen_scores(scores: Tensor, columns: int) -> Tensor:
+    """``scores`` ``(B, N)`` as the first ``N`` columns of a ``(B, max(columns, N))`` buffer, zeros after."""
+    if columns <= scores.shape[1]:
+        return scores
+    out = scores.new_zeros((scores.shape[0], columns))
+    out[:, :scores.shape[1]] = scores
+    return out
+
+
+def _check_columns(columns: int) -> None:
+    torch._check_value(isinstance(columns, int) and columns >= 0, lambda: f"columns must be an int >= 0, got {columns!r}")
+
+
 @torch.library.register_fake("torchaq::lut_score_quantized")
 def _lut_score_quantized_fake(lut: Tensor, packed: Tensor, num_classes: int,
-                              bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                              bias: Optional[Tensor] = None, columns: int = 0) -> Tuple[Tensor, Tensor]:
     check_lut_scan_args(lut, packed, num_classes, bias)
-    return lut.new_empty((lut.shape[0], num_classes)), lut.new_empty((lut.shape[0],))
+    _check_columns(columns)
+    return lut.new_empty((lut.shape[0], max(columns, num_classes))), lut.new_empty((lut.shape[0],))
 
 
 @torch.library.impl(LIB, "lut_score_quantized", "CompositeExplicitAutograd")
 def lut_score_quantized_reference(lut: Tensor, packed: Tensor, num_classes: int,
-                                  bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                                  bias: Optional[Tensor] = None, columns: int = 0) -> Tuple[Tensor, Tensor]:
     check_lut_scan_args(lut, packed, num_classes, bias)
+    _check_columns(columns)
     step = lut.new_zeros((lut.shape[0],))
     if bits_of_lut(lut) != 4 or lut.shape[0] == 0 or num_classes == 0:  # (no class: no step either)
-        return lut_score_reference(lut, packed, num_classes, bias), step
+        return widen_scores(lut_score_reference(lut, packed, num_classes, bias), columns), step
     if not bool(torch.isfinite(lut).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
         raise ValueError("lut_score_quantized needs finite lut entries and bias (got inf or nan)")
     q, inv_scale, offset, coarse = quantize_lut_reference(lut)
-    out = lut.new_empty((lut.shape[0], num_classes))
+    out = lut.new_zeros((lut.shape[0], max(columns, num_classes)))
     shift = offset.unsqueeze(1)
     # integer sums (exact in float32 below 2^24), then the C++ float ops in the same order
     for start, sums in score_chunks(q.float(), packed, num_classes, None):
         add = shift if bias is None else shift + bias[start:start + sums.shape[1]]
         out[:, start:start + sums.shape[1]] = sums * inv_scale.unsqueeze(1) + add
     if bool(coarse.any()):
-        out[coarse] = lut_score_reference(lut[coarse], packed, num_classes, bias)
+        out[coarse, :num_classes] = lut_score_reference(lut[coarse], packed, num_classes, bias)
     step = torch.where(coarse, 0.0, inv_scale)
     return out, step
 
 
 def lut_score_quantized(lut: Tensor, packed: Tensor, num_classes: int,
-                        bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """``(scores (B, N), step (B,))``: every class's score from the uint8-quantized LUT (module
-    docstring), within ``M * step / 2`` of :func:`torchaq.ops.lut_score` (``step`` 0: exact)."""
-    return torch.ops.torchaq.lut_score_quantized(lut, packed, num_classes, bias)
+                        bias: Optional[Tensor] = None, columns: int = 0) -> Tuple[Tensor, Tensor]:
+    """``(scores (B, max(columns, N)), step (B,))``: every class's score from the uint8-quantized LUT
+    (module docstring), within ``M * step / 2`` of :func:`torchaq.ops.lut_score` (``step`` 0: exact),
+    in the first ``N`` columns; the ``columns - N`` after them are 0, room a caller fills in place
+    (the sampler writes its proposal weights over the scores without a second buffer)."""
+    return torch.ops.torchaq.lut_score_quantized(lut, packed, num_classes, bias, columns)

@@ -14,19 +14,19 @@ SCHEMAS = {
     "pack_codes": "pack_codes(Tensor codes, int bits) -> Tensor",
     "unpack_codes": "unpack_codes(Tensor packed, int num_subspaces, int bits, int num_classes) -> Tensor",
     "lut_score": "lut_score(Tensor lut, Tensor packed, int num_classes, Tensor? bias=None) -> Tensor",
-    "lut_score_quantized": "lut_score_quantized(Tensor lut, Tensor packed, int num_classes, Tensor? bias=None)"
-                           " -> (Tensor, Tensor)",
+    "lut_score_quantized": "lut_score_quantized(Tensor lut, Tensor packed, int num_classes, Tensor? bias=None,"
+                           " int columns=0) -> (Tensor, Tensor)",
     "row_topk": "row_topk(Tensor scores, int k) -> (Tensor, Tensor)",
     "row_log_partition": "row_log_partition(Tensor h, Tensor weight, Tensor? bias, float temperature, Tensor? floor)"
                          " -> Tensor",
     "mass_histogram": "mass_histogram(Tensor h, Tensor weight, Tensor? bias, float temperature, Tensor top,"
                       " float width, int bins) -> Tensor",
     "inverse_cdf": "inverse_cdf(Tensor weights, Tensor cum, Tensor rows, Tensor u) -> Tensor",
-    "reject_rounds": "reject_rounds(Tensor h, Tensor weight, Tensor? bias, Tensor logits, Tensor classes, Tensor upper,"
-                     " Tensor floor, Tensor weights, Tensor cum, Tensor rows, Tensor keys, float temperature,"
+    "reject_rounds": "reject_rounds(Tensor h, Tensor weight, Tensor? bias, Tensor logits, Tensor classes, int num_tail,"
+                     " Tensor top, Tensor floor, Tensor weights, Tensor cum, Tensor rows, Tensor keys, float temperature,"
                      " int proposals, int rounds, bool lut_tail) -> (Tensor, Tensor, Tensor, Tensor)",
-    "proposal_weights": "proposal_weights(Tensor upper, Tensor logits, Tensor floor, Tensor top, float temperature,"
-                        " int block) -> (Tensor, Tensor)",
+    "proposal_weights_": "proposal_weights_(Tensor(a!) weights, int num_tail, Tensor logits, Tensor floor, Tensor top,"
+                         " float temperature, int block) -> Tensor",
     "lut_topk": "lut_topk(Tensor lut, Tensor packed, int num_classes, int k, Tensor? bias=None) -> (Tensor, Tensor)",
     "aq_encode": "aq_encode(Tensor x, Tensor codebooks, Tensor codes, Tensor eta, Tensor perturb, int icm_iters,"
                  " bool greedy) -> Tensor",
