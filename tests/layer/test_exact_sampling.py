@@ -186,6 +186,11 @@ def test_generator_reproducible_and_extreme_inputs_give_no_nan(setup):
     assert torch.equal(a, b) and a.shape == (8,)
     greedy = layer.topk(h, k=1)[1][:, 0]
     assert torch.equal(layer.sample(h, temperature=1e-4, seeds=torch.arange(8)), greedy)
+    # top_p alone at a tiny temperature: the nucleus is placed against the exact top-1, not against a
+    # tail bound far above it (whose reference would underflow every mass and empty the nucleus)
+    for t in (1e-2, 1e-4):
+        assert torch.equal(layer.sample(h, temperature=t, top_p=0.9, seeds=torch.arange(8)), greedy)
+        assert torch.equal(layer.sample(h[:1], temperature=t, top_p=0.9, seeds=torch.arange(1)), greedy[:1])
     out = layer.sample(200 * h, seeds=torch.arange(8), return_logprobs=True, top_p=0.9, min_p=0.5)
     assert torch.isfinite(out.logprobs).all() and torch.isfinite(out.truncated_logprobs).all()
     assert torch.equal(out.tokens, layer.topk(200 * h, k=1)[1][:, 0])

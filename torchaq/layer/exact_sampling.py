@@ -87,6 +87,7 @@ MAX_ROUNDS = 6         # (2,016 proposals in all) then the row is drawn from its
 NUCLEUS_BIN_WIDTH = 0.004  # top_p: bins of the exact mass curve, in units of l / T (the floor's resolution
 NUCLEUS_BINS = 4096        # where the nucleus reaches past the exactly scored classes), 16.4 below the top
 NUCLEUS_COMPLETE = 2048  # most tail classes re-scored per row to place the top_p floor among exact logits
+TOP1_ROOM = 256        # top_p: head room kept for the classes re-scored to find the exact top-1 (more: a wider copy)
 WEIGHT_RANGE = 60.0    # proposal weights are exp(x / T) with x <= WEIGHT_RANGE T above the reference
 BLOCK = 256            # classes per block of the two-level inverse CDF (:func:`torchaq.ops.inverse_cdf`)
 SAMPLE_ROWS = 32       # rows sampled at once (bounds the (rows, V) temporaries)
@@ -370,7 +371,7 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
     size, num = max(candidates or DEFAULT_HEAD, top_k or 1), layer.num_classes
     # one (B, W) buffer holds the scores, then the bounds over them, then the proposal weights over
     # those: W leaves room for the head the completions below may grow (else a wider copy is made)
-    grown = head_width(layer, size) + (NUCLEUS_COMPLETE if top_p < 1 else 0) + (NUCLEUS_COMPLETE if min_p else 0)
+    grown = head_width(layer, size) + (NUCLEUS_COMPLETE + TOP1_ROOM if top_p < 1 else 0) + (NUCLEUS_COMPLETE if min_p else 0)
     buf, logits, classes, step = head_scores(layer, flat, size, 0 if top_k else ops.proposal_width(num, grown, BLOCK))
     upper = tail_bounds(layer, flat, buf[:, :num], classes, sigmas, in_place=True, rounding=step)
     upper_max = upper.amax(dim=1)  # values only (max(dim) also finds the argmax)
@@ -384,6 +385,11 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
         upper_max = upper.amax(dim=1)
         floor = logits[:, 0] + t * math.log(min_p)
     if top_p < 1:
+        # the exact top-1 first (every class whose bound reaches the best exact logit, re-scored): the
+        # histogram's reference is then the exact maximum, so no mass underflows below it at any
+        # temperature (a bound far above it would push every mass under the histogram's 2^-40 units)
+        logits, classes, upper = _complete(layer, flat, logits, classes, upper, logits[:, 0], NUCLEUS_COMPLETE)
+        upper_max = upper.amax(dim=1)
         # estimate the floor, re-score every class whose bound reaches it, estimate again: the nucleus
         # then ends among exactly scored classes unless more than NUCLEUS_COMPLETE of them qualified
         top = torch.maximum(logits[:, 0], upper_max)
@@ -392,7 +398,9 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
         nucleus = _nucleus_floor(logits, upper, cum, top, top_p, t)
         logits, classes, upper = _complete(layer, flat, logits, classes, upper, torch.maximum(floor, nucleus),
                                            NUCLEUS_COMPLETE)
-        floor = torch.maximum(floor, _nucleus_floor(logits, upper, cum, top, top_p, t))
+        # the nucleus keeps at least the best class (Hugging Face's min_tokens_to_keep = 1), also where
+        # a row's completion was cut at NUCLEUS_COMPLETE and its reference is a bound above every logit
+        floor = torch.maximum(floor, torch.minimum(_nucleus_floor(logits, upper, cum, top, top_p, t), logits[:, 0]))
         del cum  # not alive beside the proposal's weights
         upper_max = upper.amax(dim=1)
     # a bound far above the best exact logit (tiny temperature): re-score those classes, so that the
