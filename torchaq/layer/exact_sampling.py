@@ -39,16 +39,18 @@ counts the detected violations (a drawn class whose exact logit exceeds its boun
 class whose bound reaches the ``k``-th exact logit, re-scored exactly), then a categorical draw
 among those ``k``. ``min_p``: a floor ``l >= l_max + T log(min_p)`` on the exact top-1 (completed the
 same way), applied inside the rejection step. ``top_p``: the nucleus is the best classes until
-their mass reaches ``top_p`` times the *full* partition function ``Z``. One exact pass over ``W``
-(:func:`torchaq.ops.mass_histogram`) gives every class's mass in bins of ``NUCLEUS_BIN_WIDTH`` in
-``l / T``, hence ``Z`` and the mass curve to one bin; every class whose bound reaches the crossing
-bin is then re-scored exactly (at most ``NUCLEUS_COMPLETE``). Where the crossing class and all
-classes above it are exactly scored, the floor is its exact logit: the nucleus is Hugging Face's,
-and so are the truncated log-probabilities. Where more classes than that share the nucleus (a flat
+their mass reaches ``top_p`` times the *full* partition function ``Z``. The head is first completed
+to the exact top-1 (every class whose bound reaches the best exact logit, re-scored), so that the
+masses are measured from the exact maximum and none underflows at small temperatures. One exact
+pass over ``W`` (:func:`torchaq.ops.mass_histogram`) gives every class's mass in bins of
+``NUCLEUS_BIN_WIDTH`` in ``l / T``, hence ``Z`` and the mass curve to one bin; every class whose
+bound reaches the crossing bin is then re-scored exactly (at most ``NUCLEUS_COMPLETE``). Where the
+crossing class and all classes above it are exactly scored, the floor is its exact logit: the
+nucleus is Hugging Face's, and so are the truncated log-probabilities. Where more classes than that share the nucleus (a flat
 row), the floor is placed inside the crossing bin as if its mass were spread evenly: the nucleus
 then differs from the exact one only by classes within one bin of its floor (measured by
-``benchmarks/sampling.py``). ``top_p`` therefore costs one pass over ``W``, like a dense layer, without
-the dense layer's sort of every row's ``V`` logits.
+``benchmarks/sampling.py``). The nucleus always keeps the best class. ``top_p`` therefore costs one
+pass over ``W``, like a dense layer, without the dense layer's sort of every row's ``V`` logits.
 
 **Batch invariance.** Every random number is :func:`torchaq.ops.counter_rng.uniforms` of the
 row's seed (``seeds=`` or, with ``generator``, one int64 per row drawn from it), and every step is
