@@ -2,7 +2,6 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
-
 namespace torchaq {
 namespace cpu {
 

@@ -42,9 +42,8 @@ inline double key_uniform(uint32_t key, int64_t stream, int64_t j) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reject_rounds_cpu(
     const at::Tensor& h_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
     const at::Tensor& logits_in, const at::Tensor& classes_in, int64_t num_tail, const at::Tensor& top_in,
-    const at::Tensor& floor_in,
-    const at::Tensor& weights_in, const at::Tensor& cum_in, const at::Tensor& rows_in, const at::Tensor& keys_in,
-    double temperature, int64_t proposals, int64_t rounds, bool lut_tail) {
+    const at::Tensor& floor_in, const at::Tensor& weights_in, const at::Tensor& cum_in, const at::Tensor& rows_in,
+    const at::Tensor& keys_in, double temperature, int64_t proposals, int64_t rounds, bool lut_tail) {
   TORCH_CHECK_VALUE(h_in.dim() == 2 && h_in.scalar_type() == at::kFloat, "h must be a float32 (R, d) tensor");
   const int64_t R = h_in.size(0), d = h_in.size(1);
   TORCH_CHECK_VALUE(weight_in.dim() == 2 && weight_in.size(1) == d, "weight must be (V, ", d, ")");

@@ -423,6 +423,8 @@ std::tuple<at::Tensor, at::Tensor> lut_score_quantized_cpu(const at::Tensor& lut
   TORCH_CHECK_VALUE(columns >= 0, "columns must be >= 0, got ", columns);
   const int64_t B = lut_in.size(0), width = std::max(columns, num_classes);
   at::Tensor step = at::zeros({B}, lut_in.options());
+  // exact sums (8-bit codes), step 0: lut_score's own buffer when no room is asked for
+  if (bits != 4 && width == num_classes) return {lut_score_cpu(lut_in, packed_in, num_classes, bias_in), step};
   // one (B, width) buffer: the scores in its first num_classes columns, zeros after (room the caller
   // fills in place, e.g. the sampler's proposal weights)
   at::Tensor out = at::empty({B, width}, lut_in.options());
