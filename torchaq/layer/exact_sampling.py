@@ -390,8 +390,9 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
         # the exact top-1 first (every class whose bound reaches the best exact logit, re-scored): the
         # histogram's reference is then the exact maximum, so no mass underflows below it at any
         # temperature (a bound far above it would push every mass under the histogram's 2^-40 units)
-        logits, classes, upper = _complete(layer, flat, logits, classes, upper, logits[:, 0], NUCLEUS_COMPLETE)
-        upper_max = upper.amax(dim=1)
+        if min_p is None:  # (min_p has completed the head to it already)
+            logits, classes, upper = _complete(layer, flat, logits, classes, upper, logits[:, 0], NUCLEUS_COMPLETE)
+            upper_max = upper.amax(dim=1)
         # estimate the floor, re-score every class whose bound reaches it, estimate again: the nucleus
         # then ends among exactly scored classes unless more than NUCLEUS_COMPLETE of them qualified
         top = torch.maximum(logits[:, 0], upper_max)
@@ -415,7 +416,7 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
     top = torch.maximum(logits[:, 0], upper_max - WEIGHT_RANGE * t)
     width = ops.proposal_width(num, logits.shape[1], BLOCK)
     if width > buf.shape[1]:  # the head outgrew the room left for it
-        buf = torch.cat([upper, upper.new_zeros((upper.shape[0], width - num))], dim=1)
+        buf = ops.widen_scores(upper, width)
     del upper
     # the tail first, block-aligned: the layout never depends on the head's width
     cum = ops.proposal_weights_(buf, num, logits, floor, top, t, BLOCK)
