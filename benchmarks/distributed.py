@@ -9,15 +9,17 @@ CPU, one torch thread per rank); each rank holds a contiguous slice of a synthet
 weight (clustered Gaussian rows). Rows of the table, per world size P and batch:
 
 * ``topk (invariant)``: :meth:`VocabParallelQuantizedSoftmax.topk` in the default mode (bitwise
-  the single-device answer: header, all-gather of the scan scores, all-gather of the
-  shortlist);
-* ``topk (per-rank)``: ``invariant=False`` (header, one all-gather of ``B k`` pairs per rank);
+  the single-device answer: all-gather of the scan scores, all-gather of the shortlist);
+* ``topk (per-rank)``: ``invariant=False`` (one all-gather of ``B k`` pairs per rank);
 * ``log_softmax_topk`` in both modes (the invariant one adds the fixed-point ``log Z`` rounds);
-* ``header only``: the per-call agreement alone (:mod:`torchaq.distributed.agreement`: the local
-  argument checks, the checksum of ``h`` and one all-gather of a 160-byte header per rank), and
-  its share of each mode's call; ``..., no header`` rows time the topk modes with the agreement
-  switched off (``layer.agreement = False``), so the difference is what the header adds to a
-  call (inside a call its all-gather overlaps the LUT and the local scan);
+* ``header only``: the per-call agreement sent alone (:mod:`torchaq.distributed.agreement`: the
+  local argument checks, the checksum of ``h`` and one fixed-size all-gather of the header and
+  its payload slot); inside a call the header rides with the call's first payload when it fits;
+* ``..., no header`` rows time each mode with the agreement switched off
+  (``layer.agreement = False``). Those blocks alternate with the blocks of the same call with the
+  header, and the last column is the median over pairs of adjacent blocks of (with - without):
+  what the header adds to the call, in wall time and in rank 0's CPU time. Pairing cancels most of
+  the drift of a shared 2-core machine, which separate runs of each do not;
 * ``dense + gather logits``: each rank's exact ``h @ W_r.T``, one all-gather of the ``(B, V_r)``
   logits, ``torch.topk`` of the ``(B, V)`` result (what inference engines do by default).
 
@@ -73,6 +75,32 @@ def _timed(fn, blocks: int, per_block: int, warmup: int = 3):
     cpu.sort()
     q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
     return Timing(best=times[0], median=q(0.5), p90=q(0.9)), cpu[len(cpu) // 2]
+
+
+def _timed_pair(with_header, without, blocks: int, per_block: int, warmup: int = 3):
+    """:func:`_timed` of two calls in alternating blocks: ``(timing, cpu)`` of each, and the medians over
+    block pairs of the wall and CPU differences (with - without), seconds per call."""
+    for _ in range(warmup):
+        with_header()
+        without()
+    dist.barrier()
+    runs = {True: ([], []), False: ([], [])}
+    for _ in range(blocks):
+        for on, fn in ((True, with_header), (False, without)):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            for _ in range(per_block):
+                fn()
+            runs[on][0].append((time.perf_counter() - t0) / per_block)
+            runs[on][1].append((time.thread_time() - c0) / per_block)
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    wall_diff = median([a - b for a, b in zip(runs[True][0], runs[False][0])])
+    cpu_diff = median([a - b for a, b in zip(runs[True][1], runs[False][1])])
+
+    def summary(times, cpu):
+        q = lambda p: sorted(times)[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+        return Timing(best=min(times), median=q(0.5), p90=q(0.9)), median(cpu)
+
+    return summary(*runs[True]), summary(*runs[False]), (wall_diff, cpu_diff)
 
 
 def _shard(rank: int, world: int, vocab: int, dim: int):
@@ -166,8 +194,6 @@ def _worker(rank: int, world: int, store: str, out: str, vocab: int, dim: int, b
 
             calls = {
                 "topk (invariant)": mode(True, lambda: layer.topk(h, k=K)),
-                "topk (invariant), no header": unchecked(mode(True, lambda: layer.topk(h, k=K))),
-                "topk (per-rank), no header": unchecked(mode(False, lambda: layer.topk(h, k=K))),
                 "topk (per-rank)": mode(False, lambda: layer.topk(h, k=K)),
                 "log_softmax_topk (invariant)": mode(True, lambda: layer.log_softmax_topk(h, k=K)),
                 "log_softmax_topk (per-rank)": mode(False, lambda: layer.log_softmax_topk(h, k=K)),
@@ -181,13 +207,24 @@ def _worker(rank: int, world: int, store: str, out: str, vocab: int, dim: int, b
             for name, fn in calls.items():
                 with _ByteCounter() as counter:
                     got = fn()
-                timing, cpu = _timed(fn, blocks, per_block if "dense" not in name else max(1, per_block // 4))
+                bare_bytes = 0
+                if name in ("header only", "dense + gather logits"):
+                    timing, cpu = _timed(fn, blocks, per_block if "dense" not in name else max(1, per_block // 4))
+                    bare = added = None
+                else:
+                    with _ByteCounter() as bare_counter:
+                        unchecked(fn)()
+                    bare_bytes = bare_counter.total
+                    n = per_block if "log_softmax" not in name else max(1, per_block // 4)
+                    (timing, cpu), bare, added = _timed_pair(fn, unchecked(fn), 2 * blocks + 1, n)
                 recall = ""
                 if name.startswith("topk"):
                     recall = f"{float((top.indices.unsqueeze(2) == got[1].unsqueeze(1)).any(2).float().mean()):.3f}"
                 elif name.startswith("dense"):
                     recall = "1.000"
-                result[name] = [timing.median, timing.p90, cpu, counter.total, recall]
+                result[name] = [timing.median, timing.p90, cpu, counter.total, recall, added]
+                if bare is not None:
+                    result[name + ", no header"] = [bare[0].median, bare[0].p90, bare[1], bare_bytes, recall, None]
             layer.invariant = True
             rows[batch] = result
         if rank == 0:
@@ -202,7 +239,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--blocks", type=int, default=7)
+    parser.add_argument("--blocks", type=int, default=15, help="timed blocks (pairs with and without the header: 2 x blocks + 1)")
     parser.add_argument("--quick", action="store_true", help="V = 16384, d = 256, 3 blocks")
     parser.add_argument("--out", default=str(RESULTS / "distributed.txt"))
     args = parser.parse_args()
@@ -210,7 +247,8 @@ def main() -> None:
         args.vocab, args.dim, args.blocks = 16384, 256, 3
 
     header = ["P", "batch", "method", "ms/call (median)", "p90 ms", "rank 0 CPU ms/call", "sent per rank (bytes)",
-              "received per rank (bytes)", "header alone / call (what it adds to the call)", "recall@10 vs dense", "softmax entropy (nats)"]
+              "received per rank (bytes)", "what the header adds: wall ms (% of the call), CPU ms", "recall@10 vs dense",
+              "softmax entropy (nats)"]
     table, builds = [], []
     for world in args.worlds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -225,16 +263,14 @@ def main() -> None:
         builds.append(f"P={world}: {res['build_s']:.1f} s")
         for batch in args.batches:
             r = res["rows"][str(batch)]
-            head_ms = r["header only"][0]
-            for name in ("topk (invariant)", "topk (invariant), no header", "topk (per-rank)", "topk (per-rank), no header",
-                         "log_softmax_topk (invariant)", "log_softmax_topk (per-rank)", "header only", "dense + gather logits"):
-                med, p90, cpu, sent, recall = r[name]
+            names = [n for mode in ("topk (invariant)", "topk (per-rank)", "log_softmax_topk (invariant)", "log_softmax_topk (per-rank)")
+                     for n in (mode, mode + ", no header")] + ["header only", "dense + gather logits"]
+            for name in names:
+                med, p90, cpu, sent, recall, added = r[name]
                 share = ""
-                if name.startswith(("topk", "log_softmax")) and "no header" not in name:
-                    share = f"{100 * head_ms / med:.1f}%"
-                    bare = r.get(name + ", no header")
-                    if bare is not None:  # what the header adds to the call (it overlaps the local scan)
-                        share += f" (adds {100 * (med - bare[0]) / med:+.1f}%, {(med - bare[0]) * 1e3:+.3f} ms)"
+                if added is not None:
+                    wall, cpu_added = added
+                    share = f"{wall * 1e3:+.3f} ({100 * wall / med:+.1f}%), {cpu_added * 1e3:+.3f}"
                 table.append([world, batch, name, f"{med * 1e3:.3f}", f"{p90 * 1e3:.3f}", f"{cpu * 1e3:.3f}", f"{sent:,}",
                               f"{(world - 1) * sent:,}", share, recall, f"{r['entropy']:.2f}"])
     text = "\n".join(

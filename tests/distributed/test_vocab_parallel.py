@@ -131,6 +131,9 @@ def _check_layer(rank: int, world: int) -> None:
     recall = lambda idx: (true10.unsqueeze(2) == idx.unsqueeze(1)).any(2).float().mean()  # noqa: E731
     assert recall(di) >= recall(ri)
     torch.testing.assert_close(dv, exact_logits.gather(1, di))
+    # 24 rows of (value, id) pairs ride with the header; 120 rows do not fit and follow it: same rows
+    bv, bi = layer.topk(h.repeat(5, 1), k=10, candidates=12)
+    assert torch.equal(bi[:24], di) and torch.equal(bv[:24], dv)
     flogp, fidx = layer.log_softmax_topk(h, k=5)
     assert (flogp - torch.log_softmax(exact_logits, 1).gather(1, fidx)).abs().max() < 0.02
     _same_everywhere(flogp)

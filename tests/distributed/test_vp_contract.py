@@ -67,6 +67,29 @@ def _same_everywhere(t: torch.Tensor) -> None:
     assert all(torch.equal(g, t) for g in got)
 
 
+class _CountGathers:
+    """Counts the all-gathers into one tensor (the layer's collectives) while active."""
+
+    def __enter__(self):
+        self.calls, self.saved = 0, {}
+        for name in ("all_gather_single", "all_gather_into_tensor"):
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                self.saved[name] = fn
+                setattr(dist, name, self._counted(fn))
+        return self
+
+    def _counted(self, fn):
+        def call(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+        return call
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+
 # --------------------------------------------------------------------------------------------
 def _check_invariant(rank: int, world: int) -> None:
     """topk, log_softmax_topk and sample: bitwise the single-process layer, on every rank, side list included."""
@@ -94,12 +117,34 @@ def _check_invariant(rank: int, world: int) -> None:
         assert torch.equal(toks, rtoks), (k, cand)
         for t in (vals, idx, logp, toks):
             _same_everywhere(t)
+    # batch 1 and 3: the first payload rides with the header (one all-gather fewer per call)
+    for rows in (h[:1], h[:3]):
+        with _CountGathers() as count:
+            vals, idx = layer.topk(rows, 10)
+        assert world == 1 or count.calls == 2, count.calls  # header + scan scores, then the shortlist
+        rvals, ridx = ref.topk(rows, 10)
+        assert torch.equal(idx, ridx) and torch.equal(vals, rvals)
+        assert torch.equal(layer.log_softmax_topk(rows, 5)[0], ref.log_softmax_topk(rows, 5)[0])
+        toks = layer.sample(rows, top_k=20, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(toks, ref.sample(rows, top_k=20, generator=torch.Generator().manual_seed(3), method="candidates"))
+    with _CountGathers() as count:
+        layer.topk(h, 10)
+    assert world == 1 or count.calls == 3  # 24 rows of scan scores do not fit: header, scan scores, shortlist
     # without a bias and with the int8 shortlist off: still the single-process answers
     nob = VocabParallelQuantizedSoftmax(_slice(weight, rank, world), **KW)
     refnb = torchaq.QuantizedSoftmax(weight, **KW)
     nob.local.shortlist = refnb.shortlist = False
     assert torch.equal(nob.topk(h, 10)[1], refnb.topk(h, 10)[1])
     assert torch.equal(nob.log_softmax_topk(h, 4)[0], refnb.log_softmax_topk(h, 4)[0])
+
+
+def _per_rank(layer, call):
+    """``call()`` with the layer in its cheaper mode (``invariant=False``)."""
+    layer.invariant = False
+    try:
+        return call()
+    finally:
+        layer.invariant = True
 
 
 def _check_faults(rank: int, world: int) -> None:
@@ -117,6 +162,11 @@ def _check_faults(rank: int, world: int) -> None:
     bad_target[0] = V + 3
     faults = [
         ("batch", lambda: layer.topk(h[:6] if last else h[:7], 5), "batch size"),
+        # one rank's scan scores ride with the header, the other's do not fit: still one clear error
+        ("inline", lambda: layer.topk(h[:1] if last else h, 5), "batch size"),
+        ("inline_sample", lambda: layer.sample(h[:1] if last else h, top_k=5), "batch size"),
+        ("per_rank_k", lambda: _per_rank(layer, lambda: layer.topk(h[:2], 5 if last else 6)), "disagree on k"),
+        ("per_rank_nan", lambda: _per_rank(layer, lambda: layer.log_softmax_topk(nan_h[2:4] if last else h[2:4], 5)), "NaN or Inf"),
         ("k", lambda: layer.topk(h, 5 if last else 7), "disagree on k"),
         ("nan", lambda: layer.topk(nan_h if last else h, 5), "NaN or Inf"),
         ("nan_loss", lambda: layer.sampled_softmax_loss(nan_h if last else h, target, num_sampled=64), "NaN or Inf"),

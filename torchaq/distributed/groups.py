@@ -64,3 +64,13 @@ def gather_into(out: Tensor, x: Tensor, group, async_op: bool = False):
     ``all_gather_single`` (``all_gather_into_tensor`` before it was renamed); the work handle when ``async_op``."""
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return fn(out, x, group=group, async_op=async_op)
+
+
+def all_gather_rows(x: Tensor, group, world_size: int) -> Tensor:
+    """``(P,) + x.shape``: every rank's ``x`` (same shape on every rank), rank order."""
+    if world_size == 1:
+        return x.unsqueeze(0)
+    x = x.contiguous()
+    out = torch.empty((world_size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    gather_into(out, x, group)  # gloo wants the ranks stacked on dim 0
+    return out.view((world_size,) + tuple(x.shape))

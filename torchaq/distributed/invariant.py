@@ -29,7 +29,7 @@ integers, so it is bitwise the single-device value too (three more small collect
 ``B`` floats, ``2 B`` int64 totals, ``B n`` sampled ratios).
 
 Bytes per rank and call: round A ``4 B scan_k``, round B ``4 B (3 R + 1)`` or ``8 B k``, plus the
-96-byte header; the cheaper per-rank mode (``invariant=False``) sends ``8 B k``.
+header (which carries round A when it fits); the cheaper per-rank mode (``invariant=False``) sends ``8 B k``.
 """
 from __future__ import annotations
 
@@ -45,17 +45,7 @@ from torchaq.layer.partition import log_partition, pointwise_logits
 from torchaq.layer.side_list import SCAN_EXCLUDED
 from torchaq.quantizers.pq import AnisotropicPQ
 
-from torchaq.distributed.groups import gather_into
-
-
-def all_gather_rows(x: Tensor, group, world_size: int) -> Tensor:
-    """``(P,) + x.shape``: every rank's ``x`` (same shape on every rank), rank order."""
-    if world_size == 1:
-        return x.unsqueeze(0)
-    x = x.contiguous()
-    out = torch.empty((world_size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    gather_into(out, x, group)  # gloo wants the ranks stacked on dim 0
-    return out.view((world_size,) + tuple(x.shape))
+from torchaq.distributed.groups import all_gather_rows
 
 
 def best_first(values: Tensor, ids: Tensor, n: int) -> Tuple[Tensor, Tensor]:
@@ -85,11 +75,8 @@ def _scan_bias(layer, exclude: bool) -> Optional[Tensor]:
     return base.index_fill(0, local.side_rows, SCAN_EXCLUDED)
 
 
-def _done() -> None:
-    """No pending agreement."""
-
-
-def scan_share(layer, flat: Tensor, lut: Tensor, scan_k: int, exclude: bool, positions: bool = False, sync=_done):
+def scan_share(layer, flat: Tensor, lut: Tensor, scan_k: int, exclude: bool, positions: bool = False,
+               agreement=None):
     """Round A: this rank's scan classes (slice ids ``(B, c_r)``) and which of them are global candidates.
 
     ``positions=True`` also returns each class's place in the global ranking ``(B, c_r)`` (``scan_k``
@@ -99,8 +86,8 @@ def scan_share(layer, flat: Tensor, lut: Tensor, scan_k: int, exclude: bool, pos
     scores, classes = ops.lut_topk(lut, local.packed_codes, layer.local_classes, c_r, _scan_bias(layer, exclude))
     padded = scores.new_full((flat.shape[0], scan_k), -math.inf)
     padded[:, :c_r] = scores
-    sync()  # the call's header agreement (started before the LUT and the scan: their latency overlaps)
-    every = all_gather_rows(padded, layer.group, layer.world_size)  # (P, B, scan_k)
+    # (P, B, scan_k); with the call's header agreement, which carries it when it is small
+    every = all_gather_rows(padded, layer.group, layer.world_size) if agreement is None else agreement.gather(padded)
     joined = every.permute(1, 0, 2).reshape(flat.shape[0], -1)
     order = joined.argsort(dim=1, descending=True, stable=True)[:, :scan_k]
     owner = order // scan_k
@@ -167,13 +154,13 @@ def _payload_gather(layer, parts) -> Tensor:
     return all_gather_rows(payload, layer.group, layer.world_size).permute(1, 0, 2)
 
 
-def invariant_topk(layer, flat: Tensor, k: int, candidates: int, sync=_done) -> Tuple[Tensor, Tensor]:
+def invariant_topk(layer, flat: Tensor, k: int, candidates: int, agreement=None) -> Tuple[Tensor, Tensor]:
     """:meth:`torchaq.QuantizedSoftmax.topk` of the whole vocabulary (module docstring): ``(B, k)`` values, global ids."""
     local, num_side = layer.local, layer.num_side_rows
     scan_k = min(candidates, layer.num_classes - num_side)
     exclude = num_side > 0 and scan_k + num_side >= layer.num_classes
     lut = local.quantizer.lut(flat)
-    classes, valid = scan_share(layer, flat, lut, scan_k, exclude, sync=sync)
+    classes, valid = scan_share(layer, flat, lut, scan_k, exclude, agreement=agreement)
     cand, ok = _candidates(layer, classes, valid)
     # the single-device fast path (and its int8 shortlist) is for PQ layers only
     w8, scale = local.shortlist_rows() if isinstance(local.quantizer, AnisotropicPQ) else (None, None)
@@ -226,13 +213,13 @@ class _Comm:
         return self.max(x)
 
 
-def invariant_candidates(layer, flat: Tensor, k: int, candidates: int, with_log_z: bool, sync=_done):
+def invariant_candidates(layer, flat: Tensor, k: int, candidates: int, with_log_z: bool, agreement=None):
     """The single-device ``candidate_logits`` path (``log_softmax_topk``, ``sample``): the ``k`` best
     ``(values, global ids)`` of every candidate, and ``log Z`` when asked (module docstring)."""
     local, num_side = layer.local, layer.num_side_rows
     scan_k = min(candidates, layer.num_classes - num_side)
     lut = local.quantizer.lut(flat)
-    classes, valid = scan_share(layer, flat, lut, scan_k, num_side > 0, sync=sync)
+    classes, valid = scan_share(layer, flat, lut, scan_k, num_side > 0, agreement=agreement)
     cand, ok = _candidates(layer, classes, valid)
     exact = _exact(layer, flat, cand, ok)
     batch = flat.shape[0]

@@ -45,7 +45,9 @@ Every collective method starts with one fixed-size header all-gather
 (:mod:`torchaq.distributed.agreement`): ranks that disagree on the call, the batch shape, ``k``,
 ``candidates``, the dtype or the contents of ``h`` / the targets, or whose own checks failed, make
 every rank raise the same :class:`~torchaq.distributed.agreement.VocabParallelError` instead of
-hanging, and the group stays usable.
+hanging, and the group stays usable. The header travels with the call's first payload when that
+fits in :data:`~torchaq.distributed.agreement.INLINE_WORDS` (batch 1 to 8 at the default
+candidates), so at small batches it costs no round trip of its own.
 """
 from __future__ import annotations
 
@@ -62,8 +64,8 @@ from torchaq import ops
 from torchaq.checks import check_int, is_int
 from torchaq.distributed import agreement
 from torchaq.distributed.fit import fit_shared, global_side_rows
-from torchaq.distributed.groups import describe, resolve_group
-from torchaq.distributed.invariant import all_gather_rows, best_first, invariant_candidates, invariant_topk
+from torchaq.distributed.groups import all_gather_rows, describe, resolve_group
+from torchaq.distributed.invariant import best_first, invariant_candidates, invariant_topk
 from torchaq.distributed.loss import vocab_parallel_sampled_softmax_loss
 from torchaq.distributed.mappings import copy_to_parallel_region
 from torchaq.layer.partition import log_partition
@@ -72,10 +74,6 @@ from torchaq.layer.sampling import check_sampling_args, draw_top_p
 from torchaq.layer.softmax import QuantizedSoftmax
 from torchaq.training.conventions import check_targets
 from torchaq.quantizers.pq import MAX_FIT_ROWS
-
-def _done() -> None:
-    """An agreement already finished."""
-
 
 # --------------------------------------------------------------------------------------------
 # the layer
@@ -94,7 +92,9 @@ class VocabParallelQuantizedSoftmax(nn.Module):
     ``layer(h)``                   none forward (local logits ``(..., V_r)``, exactly
                                    ``F.linear`` of the slice); backward: all-reduce of
                                    ``dL/dh`` (``B d`` floats)
-    every method below            first one all-gather of a 96-byte header per rank
+    every method below            first one all-gather of the 168-byte header and an 8 KB
+                                   slot per rank, which carries the first payload below when
+                                   it fits (then that payload is not sent again)
     ``topk``                       all-gathers of ``B scan_k`` scan scores and ``B (3 R + 1)``
                                    (int8 score, logit, id) values per rank (``invariant=False``:
                                    one all-gather of ``B k`` (value, id) pairs per rank)
@@ -283,7 +283,7 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         except (TypeError, ValueError) as exc:
             error = exc
         agreement.agree(self.group, self.world_size, self.local.weight.device,
-                        agreement.header(op, self.generation, error=error), op, error)
+                        agreement.header(op, self.generation, error=error), error)
         if refit:
             fit_shared(self, queries, MAX_FIT_ROWS)
         self.local.refresh(refit=False)
@@ -321,8 +321,9 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         """The per-call agreement (:mod:`torchaq.distributed.agreement`) after this rank's own checks
         (``check``: a callable raising ``TypeError`` / ``ValueError`` for more of them):
         ``(flat h, k, candidates)``, or the same :class:`VocabParallelError` on every rank.
-        ``defer=True`` (when this rank's checks passed) returns ``finish`` as a fourth value: the
-        header's all-gather runs meanwhile, and ``finish()`` must be called before the next collective."""
+        ``defer=True`` (when this rank's checks passed) returns the pending
+        :class:`~torchaq.distributed.agreement.Agreement` as a fourth value: the call's first
+        collective must go through it (its ``gather`` sends the header with that payload)."""
         error, flat, arg = None, None, 0
         try:
             if check is not None:
@@ -336,18 +337,18 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         except (TypeError, ValueError) as exc:
             error = exc
             arg = k if "k must" in str(exc) and isinstance(k, int) else 0
-        if not self.agreement:
-            if error is not None:
-                raise error
-            return (flat, k, candidates, _done) if defer else (flat, k, candidates)
-        values = agreement.header(op, self.generation, h, k if isinstance(k, int) else -1,
-                                  candidates if isinstance(candidates, int) else -1, target, error, arg)
+        values = None
+        if self.agreement and (self.world_size > 1 or error is not None):  # one rank: only its own error
+            values = agreement.header(op, self.generation, h, k if isinstance(k, int) else -1,
+                                      candidates if isinstance(candidates, int) else -1, target, error, arg,
+                                      checksums=self.world_size > 1)
+        elif error is not None:
+            raise error
         device = h.device if isinstance(h, Tensor) else self.local.weight.device
-        finish = agreement.start_agree(self.group, self.world_size, device, values, error)
+        pending = agreement.Agreement(self.group, self.world_size, device, values, error)
         if not defer or error is not None:
-            finish()
-            finish = _done
-        return (flat, k, candidates, finish) if defer else (flat, k, candidates)
+            pending()
+        return (flat, k, candidates, pending) if defer else (flat, k, candidates)
 
     def _local_best(self, flat: Tensor, k: int, candidates: int, with_log_z: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """``invariant=False``: this rank's ``k`` best (exact logits, global ids) padded to ``k``, and its log-partition piece."""
@@ -368,17 +369,18 @@ class VocabParallelQuantizedSoftmax(nn.Module):
             ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), self.num_classes)], 1)
         return values, ids, log_z
 
-    def _merged(self, flat: Tensor, k: int, candidates: int, with_log_z: bool = False, sync=_done):
+    def _merged(self, flat: Tensor, k: int, candidates: int, with_log_z: bool = False, pending=None):
         """``invariant=False``: gather every rank's best ``k`` (and log Z piece) and merge: identical on every rank."""
         values, ids, log_z = self._local_best(flat, k, candidates, with_log_z)
-        sync()  # the header agreement, overlapped with the local work above
         batch = flat.shape[0]
         # one int32 payload per rank: k float32 values (bit pattern), k ids, [log Z piece]
         parts = [values.float().contiguous().view(torch.int32), ids.to(torch.int32)]
         if with_log_z:
             parts.append(log_z.float().unsqueeze(1).contiguous().view(torch.int32))
         payload = torch.cat(parts, 1).contiguous()
-        allp = all_gather_rows(payload, self.group, self.world_size).permute(1, 0, 2)  # (B, P, width)
+        # (B, P, width); with the call's header agreement, which carries it when it is small
+        every = all_gather_rows(payload, self.group, self.world_size) if pending is None else pending.gather(payload)
+        allp = every.permute(1, 0, 2)
         all_values = allp[:, :, :k].contiguous().view(torch.float32).reshape(batch, -1)
         all_ids = allp[:, :, k : 2 * k].long().reshape(batch, -1)
         top_values, top_ids = best_first(all_values, all_ids, k)
@@ -388,10 +390,10 @@ class VocabParallelQuantizedSoftmax(nn.Module):
             total_log_z = torch.logsumexp(pieces, dim=1)  # max then sum, the same order on every rank
         return top_values, top_ids, total_log_z
 
-    def _best(self, flat: Tensor, k: int, candidates: int, with_log_z: bool = False, sync=_done):
+    def _best(self, flat: Tensor, k: int, candidates: int, with_log_z: bool = False, pending=None):
         if self.invariant:
-            return invariant_candidates(self, flat, k, candidates, with_log_z, sync)
-        return self._merged(flat, k, candidates, with_log_z, sync)
+            return invariant_candidates(self, flat, k, candidates, with_log_z, pending)
+        return self._merged(flat, k, candidates, with_log_z, pending)
 
     @torch.no_grad()
     def topk(self, h: Tensor, k: int = 10, candidates: Optional[int] = None) -> Tuple[Tensor, Tensor]:
@@ -403,14 +405,14 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         global ids; one all-gather of ``B k`` (value, id) pairs per rank and a merge (value
         descending, ties to the lower id). Values are exact logits.
         """
-        flat, k, candidates, sync = self.begin("topk", h, k, candidates, defer=True)
+        flat, k, candidates, pending = self.begin("topk", h, k, candidates, defer=True)
         if self.invariant and self.world_size == 1:  # the single-device layer itself
-            sync()
+            pending()
             return self.local.topk(h, k, candidates)
         if self.invariant:
-            values, ids = invariant_topk(self, flat, k, candidates, sync)
+            values, ids = invariant_topk(self, flat, k, candidates, pending)
         else:
-            values, ids, _ = self._merged(flat, k, candidates, sync=sync)
+            values, ids, _ = self._merged(flat, k, candidates, pending=pending)
         lead = h.shape[:-1]
         return values.reshape(lead + (k,)), ids.reshape(lead + (k,))
 
@@ -422,11 +424,11 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         :mod:`torchaq.layer.partition`). ``invariant=False``: ``log Z = logsumexp_r log Z_r`` of the
         ranks' own single-device estimates on their slices (one float per row and rank).
         """
-        flat, k, candidates, sync = self.begin("log_softmax_topk", h, k, candidates, defer=True)
+        flat, k, candidates, pending = self.begin("log_softmax_topk", h, k, candidates, defer=True)
         if self.invariant and self.world_size == 1:
-            sync()
+            pending()
             return self.local.log_softmax_topk(h, k, candidates)
-        values, ids, log_z = self._best(flat, k, candidates, with_log_z=True, sync=sync)
+        values, ids, log_z = self._best(flat, k, candidates, with_log_z=True, pending=pending)
         lead = h.shape[:-1]
         return (values - log_z.unsqueeze(1)).reshape(lead + (k,)), ids.reshape(lead + (k,))
 
@@ -449,8 +451,8 @@ class VocabParallelQuantizedSoftmax(nn.Module):
         same ``generator`` seed the draw is the single-device layer's.
         """
         top_p, temperature = check_sampling_args(top_p, temperature)
-        flat, top_k, candidates, sync = self.begin("sample", h, top_k, candidates, k_name="top_k", defer=True)
-        values, ids, _ = self._best(flat, top_k, candidates, sync=sync)
+        flat, top_k, candidates, pending = self.begin("sample", h, top_k, candidates, k_name="top_k", defer=True)
+        values, ids, _ = self._best(flat, top_k, candidates, pending=pending)
         choice = draw_top_p(values, top_p, temperature, generator)
         tokens = ids.gather(1, choice.to(ids.device)).squeeze(1).contiguous()
         if self.world_size > 1:

@@ -33,7 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchaq.distributed.invariant import all_gather_rows, scan_share
+from torchaq.distributed.groups import all_gather_rows
+from torchaq.distributed.invariant import scan_share
 from torchaq.distributed.mappings import copy_to_parallel_region, reduce_from_parallel_region
 from torchaq.ops.rescore import exact_logits
 from torchaq.training.lut_proposal import LutMixture, lut_logits
