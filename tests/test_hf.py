@@ -137,6 +137,34 @@ def test_greedy_generation_is_fast_and_equals_dense(models, options, monkeypatch
     assert torch.equal(got, expected)
 
 
+def test_fast_steps_reuse_one_score_tensor_without_leftovers(fp32_tied):
+    _, quantized = fp32_tied
+    head = quantized.get_output_embeddings()
+    gen = torch.Generator().manual_seed(5)
+    h1, h2 = torch.randn(3, 1, D, generator=gen), torch.randn(3, 1, D, generator=gen)
+    with head.fast_steps():
+        first = head(h1)
+        kept = first.clone()
+        second = head(h2)
+    with head.fast_steps():  # a fresh block: a fresh tensor
+        fresh = head(h2)
+    assert second.data_ptr() == first.data_ptr()  # one tensor for the block's steps
+    assert torch.equal(second, fresh)  # the first step's candidates were reset to -inf
+    assert not torch.equal(torch.isfinite(kept), torch.isfinite(fresh))  # (they differ, so a leftover would show)
+    assert head.__dict__.get("step_scores") is None  # freed with the block
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_bit_view_scatter_equals_scatter(dtype):
+    gen = torch.Generator().manual_seed(0)
+    index = torch.stack([torch.randperm(500, generator=gen)[:30] for _ in range(4)])  # distinct, as candidates are
+    src = torch.randn(4, 30, generator=gen).to(dtype)
+    expected = torch.full((4, 500), float("-inf"), dtype=dtype).scatter_(1, index, src)
+    got = torch.full((4, 500), float("-inf"), dtype=dtype)
+    torchaq.hf.bit_view(got).scatter_(1, index, torchaq.hf.bit_view(src))
+    assert torch.equal(got, expected) and got.dtype == dtype
+
+
 def test_padded_batch_generation_equals_dense(models):
     dense, quantized = models
     prompt = _prompt(3, 7)

@@ -70,6 +70,14 @@ EXACT_OPTIONS = ("sequence_bias", "encoder_no_repeat_ngram_size", "exponential_d
 EXACT_TOKEN_OPTIONS = ("forced_bos_token_id", "forced_eos_token_id")
 
 
+def bit_view(t: Tensor) -> Tensor:
+    """``t`` viewed as the signed integers of its element size. A scatter of float values copies bits,
+    so it may go through the integer view, and for bfloat16 it must: torch's CPU ``scatter_`` on a
+    bfloat16 destination (2.13) costs in proportion to the whole destination, ``B V``, not to the
+    ``B C`` entries it writes, which made it the largest part of a bf16 fast step."""
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
 class ExactStepNeeded(Exception):
     """Raised by :class:`FastStepGuard` when a fast step cannot be shown to equal the dense one."""
 
@@ -96,10 +104,30 @@ class QuantizedLMHead(QuantizedSoftmax):
             else:
                 logits, classes, _ = self.candidate_logits(flat, candidates)
             logits = logits.to(h.dtype)  # the dense layer's rounding
-            out = torch.full((flat.shape[0], self.num_classes), -math.inf, dtype=h.dtype, device=h.device)
-            out.scatter_(1, classes, logits)
+            out = self._step_scores(flat.shape[0], h.dtype, h.device, classes)
+            bit_view(out).scatter_(1, classes, bit_view(logits))
             self.__dict__["step_floor"] = logits.float().min(dim=1).values.reshape(h.shape[:-1])[..., -1]
             return out.reshape(h.shape[:-1] + (self.num_classes,))
+
+    def _step_scores(self, rows: int, dtype: torch.dtype, device: torch.device, classes: Tensor) -> Tensor:
+        """The ``(rows, V)`` ``-inf`` tensor a fast step scatters its candidates into.
+
+        One tensor serves every step of a :meth:`fast_steps` block: a fresh ``(B, V)`` allocation is
+        page-faulted in and filled at every step (``B V`` elements written per token), while
+        resetting the previous step's entries writes ``B C`` (``C`` candidates). Only HF's decoding loop
+        sees it (it copies the last position's scores before any processor runs, and the processors
+        allowed on the fast path only lower scores, so an entry outside the candidates stays
+        ``-inf``); the block's end frees it.
+        """
+        kept = self.__dict__.get("step_scores")
+        if kept is not None and kept[0].shape == (rows, self.num_classes) and kept[0].dtype == dtype \
+                and kept[0].device == device:
+            out, previous = kept
+            bit_view(out).scatter_(1, previous, bit_view(out.new_full(previous.shape, -math.inf)))
+        else:
+            out = torch.full((rows, self.num_classes), -math.inf, dtype=dtype, device=device)
+        self.__dict__["step_scores"] = (out, classes)
+        return out
 
     @contextlib.contextmanager
     def fast_steps(self, guarantee: Optional[str] = None):
@@ -110,6 +138,7 @@ class QuantizedLMHead(QuantizedSoftmax):
         finally:
             self.__dict__["fast"] = False
             self.__dict__.pop("step_floor", None)
+            self.__dict__.pop("step_scores", None)
 
     @property
     def step_floor(self) -> Optional[Tensor]:
