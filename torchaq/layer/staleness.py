@@ -8,13 +8,15 @@ them in three ways, each seen by a different signal:
   ``mul_``): ``weight._version`` moves;
 * ``weight.data = W2`` (Hugging Face's ``_init_weights``, ``load_state_dict(assign=True)``): the
   storage pointer moves, the version does not;
-* ``weight.data.copy_(W2)``: neither moves (``.data`` has its own version counter), so a copy of a
-  few fixed *sentinel rows* (up to :data:`SENTINEL_ROWS`, evenly strided; compared through a
-  strided view, so the check allocates nothing) is compared too.
+* ``weight.data.copy_(W2)``: neither moves (``.data`` has its own version counter), so a copy of
+  the leading :data:`SENTINEL_COLUMNS` values of a few fixed *sentinel rows* (up to
+  :data:`SENTINEL_ROWS`, evenly strided; compared through a strided view, so the check allocates
+  nothing) is compared too.
 
 :func:`changed` runs all three per call: two integer compares and one ``torch.equal`` over
-``SENTINEL_ROWS * d`` values, independent of ``V`` and of the batch. A ``.data`` write that leaves
-every sentinel row bit-identical goes unseen by the per-call check; :meth:`refresh` itself
+``SENTINEL_ROWS * SENTINEL_COLUMNS`` values (one cache line per row in float32), independent of
+``V``, ``d`` and the batch. A ``.data`` write that leaves those values bit-identical goes unseen by
+the per-call check; :meth:`refresh` itself
 fingerprints all ``V`` rows (:mod:`torchaq.layer.incremental`), so it re-encodes them anyway.
 """
 from __future__ import annotations
@@ -26,6 +28,10 @@ from torch import Tensor
 
 # rows copied per layer to detect writes through ``.data`` (evenly strided over the vocabulary)
 SENTINEL_ROWS = 64
+# leading values of each sentinel row compared: whole rows would read d / 16 cache lines per row
+# on every call (from memory, for a table larger than the cache), for writes that replace the
+# weight as a whole (load_state_dict, _init_weights) and so change every column anyway
+SENTINEL_COLUMNS = 16
 
 
 class Snapshot(NamedTuple):
@@ -40,9 +46,9 @@ class Snapshot(NamedTuple):
 
 
 def sentinels(weight: Tensor, stride: int, count: int) -> Tensor:
-    """The sentinel rows of ``weight``: a strided *view* (``weight[::stride][:count]``), so the
-    per-call comparison allocates nothing."""
-    return weight.detach()[::stride][:count]
+    """The sentinel values of ``weight``: a strided *view* (``weight[::stride][:count, :SENTINEL_COLUMNS]``),
+    so the per-call comparison allocates nothing."""
+    return weight.detach()[::stride][:count, :SENTINEL_COLUMNS]
 
 
 def version_of(weight: Tensor) -> Optional[int]:
@@ -71,9 +77,12 @@ def changed(weight: Tensor, snap: Optional[Snapshot]) -> Optional[str]:
         return "the weight's storage was replaced (weight.data = ... or a new tensor)"
     if version_of(weight) != snap.version:
         return "the weight was updated in place (optimiser step, tied embedding)"
-    if w.device.type == "meta" or snap.values.device != w.device or snap.values.shape[1:] != w.shape[1:]:
+    if w.device.type == "meta" or snap.values.device != w.device:
         return None
-    if not torch.equal(sentinels(w, snap.stride, snap.count), snap.values):
+    now = sentinels(w, snap.stride, snap.count)
+    if now.shape != snap.values.shape:
+        return None
+    if not torch.equal(now, snap.values):
         return "the weight was written through .data (weight.data.copy_ / HF _init_weights)"
     return None
 
@@ -91,7 +100,7 @@ def assert_fresh_in_graph(weight: Tensor, snap: Optional[Snapshot]) -> None:
     and ``torch._assert_async`` on the result, so a compiled call on a stale index raises (an error
     that says how to refresh) instead of warning -- no graph break, ``fullgraph=True`` holds. Every
     kind of change (in place, ``.data``, replaced storage) changes sentinel values, so all are seen
-    as long as one sentinel row moved. Meta tensors (tracing without data) are skipped."""
+    as long as one sentinel value moved. Meta tensors (tracing without data) are skipped."""
     if snap is None or weight.device.type == "meta" or snap.values.device != weight.device:
         return
     same = (sentinels(weight, snap.stride, snap.count) == snap.values).all()
