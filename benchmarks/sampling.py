@@ -188,23 +188,29 @@ def dense_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return order.gather(1, draw_top_p(values, top_p, 1.0, None))
 
 
-def speed(layer, queries, batches, min_run):
+def speed(layer, queries, batches, min_run, threads=(1,)):
+    """Speed rows per thread count and batch: 1 thread is the calling thread's CPU time (other
+    processes cannot inflate it), more threads the wall clock."""
     weight = layer.weight.detach()
     rows = []
-    for b in batches:
-        h = queries[:b].contiguous()
-        seeds = torch.arange(b)
-        dense = time_call(lambda: torch.multinomial(torch.softmax(F.linear(h, weight), 1), 1), min_run, cpu_time=True)
-        dense_p = time_call(lambda: dense_top_p(F.linear(h, weight), 0.9), min_run, cpu_time=True)
-        row = [str(b), f"{dense.ms:.3f}", f"{dense_p.ms:.3f}"]
-        for kw, base in ((dict(), dense), (dict(top_p=0.9), dense_p), (dict(temperature=0.7), dense)):
-            tm = time_call(lambda: layer.sample(h, seeds=seeds, **kw), min_run, cpu_time=True)
-            row.append(f"{tm.ms:.3f} ({base.ms / tm.ms:.1f}x)")
-        tm = time_call(lambda: layer.sample(h, seeds=seeds, return_logprobs=True), min_run, cpu_time=True)
-        row.append(f"{tm.ms:.3f}")
-        tm = time_call(lambda: layer.sample(h, top_k=50, method="candidates"), min_run, cpu_time=True)
-        row.append(f"{tm.ms:.3f}")
-        rows.append(row)
+    for th in threads:
+        torch.set_num_threads(th)
+        cpu = th == 1
+        for b in batches:
+            h = queries[:b].contiguous()
+            seeds = torch.arange(b)
+            dense = time_call(lambda: torch.multinomial(torch.softmax(F.linear(h, weight), 1), 1), min_run, cpu_time=cpu)
+            dense_p = time_call(lambda: dense_top_p(F.linear(h, weight), 0.9), min_run, cpu_time=cpu)
+            row = [str(th), str(b), f"{dense.ms:.3f}", f"{dense_p.ms:.3f}"]
+            for kw, base in ((dict(), dense), (dict(top_p=0.9), dense_p), (dict(temperature=0.7), dense)):
+                tm = time_call(lambda: layer.sample(h, seeds=seeds, **kw), min_run, cpu_time=cpu)
+                row.append(f"{tm.ms:.3f} ({base.ms / tm.ms:.1f}x)")
+            tm = time_call(lambda: layer.sample(h, seeds=seeds, return_logprobs=True), min_run, cpu_time=cpu)
+            row.append(f"{tm.ms:.3f}")
+            tm = time_call(lambda: layer.sample(h, top_k=50, method="candidates"), min_run, cpu_time=cpu)
+            row.append(f"{tm.ms:.3f}")
+            rows.append(row)
+    torch.set_num_threads(1)
     return rows
 
 
@@ -214,6 +220,8 @@ def main(argv=None) -> str:
     parser.add_argument("--part", choices=("all", "speed"), default="all",
                         help="speed: the speed table only (batches 1, 64, 256), into sampling_speed.txt")
     parser.add_argument("--out", default=None, help="results file ('' to print only; default sampling[_speed].txt)")
+    parser.add_argument("--threads", default=None,
+                        help="thread counts of the speed table, comma-separated (default: 1; with --part speed: 1,2)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = str(RESULTS / ("sampling.txt" if args.part == "all" else "sampling_speed.txt"))
@@ -229,7 +237,7 @@ def main(argv=None) -> str:
     alpha = scale_for_entropy(eval_q[:200], table)
     sets = {"LM-like": alpha * eval_q, "near-flat": eval_q}
     text = [environment(f"torchaq kernels: {torchaq._C.cpu_isa() if torchaq.backends.CPU_EXTENSION_LOADED else 'reference'}"),
-            "", f"MiniLM V = {layer.num_classes}, d = {layer.dim}, 1 thread; LM-like = queries x {alpha:.2f}; "
+            "", f"MiniLM V = {layer.num_classes}, d = {layer.dim}, quality at 1 thread; LM-like = queries x {alpha:.2f}; "
             f"{nq} queries x {draws} draws per setting; bound z = {exact_sampling.ERROR_SIGMAS}, head "
             f"{exact_sampling.DEFAULT_HEAD} + {layer.side_rows.numel()} side rows"]
     for label, q in (sets.items() if args.part == "all" else ()):
@@ -249,12 +257,14 @@ def main(argv=None) -> str:
     if args.part == "all":
         text += ["", "## LUT error model: quantiles of (l - s) in units of its modelled scale, LM-like queries, vs N(0, 1)",
                  markdown_table(ERROR_COLUMNS, error_quantiles(layer, sets["LM-like"][:200]))]
-    text += ["", "## Speed, LM-like queries (ms per call, CPU time of one thread; x = dense / sample)",
-             markdown_table(["batch", "dense softmax + multinomial", "dense top_p=0.9 (sort + nucleus + multinomial)",
+    threads = [int(t) for t in (args.threads or ("1" if args.part == "all" else "1,2")).split(",")]
+    text += ["", "## Speed, LM-like queries (ms per call; 1 thread: CPU time of the thread, 2 threads: wall clock; "
+             "x = dense / sample)",
+             markdown_table(["threads", "batch", "dense softmax + multinomial", "dense top_p=0.9 (sort + nucleus + multinomial)",
                              "sample", "sample top_p=0.9 (x = dense top_p / it)", "sample T=0.7",
                              "sample + return_logprobs", "old sampler top_k=50"],
                             speed(layer, sets["LM-like"], (1, 64) if args.part == "all" else (1, 64, 256),
-                                  0.2 if args.quick else 0.5))]
+                                  0.2 if args.quick else 0.5, threads))]
     text += ["", f"total benchmark time {time.perf_counter() - start:.0f} s"]
     out = "\n".join(text)
     emit(out, args.out)
