@@ -74,7 +74,7 @@ def bit_view(t: Tensor) -> Tensor:
     """``t`` viewed as the signed integers of its element size. A scatter of float values copies bits,
     so it may go through the integer view, and for bfloat16 it must: torch's CPU ``scatter_`` on a
     bfloat16 destination (2.13) costs in proportion to the whole destination, ``B V``, not to the
-    ``B C`` entries it writes, which made it the largest part of a bf16 fast step."""
+    ``B C`` entries it writes, a large part of a bf16 fast step at batch 32."""
     return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
@@ -115,9 +115,9 @@ class QuantizedLMHead(QuantizedSoftmax):
         One tensor serves every step of a :meth:`fast_steps` block: a fresh ``(B, V)`` allocation is
         page-faulted in and filled at every step (``B V`` elements written per token), while
         resetting the previous step's entries writes ``B C`` (``C`` candidates). Only HF's decoding loop
-        sees it (it copies the last position's scores before any processor runs, and the processors
-        allowed on the fast path only lower scores, so an entry outside the candidates stays
-        ``-inf``); the block's end frees it.
+        sees it: it copies the last position's scores before its processors run, and even one that
+        wrote into this tensor could only lower scores (the fast path admits no other processor), so an
+        entry outside the candidates stays ``-inf``. The block's end frees it.
         """
         kept = self.__dict__.get("step_scores")
         if kept is not None and kept[0].shape == (rows, self.num_classes) and kept[0].dtype == dtype \
