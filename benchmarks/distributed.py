@@ -56,25 +56,34 @@ from benchmarks.common import RESULTS, Timing, emit, environment, markdown_table
 K = 10
 
 
-def _timed(fn, blocks: int, per_block: int, warmup: int = 3):
-    """``(Timing, cpu)``: wall seconds per call over ``blocks`` blocks of ``per_block`` calls (the
-    same call counts on every rank), and the median CPU seconds per call of the calling thread
+def _block(fn, per_block: int):
+    """``(wall, cpu)`` seconds per call of ``per_block`` calls of ``fn``; cpu is the calling thread's
     (``time.thread_time``: the rank's own work, which other processes on a shared machine cannot
     inflate; gloo's transfers run on other threads and are not in it)."""
+    t0, c0 = time.perf_counter(), time.thread_time()
+    for _ in range(per_block):
+        fn()
+    return (time.perf_counter() - t0) / per_block, (time.thread_time() - c0) / per_block
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def _summary(runs):
+    """``(Timing of the wall times, median CPU time)`` of :func:`_block` results."""
+    times = sorted(w for w, _ in runs)
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+    return Timing(best=times[0], median=q(0.5), p90=q(0.9)), _median([c for _, c in runs])
+
+
+def _timed(fn, blocks: int, per_block: int, warmup: int = 3):
+    """``(Timing, cpu)``: wall seconds per call over ``blocks`` blocks of ``per_block`` calls (the
+    same call counts on every rank), and the median CPU seconds per call (:func:`_block`)."""
     for _ in range(warmup):
         fn()
     dist.barrier()
-    times, cpu = [], []
-    for _ in range(blocks):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        for _ in range(per_block):
-            fn()
-        times.append((time.perf_counter() - t0) / per_block)
-        cpu.append((time.thread_time() - c0) / per_block)
-    times.sort()
-    cpu.sort()
-    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
-    return Timing(best=times[0], median=q(0.5), p90=q(0.9)), cpu[len(cpu) // 2]
+    return _summary([_block(fn, per_block) for _ in range(blocks)])
 
 
 def _timed_pair(with_header, without, blocks: int, per_block: int, warmup: int = 3):
@@ -84,23 +93,13 @@ def _timed_pair(with_header, without, blocks: int, per_block: int, warmup: int =
         with_header()
         without()
     dist.barrier()
-    runs = {True: ([], []), False: ([], [])}
+    on, off = [], []
     for _ in range(blocks):
-        for on, fn in ((True, with_header), (False, without)):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            for _ in range(per_block):
-                fn()
-            runs[on][0].append((time.perf_counter() - t0) / per_block)
-            runs[on][1].append((time.thread_time() - c0) / per_block)
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    wall_diff = median([a - b for a, b in zip(runs[True][0], runs[False][0])])
-    cpu_diff = median([a - b for a, b in zip(runs[True][1], runs[False][1])])
-
-    def summary(times, cpu):
-        q = lambda p: sorted(times)[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
-        return Timing(best=min(times), median=q(0.5), p90=q(0.9)), median(cpu)
-
-    return summary(*runs[True]), summary(*runs[False]), (wall_diff, cpu_diff)
+        on.append(_block(with_header, per_block))
+        off.append(_block(without, per_block))
+    wall_diff = _median([a[0] - b[0] for a, b in zip(on, off)])
+    cpu_diff = _median([a[1] - b[1] for a, b in zip(on, off)])
+    return _summary(on), _summary(off), (wall_diff, cpu_diff)
 
 
 def _shard(rank: int, world: int, vocab: int, dim: int):
