@@ -1,7 +1,8 @@
 """The one benchmark harness: a timer, the environment header and the results writer.
 
 Every script under ``benchmarks/`` prints its table with :func:`environment` on top and writes it
-to ``benchmarks/results/`` with :func:`emit`, and times calls with :func:`time_call`, so all the
+to ``benchmarks/results/`` with :func:`emit`, and times calls with :func:`time_call` (two compared
+calls in alternating blocks: :func:`time_pair`), so all the
 numbers in ``benchmarks/results/`` are measured and reported the same way.
 """
 from __future__ import annotations
@@ -66,5 +67,41 @@ def time_call(fn: Callable[[], object], min_run_time: float = 0.5, warmup: int =
             spent += dt
             times.append(dt / n)
         times.sort()
+    return _timing(times)
+
+
+def _timing(times) -> Timing:
+    times = sorted(times)
     q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
     return Timing(best=times[0], median=q(0.5), p90=q(0.9))
+
+
+def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], min_run_time: float = 0.5, warmup: int = 1,
+              cpu_time: bool = False):
+    """Time two calls in alternating blocks of ~20 ms each (``a``, ``b``, ``a``, ``b``, ...) until each has
+    run ``min_run_time``: ``(Timing of a, Timing of b, median over block pairs of time(a) / time(b))``.
+
+    On a shared VM whose speed drifts between runs (and within one), the ratio of two calls timed in
+    the same few tens of milliseconds drifts much less than the ratio of two separately timed ones.
+    ``cpu_time`` as in :func:`time_call` (the calling thread's CPU time; single-threaded code only).
+    """
+    clock = time.thread_time if cpu_time else time.perf_counter
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+
+    def per_block(fn) -> int:
+        t0 = clock()
+        fn()
+        return max(1, int(0.02 / max(clock() - t0, 1e-6)))
+
+    counts = per_block(fn_a), per_block(fn_b)
+    times = ([], [])
+    while sum(times[0]) * counts[0] < min_run_time or len(times[0]) < 5:
+        for fn, n, out in zip((fn_a, fn_b), counts, times):
+            t0 = clock()
+            for _ in range(n):
+                fn()
+            out.append((clock() - t0) / n)
+    ratios = sorted(a / b for a, b in zip(*times))
+    return _timing(times[0]), _timing(times[1]), ratios[len(ratios) // 2]

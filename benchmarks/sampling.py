@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torchaq  # noqa: E402
-from benchmarks.common import RESULTS, emit, environment, markdown_table, time_call  # noqa: E402
+from benchmarks.common import RESULTS, emit, environment, markdown_table, time_call, time_pair  # noqa: E402
 from torchaq.layer import exact_sampling  # noqa: E402
 from torchaq.layer.exact_sampling import sample_many  # noqa: E402
 from torchaq.layer.sampling import draw_top_p  # noqa: E402
@@ -190,7 +190,9 @@ def dense_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def speed(layer, queries, batches, min_run, threads=(1,)):
     """Speed rows per thread count and batch: 1 thread is the calling thread's CPU time (other
-    processes cannot inflate it), more threads the wall clock."""
+    processes cannot inflate it), more threads the wall clock. Each sampler is timed in alternating
+    blocks with the dense call it replaces (:func:`benchmarks.common.time_pair`); its ``x`` is the
+    median over block pairs of dense / sampler."""
     weight = layer.weight.detach()
     rows = []
     for th in threads:
@@ -199,12 +201,13 @@ def speed(layer, queries, batches, min_run, threads=(1,)):
         for b in batches:
             h = queries[:b].contiguous()
             seeds = torch.arange(b)
-            dense = time_call(lambda: torch.multinomial(torch.softmax(F.linear(h, weight), 1), 1), min_run, cpu_time=cpu)
-            dense_p = time_call(lambda: dense_top_p(F.linear(h, weight), 0.9), min_run, cpu_time=cpu)
-            row = [str(th), str(b), f"{dense.ms:.3f}", f"{dense_p.ms:.3f}"]
-            for kw, base in ((dict(), dense), (dict(top_p=0.9), dense_p), (dict(temperature=0.7), dense)):
-                tm = time_call(lambda: layer.sample(h, seeds=seeds, **kw), min_run, cpu_time=cpu)
-                row.append(f"{tm.ms:.3f} ({base.ms / tm.ms:.1f}x)")
+            dense_call = lambda: torch.multinomial(torch.softmax(F.linear(h, weight), 1), 1)  # noqa: E731
+            dense_p_call = lambda: dense_top_p(F.linear(h, weight), 0.9)  # noqa: E731
+            cells = []
+            for kw, base in ((dict(), dense_call), (dict(top_p=0.9), dense_p_call), (dict(temperature=0.7), dense_call)):
+                base_t, tm, x = time_pair(base, lambda: layer.sample(h, seeds=seeds, **kw), min_run, cpu_time=cpu)
+                cells.append((base_t, f"{tm.ms:.3f} ({x:.1f}x)"))
+            row = [str(th), str(b), f"{cells[0][0].ms:.3f}", f"{cells[1][0].ms:.3f}"] + [c for _, c in cells]
             tm = time_call(lambda: layer.sample(h, seeds=seeds, return_logprobs=True), min_run, cpu_time=cpu)
             row.append(f"{tm.ms:.3f}")
             tm = time_call(lambda: layer.sample(h, top_k=50, method="candidates"), min_run, cpu_time=cpu)
@@ -222,7 +225,11 @@ def main(argv=None) -> str:
     parser.add_argument("--out", default=None, help="results file ('' to print only; default sampling[_speed].txt)")
     parser.add_argument("--threads", default=None,
                         help="thread counts of the speed table, comma-separated (default: 1; with --part speed: 1,2)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the speed table this many times (a run column; this VM's speed drifts between runs)")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.out is None:
         args.out = str(RESULTS / ("sampling.txt" if args.part == "all" else "sampling_speed.txt"))
     from benchmarks.layer import fitted_layer
@@ -258,13 +265,15 @@ def main(argv=None) -> str:
         text += ["", "## LUT error model: quantiles of (l - s) in units of its modelled scale, LM-like queries, vs N(0, 1)",
                  markdown_table(ERROR_COLUMNS, error_quantiles(layer, sets["LM-like"][:200]))]
     threads = [int(t) for t in (args.threads or ("1" if args.part == "all" else "1,2")).split(",")]
-    text += ["", "## Speed, LM-like queries (ms per call; 1 thread: CPU time of the thread, 2 threads: wall clock; "
-             "x = dense / sample)",
-             markdown_table(["threads", "batch", "dense softmax + multinomial", "dense top_p=0.9 (sort + nucleus + multinomial)",
-                             "sample", "sample top_p=0.9 (x = dense top_p / it)", "sample T=0.7",
-                             "sample + return_logprobs", "old sampler top_k=50"],
-                            speed(layer, sets["LM-like"], (1, 64) if args.part == "all" else (1, 64, 256),
-                                  0.2 if args.quick else 0.5, threads))]
+    text += ["", "## Speed, LM-like queries (ms per call, medians; 1 thread: CPU time of the thread, 2 threads: wall "
+             "clock; x = median over alternating blocks of dense / sample, timed together)",
+             markdown_table(["run", "threads", "batch", "dense softmax + multinomial",
+                             "dense top_p=0.9 (sort + nucleus + multinomial)", "sample",
+                             "sample top_p=0.9 (x = dense top_p / it)", "sample T=0.7", "sample + return_logprobs",
+                             "old sampler top_k=50"],
+                            [[str(run + 1)] + row for run in range(args.repeat)
+                             for row in speed(layer, sets["LM-like"], (1, 64) if args.part == "all" else (1, 64, 256),
+                                              0.2 if args.quick else 0.5, threads)])]
     text += ["", f"total benchmark time {time.perf_counter() - start:.0f} s"]
     out = "\n".join(text)
     emit(out, args.out)

@@ -65,8 +65,9 @@ def main(argv=None) -> str:
                  "the bound's failures per (query, class) (the quality table's violations count proposals: one failing "
                  "class a draw proposes often counts many times)",
                  markdown_table(ERROR_COLUMNS, error_quantiles(layer, q[:32]))]
-    text += ["", "## Speed (ms per call, CPU time of one thread; x = dense / sample)",
-             markdown_table(["batch", "dense softmax + multinomial", "dense top_p=0.9 (sort + nucleus + multinomial)",
+    text += ["", "## Speed (ms per call, medians, CPU time of one thread; x = median over alternating blocks of "
+             "dense / sample, timed together)",
+             markdown_table(["threads", "batch", "dense softmax + multinomial", "dense top_p=0.9 (sort + nucleus + multinomial)",
                              "sample", "sample top_p=0.9 (x = dense top_p / it)", "sample T=0.7",
                              "sample + return_logprobs", "old sampler top_k=50"],
                             speed(layer, q, (1, 64), 0.2 if args.quick else 0.5)),

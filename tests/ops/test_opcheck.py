@@ -100,6 +100,14 @@ def _proposal_weights():
     return cases
 
 
+def _tail_bounds():
+    g = _gen(12)
+    buf, rho, h = torch.randn(3, 70, generator=g), torch.rand(50, generator=g), torch.randn(3, 8, generator=g)
+    step = torch.rand(3, generator=g)
+    head = torch.stack([torch.randperm(50, generator=g)[:6] for _ in range(3)])
+    return [(buf[:, :50].contiguous(), rho, h, 4.75, step, 2.0, head), (buf[:, :50], rho, h.bfloat16(), 0.0, step, 0.0, head)]
+
+
 def _mass_histogram():
     g = _gen(11)
     h, w, b = torch.randn(3, 20, generator=g), torch.randn(90, 20, generator=g), torch.randn(90, generator=g)
@@ -177,6 +185,19 @@ def _layer_topk():
     return cases
 
 
+def _layer_sample():
+    g = _gen(13)
+    weight, bias = torch.randn(300, 16, generator=g), 0.1 * torch.randn(300, generator=g)
+    weight[5] *= 40  # a row for the side list
+    layer = torchaq.QuantizedSoftmax(weight, bias, fit_iters=1, progress=False)
+    h = 2 * torch.randn(3, 16, generator=g)
+    q = layer.quantizer
+    seeds = torch.tensor([0, -7, 2 ** 40])
+    common = (h, q.pad(h), q.codebooks, layer.packed_codes, 300, layer.scan_bias(), layer.weight.detach())
+    return [common + (layer.bias.detach(), layer.side_rows, layer.error_scales, seeds, 40, 4.75, 3.0, 1.0, 60.0, 64, 8, 3),
+            common + (None, layer.side_rows, layer.error_scales, seeds, 20, 4.75, 0.0, 0.5, 60.0, 32, 4, 0)]
+
+
 def _linear_ce():
     g = _gen(8)
     e, c, b = torch.randn(9, 6, generator=g), torch.randn(30, 6, generator=g), torch.randn(30, generator=g)
@@ -199,6 +220,7 @@ SAMPLE_INPUTS = {
     "inverse_cdf": _inverse_cdf,
     "reject_rounds": _reject_rounds,
     "proposal_weights_": _proposal_weights,
+    "tail_bounds_": _tail_bounds,
     "mass_histogram": _mass_histogram,
     "pq_encode": _pq_encode,
     "anisotropic_encode": _anisotropic_encode,
@@ -207,6 +229,7 @@ SAMPLE_INPUTS = {
     "anisotropic_normal_rhs": _normal_rhs,
     "rescore_topk": _rescore_topk,
     "layer_topk": _layer_topk,
+    "layer_sample": _layer_sample,
     "linear_ce": _linear_ce,
 }
 

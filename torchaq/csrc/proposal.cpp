@@ -75,12 +75,15 @@ at::Tensor proposal_weights_cpu(at::Tensor& weights, int64_t num_tail, const at:
     const float zero = 0.0f, one = 1.0f;
     for (int64_t b = b0; b < b1; ++b) {
       float* w = wp + b * W;
-      exponents(w, N, tp[b], t, fp[b]);  // the bounds, element by element into their exponents
+      // T = 1 and no floor: the exp kernel subtracts top itself (exp(x - top), the same float
+      // subtraction as exponents()), so the row is read once less
+      const bool plain = t == 1.0f && fp[b] == -INFINITY;
+      if (!plain) exponents(w, N, tp[b], t, fp[b]);  // the bounds, element by element into their exponents
       for (int64_t j = N; j < span; ++j) w[j] = -INFINITY;
       std::memcpy(w + span, lp + b * H, sizeof(float) * H);
-      exponents(w + span, H, tp[b], t, fp[b]);
+      if (!plain) exponents(w + span, H, tp[b], t, fp[b]);
       for (int64_t j = span + H; j < W; ++j) w[j] = -INFINITY;
-      exp_kernel(w, 1, W, &zero, &one, nullptr, 0.0f);
+      exp_kernel(w, 1, W, plain ? tp + b : &zero, &one, nullptr, 0.0f);
       double run = 0.0;
       for (int64_t k = 0; k < nb; ++k) cp[b * nb + k] = run += double(block_sum(w + k * block, block));
     }

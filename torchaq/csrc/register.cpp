@@ -10,6 +10,7 @@
 #include "aq_encode.h"
 #include "encode.h"
 #include "inverse_cdf.h"
+#include "layer_sample.h"
 #include "linear_ce.h"
 #include "mass_histogram.h"
 #include "normal_apply.h"
@@ -20,6 +21,7 @@
 #include "row_topk.h"
 #include "scan.h"
 #include "scan_kernels.h"
+#include "tail_bounds.h"
 
 TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("compute_lut", &torchaq::cpu::compute_lut_cpu);
@@ -31,6 +33,7 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("inverse_cdf", &torchaq::cpu::inverse_cdf_cpu);
   m.impl("reject_rounds", &torchaq::cpu::reject_rounds_cpu);
   m.impl("proposal_weights_", &torchaq::cpu::proposal_weights_cpu);
+  m.impl("tail_bounds_", &torchaq::cpu::tail_bounds_cpu);
   m.impl("mass_histogram", &torchaq::cpu::mass_histogram_cpu);
   m.impl("pq_encode", &torchaq::cpu::pq_encode_cpu);
   m.impl("anisotropic_encode", &torchaq::cpu::anisotropic_encode_cpu);
@@ -39,6 +42,7 @@ TORCH_LIBRARY_IMPL(torchaq, CPU, m) {
   m.impl("anisotropic_normal_apply", &torchaq::cpu::normal_apply_cpu);
   m.impl("anisotropic_normal_rhs", &torchaq::cpu::normal_rhs_cpu);
   m.impl("layer_topk", &torchaq::cpu::layer_topk_cpu);
+  m.impl("layer_sample", &torchaq::cpu::layer_sample_cpu);
   m.impl("linear_ce", &torchaq::cpu::linear_ce_cpu);
 }
 

@@ -13,31 +13,12 @@
 #include <cmath>
 #include <cstdint>
 
+#include "counter_rng.h"
 #include "inverse_cdf.h"
 #include "rescore_kernels.h"
 
 namespace torchaq {
 namespace cpu {
-namespace {
-
-// lowbias32 (torchaq/ops/counter_rng.py: mix32): uint32 arithmetic wraps like the reference's masks.
-inline uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  return x ^ (x >> 16);
-}
-
-// key_uniforms(key, stream, n)[j]: a 53-bit uniform in (0, 1).
-inline double key_uniform(uint32_t key, int64_t stream, int64_t j) {
-  const uint32_t ctr = mix32(uint32_t(j) ^ mix32(uint32_t(stream + 0x27D4EB2F)));
-  const uint32_t x = mix32(key ^ ctr) ^ key;
-  const uint64_t hi = mix32(x) >> 5, lo = mix32(x ^ 0x1B56C4E9u) >> 6;
-  return (double(hi * 67108864u + lo) + 0.5) / 9007199254740992.0;
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reject_rounds_cpu(
     const at::Tensor& h_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,

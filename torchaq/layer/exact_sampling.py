@@ -11,7 +11,7 @@ scores plus the side list (the *head*) are re-scored exactly. Each other class g
 upper bound of its logit ``u_i = s_i + z (|h| rho_i + step sqrt(M / 12))`` (``rho_i`` the scale of
 class ``i``'s LUT error ``<h, r_i>``, ``r_i = W_i - decode(code_i)``: the layer's ``error_scales``,
 :mod:`torchaq.layer.error_model`; the second term is the rounding of ``M`` uint8 entries,
-:func:`rounding_allowance`). The proposal is ``q_i ∝ exp(l_i / T)`` on the
+:func:`rounding_factor`). The proposal is ``q_i ∝ exp(l_i / T)`` on the
 head and ``exp(u_i / T)`` on the rest; a drawn head class is kept, a drawn tail class is re-scored exactly and kept with
 probability ``exp((l_i - u_i) / T)``. Whenever ``l_i <= u_i`` holds this is textbook rejection
 sampling: the kept draw has *exactly* the target distribution. Round ``r`` tries
@@ -64,6 +64,12 @@ and again with ``return_logprobs``, one exact pass over ``W`` (``V d``:
 (``BLOCK``-padded): the scan writes the scores into it, the bounds are formed over the scores and
 the proposal weights over the bounds (the rounds read a bound back as ``top + T log w``), so a row
 holds fewer bytes than a dense layer's logits and probabilities; rows go ``SAMPLE_ROWS`` at a time.
+
+**One op without truncation.** For PQ layers, ``sample`` without ``top_k``, ``top_p`` or ``min_p``
+runs those steps as one :func:`torchaq.ops.layer_sample` call per chunk (at batch 1 the dispatches
+and the Python between the steps cost more than the scan). Its rows finish on the steps below where
+it leaves them (a bound far above the best exact logit, or no round kept a proposal); the steps reach
+the same plan, so a row's token does not depend on which path drew it.
 """
 from __future__ import annotations
 
@@ -75,12 +81,14 @@ import torch
 from torch import Tensor
 
 from torchaq import ops
-from torchaq.checks import check_int, check_real, is_int
+from torchaq.checks import check_int
 from torchaq.ops.counter_rng import key_uniforms, row_keys
 from torchaq.layer.exact import row_chunks, topk as exact_topk
 from torchaq.layer.logprobs import row_log_partition
+from torchaq.layer.sampling import check_full_sampling_args, row_seeds
 from torchaq.layer.side_list import count_at_least
 from torchaq.ops.rescore import row_logits
+from torchaq.quantizers.pq import AnisotropicPQ
 
 ERROR_SIGMAS = 4.75    # one-sided N(0, 1) tail 1.0e-6: the LUT error bound, in units of |h| rho_i (error_scales)
 DEFAULT_HEAD = 256     # scan candidates re-scored exactly (plus the side list)
@@ -105,37 +113,6 @@ class SampleOutput(NamedTuple):
     tokens: Tensor
     logprobs: Tensor
     truncated_logprobs: Tensor
-
-
-def check_full_sampling_args(top_k, top_p, min_p, temperature, num_classes: int):
-    """``(top_k or None, top_p, min_p or None, temperature)`` checked; errors name the argument.
-    ``top_k`` None or 0 means no top-k (Hugging Face's convention)."""
-    if top_k is not None:
-        if not is_int(top_k) or not 0 <= int(top_k) <= num_classes:
-            raise ValueError(f"top_k must be None, 0 (no top-k) or an integer in [1, V={num_classes}], got {top_k!r}")
-        top_k = int(top_k) or None
-    top_p = 1.0 if top_p is None else check_real(top_p, "top_p", "a number in (0, 1]", lambda p: 0 < p <= 1)
-    if min_p is not None:
-        min_p = check_real(min_p, "min_p", "None or a number in (0, 1]", lambda p: 0 < p <= 1)
-    temperature = check_real(temperature, "temperature", "a finite number > 0", lambda t: 0 < t < math.inf)
-    return top_k, top_p, min_p, temperature
-
-
-def row_seeds(seeds: Optional[Tensor], generator: Optional[torch.Generator], lead, device) -> Tensor:
-    """int64 ``(B,)`` per-row seeds: ``seeds`` (shape ``h.shape[:-1]`` or ``(B,)``, an integer dtype),
-    else one draw per row from ``generator`` (or torch's default generator)."""
-    batch = math.prod(lead)
-    if seeds is not None:
-        if generator is not None:
-            raise ValueError("pass generator or seeds, not both")
-        if not isinstance(seeds, Tensor) or seeds.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            desc = seeds.dtype if isinstance(seeds, Tensor) else type(seeds).__name__
-            raise ValueError(f"seeds must be an integer tensor (int64 or int32) of shape {tuple(lead)}, got {desc}")
-        if tuple(seeds.shape) not in (tuple(lead), (batch,)):
-            raise ValueError(f"seeds must have shape {tuple(lead)} (one per row of h), got {tuple(seeds.shape)}")
-        return seeds.reshape(batch).to(device=device, dtype=torch.int64)
-    gen_device = generator.device if generator is not None else "cpu"
-    return torch.randint(-(2 ** 62), 2 ** 62, (batch,), generator=generator, device=gen_device).to(device)
 
 
 def head_width(layer, size: int) -> int:
@@ -165,12 +142,12 @@ def head_scores(layer, flat: Tensor, size: int, columns: int = 0):
     return scores, logits, classes, step
 
 
-def rounding_allowance(step: Tensor, num_subspaces: int, sigmas: float, worst_case: bool = False) -> Tensor:
-    """``(B, 1)``: the part of the bound for the uint8 rounding of the scores: a sum of ``M`` errors, each
-    within ``step / 2`` (``M step / 2`` at most, what ``worst_case`` uses), whose standard deviation is
-    ``step sqrt(M / 12)`` when they are independent; ``min(z sqrt(M / 12), M / 2) * step``."""
+def rounding_factor(num_subspaces: int, sigmas: float, worst_case: bool = False) -> float:
+    """The part of the bound for the uint8 rounding of the scores, in units of the quantization step: a
+    sum of ``M`` errors, each within ``step / 2`` (``M / 2`` steps at most, what ``worst_case`` uses),
+    whose standard deviation is ``sqrt(M / 12)`` steps when they are independent; ``min(z sqrt(M / 12), M / 2)``."""
     m = num_subspaces
-    return ((m / 2 if worst_case else min(sigmas * math.sqrt(m / 12), m / 2)) * step.float()).unsqueeze(1)
+    return m / 2 if worst_case else min(sigmas * math.sqrt(m / 12), m / 2)
 
 
 _CHECKED_NORMS: dict = {}  # id(norms) -> (weak reference, tensor version) of norms already checked
@@ -193,23 +170,21 @@ def check_finite_norms(norms: Tensor, side_rows: Tensor) -> None:
 def tail_bounds(layer, flat: Tensor, scores: Tensor, head: Tensor, sigmas: float = ERROR_SIGMAS,
                 in_place: bool = False, rounding: Optional[Tensor] = None) -> Tensor:
     """``u_i = s_i + z (|h| rho_i + step sqrt(M / 12))`` (``z = sigmas``; ``rho_i`` the layer's
-    ``error_scales``, :mod:`torchaq.layer.error_model`; the second term is :func:`rounding_allowance`
-    of the quantization step ``rounding`` ``(B,)``, absent with ``None``) for every class not in the
-    head, ``-inf`` on the head. ``rho_i >= |r_i| / sqrt(d)``, so ``z = sqrt(d)`` is at least the
-    Cauchy-Schwarz bound (always true, far looser); ``z = 0`` is the LUT score. Adding the two
-    standard deviations bounds their root sum of squares, so the one-sided tail of the sum stays
-    below that of ``z`` sigmas."""
+    ``error_scales``, :mod:`torchaq.layer.error_model`; the second term is :func:`rounding_factor`
+    times the quantization step ``rounding`` ``(B,)``, absent with ``None``) for every class not in the
+    head, ``-inf`` on the head (:func:`torchaq.ops.tail_bounds_`). ``rho_i >= |r_i| / sqrt(d)``, so
+    ``z = sqrt(d)`` is at least the Cauchy-Schwarz bound (always true, far looser); ``z = 0`` is the
+    LUT score. Adding the two standard deviations bounds their root sum of squares, so the one-sided
+    tail of the sum stays below that of ``z`` sigmas."""
     norms = layer.error_scales
     check_finite_norms(norms, layer.side_rows)
-    step = sigmas * flat.float().norm(dim=1, keepdim=True)
-    if in_place:  # the caller no longer needs the scores: no second (B, V) buffer
-        upper = scores.addcmul_(step, norms.float().unsqueeze(0))
-    else:
-        upper = torch.addcmul(scores, step, norms.float().unsqueeze(0))
-    if rounding is not None:
-        # the Cauchy-Schwarz comparison (z >= sqrt(d)) is a worst-case bound: so is its rounding term
-        upper.add_(rounding_allowance(rounding, layer.quantizer.num_subspaces, sigmas, sigmas >= math.sqrt(layer.dim)))
-    return upper.scatter_(1, head, -math.inf)
+    upper = scores if in_place else scores.clone()  # in place: the caller no longer needs the scores
+    if rounding is None:
+        step, factor = upper.new_zeros(upper.shape[0]), 0.0
+    else:  # the Cauchy-Schwarz comparison (z >= sqrt(d)) is a worst-case bound: so is its rounding term
+        step, factor = rounding, rounding_factor(layer.quantizer.num_subspaces, sigmas, sigmas >= math.sqrt(layer.dim))
+    ops.tail_bounds_(upper, norms, flat, sigmas, step, factor, head)
+    return upper
 
 
 def _complete(layer, flat, logits, classes, upper, floor, limit: Optional[int] = None):
@@ -423,14 +398,17 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
     return _Plan(flat, logits, classes, floor, cum, buf.view(buf.shape[0], -1, BLOCK), top)
 
 
-def _logprobs(layer, plan: _Plan, rows: Tensor, values: Tensor, temperature: float):
-    """Exact ``(full, truncated)`` log-probabilities of drawn tokens with logits ``values`` on ``rows``."""
+def _logprobs(layer, flat: Tensor, floor: Tensor, rows: Tensor, values: Tensor, temperature: float,
+              head: Optional[Tensor] = None):
+    """Exact ``(full, truncated)`` log-probabilities of drawn tokens with logits ``values`` on ``rows``
+    of ``flat`` truncated at ``floor``; ``head``: the exact logits of a ``top_k`` plan (its truncated
+    partition function is the head's own)."""
     t = temperature
-    if plan.weights is None:  # top_k: the truncated partition function is the head's own
-        kept = (plan.logits / t).masked_fill(plan.logits < plan.floor.unsqueeze(1), -math.inf)
-        log_z = torch.stack([row_log_partition(plan.flat, layer.weight, layer.bias, t), torch.logsumexp(kept, 1)], 1)
+    if head is not None:
+        kept = (head / t).masked_fill(head < floor.unsqueeze(1), -math.inf)
+        log_z = torch.stack([row_log_partition(flat, layer.weight, layer.bias, t), torch.logsumexp(kept, 1)], 1)
     else:
-        log_z = row_log_partition(plan.flat, layer.weight, layer.bias, t, plan.floor)
+        log_z = row_log_partition(flat, layer.weight, layer.bias, t, floor)
     return values / t - log_z[rows, 0], values / t - log_z[rows, 1]
 
 
@@ -454,26 +432,67 @@ def sample_many(layer, h: Tensor, seeds: Tensor, top_k=None, top_p=1.0, min_p=No
     return torch.cat(out), bad
 
 
+def _one_op_chunk(layer, flat: Tensor, seeds: Tensor, temperature: float, candidates: Optional[int], head: int,
+                  factor: float):
+    """``(tokens, logits)`` of rows ``flat`` of a PQ layer without truncation: one ``torchaq::layer_sample``
+    call, then the steps below for the rows it leaves undone (they reach the same plan)."""
+    tokens, values, done = layer.one_op_sample(flat, seeds, head, ERROR_SIGMAS, factor, temperature, WEIGHT_RANGE,
+                                               BLOCK, PROPOSALS, MAX_ROUNDS)
+    if not bool(done.all()):
+        left = (~done).nonzero().squeeze(1)
+        plan = _plan(layer, flat[left], None, 1.0, None, temperature, candidates)
+        pos = torch.arange(left.numel(), device=flat.device)
+        tokens[left], values[left], _ = _draw(layer, plan, pos, row_keys(seeds[left]), temperature)
+    return tokens, values
+
+
 def sample_full(layer, h: Tensor, top_k=None, top_p=1.0, min_p=None, temperature=1.0, generator=None, seeds=None,
                 return_logprobs: bool = False, candidates: Optional[int] = None):
     """:meth:`torchaq.QuantizedSoftmax.sample` (module docstring): int64 tokens shaped ``h.shape[:-1]``,
     or a :class:`SampleOutput` with ``return_logprobs``."""
-    flat = layer.flat_features(h)
-    lead = h.shape[:-1]
     top_k, top_p, min_p, temperature = check_full_sampling_args(top_k, top_p, min_p, temperature, layer.num_classes)
+    # without truncation, PQ layers draw with one torchaq::layer_sample call per chunk (which refuses a
+    # non-finite h itself)
+    one_op = (top_k is None and top_p == 1 and min_p is None and layer.exact_reason is None
+              and isinstance(layer.quantizer, AnisotropicPQ))
+    flat = layer.flat_features(h, finite=not one_op)
+    lead = h.shape[:-1]
     if candidates is not None:
         candidates = check_int(candidates, "candidates", 1, layer.num_classes, f"in [1, V={layer.num_classes}]")
-    keys = row_keys(row_seeds(seeds, generator, lead, flat.device))
-    tokens = torch.empty(flat.shape[0], dtype=torch.int64, device=flat.device)
-    full, truncated = (torch.empty(flat.shape[0], device=flat.device) for _ in range(2))
+    seeds = row_seeds(seeds, generator, lead, flat.device)
+    if one_op:
+        check_finite_norms(layer.error_scales, layer.side_rows)
+        head = head_width(layer, candidates or DEFAULT_HEAD)
+        factor = rounding_factor(layer.quantizer.num_subspaces, ERROR_SIGMAS, ERROR_SIGMAS >= math.sqrt(layer.dim))
+    tokens, full, truncated = [], [], []
     # SAMPLE_ROWS rows at a time: every step is row-wise, so this changes no draw and bounds the
     # (rows, V) temporaries (scores, bounds, proposal weights) below the dense layer's (B, V) logits
     for a, b in row_chunks(flat.shape[0], SAMPLE_ROWS):
-        plan = _plan(layer, flat[a:b], top_k, top_p, min_p, temperature, candidates)
-        rows = torch.arange(b - a, device=flat.device)
-        tokens[a:b], values, _ = _draw(layer, plan, rows, keys[a:b], temperature)
+        if one_op:
+            whole = b - a == flat.shape[0]  # (no slices: at batch 1 every call counts)
+            tok, values = _one_op_chunk(layer, flat if whole else flat[a:b], seeds if whole else seeds[a:b], temperature,
+                                        candidates, head, factor)
+            floor, head_logits = None, None
+        else:
+            plan = _plan(layer, flat[a:b], top_k, top_p, min_p, temperature, candidates)
+            rows = torch.arange(b - a, device=flat.device)
+            tok, values, _ = _draw(layer, plan, rows, row_keys(seeds[a:b]), temperature)
+            floor, head_logits = plan.floor, (plan.logits if plan.weights is None else None)
+        tokens.append(tok)
         if return_logprobs:
-            full[a:b], truncated[a:b] = _logprobs(layer, plan, rows, values, temperature)
+            floor = values.new_full((b - a,), -math.inf) if floor is None else floor
+            rows = torch.arange(b - a, device=flat.device)
+            lp = _logprobs(layer, flat[a:b], floor, rows, values, temperature, head_logits)
+            full.append(lp[0])
+            truncated.append(lp[1])
+
+    def joined(parts):
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out if out.shape == lead else out.reshape(lead)
+
+    if not tokens:  # no rows
+        empty = torch.empty(lead, dtype=torch.int64, device=flat.device)
+        return SampleOutput(empty, empty.float(), empty.float()) if return_logprobs else empty
     if not return_logprobs:
-        return tokens.reshape(lead)
-    return SampleOutput(tokens.reshape(lead), full.reshape(lead), truncated.reshape(lead))
+        return joined(tokens)
+    return SampleOutput(joined(tokens), joined(full), joined(truncated))

@@ -1,9 +1,10 @@
-"""The one-op fast path of :meth:`torchaq.QuantizedSoftmax.topk` and the cache of what it reads.
+"""The one-op fast paths of :meth:`torchaq.QuantizedSoftmax.topk` and ``sample`` and the cache of what they read.
 
 At batch 1 the Python around the scan (module attribute look-ups, several op dispatches) costs
-as much as a third of the call, so :class:`FastTopk` gathers the tensors ``torchaq::layer_topk``
-reads once and keeps them until the layer changes: any attribute assignment, ``.to()`` /
-``_apply``, a parameter whose ``.data`` was swapped (checked by pointer), new codebooks.
+as much as a third of a ``topk`` call and more than half of a ``sample`` call, so :class:`FastTopk`
+gathers the tensors ``torchaq::layer_topk`` and ``torchaq::layer_sample`` read once and keeps them
+until the layer changes: any attribute assignment, ``.to()`` / ``_apply``, a parameter whose
+``.data`` was swapped (checked by pointer), new codebooks.
 """
 from __future__ import annotations
 
@@ -57,6 +58,21 @@ class FastTopk(nn.Module):
         return torch.ops.torchaq.layer_topk.default(
             h, queries, codebooks, packed, num_classes, scan_k, scan_bias, weight, bias, side, w8, scale,
             default_shortlist(k) if self.shortlist is True else int(self.shortlist), k)
+
+    def one_op_sample(self, h: Tensor, seeds: Tensor, head: int, sigmas: float, rounding: float, temperature: float,
+                      weight_range: float, block: int, proposals: int, rounds: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """The untruncated full-vocabulary draw of ``(B, d)`` rows ``h`` of a PQ layer as one
+        ``torchaq::layer_sample`` call (:mod:`torchaq.ops.layer_sample`: its arguments, and the
+        ``(tokens, logits, done)`` it returns). :mod:`torchaq.layer.exact_sampling` calls it, under
+        ``no_grad`` (the parameters go in as they are)."""
+        st = None if torch.compiler.is_compiling() else self._one_op_state()
+        if st is None:  # traced (torch.compile): no cached pointers
+            st = self._one_op_tensors()
+        weight, bias, codebooks, packed, side, pad, num_classes = st[:7]
+        queries = self.quantizer.pad(h) if pad else h.float()
+        return torch.ops.torchaq.layer_sample.default(
+            h, queries, codebooks, packed, num_classes, self.scan_bias(), weight, bias, side, self.error_scales, seeds,
+            head, sigmas, rounding, temperature, weight_range, block, proposals, rounds)
 
     def shortlist_rows(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """The int8 rows and per-row scales :meth:`topk` ranks its candidates with, or ``(None, None)``

@@ -187,13 +187,14 @@ class IndexedLayer(FastTopk):
     def scan_bias(self) -> Optional[Tensor]:
         """The bias the LUT scan ranks with: the layer's (float32), side rows pushed to the bottom
         (:func:`torchaq.layer.side_list.scan_bias`; cached per side list and bias version)."""
-        if self.side_rows.numel() == 0:
+        side, bias = self.side_rows, self.bias  # (module attribute look-ups cost at batch 1)
+        if side.numel() == 0:
             return self.float_bias()
         if torch.compiler.is_compiling():
-            return side_list.scan_bias(self.bias, self.side_rows, self.num_classes, self.weight.device)
-        key = (self.side_rows.data_ptr(), self.side_rows._version, self.side_rows.device)
-        if self.bias is not None:
-            key += (self.bias.data_ptr(), self.bias._version)
+            return side_list.scan_bias(bias, side, self.num_classes, self.weight.device)
+        key = (side.data_ptr(), side._version, side.device)
+        if bias is not None:
+            key += (bias.data_ptr(), bias._version)
         if self._scan_bias_cache[0] != key:
             self._scan_bias_cache = (key, side_list.scan_bias(self.bias, self.side_rows, self.num_classes, self.weight.device))
         return self._scan_bias_cache[1]

@@ -335,7 +335,6 @@ class QuantizedSoftmax(IndexedLayer):
         """
         return exact.entropy(self.flat_features(h), self.weight, self.bias).reshape(h.shape[:-1])
 
-    @torch.no_grad()
     def sample(self, h: Tensor, top_k: Optional[int] = None, top_p: Optional[float] = 1.0, min_p: Optional[float] = None,
                temperature: float = 1.0, generator: Optional[torch.Generator] = None, seeds: Optional[Tensor] = None,
                return_logprobs: bool = False, candidates: Optional[int] = None, method: str = "full"):
@@ -354,6 +353,10 @@ class QuantizedSoftmax(IndexedLayer):
         ``method="candidates"`` is the earlier sampler, kept for comparison: top-k (default 50) and
         top-p among the ``candidates`` re-scored classes only (the mass outside them is never drawn).
         """
+        if torch.is_grad_enabled():  # no autograd here (a no_grad decorator costs more at batch 1)
+            with torch.no_grad():
+                return self.sample(h, top_k, top_p, min_p, temperature, generator, seeds, return_logprobs, candidates,
+                                   method)
         if method == "full":
             self.warn_if_stale()
             return sample_full(self, h, top_k, top_p, min_p, temperature, generator, seeds, return_logprobs, candidates)

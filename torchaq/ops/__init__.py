@@ -22,12 +22,14 @@ module                 ops
 ``inverse_cdf``        ``inverse_cdf`` (categorical draws from block-summed weights)
 ``proposal``           ``proposal_weights_`` (the full-vocabulary sampler's proposal as block weights, in place)
 ``reject``             ``reject_rounds`` (the full-vocabulary sampler's rejection rounds)
+``tail_bounds``        ``tail_bounds_`` (the full-vocabulary sampler's bounds of the tail logits, in place)
 ``counter_rng``        counter-based uniforms (no op): a row's random numbers never depend on its batch
 ``encode``             ``pq_encode``, ``anisotropic_encode`` (PQ encoders)
 ``aq_encode``          ``aq_encode`` (additive codes, LSQ++)
 ``normal_apply``       ``anisotropic_normal_apply``, ``anisotropic_normal_rhs``
 ``rescore``            ``rescore_topk`` and the exact-logit helpers
 ``layer_topk``         ``layer_topk`` (scan + shortlist + re-score in one op)
+``layer_sample``       ``layer_sample`` (the untruncated full-vocabulary sampler in one op)
 ``linear_ce``          ``linear_ce`` (fused linear cross-entropy: loss, log-sum-exp, gradients)
 =====================  ====================================================================
 """
@@ -43,6 +45,7 @@ from torchaq.ops.encode import (
     score_aware_encode,
 )
 from torchaq.ops.inverse_cdf import check_inverse_cdf_args, inverse_cdf, inverse_cdf_reference
+from torchaq.ops.layer_sample import check_layer_sample_args, layer_sample_reference
 from torchaq.ops.layer_topk import layer_topk, layer_topk_reference, quantize_rows_int8
 from torchaq.ops.layout import (
     BITS_OF_K,
@@ -83,6 +86,7 @@ from torchaq.ops.reject import check_reject_args, reject_rounds, reject_rounds_r
 from torchaq.ops.row_partition import check_row_log_partition_args, row_log_partition, row_log_partition_reference
 from torchaq.ops.row_topk import check_row_topk_args, row_topk, row_topk_reference
 from torchaq.ops.scan import lut_score, lut_score_reference, lut_topk, lut_topk_reference
+from torchaq.ops.tail_bounds import check_tail_bounds_args, tail_bounds_, tail_bounds_reference
 from torchaq.ops.schemas import SCHEMAS
 
 # every op of the schema table and its reference (the opcheck table of the tests is checked against it)
@@ -99,6 +103,7 @@ REFERENCES = {
     "mass_histogram": mass_histogram_reference,
     "reject_rounds": reject_rounds_reference,
     "proposal_weights_": proposal_weights_reference,
+    "tail_bounds_": tail_bounds_reference,
     "aq_encode": aq_encode_reference,
     "rescore_topk": rescore_topk_reference,
     "pq_encode": pq_encode_reference,
@@ -106,6 +111,7 @@ REFERENCES = {
     "anisotropic_normal_apply": anisotropic_normal_apply_reference,
     "anisotropic_normal_rhs": anisotropic_normal_rhs_reference,
     "layer_topk": layer_topk_reference,
+    "layer_sample": layer_sample_reference,
     "linear_ce": linear_ce_reference,
 }
 assert REFERENCES.keys() == SCHEMAS.keys()

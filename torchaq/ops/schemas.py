@@ -27,6 +27,8 @@ SCHEMAS = {
                      " int proposals, int rounds, bool lut_tail) -> (Tensor, Tensor, Tensor, Tensor)",
     "proposal_weights_": "proposal_weights_(Tensor(a!) weights, int num_tail, Tensor logits, Tensor floor, Tensor top,"
                          " float temperature, int block) -> Tensor",
+    "tail_bounds_": "tail_bounds_(Tensor(a!) scores, Tensor error_scales, Tensor h, float sigmas, Tensor step,"
+                    " float rounding, Tensor head) -> Tensor",
     "lut_topk": "lut_topk(Tensor lut, Tensor packed, int num_classes, int k, Tensor? bias=None) -> (Tensor, Tensor)",
     "aq_encode": "aq_encode(Tensor x, Tensor codebooks, Tensor codes, Tensor eta, Tensor perturb, int icm_iters,"
                  " bool greedy) -> Tensor",
@@ -39,6 +41,10 @@ SCHEMAS = {
     "layer_topk": "layer_topk(Tensor h, Tensor queries, Tensor codebooks, Tensor packed, int num_classes, int candidates,"
                   " Tensor? scan_bias, Tensor weight, Tensor? bias, Tensor side_rows, Tensor? weight_i8,"
                   " Tensor? row_scale, int shortlist, int k) -> (Tensor, Tensor)",
+    "layer_sample": "layer_sample(Tensor h, Tensor queries, Tensor codebooks, Tensor packed, int num_classes,"
+                    " Tensor? scan_bias, Tensor weight, Tensor? bias, Tensor side_rows, Tensor error_scales, Tensor seeds,"
+                    " int head, float sigmas, float rounding, float temperature, float weight_range, int block,"
+                    " int proposals, int rounds) -> (Tensor, Tensor, Tensor)",
     "linear_ce": "linear_ce(Tensor e, Tensor c, Tensor? bias, Tensor targets, Tensor? row_grad, int ignore_index,"
                  " float softcap, float label_smoothing, float z_loss, int class_block, int row_chunk)"
                  " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
