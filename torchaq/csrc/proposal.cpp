@@ -1,7 +1,8 @@
 // torchaq::proposal_weights_ on CPU: per row, one pass writes (x - top) / T over the bounds (-inf below
 // the floor and in the padding), one call of the fused cross-entropy's vectorised exp turns the row into weights
 // (exp(-inf) = 0), then the block sums (eight float32 partial sums per block) and their float64
-// running sum. Rows in parallel; a row never reads another. Semantics: torchaq/ops/proposal.py.
+// running sum; on AVX2 the three passes are one (proposal_avx2.cpp, the same bits). Rows in parallel;
+// a row never reads another. Semantics: torchaq/ops/proposal.py.
 #include "proposal.h"
 
 #include <ATen/ATen.h>
@@ -12,6 +13,7 @@
 #include <cstring>
 
 #include "linear_ce_kernels.h"
+#include "proposal_kernels.h"
 
 namespace torchaq {
 namespace cpu {
@@ -71,10 +73,23 @@ at::Tensor proposal_weights_cpu(at::Tensor& weights, int64_t num_tail, const at:
   double* cp = cum.data_ptr<double>();
   const float t = float(temperature);
   const auto exp_kernel = lce_grad_kernel();  // a[i] exp(x - lse[i]) - 0: with a = 1, lse = 0, exp(x)
+  // AVX2 / AVX-512 machines: the row kernel of proposal_avx2.cpp (its exp is the AVX2 tiles')
+#if defined(TORCHAQ_X86_KERNELS)
+  const bool fused = block % 8 == 0 && exp_kernel == &lce_grad_avx2;
+#else
+  const bool fused = false;
+#endif
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     const float zero = 0.0f, one = 1.0f;
     for (int64_t b = b0; b < b1; ++b) {
       float* w = wp + b * W;
+      if (fused) {  // the same bits in one pass over the row (proposal_avx2.cpp)
+        for (int64_t j = N; j < span; ++j) w[j] = -INFINITY;
+        std::memcpy(w + span, lp + b * H, sizeof(float) * H);
+        for (int64_t j = span + H; j < W; ++j) w[j] = -INFINITY;
+        proposal_row_avx2(w, W, tp[b], t, fp[b], block, cp + b * nb);
+        continue;
+      }
       // T = 1 and no floor: the exp kernel subtracts top itself (exp(x - top), the same float
       // subtraction as exponents()), so the row is read once less
       const bool plain = t == 1.0f && fp[b] == -INFINITY;
