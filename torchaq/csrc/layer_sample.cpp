@@ -51,10 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_sample_cpu(
   // a non-finite h would otherwise surface as a non-finite LUT, or where a query's zero-padded subspaces
   // hide it, as nan logits (the layer's sample() leaves this check to the op)
   const at::Tensor hf = h.to(at::kFloat).contiguous();
-  const float* xp = hf.const_data_ptr<float>();
-  bool finite = true;
-  for (int64_t i = 0, n = hf.numel(); i < n; ++i) finite &= std::isfinite(xp[i]);  // vectorised: no early exit
-  TORCH_CHECK_VALUE(finite, "h contains NaN or Inf");
+  TORCH_CHECK_VALUE(all_finite(hf.const_data_ptr<float>(), hf.numel()), "h contains NaN or Inf");
   at::Tensor keys = at::empty({B}, long_opts);
   const at::Tensor seeds_c = seeds.contiguous();
   {
@@ -83,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_sample_cpu(
   auto ranked = rescore_topk_cpu(h, weight, bias, classes, head);
   const at::Tensor logits = std::get<0>(ranked).contiguous();
   classes = std::get<1>(ranked);
-  const at::Tensor upper_max = tail_bounds_cpu(scores, error_scales, h, sigmas, std::get<1>(scanned), rounding, classes);
+  const at::Tensor upper_max = tail_bounds_cpu(scores, error_scales, hf, sigmas, std::get<1>(scanned), rounding, classes);
   const int64_t H = logits.size(1);
   const float t = float(temperature), span = float(weight_range * temperature);
   at::Tensor top = at::empty({B}, logits.options());

@@ -18,18 +18,6 @@
 namespace torchaq {
 namespace cpu {
 
-namespace {
-
-// True if no element of the float32 tensor x is inf or nan.
-bool finite_float(const at::Tensor& x) {
-  const float* p = x.const_data_ptr<float>();
-  bool ok = true;
-  for (int64_t i = 0, n = x.numel(); i < n; ++i) ok &= std::isfinite(p[i]);  // vectorised: no early exit
-  return ok;
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor> layer_topk_cpu(const at::Tensor& h, const at::Tensor& queries,
                                                   const at::Tensor& codebooks, const at::Tensor& packed,
                                                   int64_t num_classes, int64_t candidates,
@@ -67,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> layer_topk_cpu(const at::Tensor& h, const at:
   const at::Tensor q = queries.contiguous();
   // a non-finite h would otherwise surface as a non-finite LUT (or, where a query's zero-padded
   // subspaces hide it, as nan logits)
-  TORCH_CHECK_VALUE(finite_float(q), "h contains NaN or Inf");
+  TORCH_CHECK_VALUE(all_finite(q.const_data_ptr<float>(), q.numel()), "h contains NaN or Inf");
   const at::Tensor lut = compute_lut_cpu(q, codebooks);
   const int64_t scan_k = std::min(candidates, num_classes);
   auto scanned = lut_topk_cpu_impl(lut, packed, num_classes, scan_k, scan_bias, /*sorted=*/false);

@@ -73,7 +73,8 @@ at::Tensor proposal_weights_cpu(at::Tensor& weights, int64_t num_tail, const at:
   double* cp = cum.data_ptr<double>();
   const float t = float(temperature);
   const auto exp_kernel = lce_grad_kernel();  // a[i] exp(x - lse[i]) - 0: with a = 1, lse = 0, exp(x)
-  // AVX2 / AVX-512 machines: the row kernel of proposal_avx2.cpp (its exp is the AVX2 tiles')
+  // AVX2 kernels active: one pass per row (proposal_avx2.cpp, with the AVX2 tiles' exp); AVX-512 and
+  // scalar keep the passes below, with their own exp
 #if defined(TORCHAQ_X86_KERNELS)
   const bool fused = block % 8 == 0 && exp_kernel == &lce_grad_avx2;
 #else
@@ -83,21 +84,21 @@ at::Tensor proposal_weights_cpu(at::Tensor& weights, int64_t num_tail, const at:
     const float zero = 0.0f, one = 1.0f;
     for (int64_t b = b0; b < b1; ++b) {
       float* w = wp + b * W;
+      // the row's layout: tail bounds, -inf padding, head logits, -inf padding
+      for (int64_t j = N; j < span; ++j) w[j] = -INFINITY;
+      std::memcpy(w + span, lp + b * H, sizeof(float) * H);
+      for (int64_t j = span + H; j < W; ++j) w[j] = -INFINITY;
       if (fused) {  // the same bits in one pass over the row (proposal_avx2.cpp)
-        for (int64_t j = N; j < span; ++j) w[j] = -INFINITY;
-        std::memcpy(w + span, lp + b * H, sizeof(float) * H);
-        for (int64_t j = span + H; j < W; ++j) w[j] = -INFINITY;
         proposal_row_avx2(w, W, tp[b], t, fp[b], block, cp + b * nb);
         continue;
       }
       // T = 1 and no floor: the exp kernel subtracts top itself (exp(x - top), the same float
       // subtraction as exponents()), so the row is read once less
       const bool plain = t == 1.0f && fp[b] == -INFINITY;
-      if (!plain) exponents(w, N, tp[b], t, fp[b]);  // the bounds, element by element into their exponents
-      for (int64_t j = N; j < span; ++j) w[j] = -INFINITY;
-      std::memcpy(w + span, lp + b * H, sizeof(float) * H);
-      if (!plain) exponents(w + span, H, tp[b], t, fp[b]);
-      for (int64_t j = span + H; j < W; ++j) w[j] = -INFINITY;
+      if (!plain) {  // the bounds and the head logits, element by element into their exponents
+        exponents(w, N, tp[b], t, fp[b]);
+        exponents(w + span, H, tp[b], t, fp[b]);
+      }
       exp_kernel(w, 1, W, plain ? tp + b : &zero, &one, nullptr, 0.0f);
       double run = 0.0;
       for (int64_t k = 0; k < nb; ++k) cp[b * nb + k] = run += double(block_sum(w + k * block, block));

@@ -227,7 +227,8 @@ void run_tasks(const Plan& plan, int64_t B, int64_t nblocks, int64_t P, TopK* to
   });
 }
 
-// True if x[0, n) holds no inf or nan (exponent bits not all ones), ~n / 16 vector steps.
+}  // namespace
+
 bool all_finite(const float* x, int64_t n) {
   int64_t i = 0;
   bool ok = true;
@@ -244,6 +245,8 @@ bool all_finite(const float* x, int64_t n) {
   for (; i < n; ++i) ok = ok && std::isfinite(x[i]);
   return ok;
 }
+
+namespace {
 
 // The queries flagged coarse by quantize_lut: exact float scores of every class (lut_score), then a
 // stable descending sort, so ties keep ascending class order like the scan kernels. Overwrites

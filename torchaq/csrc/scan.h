@@ -26,6 +26,9 @@ std::tuple<at::Tensor, at::Tensor> lut_score_quantized_cpu(const at::Tensor& lut
                                                            int64_t num_classes, const std::optional<at::Tensor>& bias,
                                                            int64_t columns);
 
+// True if x[0, n) holds no inf or nan (exponent bits not all ones), ~n / 16 vector steps.
+bool all_finite(const float* x, int64_t n);
+
 // Name of the kernel set the next call will use: "avx512", "avx2" or "scalar".
 const char* active_isa();
 

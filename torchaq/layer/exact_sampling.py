@@ -398,18 +398,17 @@ def _plan(layer, flat, top_k, top_p, min_p, temperature, candidates, sigmas: flo
     return _Plan(flat, logits, classes, floor, cum, buf.view(buf.shape[0], -1, BLOCK), top)
 
 
-def _logprobs(layer, flat: Tensor, floor: Tensor, rows: Tensor, values: Tensor, temperature: float,
-              head: Optional[Tensor] = None):
-    """Exact ``(full, truncated)`` log-probabilities of drawn tokens with logits ``values`` on ``rows``
-    of ``flat`` truncated at ``floor``; ``head``: the exact logits of a ``top_k`` plan (its truncated
-    partition function is the head's own)."""
+def _logprobs(layer, flat: Tensor, floor: Tensor, values: Tensor, temperature: float, head: Optional[Tensor] = None):
+    """Exact ``(full, truncated)`` log-probabilities of the tokens drawn on the rows of ``flat`` (one each,
+    with logits ``values``) truncated at ``floor``; ``head``: the exact logits of a ``top_k`` plan (its
+    truncated partition function is the head's own)."""
     t = temperature
     if head is not None:
         kept = (head / t).masked_fill(head < floor.unsqueeze(1), -math.inf)
         log_z = torch.stack([row_log_partition(flat, layer.weight, layer.bias, t), torch.logsumexp(kept, 1)], 1)
     else:
         log_z = row_log_partition(flat, layer.weight, layer.bias, t, floor)
-    return values / t - log_z[rows, 0], values / t - log_z[rows, 1]
+    return values / t - log_z[:, 0], values / t - log_z[:, 1]
 
 
 def sample_many(layer, h: Tensor, seeds: Tensor, top_k=None, top_p=1.0, min_p=None, temperature=1.0,
@@ -481,8 +480,7 @@ def sample_full(layer, h: Tensor, top_k=None, top_p=1.0, min_p=None, temperature
         tokens.append(tok)
         if return_logprobs:
             floor = values.new_full((b - a,), -math.inf) if floor is None else floor
-            rows = torch.arange(b - a, device=flat.device)
-            lp = _logprobs(layer, flat[a:b], floor, rows, values, temperature, head_logits)
+            lp = _logprobs(layer, flat[a:b], floor, values, temperature, head_logits)
             full.append(lp[0])
             truncated.append(lp[1])
 
