@@ -74,8 +74,7 @@ the same plan, so a row's token does not depend on which path drew it.
 from __future__ import annotations
 
 import math
-import weakref
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -87,11 +86,11 @@ from torchaq.layer.exact import row_chunks, topk as exact_topk
 from torchaq.layer.logprobs import row_log_partition
 from torchaq.layer.sampling import check_full_sampling_args, row_seeds
 from torchaq.layer.side_list import count_at_least
-from torchaq.ops.rescore import row_logits
+from torchaq.layer.staleness import version_of
+from torchaq.layer.tail_bound import (  # noqa: F401 (re-exported: the bound is part of this sampler)
+    DEFAULT_HEAD, ERROR_SIGMAS, check_finite_norms, head_scores, head_width, rounding_factor, tail_bounds)
 from torchaq.quantizers.pq import AnisotropicPQ
 
-ERROR_SIGMAS = 4.75    # one-sided N(0, 1) tail 1.0e-6: the LUT error bound, in units of |h| rho_i (error_scales)
-DEFAULT_HEAD = 256     # scan candidates re-scored exactly (plus the side list)
 PROPOSALS = 32         # proposals per row in the first rejection round, doubling every round
 MAX_ROUNDS = 6         # (2,016 proposals in all) then the row is drawn from its exact logits
 NUCLEUS_BIN_WIDTH = 0.004  # top_p: bins of the exact mass curve, in units of l / T (the floor's resolution
@@ -113,78 +112,6 @@ class SampleOutput(NamedTuple):
     tokens: Tensor
     logprobs: Tensor
     truncated_logprobs: Tensor
-
-
-def head_width(layer, size: int) -> int:
-    """Classes in the head of :func:`head_scores`: the scan's best ``size`` plus the side list."""
-    side = layer.side_rows.numel()
-    return max(1, min(size, layer.num_classes - side)) + side
-
-
-def head_scores(layer, flat: Tensor, size: int, columns: int = 0):
-    """The LUT scores of every class and their quantization step ``(B,)`` (from the uint8 LUT of the
-    4-bit scans, :func:`torchaq.ops.lut_score_quantized`; step 0: exact float sums), and the head: the
-    best ``size`` of those scores (:func:`torchaq.ops.row_topk`, the ranking of the fast scan without a
-    second pass) plus the side list, re-scored exactly, best first (``(B, H)`` logits and classes).
-    The scores are the first ``V`` columns of a ``(B, max(columns, V))`` buffer (zeros after: room for
-    the proposal weights, written in place). They carry the scan's bias, which pushes side rows far
-    below every real score (:meth:`scan_bias`): they are always in the head, whose scores are never
-    read again. Returns ``(scores, logits, classes, step)``."""
-    q, num = layer.quantizer, layer.num_classes
-    q.check_fitted()
-    scores, step = ops.lut_score_quantized(q.lut(flat), layer.packed_codes, num, layer.scan_bias(), columns)
-    side = layer.side_rows
-    _, classes = ops.row_topk(scores[:, :num], head_width(layer, size) - side.numel())
-    if side.numel():
-        classes = torch.cat([classes, side.to(classes.device).expand(classes.shape[0], -1)], dim=1)
-    bias = None if layer.bias is None else layer.bias.detach()
-    logits, classes = torch.ops.torchaq.rescore_topk.default(flat, layer.weight.detach(), bias, classes, classes.shape[1])
-    return scores, logits, classes, step
-
-
-def rounding_factor(num_subspaces: int, sigmas: float, worst_case: bool = False) -> float:
-    """The part of the bound for the uint8 rounding of the scores, in units of the quantization step: a
-    sum of ``M`` errors, each within ``step / 2`` (``M / 2`` steps at most, what ``worst_case`` uses),
-    whose standard deviation is ``sqrt(M / 12)`` steps when they are independent; ``min(z sqrt(M / 12), M / 2)``."""
-    m = num_subspaces
-    return m / 2 if worst_case else min(sigmas * math.sqrt(m / 12), m / 2)
-
-
-_CHECKED_NORMS: dict = {}  # id(norms) -> (weak reference, tensor version) of norms already checked
-
-
-def check_finite_norms(norms: Tensor, side_rows: Tensor) -> None:
-    """Refuse error scales that are not finite outside the side list (side rows may hold any scale:
-    they are always in the head). A V-sized check, made once per tensor and version."""
-    seen = _CHECKED_NORMS.get(id(norms))
-    if seen is not None and seen[0]() is norms and seen[1] == norms._version:
-        return
-    if not bool(torch.isfinite(norms).all()) and not bool(torch.isfinite(norms.index_fill(0, side_rows, 0.0)).all()):
-        raise RuntimeError("error_scales is not finite outside the side list (a checkpoint saved without them, or "
-                           "a bad write): call layer.refresh()")
-    if len(_CHECKED_NORMS) > 256:
-        _CHECKED_NORMS.clear()
-    _CHECKED_NORMS[id(norms)] = (weakref.ref(norms), norms._version)
-
-
-def tail_bounds(layer, flat: Tensor, scores: Tensor, head: Tensor, sigmas: float = ERROR_SIGMAS,
-                in_place: bool = False, rounding: Optional[Tensor] = None) -> Tensor:
-    """``u_i = s_i + z (|h| rho_i + step sqrt(M / 12))`` (``z = sigmas``; ``rho_i`` the layer's
-    ``error_scales``, :mod:`torchaq.layer.error_model`; the second term is :func:`rounding_factor`
-    times the quantization step ``rounding`` ``(B,)``, absent with ``None``) for every class not in the
-    head, ``-inf`` on the head (:func:`torchaq.ops.tail_bounds_`). ``rho_i >= |r_i| / sqrt(d)``, so
-    ``z = sqrt(d)`` is at least the Cauchy-Schwarz bound (always true, far looser); ``z = 0`` is the
-    LUT score. Adding the two standard deviations bounds their root sum of squares, so the one-sided
-    tail of the sum stays below that of ``z`` sigmas."""
-    norms = layer.error_scales
-    check_finite_norms(norms, layer.side_rows)
-    upper = scores if in_place else scores.clone()  # in place: the caller no longer needs the scores
-    if rounding is None:
-        step, factor = upper.new_zeros(upper.shape[0]), 0.0
-    else:  # the Cauchy-Schwarz comparison (z >= sqrt(d)) is a worst-case bound: so is its rounding term
-        step, factor = rounding, rounding_factor(layer.quantizer.num_subspaces, sigmas, sigmas >= math.sqrt(layer.dim))
-    ops.tail_bounds_(upper, norms, flat, sigmas, step, factor, head)
-    return upper
 
 
 def _complete(layer, flat, logits, classes, upper, floor, limit: Optional[int] = None):
@@ -431,17 +358,39 @@ def sample_many(layer, h: Tensor, seeds: Tensor, top_k=None, top_p=1.0, min_p=No
     return torch.cat(out), bad
 
 
-def _one_op_chunk(layer, flat: Tensor, seeds: Tensor, temperature: float, candidates: Optional[int], head: int,
-                  factor: float):
+def _one_op_args(layer, candidates: Optional[int]) -> Optional[Tuple[int, float]]:
+    """``(head, rounding factor)`` of :func:`_one_op_chunk` for this layer, or None where the one-op path
+    does not apply (an exactly scored table, AQ codes). Checks the error scales; cached with the
+    layer's op inputs (:meth:`~torchaq.layer.fast_topk.FastTopk.one_op_memo`) per version of them."""
+    memo = layer.one_op_memo()
+    key = ("sample", candidates)
+    hit = None if memo is None else memo.get(key)
+    if hit is not None and version_of(hit[0]) == hit[1]:
+        return hit[2]
+    if layer.exact_reason is not None or not isinstance(layer.quantizer, AnisotropicPQ):
+        return None
+    norms = layer.error_scales
+    check_finite_norms(norms, layer.side_rows)
+    args = (head_width(layer, candidates or DEFAULT_HEAD),
+            rounding_factor(layer.quantizer.num_subspaces, ERROR_SIGMAS, ERROR_SIGMAS >= math.sqrt(layer.dim)))
+    if memo is not None:
+        memo[key] = (norms, version_of(norms), args)
+    return args
+
+
+def _one_op_chunk(layer, flat: Tensor, seeds: Tensor, temperature: float, candidates: Optional[int],
+                  args: Tuple[int, float]):
     """``(tokens, logits)`` of rows ``flat`` of a PQ layer without truncation: one ``torchaq::layer_sample``
-    call, then the steps below for the rows it leaves undone (they reach the same plan)."""
-    tokens, values, done = layer.one_op_sample(flat, seeds, head, ERROR_SIGMAS, factor, temperature, WEIGHT_RANGE,
+    call (``args`` from :func:`_one_op_args`), then the steps below for the rows it leaves undone (they
+    reach the same plan)."""
+    tokens, values, done = layer.one_op_sample(flat, seeds, args[0], ERROR_SIGMAS, args[1], temperature, WEIGHT_RANGE,
                                                BLOCK, PROPOSALS, MAX_ROUNDS)
-    if not bool(done.all()):
-        left = (~done).nonzero().squeeze(1)
-        plan = _plan(layer, flat[left], None, 1.0, None, temperature, candidates)
-        pos = torch.arange(left.numel(), device=flat.device)
-        tokens[left], values[left], _ = _draw(layer, plan, pos, row_keys(seeds[left]), temperature)
+    if not bool(done if done.shape[0] == 1 else done.all()):
+        with torch.no_grad():
+            left = (~done).nonzero().squeeze(1)
+            plan = _plan(layer, flat[left], None, 1.0, None, temperature, candidates)
+            pos = torch.arange(left.numel(), device=flat.device)
+            tokens[left], values[left], _ = _draw(layer, plan, pos, row_keys(seeds[left]), temperature)
     return tokens, values
 
 
@@ -450,27 +399,22 @@ def sample_full(layer, h: Tensor, top_k=None, top_p=1.0, min_p=None, temperature
     """:meth:`torchaq.QuantizedSoftmax.sample` (module docstring): int64 tokens shaped ``h.shape[:-1]``,
     or a :class:`SampleOutput` with ``return_logprobs``."""
     top_k, top_p, min_p, temperature = check_full_sampling_args(top_k, top_p, min_p, temperature, layer.num_classes)
-    # without truncation, PQ layers draw with one torchaq::layer_sample call per chunk (which refuses a
-    # non-finite h itself)
-    one_op = (top_k is None and top_p == 1 and min_p is None and layer.exact_reason is None
-              and isinstance(layer.quantizer, AnisotropicPQ))
-    flat = layer.flat_features(h, finite=not one_op)
-    lead = h.shape[:-1]
     if candidates is not None:
         candidates = check_int(candidates, "candidates", 1, layer.num_classes, f"in [1, V={layer.num_classes}]")
+    # without truncation, PQ layers draw with one torchaq::layer_sample call per chunk (which refuses a
+    # non-finite h itself)
+    one_op = _one_op_args(layer, candidates) if top_k is None and top_p == 1 and min_p is None else None
+    flat = layer.flat_features(h, finite=one_op is None)
+    lead = h.shape[:-1]
     seeds = row_seeds(seeds, generator, lead, flat.device)
-    if one_op:
-        check_finite_norms(layer.error_scales, layer.side_rows)
-        head = head_width(layer, candidates or DEFAULT_HEAD)
-        factor = rounding_factor(layer.quantizer.num_subspaces, ERROR_SIGMAS, ERROR_SIGMAS >= math.sqrt(layer.dim))
     tokens, full, truncated = [], [], []
     # SAMPLE_ROWS rows at a time: every step is row-wise, so this changes no draw and bounds the
     # (rows, V) temporaries (scores, bounds, proposal weights) below the dense layer's (B, V) logits
     for a, b in row_chunks(flat.shape[0], SAMPLE_ROWS):
-        if one_op:
+        if one_op is not None:
             whole = b - a == flat.shape[0]  # (no slices: at batch 1 every call counts)
             tok, values = _one_op_chunk(layer, flat if whole else flat[a:b], seeds if whole else seeds[a:b], temperature,
-                                        candidates, head, factor)
+                                        candidates, one_op)
             floor, head_logits = None, None
         else:
             plan = _plan(layer, flat[a:b], top_k, top_p, min_p, temperature, candidates)

@@ -63,16 +63,29 @@ class FastTopk(nn.Module):
                       weight_range: float, block: int, proposals: int, rounds: int) -> Tuple[Tensor, Tensor, Tensor]:
         """The untruncated full-vocabulary draw of ``(B, d)`` rows ``h`` of a PQ layer as one
         ``torchaq::layer_sample`` call (:mod:`torchaq.ops.layer_sample`: its arguments, and the
-        ``(tokens, logits, done)`` it returns). :mod:`torchaq.layer.exact_sampling` calls it, under
-        ``no_grad`` (the parameters go in as they are)."""
+        ``(tokens, logits, done)`` it returns). :mod:`torchaq.layer.exact_sampling` calls it; the
+        parameters go in detached, so it needs no ``no_grad``."""
         st = None if torch.compiler.is_compiling() else self._one_op_state()
         if st is None:  # traced (torch.compile): no cached pointers
             st = self._one_op_tensors()
-        weight, bias, codebooks, packed, side, pad, num_classes = st[:7]
+            weight, bias = st[0].detach(), None if st[1] is None else st[1].detach()
+            norms = self.error_scales
+        else:
+            weight, bias, norms = st[11]
+            if bias is not None and bias.data_ptr() != st[1].data_ptr():  # (the weight's pointer is checked above)
+                bias = st[1].detach()
+        codebooks, packed, side, pad, num_classes = st[2:7]
         queries = self.quantizer.pad(h) if pad else h.float()
         return torch.ops.torchaq.layer_sample.default(
-            h, queries, codebooks, packed, num_classes, self.scan_bias(), weight, bias, side, self.error_scales, seeds,
+            h, queries, codebooks, packed, num_classes, self.scan_bias(), weight, bias, side, norms, seeds,
             head, sigmas, rounding, temperature, weight_range, block, proposals, rounds)
+
+    def one_op_memo(self) -> Optional[dict]:
+        """A dict for values derived from the layer's op inputs (the sampler's head width and bound
+        factors), kept and dropped with the cached inputs (:meth:`_one_op_state`); None where there is
+        no cache (AQ layers, ``torch.compile`` tracing)."""
+        st = None if torch.compiler.is_compiling() else self._one_op_state()
+        return None if st is None else st[12]
 
     def shortlist_rows(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """The int8 rows and per-row scales :meth:`topk` ranks its candidates with, or ``(None, None)``
@@ -129,8 +142,10 @@ class FastTopk(nn.Module):
         st = self._one_op_tensors()
         version = version_of(st[0])
         w8 = self._shortlist_rows(st[0]) if self.shortlist else (None, None)
-        # (..., data pointer, weight version now, int8 rows and scales, weight version of the int8 rows)
-        st = st + (st[0].data_ptr(), version, w8, version)
+        bias = None if st[1] is None else st[1].detach()
+        # (..., data pointer, weight version now, int8 rows and scales, weight version of the int8 rows,
+        # detached weight / bias / error scales, the memo of one_op_memo)
+        st = st + (st[0].data_ptr(), version, w8, version, (st[0].detach(), bias, self.error_scales), {})
         self.__dict__["_one_op_cache"] = st
         return st
 

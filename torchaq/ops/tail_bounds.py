@@ -7,7 +7,7 @@
 
 (``rho_i = error_scales[i]``, the scale of class ``i``'s LUT error ``<h, r_i> / |h|``:
 :mod:`torchaq.layer.error_model`; ``rounding * step_b`` the allowance for the uint8 rounding of
-the scores, :func:`torchaq.layer.exact_sampling.rounding_factor`), and ``-inf`` at every class
+the scores, :func:`torchaq.layer.tail_bound.rounding_factor`), and ``-inf`` at every class
 ``head[b, j]`` (the exactly scored classes, ids in ``[0, N)``). Returns each row's largest
 bound (``-inf`` where no class is left). The sums are in float32 in that order (``s + a rho``, then
 ``+ c``); ``a_b`` is ``|h_b|`` accumulated in float64, rounded to float32, times ``sigmas``.
