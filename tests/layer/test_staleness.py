@@ -1,4 +1,5 @@
 """Silent staleness made loud: .data writes, re-armed warnings, torch.compile, and the int8 shortlist cache."""
+import ctypes
 import warnings
 
 import pytest
@@ -76,3 +77,35 @@ def test_dtype_cast_is_not_stale():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         layer.to(torch.float64).topk(H.double(), k=3)
+
+
+def test_sentinel_bytes_see_one_changed_value_and_hold_no_storage():
+    """The CPU check compares the sentinel values as bytes through a view of the weight's memory: one
+    changed sentinel value is seen (bf16 too), and the view does not keep a replaced weight alive."""
+    from torchaq.layer import staleness
+
+    for dtype in (torch.float32, torch.bfloat16):  # (bytes: any dtype)
+        w = torch.randn(V, D, generator=torch.Generator().manual_seed(3)).to(dtype)
+        snap = staleness.snapshot(w)
+        assert snap.host is not None and staleness.changed(w, snap) is None
+        w.data[snap.stride * (snap.count - 1), SENTINEL_COLUMN] += 1  # the last sentinel row's last compared value
+        assert "through .data" in staleness.changed(w, snap)
+    # strided rows (a transposed weight) take the tensor comparison
+    wt = torch.randn(D, V).t()
+    snap = staleness.snapshot(wt)
+    assert snap.host is None and staleness.changed(wt, snap) is None
+    wt.data[0, 0] += 1
+    assert "through .data" in staleness.changed(wt, snap)
+    # a replaced weight is reported; the snapshot's view refers to no tensor (it would keep a replaced
+    # weight's storage alive): its bases end in ctypes memory
+    p = torch.nn.Parameter(torch.randn(V, D))
+    snap = staleness.snapshot(p)
+    chain, base = [], snap.host
+    while base is not None:
+        chain.append(base)
+        base = getattr(base, "base", None)
+    assert not any(isinstance(b, torch.Tensor) for b in chain) and isinstance(chain[-1], ctypes.Array), chain
+    p.data = torch.randn(V, D)
+    assert "replaced" in staleness.changed(p, snap)
+
+SENTINEL_COLUMN = 15

@@ -136,3 +136,20 @@ def test_sample_takes_the_one_op_path_and_gives_the_general_paths_tokens(layer_a
     assert torch.equal(fast.truncated_logprobs, fast.logprobs)
     with pytest.raises(ValueError, match="h contains NaN or Inf"):
         layer.sample(h.clone().fill_(math.nan))
+
+
+def test_sample_records_no_autograd_history_on_any_path(layer_and_rows):
+    """Under grad mode the one-op path runs on detached parameters without a no_grad context; every
+    path (one op, ``h`` that requires grad, truncations, logprobs, rows left to the general path)
+    returns tensors without history, the same tokens as under ``no_grad``, and no parameter grad."""
+    layer, h = layer_and_rows
+    seeds = torch.arange(6)
+    cases = [dict(), dict(top_k=5), dict(top_p=0.9), dict(return_logprobs=True), dict(temperature=1e-4)]
+    for kw in cases:
+        with torch.no_grad():
+            want = layer.sample(h, seeds=seeds, **kw)
+        for x in (h, h.clone().requires_grad_()):
+            got = layer.sample(x, seeds=seeds, **kw)
+            for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+                assert torch.equal(a, b) and not b.requires_grad and b.grad_fn is None, kw
+    assert layer.weight.grad is None

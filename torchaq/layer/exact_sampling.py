@@ -397,13 +397,18 @@ def _one_op_chunk(layer, flat: Tensor, seeds: Tensor, temperature: float, candid
 def sample_full(layer, h: Tensor, top_k=None, top_p=1.0, min_p=None, temperature=1.0, generator=None, seeds=None,
                 return_logprobs: bool = False, candidates: Optional[int] = None):
     """:meth:`torchaq.QuantizedSoftmax.sample` (module docstring): int64 tokens shaped ``h.shape[:-1]``,
-    or a :class:`SampleOutput` with ``return_logprobs``."""
+    or a :class:`SampleOutput` with ``return_logprobs``. Never records autograd history."""
     top_k, top_p, min_p, temperature = check_full_sampling_args(top_k, top_p, min_p, temperature, layer.num_classes)
     if candidates is not None:
         candidates = check_int(candidates, "candidates", 1, layer.num_classes, f"in [1, V={layer.num_classes}]")
     # without truncation, PQ layers draw with one torchaq::layer_sample call per chunk (which refuses a
     # non-finite h itself)
     one_op = _one_op_args(layer, candidates) if top_k is None and top_p == 1 and min_p is None else None
+    # no autograd: the one-op path reads detached parameters; every other step enters no_grad here (a
+    # no_grad context on every call costs a visible share of a batch-1 draw)
+    if torch.is_grad_enabled() and (one_op is None or return_logprobs or getattr(h, "requires_grad", False)):
+        with torch.no_grad():
+            return sample_full(layer, h, top_k, top_p, min_p, temperature, generator, seeds, return_logprobs, candidates)
     flat = layer.flat_features(h, finite=one_op is None)
     lead = h.shape[:-1]
     seeds = row_seeds(seeds, generator, lead, flat.device)

@@ -75,7 +75,7 @@ class FastTopk(nn.Module):
             if bias is not None and bias.data_ptr() != st[1].data_ptr():  # (the weight's pointer is checked above)
                 bias = st[1].detach()
         codebooks, packed, side, pad, num_classes = st[2:7]
-        queries = self.quantizer.pad(h) if pad else h.float()
+        queries = self.quantizer.pad(h) if pad else h if h.dtype == torch.float32 else h.float()
         return torch.ops.torchaq.layer_sample.default(
             h, queries, codebooks, packed, num_classes, self.scan_bias(), weight, bias, side, norms, seeds,
             head, sigmas, rounding, temperature, weight_range, block, proposals, rounds)

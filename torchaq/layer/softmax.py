@@ -353,13 +353,13 @@ class QuantizedSoftmax(IndexedLayer):
         ``method="candidates"`` is the earlier sampler, kept for comparison: top-k (default 50) and
         top-p among the ``candidates`` re-scored classes only (the mass outside them is never drawn).
         """
+        if method == "full":  # (sample_full enters no_grad itself where it needs to: not on its one-op path)
+            self.warn_if_stale()
+            return sample_full(self, h, top_k, top_p, min_p, temperature, generator, seeds, return_logprobs, candidates)
         if torch.is_grad_enabled():  # no autograd here (a no_grad decorator costs more at batch 1)
             with torch.no_grad():
                 return self.sample(h, top_k, top_p, min_p, temperature, generator, seeds, return_logprobs, candidates,
                                    method)
-        if method == "full":
-            self.warn_if_stale()
-            return sample_full(self, h, top_k, top_p, min_p, temperature, generator, seeds, return_logprobs, candidates)
         if method != "candidates":
             raise ValueError(f'method must be "full" or "candidates", got {method!r}')
         if min_p is not None or seeds is not None or return_logprobs:

@@ -15,14 +15,19 @@ them in three ways, each seen by a different signal:
 
 :func:`changed` runs all three per call: two integer compares and one ``torch.equal`` over
 ``SENTINEL_ROWS * SENTINEL_COLUMNS`` values (one cache line per row in float32), independent of
-``V``, ``d`` and the batch. A ``.data`` write that leaves those values bit-identical goes unseen by
+``V``, ``d`` and the batch. On CPU the sentinel values are compared as bytes through a numpy view of
+the weight's memory (:func:`host_sentinels`): at batch 1 each torch op of a ``sample`` call costs
+several times its own run time after the scan has filled the caches, and the check would otherwise
+be two of them. A ``.data`` write that leaves those values bit-identical goes unseen by
 the per-call check; :meth:`refresh` itself
 fingerprints all ``V`` rows (:mod:`torchaq.layer.incremental`), so it re-encodes them anyway.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import ctypes
+from typing import NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,19 +41,39 @@ SENTINEL_COLUMNS = 16
 
 class Snapshot(NamedTuple):
     """What the index was built from: storage pointer, version counter, the sentinel rows' stride
-    and count, and their copies."""
+    and count, and their copies; on CPU also the weight's shape and strides, a numpy view of the
+    sentinel values (:func:`host_sentinels`) and their bytes."""
 
     pointer: int
     version: Optional[int]
     stride: int
     count: int
     values: Tensor
+    layout: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]] = None
+    host: Optional[np.ndarray] = None
+    host_bytes: bytes = b""
 
 
 def sentinels(weight: Tensor, stride: int, count: int) -> Tensor:
     """The sentinel values of ``weight``: a strided *view* (``weight[::stride][:count, :SENTINEL_COLUMNS]``),
     so the per-call comparison allocates nothing."""
     return weight.detach()[::stride][:count, :SENTINEL_COLUMNS]
+
+
+def host_sentinels(w: Tensor, stride: int, count: int) -> Optional[np.ndarray]:
+    """The bytes of the sentinel values of a CPU ``w`` with contiguous rows as a ``(count, columns *
+    itemsize)`` uint8 numpy view of its memory, or None (another device, strided rows, no values).
+    The view holds no reference to the storage (one that did would keep a replaced weight alive), so
+    :func:`changed` reads it only once the pointer, shape and strides match the snapshot's: the
+    storage is then the weight's, and the sentinels lie inside it."""
+    if w.device.type != "cpu" or w.dim() != 2 or w.numel() == 0 or w.stride(1) != 1 or w.is_meta:
+        return None
+    size = w.element_size()
+    cols = min(SENTINEL_COLUMNS, w.shape[1]) * size
+    row = stride * w.stride(0) * size
+    span = (count - 1) * row + cols
+    memory = np.frombuffer((ctypes.c_char * span).from_address(w.data_ptr()), dtype=np.uint8)
+    return np.lib.stride_tricks.as_strided(memory, (count, cols), (row, 1), writeable=False)
 
 
 def version_of(weight: Tensor) -> Optional[int]:
@@ -65,18 +90,25 @@ def snapshot(weight: Tensor) -> Snapshot:
     num = w.shape[0]
     stride = max(1, num // SENTINEL_ROWS)
     count = min(SENTINEL_ROWS, (num + stride - 1) // stride)
-    return Snapshot(w.data_ptr(), version_of(weight), stride, count, sentinels(w, stride, count).clone())
+    values = sentinels(w, stride, count).clone()
+    host = host_sentinels(w, stride, count)
+    return Snapshot(w.data_ptr(), version_of(weight), stride, count, values, (tuple(w.shape), w.stride()), host,
+                    b"" if host is None else host.tobytes())
 
 
 def changed(weight: Tensor, snap: Optional[Snapshot]) -> Optional[str]:
     """What changed in ``weight`` since ``snap`` (a short description), or None if nothing did."""
     if snap is None:
         return None
-    w = weight.detach()
-    if w.data_ptr() != snap.pointer:
+    if weight.data_ptr() != snap.pointer:
         return "the weight's storage was replaced (weight.data = ... or a new tensor)"
     if version_of(weight) != snap.version:
         return "the weight was updated in place (optimiser step, tied embedding)"
+    if snap.host is not None and weight.shape == snap.layout[0] and weight.stride() == snap.layout[1]:
+        if snap.host.tobytes() != snap.host_bytes:  # (the same storage: see host_sentinels)
+            return "the weight was written through .data (weight.data.copy_ / HF _init_weights)"
+        return None
+    w = weight.detach()
     values = snap.values
     if w.is_meta or values.device != w.device or w.dim() != 2:
         return None
