@@ -33,10 +33,14 @@ class FastTopk(nn.Module):
         st = None if torch.compiler.is_compiling() else self._one_op_state()
         if st is None:
             if not isinstance(self.quantizer, AnisotropicPQ):
-                return self.candidate_logits(h, candidates, k, keep=k)[:2]
+                with torch.no_grad():
+                    return self.candidate_logits(h, candidates, k, keep=k)[:2]
             # traced (torch.compile) or AQ-free fallback: no cached pointers, no int8 shortlist
             st = self._one_op_tensors() + (None, None, (None, None), None)
-        weight, bias, codebooks, packed, side, pad, num_classes = st[:7]
+            weight, bias = st[0].detach(), None if st[1] is None else st[1].detach()
+        else:
+            weight, bias = self._detached(st)
+        codebooks, packed, side, pad, num_classes = st[2:7]
         if not self._stale_warned or st[7] is None:
             self.warn_if_stale()
         if not isinstance(h, Tensor) or h.dim() != 2 or h.device != weight.device:
@@ -53,7 +57,7 @@ class FastTopk(nn.Module):
         # the scan ranks with the layer's bias; the side rows' exclusion only where it matters
         exclude = side.shape[0] > 0 and scan_k + side.shape[0] >= num_classes
         scan_bias = self.scan_bias() if bias is not None or exclude else None
-        queries = self.quantizer.pad(h) if pad else h.float()
+        queries = self.quantizer.pad(h) if pad else h if h.dtype == torch.float32 else h.float()
         w8, scale = (st[9] if st[8] == st[10] else self._shortlist_rows(weight)) if self.shortlist else (None, None)
         return torch.ops.torchaq.layer_topk.default(
             h, queries, codebooks, packed, num_classes, scan_k, scan_bias, weight, bias, side, w8, scale,
@@ -71,14 +75,22 @@ class FastTopk(nn.Module):
             weight, bias = st[0].detach(), None if st[1] is None else st[1].detach()
             norms = self.error_scales
         else:
-            weight, bias, norms = st[11]
-            if bias is not None and bias.data_ptr() != st[1].data_ptr():  # (the weight's pointer is checked above)
-                bias = st[1].detach()
+            weight, bias = self._detached(st)
+            norms = st[11][2]
         codebooks, packed, side, pad, num_classes = st[2:7]
         queries = self.quantizer.pad(h) if pad else h if h.dtype == torch.float32 else h.float()
         return torch.ops.torchaq.layer_sample.default(
             h, queries, codebooks, packed, num_classes, self.scan_bias(), weight, bias, side, norms, seeds,
             head, sigmas, rounding, temperature, weight_range, block, proposals, rounds)
+
+    @staticmethod
+    def _detached(st: tuple) -> Tuple[Tensor, Optional[Tensor]]:
+        """The detached weight and bias of the op inputs ``st``: the ops get no autograd history and need
+        no ``no_grad`` context. The weight's pointer is checked with the cache; the bias's here."""
+        weight, bias = st[11][:2]
+        if bias is not None and bias.data_ptr() != st[1].data_ptr():
+            bias = st[1].detach()
+        return weight, bias
 
     def one_op_memo(self) -> Optional[dict]:
         """A dict for values derived from the layer's op inputs (the sampler's head width and bound

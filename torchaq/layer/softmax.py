@@ -276,7 +276,10 @@ class QuantizedSoftmax(IndexedLayer):
         ``shortlist`` of them (attribute; ``True``: :func:`default_shortlist`, ``False``: all) are
         re-scored exactly (:mod:`torchaq.ops.layer_topk`); values stay exact logits.
         """
-        if torch.is_grad_enabled():  # no autograd here (a no_grad decorator costs more at batch 1)
+        # no autograd here; the one-op path reads detached parameters, so it needs no no_grad context
+        # (which, like a no_grad decorator, costs a visible share of a batch-1 call)
+        if torch.is_grad_enabled() and (guarantee is not None or self.exact_reason is not None
+                                        or getattr(h, "requires_grad", True)):
             with torch.no_grad():
                 return self.topk(h, k, candidates, guarantee)
         if type(k) is not int or not 0 < k <= self.num_classes:
