@@ -76,6 +76,28 @@ def _timing(times) -> Timing:
     return Timing(best=times[0], median=q(0.5), p90=q(0.9))
 
 
+def time_alternating(fn_a: Callable[[], object], fn_b: Callable[[], object], max_time: float = 1.0, warmup: int = 1,
+                     cpu_time: bool = False):
+    """Time single calls ``a, b, a, b, ...`` (5 to 60 of each, about ``max_time`` in all): every ``b``
+    runs right after an ``a``, in the caches ``a`` left. A decode step's head runs right after the
+    model body, which has streamed its own weights through the caches; a dense ``a`` that reads
+    more than the last-level cache leaves ``b`` just as cold. Returns ``(Timing of a, Timing of b,
+    median over pairs of time(a) / time(b))``. ``cpu_time`` as in :func:`time_call`."""
+    clock = time.thread_time if cpu_time else time.perf_counter
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    times, spent = ([], []), 0.0
+    while len(times[0]) < 5 or (len(times[0]) < 60 and spent < max_time):
+        for fn, out in zip((fn_a, fn_b), times):
+            t0 = clock()
+            fn()
+            out.append(clock() - t0)
+            spent += out[-1]
+    ratios = sorted(a / b for a, b in zip(*times))
+    return _timing(times[0]), _timing(times[1]), ratios[len(ratios) // 2]
+
+
 def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], min_run_time: float = 0.5, warmup: int = 1,
               cpu_time: bool = False):
     """Time two calls in alternating blocks of ~20 ms each (``a``, ``b``, ``a``, ``b``, ...) until each has

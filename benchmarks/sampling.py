@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torchaq  # noqa: E402
-from benchmarks.common import RESULTS, emit, environment, markdown_table, time_call, time_pair  # noqa: E402
+from benchmarks.common import RESULTS, emit, environment, markdown_table, time_alternating, time_call, time_pair  # noqa: E402
 from torchaq.layer import exact_sampling  # noqa: E402
 from torchaq.layer.exact_sampling import sample_many  # noqa: E402
 from torchaq.layer.sampling import draw_top_p  # noqa: E402
@@ -188,11 +188,19 @@ def dense_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return order.gather(1, draw_top_p(values, top_p, 1.0, None))
 
 
+SPEED_COLUMNS = ["threads", "batch", "dense softmax + multinomial", "dense top_p=0.9 (sort + nucleus + multinomial)",
+                 "sample", "sample, each call right after a dense call (x: dense / it, call by call)",
+                 "sample top_p=0.9 (x = dense top_p / it)", "sample T=0.7", "sample + return_logprobs",
+                 "old sampler top_k=50"]
+
+
 def speed(layer, queries, batches, min_run, threads=(1,)):
-    """Speed rows per thread count and batch: 1 thread is the calling thread's CPU time (other
-    processes cannot inflate it), more threads the wall clock. Each sampler is timed in alternating
-    blocks with the dense call it replaces (:func:`benchmarks.common.time_pair`); its ``x`` is the
-    median over block pairs of dense / sampler."""
+    """Speed rows per thread count and batch (:data:`SPEED_COLUMNS`): 1 thread is the calling thread's
+    CPU time (other processes cannot inflate it), more threads the wall clock. Each sampler is timed
+    in alternating blocks with the dense call it replaces (:func:`benchmarks.common.time_pair`); its
+    ``x`` is the median over block pairs of dense / sampler. The default sampler is also timed call
+    by call right after a dense call (:func:`benchmarks.common.time_alternating`: the caches a
+    decode step's head finds after the model body)."""
     weight = layer.weight.detach()
     rows = []
     for th in threads:
@@ -207,7 +215,9 @@ def speed(layer, queries, batches, min_run, threads=(1,)):
             for kw, base in ((dict(), dense_call), (dict(top_p=0.9), dense_p_call), (dict(temperature=0.7), dense_call)):
                 base_t, tm, x = time_pair(base, lambda: layer.sample(h, seeds=seeds, **kw), min_run, cpu_time=cpu)
                 cells.append((base_t, f"{tm.ms:.3f} ({x:.1f}x)"))
-            row = [str(th), str(b), f"{cells[0][0].ms:.3f}", f"{cells[1][0].ms:.3f}"] + [c for _, c in cells]
+            _, cold, x = time_alternating(dense_call, lambda: layer.sample(h, seeds=seeds), 2 * min_run, cpu_time=cpu)
+            cells.insert(1, (None, f"{cold.ms:.3f} ({x:.1f}x)"))
+            row = [str(th), str(b), f"{cells[0][0].ms:.3f}", f"{cells[2][0].ms:.3f}"] + [c for _, c in cells]
             tm = time_call(lambda: layer.sample(h, seeds=seeds, return_logprobs=True), min_run, cpu_time=cpu)
             row.append(f"{tm.ms:.3f}")
             tm = time_call(lambda: layer.sample(h, top_k=50, method="candidates"), min_run, cpu_time=cpu)
@@ -267,10 +277,7 @@ def main(argv=None) -> str:
     threads = [int(t) for t in (args.threads or ("1" if args.part == "all" else "1,2")).split(",")]
     text += ["", "## Speed, LM-like queries (ms per call, medians; 1 thread: CPU time of the thread, 2 threads: wall "
              "clock; x = median over alternating blocks of dense / sample, timed together)",
-             markdown_table(["run", "threads", "batch", "dense softmax + multinomial",
-                             "dense top_p=0.9 (sort + nucleus + multinomial)", "sample",
-                             "sample top_p=0.9 (x = dense top_p / it)", "sample T=0.7", "sample + return_logprobs",
-                             "old sampler top_k=50"],
+             markdown_table(["run"] + SPEED_COLUMNS,
                             [[str(run + 1)] + row for run in range(args.repeat)
                              for row in speed(layer, sets["LM-like"], (1, 64) if args.part == "all" else (1, 64, 256),
                                               0.2 if args.quick else 0.5, threads)])]

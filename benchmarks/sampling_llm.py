@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchaq  # noqa: E402
 from benchmarks.common import RESULTS, emit, environment, markdown_table  # noqa: E402
 from benchmarks.llm_tables import fitted_layer, table  # noqa: E402
-from benchmarks.sampling import (ERROR_COLUMNS, SETTINGS, entropy, error_quantiles, logprob_errors, quality,  # noqa: E402
-                                 scale_for_entropy, speed)
+from benchmarks.sampling import (ERROR_COLUMNS, SETTINGS, SPEED_COLUMNS, entropy, error_quantiles,  # noqa: E402
+                                 logprob_errors, quality, scale_for_entropy, speed)
 
 
 def main(argv=None) -> str:
@@ -67,10 +67,7 @@ def main(argv=None) -> str:
                  markdown_table(ERROR_COLUMNS, error_quantiles(layer, q[:32]))]
     text += ["", "## Speed (ms per call, medians, CPU time of one thread; x = median over alternating blocks of "
              "dense / sample, timed together)",
-             markdown_table(["threads", "batch", "dense softmax + multinomial", "dense top_p=0.9 (sort + nucleus + multinomial)",
-                             "sample", "sample top_p=0.9 (x = dense top_p / it)", "sample T=0.7",
-                             "sample + return_logprobs", "old sampler top_k=50"],
-                            speed(layer, q, (1, 64), 0.2 if args.quick else 0.5)),
+             markdown_table(SPEED_COLUMNS, speed(layer, q, (1, 64), 0.2 if args.quick else 0.5)),
              "", f"total benchmark time {time.perf_counter() - start:.0f} s"]
     out = "\n".join(text)
     emit(out, args.out)
