@@ -37,9 +37,7 @@ class FastTopk(nn.Module):
                     return self.candidate_logits(h, candidates, k, keep=k)[:2]
             # traced (torch.compile) or AQ-free fallback: no cached pointers, no int8 shortlist
             st = self._one_op_tensors() + (None, None, (None, None), None)
-            weight, bias = st[0].detach(), None if st[1] is None else st[1].detach()
-        else:
-            weight, bias = self._detached(st)
+        weight, bias = self._detached(st)
         codebooks, packed, side, pad, num_classes = st[2:7]
         if not self._stale_warned or st[7] is None:
             self.warn_if_stale()
@@ -57,7 +55,7 @@ class FastTopk(nn.Module):
         # the scan ranks with the layer's bias; the side rows' exclusion only where it matters
         exclude = side.shape[0] > 0 and scan_k + side.shape[0] >= num_classes
         scan_bias = self.scan_bias() if bias is not None or exclude else None
-        queries = self.quantizer.pad(h) if pad else h if h.dtype == torch.float32 else h.float()
+        queries = self._queries(h, pad)
         w8, scale = (st[9] if st[8] == st[10] else self._shortlist_rows(weight)) if self.shortlist else (None, None)
         return torch.ops.torchaq.layer_topk.default(
             h, queries, codebooks, packed, num_classes, scan_k, scan_bias, weight, bias, side, w8, scale,
@@ -72,13 +70,10 @@ class FastTopk(nn.Module):
         st = None if torch.compiler.is_compiling() else self._one_op_state()
         if st is None:  # traced (torch.compile): no cached pointers
             st = self._one_op_tensors()
-            weight, bias = st[0].detach(), None if st[1] is None else st[1].detach()
-            norms = self.error_scales
-        else:
-            weight, bias = self._detached(st)
-            norms = st[11][2]
+        weight, bias = self._detached(st)
+        norms = st[11][2] if len(st) > 11 else self.error_scales
         codebooks, packed, side, pad, num_classes = st[2:7]
-        queries = self.quantizer.pad(h) if pad else h if h.dtype == torch.float32 else h.float()
+        queries = self._queries(h, pad)
         return torch.ops.torchaq.layer_sample.default(
             h, queries, codebooks, packed, num_classes, self.scan_bias(), weight, bias, side, norms, seeds,
             head, sigmas, rounding, temperature, weight_range, block, proposals, rounds)
@@ -86,11 +81,18 @@ class FastTopk(nn.Module):
     @staticmethod
     def _detached(st: tuple) -> Tuple[Tensor, Optional[Tensor]]:
         """The detached weight and bias of the op inputs ``st``: the ops get no autograd history and need
-        no ``no_grad`` context. The weight's pointer is checked with the cache; the bias's here."""
+        no ``no_grad`` context. From the cache (:meth:`_one_op_state`: the weight's pointer is checked
+        there, the bias's here), else (traced) detached now."""
+        if len(st) <= 11:
+            return st[0].detach(), None if st[1] is None else st[1].detach()
         weight, bias = st[11][:2]
         if bias is not None and bias.data_ptr() != st[1].data_ptr():
             bias = st[1].detach()
         return weight, bias
+
+    def _queries(self, h: Tensor, pad: bool) -> Tensor:
+        """``h`` as the ops' float32 queries, zero-padded to the quantizer's ``M * dsub`` where ``pad``."""
+        return self.quantizer.pad(h) if pad else h if h.dtype == torch.float32 else h.float()
 
     def one_op_memo(self) -> Optional[dict]:
         """A dict for values derived from the layer's op inputs (the sampler's head width and bound
