@@ -205,7 +205,10 @@ def part_quality(args) -> None:
          dict(sampler="quantized", proposal="lut", lut_rows=None, control_variate=False)),
         ("quantized, whole-LUT mixture, LUT pass on 128 rows", dict(sampler="quantized", proposal="lut",
                                                                      lut_rows=128)),
-        ("quantized (default: whole-LUT mixture, LUT pass on 64 rows, 96 hard / 192 candidates)", dict(sampler="quantized")),
+        ("quantized (default: whole-LUT mixture, LUT pass on 64 rows, 96 hard / 192 candidates, tail weight gradient "
+         "from 64 rows)", dict(sampler="quantized")),
+        ("quantized, the default with the draws' weight gradient (tail_grad_rows=0)",
+         dict(sampler="quantized", tail_grad_rows=0)),
         ("quantized, whole-LUT mixture, every row, no floor (lut_share 1)",
          dict(sampler="quantized", proposal="lut", lut_rows=None, lut_share=1.0)),
         ("quantized, whole-LUT mixture, every row, 64 hard / 192 candidates",

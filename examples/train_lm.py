@@ -106,6 +106,7 @@ def output_layer_loss(method, head, h, y, gen, args, num_sampled=None):
         return torchaq.linear_cross_entropy(h.flatten(0, 1), head.weight, y.flatten(), head.bias)
     return head.sampled_softmax_loss(h, y, num_sampled=num_sampled, sampler=method, generator=gen,
                                      num_hard=args.num_hard, num_candidates=args.num_candidates,
+                                     tail_grad_rows=args.tail_grad_rows,
                                      class_counts=None if method == "quantized" and args.quantized_floor == "uniform"
                                      else args.class_counts,
                                      **({"candidate_share": args.candidate_share, "proposal": args.proposal,
@@ -269,6 +270,9 @@ def main(argv=None):
                         help="quantized sampler: exact LUT-top classes per row (the library's default)")
     parser.add_argument("--num-candidates", type=int, default=torchaq.training.proposals.CANDIDATES_PER_ROW,
                         help="quantized sampler: LUT-top classes per row read by the scan (the library's default)")
+    parser.add_argument("--tail-grad-rows", type=int, default=torchaq.training.tail_grad.TAIL_GRAD_ROWS,
+                        help="sampled arms: the weight gradient outside each row's exact set from the full softmax of "
+                        "this many rows of the batch (the library's default); 0: from the draws")
     parser.add_argument("--proposal", choices=("lut", "candidates"), default="lut",
                         help="quantized sampler: whole-LUT mixture + LUT-sum control variate, or top candidates + floor")
     parser.add_argument("--lut-share", type=float, default=torchaq.training.lut_proposal.LUT_SHARE,
@@ -331,7 +335,9 @@ def write_table(rows, args, vocab, done):
               + (f", quantized proposal lut (share {args.lut_share}, LUT pass on "
                  f"{args.lut_rows or 'all'} rows)" if args.proposal == "lut"
                  else f", quantized proposal candidates (share {args.candidate_share})")
-              + f", floor {args.quantized_floor}, hard set {args.num_hard} of {args.num_candidates} candidates")
+              + f", floor {args.quantized_floor}, hard set {args.num_hard} of {args.num_candidates} candidates"
+              + (f", tail weight gradient from {args.tail_grad_rows} rows" if args.tail_grad_rows
+                 else ", tail weight gradient from the draws"))
     table = markdown_table(
         ["method", "num_sampled", "val perplexity (exact softmax)", "vs full", "output layer fwd+bwd ms/step",
          "peak MB of that step", "index refresh s (total)", "wall s", "sampled - full loss at the end (nats)"],

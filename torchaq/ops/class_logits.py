@@ -65,7 +65,8 @@ class _ClassLogits(torch.autograd.Function):
     """Per-row and shared class logits (module docstring); ``h``, ``weight`` float32 on CPU."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor], per_row: Tensor, shared: Tensor):
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor], per_row: Tensor, shared: Tensor,
+                shared_weight_grad: bool):
         with torch.autocast(h.device.type, enabled=False):
             batch, num_classes = h.shape[0], weight.shape[0]
             crow, col, inverse = _row_pattern(per_row, num_classes)
@@ -79,6 +80,7 @@ class _ClassLogits(torch.autograd.Function):
                 shared_logits = shared_logits + bias[shared].float()
         ctx.save_for_backward(h, weight, crow, col, inverse, shared, rows)
         ctx.has_bias, ctx.bias_dtype = bias is not None, None if bias is None else bias.dtype
+        ctx.shared_weight_grad = shared_weight_grad
         return logits, shared_logits
 
     @staticmethod
@@ -99,12 +101,15 @@ class _ClassLogits(torch.autograd.Function):
                 grad_w = torch.zeros_like(weight)
                 if col.numel():  # in place: torch.sparse.mm would allocate (and zero) a second (V, d)
                     grad_w.addmm_(_transposed_csr(crow, col, g, num_classes), h)
-                grad_w.index_add_(0, shared, gs.T @ h)
+                if ctx.shared_weight_grad:
+                    grad_w.index_add_(0, shared, gs.T @ h)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = torch.zeros(num_classes, dtype=torch.float32, device=h.device)
-                grad_b.index_add_(0, col, g).index_add_(0, shared, gs.sum(0))
+                grad_b.index_add_(0, col, g)
+                if ctx.shared_weight_grad:
+                    grad_b.index_add_(0, shared, gs.sum(0))
                 grad_b = grad_b.to(ctx.bias_dtype)
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def _sparse_path(h: Tensor, weight: Tensor) -> bool:
@@ -113,11 +118,14 @@ def _sparse_path(h: Tensor, weight: Tensor) -> bool:
 
 
 def class_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], per_row: Sequence[Tensor],
-                 shared: Optional[Tensor] = None) -> Tuple[List[Tensor], Optional[Tensor]]:
+                 shared: Optional[Tensor] = None, shared_weight_grad: bool = True) -> Tuple[List[Tensor], Optional[Tensor]]:
     """Exact float32 logits ``<h_b, W_c> + bias_c`` (module docstring) of each per-row class tensor
     in ``per_row`` (int64 ``(B, n_i)``; classes may repeat within a row) and of the ``shared`` classes
     (int64 ``(u,)``, the same for every row; ``None``: none): ``([(B, n_i) ...], (B, u) or None)``.
-    Differentiable in ``h``, ``weight`` and ``bias``; cost ``O(B (sum n_i + u) d)``."""
+    Differentiable in ``h``, ``weight`` and ``bias``; cost ``O(B (sum n_i + u) d)``.
+    ``shared_weight_grad=False``: the shared classes' logits pass gradient to ``h`` only, not to
+    ``weight`` / ``bias`` (the sampled loss's weight gradient then comes from elsewhere,
+    :mod:`torchaq.training.tail_grad`)."""
     widths = [t.shape[1] for t in per_row]
     classes = torch.cat(list(per_row), dim=1)
     shared_ids = shared if shared is not None else classes.new_zeros(0)
@@ -127,11 +135,13 @@ def class_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], per_row: Seq
             raise ValueError(f"{name} must hold class ids in [0, V={weight.shape[0]}), got values in "
                              f"[{int(ids.min())}, {int(ids.max())}]")
     if _sparse_path(h, weight) and classes.shape[0] and classes.shape[1]:
-        logits, shared_logits = _ClassLogits.apply(h.float(), weight, bias, classes, shared_ids)
+        logits, shared_logits = _ClassLogits.apply(h.float(), weight, bias, classes, shared_ids, shared_weight_grad)
     else:
         gathered = gather_rows(weight, classes, shared_ids)
         logits = logits_of_rows(h, gathered[0], bias, classes)
-        shared_logits = h.float() @ gathered[1].float().T
+        shared_rows = gathered[1] if shared_weight_grad else gathered[1].detach()
+        shared_logits = h.float() @ shared_rows.float().T
         if bias is not None:
-            shared_logits = shared_logits + bias[shared_ids].float()
+            shared_bias = bias[shared_ids] if shared_weight_grad else bias.detach()[shared_ids]
+            shared_logits = shared_logits + shared_bias.float()
     return list(logits.split(widths, dim=1)), (shared_logits if shared is not None else None)

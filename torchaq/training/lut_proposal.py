@@ -154,14 +154,17 @@ class LutMixture:
 
 
 def lut_cv_loss(h: Tensor, target: Tensor, weight: Tensor, bias: Optional[Tensor], hard: Tensor, classes: Tensor,
-                log_pi: Tensor, draw_lut: Tensor, log_rest: Tensor, remove_accidental_hits: bool = True) -> Tensor:
+                log_pi: Tensor, draw_lut: Tensor, log_rest: Tensor, remove_accidental_hits: bool = True,
+                draw_weight_grad: bool = True) -> Tensor:
     """Per-row ``log Z_hat_b - l_bt`` (module docstring) for rows ``h`` ``(B, d)``.
 
     ``hard`` ``(B, n)``: distinct exact classes per row; ``classes`` ``(u,)`` sorted distinct
     draws with ``log_pi``; ``draw_lut`` ``(B, u)`` their LUT scores; ``log_rest`` ``(B,)`` ``log
-    S_b`` over the classes outside each row's exact set. Gradients flow through the exact logits.
+    S_b`` over the classes outside each row's exact set. Gradients flow through the exact logits
+    (``draw_weight_grad=False``: the draws' logits give ``h`` its gradient but not the weights).
     """
-    (hard_logits, target_logit), draw_logits = class_logits(h, weight, bias, [hard, target.unsqueeze(1)], classes)
+    (hard_logits, target_logit), draw_logits = class_logits(h, weight, bias, [hard, target.unsqueeze(1)], classes,
+                                                            shared_weight_grad=draw_weight_grad)
     target_logit = target_logit.squeeze(1)
     hard_is_target = hard == target.unsqueeze(1)
     excluded = torch.cat([hard, target.unsqueeze(1)], 1) if remove_accidental_hits else hard
@@ -192,8 +195,10 @@ def lut_cv_loss(h: Tensor, target: Tensor, weight: Tensor, bias: Optional[Tensor
 def layer_lut_cv_loss(layer, flat: Tensor, target: Tensor, num_sampled: int, num_hard: int, num_candidates: int,
                       lut_share: float, base: Optional[Tensor], remove_accidental_hits: bool,
                       generator: Optional[torch.Generator], control_variate: bool = True,
-                      lut_rows: Optional[int] = None, draws: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-    """The per-row loss for ``layer`` (flattened rows ``flat``, ``target`` ``(B,)``): scan, LUT pass, draws, loss.
+                      lut_rows: Optional[int] = None, draws: Optional[Tuple[Tensor, Tensor]] = None,
+                      draw_weight_grad: bool = True) -> Tuple[Tensor, Tensor]:
+    """The per-row loss for ``layer`` (flattened rows ``flat``, ``target`` ``(B,)``): scan, LUT pass, draws,
+    loss; returns ``(loss (B,), hard (B, n))``, the rows' hard sets with it.
 
     ``control_variate=False`` keeps the proposal but drops ``S_b`` and the ``e^{s}`` corrections
     (the plain Horvitz-Thompson estimate, for comparison). ``lut_rows = R < B``: the LUT pass
@@ -233,5 +238,5 @@ def layer_lut_cv_loss(layer, flat: Tensor, target: Tensor, num_sampled: int, num
         if not control_variate:
             draw_lut, log_rest = torch.full_like(draw_lut, -math.inf), torch.full_like(log_rest, -math.inf)
     return lut_cv_loss(flat, target, layer.weight, layer.bias, hard, classes, log_pi, draw_lut, log_rest,
-                       remove_accidental_hits)
+                       remove_accidental_hits, draw_weight_grad), hard
 

@@ -62,29 +62,28 @@ gradient is that of the plain estimator rescaled by the new ``Z_hat_b``.
 **Cost** per step for ``B`` rows of dimension ``d``: the scan (``B V M`` LUT lookups for ``M``
 subspaces, the SIMD ``lut_topk`` op) plus ``B (|H| + 1 + |U|) d`` multiply-adds for the exact
 logits, ``|U| <= m`` (:func:`torchaq.ops.class_logits`: on CPU without gathering ``(B, |H|, d)``
-rows); the full softmax is ``3 B V d`` (forward and backward). Memory: ``(B,
-num_candidates)`` scan results and ``(B, |H| + |U|)`` logits instead of ``(B, V)``; the weight
-gradient is the dense ``(V, d)`` tensor autograd keeps for an ``nn.Parameter`` (only used rows
-are non-zero). ``benchmarks/sampled_softmax.py`` measures time, memory and gradient quality;
+rows), and ``3 R V d`` for the tail's weight gradient of ``R = tail_grad_rows`` rows (below); the
+full softmax is ``3 B V d`` (forward and backward). Memory: ``(B, num_candidates)`` scan results
+and ``(B, |H| + |U|)`` logits instead of ``(B, V)``; the weight gradient is the dense ``(V, d)``
+tensor autograd keeps for an ``nn.Parameter`` (with ``tail_grad_rows=0`` only used rows are
+non-zero). ``benchmarks/sampled_softmax.py`` measures time, memory and gradient quality;
 ``examples/train_lm.py`` measures training.
 
 **Effective sample size**: each step logs, at DEBUG level on the ``"torchaq"`` logger, the mean
 and minimum over rows of ``(sum_c w_bc)^2 / sum_c w_bc^2`` with ``w_bc = e^{l_bc} / pi(c)`` over
 the row's kept draws.
 
-**Optimiser recipe.** A class gets a gradient only on the steps it is drawn (or in a hard set).
-Adam's normalisation turns those rare, importance-weighted gradients into full-size moves, and
-AdamW's decoupled weight decay and momentum keep moving rows that got no gradient at all. What
-``examples/train_lm.py`` compares (``--head-optimizer``): AdamW, Adagrad, SGD and a lazy AdamW
-(moments, decay and step only for the rows with a gradient, like TF's LazyAdam / torch's
-SparseAdam); ``benchmarks/results/train_lm*.txt`` has the measured perplexities, and the README
-states the recommended recipe. What mattered most there is the proposal's floor: with a uniform
-floor, half the draws land on random rare classes, whose huge importance weights Adam turns into
-rare normalised steps, while the frequent classes that need a steady negative gradient are drawn
-too seldom; a unigram floor (``class_counts``) draws them every step. Next came the proposal
-itself: with AdamW and the unigram floor, the whole-LUT mixture (``proposal="lut"``) trains
-closer to the full softmax than the top candidates at equal draws, and its LUT pass on every
-row closer than on a subset (``lut_rows``), at a higher step time (the README has the table).
+**Weight gradient** (``tail_grad_rows``, default :data:`torchaq.training.tail_grad.TAIL_GRAD_ROWS`).
+Through its draws alone, a class gets a gradient only on the steps it is drawn, weighted ``1 /
+pi(c)``; Adam normalises those rare spikes into much smaller moves than the full softmax's small
+gradient at every step, and that, not the loss or the gradient in ``h``, is what kept the sampled
+loss's perplexity behind the full softmax's in training (``examples/train_lm.py``). So by default
+the weight gradient of every row's classes outside its exact set (target and hard set) comes from
+the full softmax of a few random rows of the batch (:mod:`torchaq.training.tail_grad`: unbiased,
+every class at every step); the draws give the loss and the gradient in ``h``.
+``tail_grad_rows=0`` restores the draws' Horvitz-Thompson weight gradient. The proposal's floor
+still matters for the loss and ``h``: a unigram floor (``class_counts``) draws the frequent
+classes every step. ``benchmarks/results/train_lm*.txt`` has the measured perplexities.
 """
 from __future__ import annotations
 
@@ -119,6 +118,7 @@ from torchaq.training.proposals import (
     shared_draws,
     unigram_proposal,
 )
+from torchaq.training.tail_grad import TAIL_GRAD_ROWS, check_tail_grad_rows, exact_sets, tail_weight_gradient
 
 logger = logging.getLogger("torchaq")
 
@@ -148,6 +148,7 @@ def sampled_softmax_loss(
     remove_accidental_hits: bool = True,
     cv_classes: Optional[Tensor] = None,
     cv_scores: Optional[Tensor] = None,
+    draw_weight_grad: bool = True,
 ) -> Tensor:
     """Per-row loss ``log Z_hat_b - l_bt`` (module docstring) for rows ``h`` ``(B, d)`` and ``target`` ``(B,)``.
 
@@ -155,12 +156,14 @@ def sampled_softmax_loss(
     pi(U)``; ``hard``: optional per-row exact sets ``(B, n)`` with distinct classes in each row.
     ``cv_classes`` / ``cv_scores``: optional ``(B, T)`` classes with known approximate scores
     (the control variate), distinct per row and disjoint from ``hard``. Gradients flow to
-    ``h``, ``weight`` and ``bias`` through the exact logits.
+    ``h``, ``weight`` and ``bias`` through the exact logits; ``draw_weight_grad=False``: the drawn
+    classes' logits pass gradient to ``h`` only (:mod:`torchaq.training.tail_grad` gives the weights theirs).
     """
     batch, device = h.shape[0], h.device
     hard = torch.zeros((batch, 0), dtype=torch.int64, device=device) if hard is None else hard
     # (B, n), (B, 1) and (B, |U|): one node, no (B, n, d) gather
-    (hard_logits, target_logit), draw_logits = class_logits(h, weight, bias, [hard, target.unsqueeze(1)], classes)
+    (hard_logits, target_logit), draw_logits = class_logits(h, weight, bias, [hard, target.unsqueeze(1)], classes,
+                                                            shared_weight_grad=draw_weight_grad)
     target_logit = target_logit.squeeze(1)
     hard_is_target = hard == target.unsqueeze(1)
     excluded = torch.cat([hard, target.unsqueeze(1)], 1) if remove_accidental_hits else hard
@@ -202,13 +205,14 @@ def sampled_softmax_loss(
 
 def per_row_sampled_softmax_loss(
     h: Tensor, target: Tensor, weight: Tensor, bias: Optional[Tensor], proposals: RowProposals, num_sampled: int,
-    remove_accidental_hits: bool = True, generator: Optional[torch.Generator] = None,
+    remove_accidental_hits: bool = True, generator: Optional[torch.Generator] = None, draw_weight_grad: bool = True,
 ) -> Tensor:
     """Each row's own ``m`` draws from its ``Q_b``, weighted ``1 / (m' Q_b'(s))`` (excluded set removed), no sharing.
 
     ``Z_hat_b = e^{l_t} + sum_{H_b \\ t} e^{l} + (1 - Q_b(E_b)) / m' sum_{kept j} e^{l_{s_j}} / Q_b(s_j)``:
     the kept draws are i.i.d. from ``Q_b`` conditioned on ``not in E_b``. Cost ``B m d`` as a
-    gather + batched mat-vec (memory ``(B, m, d)``).
+    gather + batched mat-vec (memory ``(B, m, d)``). ``draw_weight_grad=False``: the draws' logits pass
+    gradient to ``h`` only.
     """
     batch, device = h.shape[0], h.device
     hard = proposals.hard
@@ -216,7 +220,11 @@ def per_row_sampled_softmax_loss(
     counts = torch.full((batch,), num_sampled, dtype=torch.int64)
     samples, _ = proposals.draw(counts, generator)
     samples = samples.view(batch, num_sampled)
-    (hard_logits, target_logit, draw_logits), _ = class_logits(h, weight, bias, [hard, target.unsqueeze(1), samples])
+    if draw_weight_grad:
+        (hard_logits, target_logit, draw_logits), _ = class_logits(h, weight, bias, [hard, target.unsqueeze(1), samples])
+    else:
+        (hard_logits, target_logit), _ = class_logits(h, weight, bias, [hard, target.unsqueeze(1)])
+        (draw_logits,), _ = class_logits(h, weight.detach(), None if bias is None else bias.detach(), [samples])
     target_logit = target_logit.squeeze(1)
     hard_is_target = hard == target.unsqueeze(1)
     excluded = torch.cat([hard, target.unsqueeze(1)], 1) if remove_accidental_hits else hard
@@ -266,6 +274,7 @@ def layer_sampled_softmax_loss(
     softcap: Optional[float] = None,
     return_z_loss: bool = False,
     draws: Optional[Tuple[Tensor, Tensor]] = None,
+    tail_grad_rows: int = TAIL_GRAD_ROWS,
 ):
     """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
 
@@ -322,6 +331,12 @@ def layer_sampled_softmax_loss(
         draws: ``proposal="lut"``: optional ``(classes, log_pi)`` used instead of drawing (sorted
             distinct class ids and their log inclusion probabilities), to evaluate the estimate
             for given draws (the vocabulary-parallel loss is checked against it this way).
+        tail_grad_rows: the weight (and bias) gradient of each row's classes outside its exact set (the
+            target and the hard set) comes from the full softmax of this many random rows of the batch
+            (:mod:`torchaq.training.tail_grad`: unbiased, and every class gets a gradient at every step,
+            which is what Adam needs), not from the draws; the draws still give the loss and the
+            gradient in ``h``. ``0``: the draws' own Horvitz-Thompson weight gradient. Cost ``3 R V d``
+            multiply-adds in the backward for ``R = min(tail_grad_rows, B)``.
     """
     check_loss_options(softcap, label_smoothing, z_loss)
     if softcap is not None:
@@ -329,6 +344,7 @@ def layer_sampled_softmax_loss(
     if not is_int(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     check_sampled_args(h, target, layer.num_classes, num_sampled, sampler, reduction, ignore_index)
+    tail_grad_rows = check_tail_grad_rows(tail_grad_rows)
     if getattr(layer, "exact_reason", None) is not None:
         # a table scored exactly (too few rows or columns for codes) has no quantized proposal: its
         # exact loss costs about what the sampled one would
@@ -343,10 +359,11 @@ def layer_sampled_softmax_loss(
     kept = kept_rows(flat_t, ignore_index)
     all_kept = torch.compiler.is_compiling() or bool(kept.all())
     rows_h, rows_t = (flat_h, flat_t) if all_kept else (flat_h[kept], flat_t[kept])
-    loss = _layer_sampled_rows(layer, rows_h, rows_t, num_sampled, sampler, remove_accidental_hits, class_counts,
-                               generator, num_hard, num_candidates, control_variate, share_draws, candidate_share,
-                               proposal, lut_share, lut_rows, draws)
+    loss, hard = _layer_sampled_rows(layer, rows_h, rows_t, num_sampled, sampler, remove_accidental_hits,
+                                     class_counts, generator, num_hard, num_candidates, control_variate, share_draws,
+                                     candidate_share, proposal, lut_share, lut_rows, draws, tail_grad_rows == 0)
     z_rows = None
+    log_z_scale = None
     if label_smoothing or z_loss:
         target_logit = exact_logits(rows_h, layer.weight, layer.bias, rows_t.unsqueeze(1)).squeeze(1)
         log_z = loss + target_logit  # log Z_hat
@@ -358,6 +375,10 @@ def layer_sampled_softmax_loss(
         if z_loss:
             z_rows = z_loss * log_z * log_z
             loss = loss + z_rows
+            log_z_scale = 1.0 + 2.0 * z_loss * log_z.detach()  # d loss / d log Z of each row
+    if tail_grad_rows:
+        loss = loss + tail_weight_gradient(rows_h, rows_t, layer.weight, layer.bias, exact_sets(rows_t, hard),
+                                           tail_grad_rows, generator, log_z_scale)
     if not all_kept:
         loss = torch.zeros(flat_t.shape, dtype=loss.dtype, device=loss.device).masked_scatter(kept, loss)
         if z_rows is not None:
@@ -374,8 +395,9 @@ def layer_sampled_softmax_loss(
 
 def _layer_sampled_rows(layer, flat, flat_target, num_sampled, sampler, remove_accidental_hits, class_counts, generator,
                         num_hard, num_candidates, control_variate, share_draws, candidate_share, proposal, lut_share,
-                        lut_rows, draws) -> Tensor:
-    """The per-row sampled loss of kept rows ``flat`` ``(B, d)`` (arguments of :func:`layer_sampled_softmax_loss`)."""
+                        lut_rows, draws, draw_weight_grad) -> Tuple[Tensor, Optional[Tensor]]:
+    """The per-row sampled loss of kept rows ``flat`` ``(B, d)`` (arguments of :func:`layer_sampled_softmax_loss`)
+    and the rows' hard sets (``None``: no hard set)."""
     num_classes = layer.num_classes
     for name, value, low in (("num_hard", num_hard, 0), ("num_candidates", num_candidates, 1)):
         if not is_int(value) or value < low:
@@ -395,20 +417,19 @@ def _layer_sampled_rows(layer, flat, flat_target, num_sampled, sampler, remove_a
             raise ValueError('sampler="unigram" needs class_counts (a (V,) tensor of positive counts)')
         proposal = unigram_proposal(class_counts.to(flat.device), num_classes)
     if flat.shape[0] == 0:  # nothing to estimate; keep the graph connected to h and the weights
-        return flat.sum(1) * 0.0 + layer.weight.sum() * 0.0
+        return flat.sum(1) * 0.0 + layer.weight.sum() * 0.0, None
     hard = cv_classes = cv_scores = None
     if sampler == "quantized":
         base = None if class_counts is None else unigram_proposal(class_counts.to(flat.device), num_classes)
         if proposal == "lut" and share_draws:
-            loss = layer_lut_cv_loss(layer, flat, flat_target, num_sampled, int(num_hard), int(num_candidates),
+            return layer_lut_cv_loss(layer, flat, flat_target, num_sampled, int(num_hard), int(num_candidates),
                                      float(lut_share), base, remove_accidental_hits, generator, control_variate,
-                                     None if lut_rows is None else int(lut_rows), draws)
-            return loss
+                                     None if lut_rows is None else int(lut_rows), draws, draw_weight_grad)
         proposals = row_proposals(layer, flat, int(num_hard), int(num_candidates), float(candidate_share), base)
         if not share_draws:
             loss = per_row_sampled_softmax_loss(flat, flat_target, layer.weight, layer.bias, proposals, num_sampled,
-                                                remove_accidental_hits, generator)
-            return loss
+                                                remove_accidental_hits, generator, draw_weight_grad)
+            return loss, proposals.hard
         classes, log_pi = proposals.shared_draws(num_sampled, generator)
         hard = proposals.hard
         if control_variate:
@@ -417,5 +438,6 @@ def _layer_sampled_rows(layer, flat, flat_target, num_sampled, sampler, remove_a
         if sampler == "uniform":
             proposal = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64, device=flat.device)
         classes, log_pi = shared_draws(proposal, num_sampled, generator)
-    return sampled_softmax_loss(flat, flat_target, layer.weight, layer.bias, classes, log_pi, hard,
-                                remove_accidental_hits, cv_classes, cv_scores)
+    loss = sampled_softmax_loss(flat, flat_target, layer.weight, layer.bias, classes, log_pi, hard,
+                                remove_accidental_hits, cv_classes, cv_scores, draw_weight_grad)
+    return loss, hard

@@ -1,0 +1,118 @@
+"""The weight gradient of a sampled softmax's tail, from the full softmax of a few rows of the batch.
+
+For rows ``h_b`` with targets ``t_b``, objective weights ``g_b`` (the gradient of the reduced loss
+in row ``b``'s loss) and exact sets ``E_b`` (the target and the hard set: the classes whose logits
+the sampled loss computes for that row), the full cross-entropy's gradient in the weight row
+``w_c`` splits in two:
+
+    dL/dw_c = sum_b g_b 1[c in E_b] (p_bc - 1[c = t_b]) h_b  +  sum_b g_b 1[c not in E_b] p_bc h_b
+              (the head: the sampled loss's exact logits)       (the tail)
+
+with ``p_bc`` the softmax over all ``V`` classes. The sampled loss estimates the tail through its
+draws: a class gets a gradient only on the steps it is drawn, weighted ``1 / pi(c)``. With Adam
+that is the difference that matters in training (``examples/train_lm.py``): Adam normalises a
+row's update by the root of its mean squared gradient, so a class that gets a gradient ``x /
+pi`` once every ``1 / pi`` steps moves about ``sqrt(pi)`` as far as one that gets ``x`` every
+step, and the rarely drawn classes -- most of a large vocabulary -- are pushed down far too
+slowly. ``benchmarks/results/train_lm_*`` has the measured perplexities.
+
+Here the tail is estimated from ``R`` rows drawn uniformly without replacement from the batch,
+with the exact softmax over all ``V`` classes:
+
+    tail_c ~= (B / R) sum_{b in R} g_b 1[c not in E_b] p_bc h_b
+
+unbiased over the row draw (``P(b in R) = R / B``), and every class gets a gradient at every step.
+The head keeps the sampled loss's exact-logit gradient, and ``h`` keeps the sampled loss's own
+gradient (its draws): only the weight (and bias) gradient of the classes outside ``E_b`` changes.
+
+**Cost** (in the backward pass only): one fused linear cross-entropy over the ``R`` rows
+(``torch.ops.torchaq.linear_ce`` with gradients, ``3 R V d`` multiply-adds; memory its row
+chunk, at most ``R V`` floats on CPU) and ``R |E| d`` for the exact sets' correction. It grows
+with ``R``, ``V`` and ``d``, not with the batch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from torchaq.checks import is_int
+from torchaq.ops.linear_ce import linear_ce
+from torchaq.ops.rescore import exact_logits
+
+# default number of rows of the batch whose full softmax gives the tail's weight gradient
+TAIL_GRAD_ROWS = 64
+
+
+def check_tail_grad_rows(tail_grad_rows) -> int:
+    if isinstance(tail_grad_rows, bool) or not is_int(tail_grad_rows) or tail_grad_rows < 0:
+        raise ValueError(f"tail_grad_rows must be an integer >= 0 (0: the draws' own weight gradient), "
+                         f"got {tail_grad_rows!r}")
+    return int(tail_grad_rows)
+
+
+class _TailGradient(torch.autograd.Function):
+    """Zeros ``(R,)`` whose backward puts the tail's weight and bias gradient of ``R`` rows (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, bias: Optional[Tensor], h: Tensor, target: Tensor, exact: Tensor, scale: Tensor):
+        ctx.save_for_backward(weight, bias, h, target, exact, scale)
+        return torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        weight, bias, h, target, exact, scale = ctx.saved_tensors
+        row_grad = (grad.float() * scale).contiguous()
+        # the full cross-entropy's gradient of the rows: sum_c (p_bc - 1[c = t_b]) g_b h_b for every class
+        _, lse, _, grad_w, grad_b = linear_ce(h, weight, bias, target, row_grad)
+        # minus its exact-set part: the sampled loss has those terms already
+        with torch.no_grad():
+            valid = exact >= 0
+            ids = exact.clamp_min(0)
+            logits = exact_logits(h, weight, bias, ids).float()
+            coef = torch.exp(logits - lse.float().unsqueeze(1)) - (ids == target.unsqueeze(1)).float()
+            coef = (coef * row_grad.unsqueeze(1)).masked_fill(~valid, 0.0)
+            grad_w = grad_w.float()
+            grad_w.index_add_(0, ids.reshape(-1), -(coef.unsqueeze(2) * h.float().unsqueeze(1)).flatten(0, 1))
+            grad_w = grad_w.to(weight.dtype)
+            if bias is not None:
+                grad_b = grad_b.float().index_add_(0, ids.reshape(-1), -coef.reshape(-1)).to(bias.dtype)
+        return (grad_w if ctx.needs_input_grad[0] else None,
+                grad_b if bias is not None and ctx.needs_input_grad[1] else None, None, None, None, None)
+
+
+def exact_sets(target: Tensor, hard: Optional[Tensor]) -> Tensor:
+    """Each row's exact set ``E_b`` ``(B, n + 1)``: its hard set (distinct classes) and its target, the
+    target's copy ``-1`` where the hard set holds it already."""
+    if hard is None or hard.shape[1] == 0:
+        return target.unsqueeze(1)
+    in_hard = (hard == target.unsqueeze(1)).any(1, keepdim=True)
+    return torch.cat([hard, torch.where(in_hard, -1, target.unsqueeze(1))], dim=1)
+
+
+def tail_weight_gradient(h: Tensor, target: Tensor, weight: Tensor, bias: Optional[Tensor], exact: Tensor,
+                         num_rows: int, generator: Optional[torch.Generator] = None,
+                         scale: Optional[Tensor] = None) -> Tensor:
+    """Zeros ``(B,)`` to add to a per-row sampled loss: their gradient in ``weight`` and ``bias`` is
+    the row-sampled tail (module docstring), for rows ``h`` ``(B, d)``, ``target`` ``(B,)`` and exact
+    sets ``exact`` ``(B, n)`` (class ids, ``-1`` for none; :func:`exact_sets`).
+
+    ``num_rows``: ``R`` (all rows if ``R >= B``); ``scale``: optional ``(B,)`` factor of each row's
+    ``d loss_b / d log Z_b`` (``1 + 2 z log Z_b`` with a z-loss). ``h`` gets no gradient from it."""
+    batch = h.shape[0]
+    needs = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    if batch == 0 or num_rows == 0 or not needs:
+        return torch.zeros(batch, dtype=torch.float32, device=h.device)
+    if num_rows < batch:
+        gen_cpu = generator if generator is not None and generator.device.type == "cpu" else None
+        rows = torch.randperm(batch, generator=gen_cpu)[:num_rows].to(h.device)
+    else:
+        rows = torch.arange(batch, device=h.device)
+    factor = torch.full((rows.numel(),), batch / rows.numel(), dtype=torch.float32, device=h.device)
+    if scale is not None:
+        factor = factor * scale.detach().float()[rows]
+    rows_h = h.detach()[rows].to(weight.dtype).contiguous()
+    zeros = _TailGradient.apply(weight, bias, rows_h, target[rows].contiguous(), exact[rows], factor)
+    return torch.zeros(batch, dtype=torch.float32, device=h.device).index_add(0, rows, zeros)
