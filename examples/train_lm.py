@@ -8,6 +8,10 @@
 * ``quantized``: ``layer.sampled_softmax_loss(..., sampler="quantized")`` with a
   :class:`torchaq.CodebookRefresher` keeping the index in step with the moving weights.
 
+The sampled arms take the library's defaults unless told otherwise; ``--tail-grad-rows 0`` gives
+their weights the draws' own gradient instead of the tail's from a few rows' full softmax
+(:mod:`torchaq.training.tail_grad`).
+
 Every sampler runs once per ``--num-sampled`` value; one run writes every arm's row (``vs full``
 is against the full softmax of the same run). ``--head-optimizer`` picks the output layer's
 optimiser (the body always uses AdamW): ``adamw``, ``lazyadamw`` (moments, decay and step only
@@ -25,7 +29,7 @@ With ``--eval-every N`` every arm also records its validation perplexity (on ``-
 held-out tokens) every ``N`` steps against its training wall-clock time (evaluations excluded),
 and ``--plot`` draws those curves (``examples/curves.py``)::
 
-    python examples/train_lm.py --steps 2000 --batch 8 --dim 256 --eval-every 100 \
+    python examples/train_lm.py --steps 2000 --batch 16 --dim 256 --eval-every 100 \
         --methods full,linear,quantized --num-sampled 1024,4096 \
         --out benchmarks/results/train_lm_curve_d256_seed0.txt --plot benchmarks/results/train_lm_curve_d256_seed0.png
 """

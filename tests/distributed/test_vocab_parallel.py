@@ -317,6 +317,8 @@ def _check_bad_input(rank: int, world: int) -> None:
         layer.sampled_softmax_loss(h, target + V)
     with pytest.raises(ValueError, match="class_counts"):
         layer.sampled_softmax_loss(h, target, sampler="unigram")
+    with pytest.raises(ValueError, match="tail_grad_rows"):
+        layer.sampled_softmax_loss(h, target, tail_grad_rows=-1)
     with pytest.raises(TypeError, match="group"):
         VocabParallelQuantizedSoftmax(w, b, group="world", **KW)
     dist.barrier()

@@ -254,13 +254,12 @@ def _check_refresher_and_loss(rank: int, world: int) -> None:
     layer = VocabParallelQuantizedSoftmax(_slice(weight, rank, world), _slice(bias, rank, world), **KW)
     classes = torch.arange(0, V, 5)
     log_pi = -torch.rand(classes.numel(), generator=torch.Generator().manual_seed(1)) - 0.1
-    for lut_rows in (None, 8):
+    # the draws' weight gradient (tail_grad_rows=0), and the tail's from every row (no row draw: the same rows)
+    for lut_rows, tail in ((None, 0), (8, 0), (8, h.shape[0])):
         hv, hr = h.clone().requires_grad_(), h.clone().requires_grad_()
-        kwargs = dict(num_sampled=300, draws=(classes, log_pi), lut_rows=lut_rows)
+        kwargs = dict(num_sampled=300, draws=(classes, log_pi), lut_rows=lut_rows, tail_grad_rows=tail)
         lv = layer.sampled_softmax_loss(hv, target, generator=torch.Generator().manual_seed(0), **kwargs)
-        # the vocabulary-parallel loss keeps the draws' weight gradient: compare with tail_grad_rows=0
-        lr = ref.sampled_softmax_loss(hr, target, generator=torch.Generator().manual_seed(0), tail_grad_rows=0,
-                                      **kwargs)
+        lr = ref.sampled_softmax_loss(hr, target, generator=torch.Generator().manual_seed(0), **kwargs)
         lv.backward()
         lr.backward()
         torch.testing.assert_close(lv, lr, rtol=1e-5, atol=1e-5)

@@ -13,12 +13,14 @@ from torchaq.checks import is_int
 from torchaq.distributed.groups import shard_sizes
 from torchaq.distributed.lut_loss import vp_lut_loss
 from torchaq.distributed.mappings import copy_to_parallel_region, parallel_logsumexp, reduce_from_parallel_region
+from torchaq.distributed.tail_grad import vp_tail_weight_gradient
 from torchaq.ops.class_logits import class_logits
 from torchaq.ops.rescore import exact_logits
 from torchaq.training.conventions import check_reduction, reduce_loss
 from torchaq.training.lut_proposal import LUT_ROWS, LUT_SHARE
 from torchaq.training.proposals import CANDIDATES_PER_ROW, HARD_PER_ROW
 from torchaq.training.sampled_softmax import SAMPLERS
+from torchaq.training.tail_grad import TAIL_GRAD_ROWS, check_tail_grad_rows
 
 # the vocabulary-parallel quantized proposal (its own stratified estimator, one proposal shared by
 # the batch): the mean LUT softmax of up to PROPOSAL_ROWS rows of the batch, mixed with
@@ -43,6 +45,7 @@ def vocab_parallel_sampled_softmax_loss(
     lut_share: Optional[float] = None,
     lut_rows: Optional[int] = LUT_ROWS,
     draws: Optional[Tuple[Tensor, Tensor]] = None,
+    tail_grad_rows: int = TAIL_GRAD_ROWS,
 ) -> Tensor:
     """Sampled-softmax cross-entropy over the whole vocabulary (every rank returns the same loss).
 
@@ -80,6 +83,10 @@ def vocab_parallel_sampled_softmax_loss(
     single-device proposal, restricted to each slice). ``generator`` drives this rank's
     draws. Communication: all-gathers of ``P`` floats (the allocation) and all-reduces of
     ``B`` and ``PROPOSAL_ROWS`` floats; no ``(B, V)`` tensor anywhere.
+
+    ``tail_grad_rows`` (both proposals): as on one device, the weight gradient of each row's classes
+    outside its exact set comes from the full softmax of that many random rows of the batch
+    (:mod:`torchaq.distributed.tail_grad`; ``0``: from the draws).
     """
     def check():
         if sampler not in SAMPLERS:
@@ -87,6 +94,7 @@ def vocab_parallel_sampled_softmax_loss(
         if proposal not in ("lut", "shared"):
             raise ValueError(f'proposal must be "lut" or "shared", got {proposal!r}')
         check_reduction(reduction)
+        check_tail_grad_rows(tail_grad_rows)
         if not is_int(num_sampled) or not layer.world_size <= num_sampled:
             raise ValueError(f"num_sampled must be an integer >= the world size {layer.world_size} (one draw per rank at least), got {num_sampled!r}")
         if not is_int(num_hard) or num_hard < 0:
@@ -108,9 +116,10 @@ def vocab_parallel_sampled_softmax_loss(
         if class_counts is not None:
             counts = class_counts.double().to(flat.device)
             base = counts / reduce_sum(counts.sum().reshape(1), layer.group)
-        loss = vp_lut_loss(layer, flat, flat_target, num_sampled, int(num_hard), int(num_candidates),
-                           float(LUT_SHARE if lut_share is None else lut_share), base, remove_accidental_hits,
-                           generator, None if lut_rows is None else int(lut_rows), draws)
+        loss, exact = vp_lut_loss(layer, flat, flat_target, num_sampled, int(num_hard), int(num_candidates),
+                                  float(LUT_SHARE if lut_share is None else lut_share), base, remove_accidental_hits,
+                                  generator, None if lut_rows is None else int(lut_rows), draws, tail_grad_rows == 0)
+        loss = loss + vp_tail_weight_gradient(layer, flat, exact, int(tail_grad_rows), generator)
         return reduce_loss(loss, target, reduction)
     local, group = layer.local, layer.group
     flat = local.flat_features(h)
@@ -155,12 +164,18 @@ def vocab_parallel_sampled_softmax_loss(
 
     hin = copy_to_parallel_region(flat, group) if torch.is_grad_enabled() and flat.requires_grad else flat
     piece = slice_log_mass(
-        hin, local.weight, local.bias, local_target, owned, hard, samples, proposal, remove_accidental_hits
+        hin, local.weight, local.bias, local_target, owned, hard, samples, proposal, remove_accidental_hits,
+        tail_grad_rows == 0,
     )
     log_z = parallel_logsumexp(piece, group)
     mine = exact_logits(hin, local.weight, local.bias, local_target.unsqueeze(1)).squeeze(1)
     target_logit = reduce_from_parallel_region(torch.where(owned, mine, torch.zeros_like(mine)), group)
-    return reduce_loss(log_z - target_logit, target, reduction)
+    loss = log_z - target_logit
+    if tail_grad_rows:
+        in_hard = ((hard == local_target.unsqueeze(1)) & owned.unsqueeze(1)).any(1)
+        exact = torch.cat([hard, torch.where(owned & ~in_hard, local_target, -1).unsqueeze(1)], 1)
+        loss = loss + vp_tail_weight_gradient(layer, flat, exact, int(tail_grad_rows), generator)
+    return reduce_loss(loss, target, reduction)
 
 
 def reduce_sum(x: Tensor, group) -> Tensor:
@@ -181,15 +196,18 @@ def slice_log_mass(
     samples: Tensor,
     proposal: Tensor,
     remove_accidental_hits: bool,
+    draw_weight_grad: bool = True,
 ) -> Tensor:
-    """``log Z_hat_r`` per row for one slice (local class ids; see ``sampled_softmax_loss``).
+    """``log Z_hat_r`` per row for one slice (local class ids; see ``sampled_softmax_loss``;
+    ``draw_weight_grad=False``: the draws' logits pass gradient to ``h`` only).
 
     The exact terms are the owned target and the hard set (minus the target); the draws that
     land in ``E_b = H_b u {t if owned}`` are dropped for that row (``remove_accidental_hits=False``:
     only the hard set is excluded) and the kept ones weighted by ``(1 - Q(E_b)) / (m' Q(s))``.
     """
     batch = h.shape[0]
-    (hard_logits, target_logit), draw_logits = class_logits(h, weight, bias, [hard, local_target.unsqueeze(1)], samples)
+    (hard_logits, target_logit), draw_logits = class_logits(h, weight, bias, [hard, local_target.unsqueeze(1)], samples,
+                                                            shared_weight_grad=draw_weight_grad)
     target_logit = target_logit.squeeze(1)
     hard_is_target = (hard == local_target.unsqueeze(1)) & owned.unsqueeze(1)
     # excluded classes per row, sorted, padded with -1 (never a class id)

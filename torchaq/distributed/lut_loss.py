@@ -51,9 +51,11 @@ def _all_reduce(x: Tensor, layer, op=dist.ReduceOp.SUM) -> Tensor:
 def vp_lut_loss(layer, flat: Tensor, target: Tensor, num_sampled: int, num_hard: int, num_candidates: int,
                 lut_share: float, base: Optional[Tensor], remove_accidental_hits: bool,
                 generator: Optional[torch.Generator], lut_rows: Optional[int],
-                draws: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-    """Per-row loss ``(B,)`` (module docstring); ``base``: this rank's slice of the floor distribution
-    (normalised over all ``V``) or None (uniform); ``draws``: optional global ``(classes, log_pi)``."""
+                draws: Optional[Tuple[Tensor, Tensor]] = None, draw_weight_grad: bool = True) -> Tuple[Tensor, Tensor]:
+    """Per-row loss ``(B,)`` (module docstring) and each row's exact set on this slice ``(B, n)`` (local
+    ids, ``-1``: none); ``base``: this rank's slice of the floor distribution (normalised over all ``V``)
+    or None (uniform); ``draws``: optional global ``(classes, log_pi)``; ``draw_weight_grad=False``: the
+    draws' logits pass gradient to ``h`` only."""
     local = layer.local
     batch, device = flat.shape[0], flat.device
     start, stop = layer.vocab_range
@@ -132,9 +134,10 @@ def vp_lut_loss(layer, flat: Tensor, target: Tensor, num_sampled: int, num_hard:
     hard_logits = exact_logits(hin, weight, bias, hard.clamp(min=0)).masked_fill(~ok_hard, -math.inf)
     mine_t = exact_logits(hin, weight, bias, local_target.unsqueeze(1)).squeeze(1)
     target_logit = reduce_from_parallel_region(torch.where(owned, mine_t, torch.zeros_like(mine_t)), layer.group)
-    draw_logits = hin.float() @ weight.index_select(0, drawn).float().T
-    if bias is not None:
-        draw_logits = draw_logits + bias[drawn].float()
+    draw_w, draw_b = (weight, bias) if draw_weight_grad else (weight.detach(), None if bias is None else bias.detach())
+    draw_logits = hin.float() @ draw_w.index_select(0, drawn).float().T
+    if draw_b is not None:
+        draw_logits = draw_logits + draw_b[drawn].float()
     drop = excluded_mask(drawn, excluded.masked_fill(excluded < 0, -1))
     others = hard_logits.masked_fill(hard_is_target, -math.inf)
     with torch.no_grad():  # a reference among the non-target terms (the max over ranks)
@@ -150,4 +153,5 @@ def vp_lut_loss(layer, flat: Tensor, target: Tensor, num_sampled: int, num_hard:
     corr = reduce_from_parallel_region(corr, layer.group)
     rest = hard_part + torch.exp(log_rest.float() - ref) + corr
     rest = torch.maximum(rest, hard_part).clamp_min(1e-30)
-    return F.softplus(ref + torch.log(rest) - target_logit)
+    exact = torch.cat([hard, torch.where(owned & ~hard_is_target.any(1), local_target, -1).unsqueeze(1)], 1)
+    return F.softplus(ref + torch.log(rest) - target_logit), exact
