@@ -20,7 +20,7 @@ from torchaq.training.conventions import check_reduction, reduce_loss
 from torchaq.training.lut_proposal import LUT_ROWS, LUT_SHARE
 from torchaq.training.proposals import CANDIDATES_PER_ROW, HARD_PER_ROW
 from torchaq.training.sampled_softmax import SAMPLERS
-from torchaq.training.tail_grad import TAIL_GRAD_ROWS, check_tail_grad_rows
+from torchaq.training.tail_grad import TAIL_GRAD_ROWS, check_tail_grad_rows, exact_sets
 
 # the vocabulary-parallel quantized proposal (its own stratified estimator, one proposal shared by
 # the batch): the mean LUT softmax of up to PROPOSAL_ROWS rows of the batch, mixed with
@@ -172,8 +172,7 @@ def vocab_parallel_sampled_softmax_loss(
     target_logit = reduce_from_parallel_region(torch.where(owned, mine, torch.zeros_like(mine)), group)
     loss = log_z - target_logit
     if tail_grad_rows:
-        in_hard = ((hard == local_target.unsqueeze(1)) & owned.unsqueeze(1)).any(1)
-        exact = torch.cat([hard, torch.where(owned & ~in_hard, local_target, -1).unsqueeze(1)], 1)
+        exact = exact_sets(local_target, hard, owned)
         loss = loss + vp_tail_weight_gradient(layer, flat, exact, int(tail_grad_rows), generator)
     return reduce_loss(loss, target, reduction)
 

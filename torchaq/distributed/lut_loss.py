@@ -39,6 +39,7 @@ from torchaq.distributed.mappings import copy_to_parallel_region, reduce_from_pa
 from torchaq.ops.rescore import exact_logits
 from torchaq.training.lut_proposal import LutMixture, lut_logits
 from torchaq.training.proposals import excluded_mask
+from torchaq.training.tail_grad import exact_sets
 
 
 def _all_reduce(x: Tensor, layer, op=dist.ReduceOp.SUM) -> Tensor:
@@ -153,5 +154,4 @@ def vp_lut_loss(layer, flat: Tensor, target: Tensor, num_sampled: int, num_hard:
     corr = reduce_from_parallel_region(corr, layer.group)
     rest = hard_part + torch.exp(log_rest.float() - ref) + corr
     rest = torch.maximum(rest, hard_part).clamp_min(1e-30)
-    exact = torch.cat([hard, torch.where(owned & ~hard_is_target.any(1), local_target, -1).unsqueeze(1)], 1)
-    return F.softplus(ref + torch.log(rest) - target_logit), exact
+    return F.softplus(ref + torch.log(rest) - target_logit), exact_sets(local_target, hard, owned)

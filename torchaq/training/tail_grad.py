@@ -83,13 +83,15 @@ class _TailGradient(torch.autograd.Function):
                 grad_b if bias is not None and ctx.needs_input_grad[1] else None, None, None, None, None)
 
 
-def exact_sets(target: Tensor, hard: Optional[Tensor]) -> Tensor:
-    """Each row's exact set ``E_b`` ``(B, n + 1)``: its hard set (distinct classes) and its target, the
-    target's copy ``-1`` where the hard set holds it already."""
-    if hard is None or hard.shape[1] == 0:
-        return target.unsqueeze(1)
-    in_hard = (hard == target.unsqueeze(1)).any(1, keepdim=True)
-    return torch.cat([hard, torch.where(in_hard, -1, target.unsqueeze(1))], dim=1)
+def exact_sets(target: Tensor, hard: Optional[Tensor], owned: Optional[Tensor] = None) -> Tensor:
+    """Each row's exact set ``E_b`` ``(B, n + 1)``: its hard set (distinct classes, ``-1``: none) and its
+    target, the target's copy ``-1`` where the hard set holds it already or (``owned`` ``(B,)`` bool, a
+    vocabulary slice) where the target is not in this slice."""
+    keep = torch.ones_like(target, dtype=torch.bool) if owned is None else owned
+    if hard is not None and hard.shape[1]:
+        keep = keep & ~(hard == target.unsqueeze(1)).any(1)
+    column = torch.where(keep, target, -1).unsqueeze(1)
+    return column if hard is None else torch.cat([hard, column], dim=1)
 
 
 def tail_weight_gradient(h: Tensor, target: Tensor, weight: Tensor, bias: Optional[Tensor], exact: Tensor,
