@@ -38,7 +38,7 @@ from torchaq.distributed.invariant import scan_share
 from torchaq.distributed.mappings import copy_to_parallel_region, reduce_from_parallel_region
 from torchaq.ops.rescore import exact_logits
 from torchaq.training.lut_proposal import LutMixture, lut_logits
-from torchaq.training.proposals import excluded_mask
+from torchaq.training.proposals import cpu_generator, excluded_mask, random_rows
 from torchaq.training.tail_grad import exact_sets
 
 
@@ -83,8 +83,7 @@ def vp_lut_loss(layer, flat: Tensor, target: Tensor, num_sampled: int, num_hard:
             excluded = torch.cat([hard, extra.unsqueeze(1)], 1)
         rows = None
         if lut_rows is not None and lut_rows < batch:  # group rank 0 picks the rows of the LUT pass
-            gen_cpu = generator if generator is not None and generator.device.type == "cpu" else None
-            rows = torch.randperm(batch, generator=gen_cpu)[:lut_rows].sort().values.to(device)
+            rows = random_rows(batch, lut_rows, generator).sort().values.to(device)
             if layer.world_size > 1:
                 dist.broadcast(rows, src=layer.root, group=layer.group)
         sub = (lambda t: t) if rows is None else (lambda t: t[rows])
@@ -102,7 +101,7 @@ def vp_lut_loss(layer, flat: Tensor, target: Tensor, num_sampled: int, num_hard:
         if draws is None:
             masses = all_gather_rows(proposal.sum().reshape(1), layer.group, layer.world_size).reshape(-1)
             counts = torch.multinomial(masses.float().cpu(), num_sampled, replacement=True,
-                                       generator=generator if generator is not None and generator.device.type == "cpu" else None)
+                                       generator=cpu_generator(generator))
             counts = torch.bincount(counts, minlength=layer.world_size).to(device)
             if layer.world_size > 1:
                 dist.broadcast(counts, src=layer.root, group=layer.group)

@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchaq.distributed.mappings import parallel_logsumexp
+from torchaq.training.proposals import random_rows
 
 
 def vp_tail_weight_gradient(layer, flat: Tensor, exact: Tensor, num_rows: int,
-                            generator: Optional[torch.Generator] = None, scale: Optional[Tensor] = None) -> Tensor:
+                            generator: Optional[torch.Generator] = None) -> Tensor:
     """Zeros ``(B,)`` whose gradient in this rank's weight and bias slice is the tail's (module docstring).
 
     ``flat`` ``(B, d)`` the rows; ``exact`` ``(B, n)`` each row's exact set on this slice (local
-    class ids, ``-1`` for none); ``scale``: optional ``(B,)`` ``d loss_b / d log Z_b``."""
+    class ids, ``-1`` for none)."""
     local = layer.local
     weight, bias = local.weight, local.bias
     batch, device = flat.shape[0], flat.device
@@ -36,8 +37,7 @@ def vp_tail_weight_gradient(layer, flat: Tensor, exact: Tensor, num_rows: int,
     if batch == 0 or num_rows == 0 or not needs:
         return torch.zeros(batch, dtype=torch.float32, device=device)
     if num_rows < batch:  # group rank 0 picks the rows
-        gen_cpu = generator if generator is not None and generator.device.type == "cpu" else None
-        rows = torch.randperm(batch, generator=gen_cpu)[:num_rows].to(device)
+        rows = random_rows(batch, num_rows, generator, device)
         if layer.world_size > 1:
             dist.broadcast(rows, src=layer.root, group=layer.group)
     else:
@@ -49,9 +49,6 @@ def vp_tail_weight_gradient(layer, flat: Tensor, exact: Tensor, num_rows: int,
         ids = exact[rows]
         hits = torch.zeros_like(p).scatter_add_(1, ids.clamp_min(0), (ids >= 0).float())  # -1: no class
         p = p.masked_fill(hits > 0, 0.0)
-        factor = torch.full((rows.numel(),), batch / rows.numel(), dtype=torch.float32, device=device)
-        if scale is not None:
-            factor = factor * scale.detach().float()[rows]
-        p = p * factor.unsqueeze(1)
+        p = p * (batch / rows.numel())  # the row draw's Horvitz-Thompson weight
     term = (p * logits).sum(1)  # its gradient in the logits is p: sum_{b, c} p_bc h_b into w_c
     return torch.zeros(batch, dtype=torch.float32, device=device).index_add(0, rows, term - term.detach())

@@ -68,7 +68,7 @@ from torch import Tensor
 
 from torchaq import ops
 from torchaq.ops.class_logits import class_logits
-from torchaq.training.proposals import excluded_mask, row_proposals
+from torchaq.training.proposals import excluded_mask, random_rows, row_proposals
 
 logger = logging.getLogger("torchaq")
 
@@ -222,8 +222,7 @@ def layer_lut_cv_loss(layer, flat: Tensor, target: Tensor, num_sampled: int, num
         batch = flat.shape[0]
         rows = None
         if lut_rows is not None and lut_rows < batch:
-            gen_cpu = generator if generator is not None and generator.device.type == "cpu" else None
-            rows = torch.randperm(batch, generator=gen_cpu)[:lut_rows].sort().values.to(flat.device)
+            rows = random_rows(batch, lut_rows, generator).sort().values.to(flat.device)
             lut, excluded, shift, row_weight = lut[rows], excluded[rows], shift[rows], row_weight[rows]
         mixture = LutMixture(layer, lut, excluded, shift.float(), row_weight.float(), lut_share, base)
         classes, log_pi = mixture.draws(num_sampled, generator) if draws is None else draws

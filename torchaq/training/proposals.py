@@ -136,9 +136,21 @@ class RowProposals:
         base, extra = divmod(num_sampled, batch)
         counts = torch.full((batch,), base, dtype=torch.int64)
         if extra:
-            gen_cpu = generator if generator is not None and generator.device.type == "cpu" else None
-            counts[torch.randperm(batch, generator=gen_cpu)[:extra]] += 1
+            counts[random_rows(batch, extra, generator)] += 1
         return counts
+
+
+def cpu_generator(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
+    """``generator`` where it can drive a CPU draw (a CPU generator), else None (the global CPU generator)."""
+    return generator if generator is not None and generator.device.type == "cpu" else None
+
+
+def random_rows(batch: int, count: int, generator: Optional[torch.Generator] = None,
+                device: Optional[torch.device] = None) -> Tensor:
+    """``count`` distinct indices of ``range(batch)`` in random order, drawn on the CPU
+    (:func:`cpu_generator`) and moved to ``device``."""
+    rows = torch.randperm(batch, generator=cpu_generator(generator))[:count]
+    return rows if device is None else rows.to(device)
 
 
 def excluded_mask(classes: Tensor, excluded: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ from torch import Tensor
 from torchaq.checks import is_int
 from torchaq.ops.linear_ce import linear_ce
 from torchaq.ops.rescore import exact_logits
+from torchaq.training.proposals import random_rows
 
 # default number of rows of the batch whose full softmax gives the tail's weight gradient
 TAIL_GRAD_ROWS = 64
@@ -108,8 +109,7 @@ def tail_weight_gradient(h: Tensor, target: Tensor, weight: Tensor, bias: Option
     if batch == 0 or num_rows == 0 or not needs:
         return torch.zeros(batch, dtype=torch.float32, device=h.device)
     if num_rows < batch:
-        gen_cpu = generator if generator is not None and generator.device.type == "cpu" else None
-        rows = torch.randperm(batch, generator=gen_cpu)[:num_rows].to(h.device)
+        rows = random_rows(batch, num_rows, generator, h.device)
     else:
         rows = torch.arange(batch, device=h.device)
     factor = torch.full((rows.numel(),), batch / rows.numel(), dtype=torch.float32, device=h.device)
