@@ -27,9 +27,10 @@ full softmax on held-out documents. Step time is the output layer's forward + ba
 
 With ``--eval-every N`` every arm also records its validation perplexity (on ``--eval-tokens``
 held-out tokens) every ``N`` steps against its training wall-clock time (evaluations excluded),
-and ``--plot`` draws those curves (``examples/curves.py``)::
+and ``--plot`` draws those curves (``examples/curves.py``). ``--reuse FILE`` takes the arms of an
+earlier results file with the same settings instead of training them again::
 
-    python examples/train_lm.py --steps 2000 --batch 16 --dim 256 --eval-every 100 \
+    python examples/train_lm.py --steps 2000 --batch 16 --dim 256 --eval-every 100 --eval-tokens 40000 \
         --methods full,linear,quantized --num-sampled 1024,4096 \
         --out benchmarks/results/train_lm_curve_d256_seed0.txt --plot benchmarks/results/train_lm_curve_d256_seed0.png
 """
@@ -52,7 +53,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import torchaq
 from real_data import corpus_documents, load_tokenizer  # examples/real_data.py
-from curves import curve_lines, plot_curves  # examples/curves.py
+from curves import curve_lines, parse_curves, plot_curves  # examples/curves.py
 from reporting import emit, environment, markdown_table  # examples/reporting.py
 
 
@@ -243,25 +244,46 @@ def estimator_gap(model, head, stream, method, args, num_sampled, rows=64):
     return sum(draws) / len(draws) - full
 
 
-def reused_full_row(path, args):
-    """The full-softmax row of a results file this script wrote (checked: same seed, steps, batch, d)."""
-    if path.startswith("git:"):  # git:REV:PATH, a results file as committed at REV
+def reused_rows(path, args, header, full_only=False):
+    """Arms' rows (and curves) of a results file this script wrote, instead of training them again.
+
+    ``path`` may be ``git:REV:PATH``, a results file as committed at REV. ``full_only``
+    (``--reuse-full``): its full-softmax row, from a file with the same steps, batch, d and seed
+    (the full softmax does not depend on the samplers' settings). Otherwise (``--reuse``) every
+    arm, from a file whose settings line equals this run's (``header``).
+    """
+    if path.startswith("git:"):
         import subprocess
 
-        lines = subprocess.run(["git", "show", path[4:]], capture_output=True, text=True, check=True,
-                               cwd=Path(__file__).resolve().parents[1]).stdout.splitlines()
+        text = subprocess.run(["git", "show", path[4:]], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout
     else:
-        lines = Path(path).read_text().splitlines()
-    want = f"train_lm: {args.steps} steps x {args.batch * 64} tokens, d = {args.dim}, V = "
-    header = next((ln for ln in lines if ln.startswith("train_lm: ")), "")
-    if not header.startswith(want) or f"seed = {args.seed}," not in header:
-        raise ValueError(f"{path} is not a train_lm result with the same steps, batch, d and seed: {header!r}")
-    cells = next(ln for ln in lines if ln.startswith("| full |")).strip("|").split("|")
-    cells = [c.strip() for c in cells]
-    if cells[1] == "-":  # this version's layout (a num_sampled column)
-        cells = cells[:1] + cells[2:]
-    return dict(method=f"full (from {path})", num_sampled=None, ppl=float(cells[1]), head_ms=float(cells[3]),
-                peak_mb=float(cells[4]), refresh_s=float(cells[5]), wall_s=float(cells[6]), gap=0.0)
+        text = Path(path).read_text()
+    lines = text.splitlines()
+    theirs = next((ln for ln in lines if ln.startswith("train_lm: ")), "")
+    prefix = f"train_lm: {args.steps} steps x {args.batch * 64} tokens, d = {args.dim}, V = "
+    same = (theirs.startswith(prefix) and f"seed = {args.seed}," in theirs) if full_only else theirs == header
+    if not same:
+        raise ValueError(f"{path} is not a train_lm result with this run's settings:\n  {theirs!r}\n  {header!r}")
+    curves = parse_curves(text)
+    rows = []
+    for ln in lines:
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if not ln.startswith("| ") or cells[0] in ("method", "---") or not cells[0]:
+            continue
+        if len(cells) == 8:  # an older layout, without the num_sampled column
+            cells.insert(1, "-")
+        row = dict(method=cells[0], num_sampled=None if cells[1] == "-" else int(cells[1]), ppl=float(cells[2]),
+                   head_ms=float(cells[4]), peak_mb=float(cells[5]), refresh_s=float(cells[6]),
+                   wall_s=float(cells[7]), gap=float(cells[8]), reused_from=path)
+        row["curve"] = curves.get(arm_name(row), [])
+        if full_only and row["method"] == "full":
+            row["method"] = f"full (from {path})"
+            return [row]
+        rows.append(row)
+    if not rows or full_only:
+        raise ValueError(f"{path}: no {'full-softmax ' if full_only else ''}row found")
+    return rows
 
 
 def main(argv=None):
@@ -294,7 +316,9 @@ def main(argv=None):
     parser.add_argument("--refit-every", type=int, default=200, help="0: never")
     parser.add_argument("--methods", default="full,uniform,unigram,quantized")
     parser.add_argument("--reuse-full", default=None, help="results file of an earlier run of this script (same seed, "
-                        "steps, batch), or git:REV:PATH: take its full-softmax row instead of training that arm again")
+                        "steps, batch, d), or git:REV:PATH: take its full-softmax row instead of training that arm again")
+    parser.add_argument("--reuse", default=None, help="results file of an earlier run of this script with the same "
+                        "settings, or git:REV:PATH: take its arms' rows and curves instead of training them again")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation; batches and draws use seed + 1")
     parser.add_argument("--out", default="", help="results file to write (default: print only; the committed tables "
                         "are benchmarks/results/train_lm*.txt)")
@@ -316,13 +340,16 @@ def main(argv=None):
     exact = ("full", "linear", "chunked")
     arms = [(m, None if m in exact else n) for m in args.methods.split(",")
             for n in ([None] if m in exact else counts)]
-    reused = [reused_full_row(args.reuse_full, args)] if args.reuse_full else []
+    reused = (reused_rows(args.reuse_full, args, settings_line(args, vocab), full_only=True) if args.reuse_full else []) \
+        + (reused_rows(args.reuse, args, settings_line(args, vocab)) if args.reuse else [])
+    arms = [a for a in arms if a not in {(r["method"].split(" (from ")[0], r["num_sampled"]) for r in reused}]
     rows = []
     for m, n in arms:  # the table is written after every arm: a long run that is stopped keeps its finished arms
         rows.append(train(m, n, train_stream, val_stream, vocab, args))
         write_table(reused + rows, args, vocab, done=len(rows) == len(arms))
     if args.plot:
-        plot_curves({arm_name(r): r["curve"] for r in rows}, f"train_lm: d = {args.dim}, {args.steps} steps x "
+        curves = {arm_name(r): r["curve"] for r in reused + rows if r["curve"]}
+        plot_curves(curves, f"train_lm: d = {args.dim}, {args.steps} steps x "
                     f"{args.batch * 64} tokens, seed {args.seed}, {torch.get_num_threads()} threads", args.plot,
                     args.eval_tokens)
 
@@ -331,9 +358,8 @@ def arm_name(row) -> str:
     return row["method"] + (f" {row['num_sampled']}" if row["num_sampled"] else "")
 
 
-def write_table(rows, args, vocab, done):
-    full_ppl = next((r["ppl"] for r in rows if r["method"].startswith("full")), None)
-    header = (f"train_lm: {args.steps} steps x {args.batch * 64} tokens, d = {args.dim}, V = {vocab}, seed = {args.seed}, "
+def settings_line(args, vocab) -> str:
+    return (f"train_lm: {args.steps} steps x {args.batch * 64} tokens, d = {args.dim}, V = {vocab}, seed = {args.seed}, "
               f"head optimizer {args.head_optimizer}" + (f" (lr {args.head_lr})" if args.head_optimizer in ("adagrad", "sgd") else "")
               + f", re-encode every {args.reencode_every}, re-fit every {args.refit_every or 'never'}"
               + (f", quantized proposal lut (share {args.lut_share}, LUT pass on "
@@ -342,6 +368,15 @@ def write_table(rows, args, vocab, done):
               + f", floor {args.quantized_floor}, hard set {args.num_hard} of {args.num_candidates} candidates"
               + (f", tail weight gradient from {args.tail_grad_rows} rows" if args.tail_grad_rows
                  else ", tail weight gradient from the draws"))
+
+
+def write_table(rows, args, vocab, done):
+    full_ppl = next((r["ppl"] for r in rows if r["method"].startswith("full")), None)
+    header = settings_line(args, vocab)
+    reused = [r for r in rows if r.get("reused_from") and " (from " not in r["method"]]  # --reuse (not --reuse-full)
+    if reused:
+        header += (f"\n(arms {', '.join(arm_name(r) for r in reused)} reused from "
+                   f"{', '.join(sorted({r['reused_from'] for r in reused}))}: same settings, not trained in this run)")
     table = markdown_table(
         ["method", "num_sampled", "val perplexity (exact softmax)", "vs full", "output layer fwd+bwd ms/step",
          "peak MB of that step", "index refresh s (total)", "wall s", "sampled - full loss at the end (nats)"],
