@@ -155,7 +155,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
   }
   const int64_t blk = std::min(class_block, std::max<int64_t>(n_cls, 1));
   const int64_t n_blk = (n_cls + blk - 1) / blk;
-  int64_t chunk = row_chunk > 0 ? row_chunk : std::max<int64_t>(64, kRowChunkElements / std::max<int64_t>(n_cls, 1));
+  // auto: a 128 MB buffer, but at least d / 2 rows: every chunk reads c and rewrites grad_c ((V, d)
+  // each) once, which at large d (2048 and up) costs more than a buffer of half grad_c's size
+  int64_t chunk = row_chunk > 0 ? row_chunk
+                                : std::max<int64_t>({64, kRowChunkElements / std::max<int64_t>(n_cls, 1), dim / 2});
   chunk = std::max<int64_t>(1, std::min(chunk, n_rows));
   const double eps_over_v = label_smoothing / double(n_cls);
   const bool fast = acc == at::kFloat;
