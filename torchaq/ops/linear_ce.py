@@ -22,9 +22,9 @@ in float32); the gradients have the dtypes of ``e``, ``c`` and ``bias``, or are 
 tensors when ``row_grad`` is None (and ``grad_bias`` when ``bias`` is None).
 
 ``class_block`` is the classes per tile, ``row_chunk`` the rows whose logits one pass holds
-(0: as many as fit a 128 MB buffer, at least 64 and at least ``d / 2``). The reference walks the classes in blocks
-(twice when gradients are asked for: once for the log-sum-exp, once for the gradients); the C++
-kernel (``torchaq/csrc/linear_ce.cpp``) computes each row chunk's logits once into an
+(0: as many as fit a 128 MB buffer, and at least 64 and ``d / 2``). The reference walks the
+classes in blocks (twice when gradients are asked for: once for the log-sum-exp, once for the
+gradients); the C++ kernel (``torchaq/csrc/linear_ce.cpp``) computes each row chunk's logits once into an
 ``(row_chunk, V)`` buffer and derives loss and gradients from it (three ``N V d`` products
 instead of four); the Triton kernel (``triton_kernels/linear_ce.py``) keeps every tile on chip.
 """

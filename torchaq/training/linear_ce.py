@@ -22,9 +22,9 @@ filtering: every class contributes to every gradient, so the gradients are exact
 rounding (CCE skips blocks whose softmax is below float precision; on a class the batch never
 predicts that leaves its gradient at zero, which Adam would then not move).
 
-**Memory.** CPU: one ``(row_chunk, V)`` float32 buffer (by default 128 MB, or ``d / 2`` rows
-if more: at most half the weight gradient's size; at least 64 rows) plus the gradients; Triton: tiles on chip. Accumulation is float32 for bf16 / fp16
-inputs (float64 for float64).
+**Memory.** CPU: one ``(row_chunk, V)`` float32 buffer (by default 128 MB, or ``d / 2`` rows --
+half the weight gradient's size -- where that is more; at least 64 rows) plus the gradients;
+Triton: tiles on chip. Accumulation is float32 for bf16 / fp16 inputs (float64 for float64).
 
 **Checks.** ``targets`` out of range (other than ``ignore_index``), ``e`` / ``c`` of different
 dtypes or devices, non-finite ``e``, ``c`` or ``bias`` (one pass over each: a host sync, skipped
