@@ -9,7 +9,8 @@ subprocess. Rows:
   warmed up before timing);
 * ``F.cross_entropy(e @ c.T, targets)`` (the full softmax);
 * the sampled loss, ``QuantizedSoftmax(c).sampled_softmax_loss`` at default settings, at each
-  ``--num-sampled`` (the index is fitted once in the parent on 16k rows and re-encoded; its
+  ``--num-sampled`` (``sampled:DRAWS``) and, with ``--tail-grad-rows``, each number of rows
+  whose full softmax gives the tail's weight gradient (``sampled:DRAWS:ROWS``) (the index is fitted once in the parent on 16k rows and re-encoded; its
   refresh is not in the time).
 
 Columns: median wall time of ``--reps`` calls after one warm-up call; peak extra resident memory
@@ -66,7 +67,9 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     n, d, v = (int(x) for x in args.shape.split("x"))
     e, c, t = make_data(n, d, v)
-    method, _, draws = args.child.partition(":")
+    method, _, sampled = args.child.partition(":")
+    draws, _, tail_rows = sampled.partition(":")  # sampled:DRAWS[:TAIL_GRAD_ROWS]
+    tail = {} if not tail_rows else dict(tail_grad_rows=int(tail_rows))
     e.requires_grad_()
     if method == "sampled":
         layer = torchaq.QuantizedSoftmax(c.clone(), torch.zeros(v), num_subspaces=d // 2, fit=False, progress=False)
@@ -75,7 +78,7 @@ def child(args) -> None:
         params = [layer.weight]
 
         def loss_fn():
-            return layer.sampled_softmax_loss(e, t, num_sampled=int(draws), generator=gen)
+            return layer.sampled_softmax_loss(e, t, num_sampled=int(draws), generator=gen, **tail)
     else:
         c.requires_grad_()
         params = [c]
@@ -150,6 +153,8 @@ def main(argv=None):
     parser.add_argument("--shapes", default="2048x512x131072", help="comma-separated NxdxV")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--num-sampled", default="4096,512")
+    parser.add_argument("--tail-grad-rows", default="", help="comma-separated tail_grad_rows of the sampled rows "
+                        "(one row per value and --num-sampled; default: the library's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -170,7 +175,8 @@ def main(argv=None):
             for m in methods:
                 if m == "sampled":
                     fit_state(n, d, v, state)
-                    runs += [f"sampled:{k}" for k in args.num_sampled.split(",")]
+                    tails = [f":{r}" for r in args.tail_grad_rows.split(",")] if args.tail_grad_rows else [""]
+                    runs += [f"sampled:{k}{r}" for k in args.num_sampled.split(",") for r in tails]
                 else:
                     runs.append(m)
             ref = reference(n, d, v)
