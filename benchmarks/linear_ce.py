@@ -10,8 +10,8 @@ subprocess. Rows:
 * ``F.cross_entropy(e @ c.T, targets)`` (the full softmax);
 * the sampled loss, ``QuantizedSoftmax(c).sampled_softmax_loss`` at default settings, at each
   ``--num-sampled`` (``sampled:DRAWS``) and, with ``--tail-grad-rows``, each number of rows
-  whose full softmax gives the tail's weight gradient (``sampled:DRAWS:ROWS``) (the index is fitted once in the parent on 16k rows and re-encoded; its
-  refresh is not in the time).
+  whose full softmax gives the tail's weight gradient (``sampled:DRAWS:ROWS``). The index is
+  fitted once in the parent on 16k rows and re-encoded; its refresh is not in the time.
 
 Columns: median wall time of ``--reps`` calls after one warm-up call; peak extra resident memory
 of the step (``VmHWM`` reset through ``/proc/self/clear_refs`` after the warm-up, minus the

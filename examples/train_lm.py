@@ -273,12 +273,12 @@ def reused_rows(path, args, header, full_only=False):
             continue
         if len(cells) == 8:  # an older layout, without the num_sampled column
             cells.insert(1, "-")
-        row = dict(method=cells[0], num_sampled=None if cells[1] == "-" else int(cells[1]), ppl=float(cells[2]),
+        method = cells[0].split(" (from ")[0]  # a row that file had reused in turn
+        row = dict(method=method, num_sampled=None if cells[1] == "-" else int(cells[1]), ppl=float(cells[2]),
                    head_ms=float(cells[4]), peak_mb=float(cells[5]), refresh_s=float(cells[6]),
                    wall_s=float(cells[7]), gap=float(cells[8]), reused_from=path)
         row["curve"] = curves.get(arm_name(row), [])
         if full_only and row["method"] == "full":
-            row["method"] = f"full (from {path})"
             return [row]
         rows.append(row)
     if not rows or full_only:
@@ -342,11 +342,13 @@ def main(argv=None):
             for n in ([None] if m in exact else counts)]
     reused = (reused_rows(args.reuse_full, args, settings_line(args, vocab), full_only=True) if args.reuse_full else []) \
         + (reused_rows(args.reuse, args, settings_line(args, vocab)) if args.reuse else [])
-    arms = [a for a in arms if a not in {(r["method"].split(" (from ")[0], r["num_sampled"]) for r in reused}]
+    arms = [a for a in arms if a not in {(r["method"], r["num_sampled"]) for r in reused}]
     rows = []
     for m, n in arms:  # the table is written after every arm: a long run that is stopped keeps its finished arms
         rows.append(train(m, n, train_stream, val_stream, vocab, args))
         write_table(reused + rows, args, vocab, done=len(rows) == len(arms))
+    if not arms:  # every arm reused: the table (and plot) of the reused file's arms alone
+        write_table(reused, args, vocab, done=True)
     if args.plot:
         curves = {arm_name(r): r["curve"] for r in reused + rows if r["curve"]}
         plot_curves(curves, f"train_lm: d = {args.dim}, {args.steps} steps x "
@@ -371,22 +373,18 @@ def settings_line(args, vocab) -> str:
 
 
 def write_table(rows, args, vocab, done):
-    full_ppl = next((r["ppl"] for r in rows if r["method"].startswith("full")), None)
-    header = settings_line(args, vocab)
-    reused = [r for r in rows if r.get("reused_from") and " (from " not in r["method"]]  # --reuse (not --reuse-full)
-    if reused:
-        header += (f"\n(arms {', '.join(arm_name(r) for r in reused)} reused from "
-                   f"{', '.join(sorted({r['reused_from'] for r in reused}))}: same settings, not trained in this run)")
+    full_ppl = next((r["ppl"] for r in rows if r["method"] == "full"), None)
     table = markdown_table(
         ["method", "num_sampled", "val perplexity (exact softmax)", "vs full", "output layer fwd+bwd ms/step",
          "peak MB of that step", "index refresh s (total)", "wall s", "sampled - full loss at the end (nats)"],
-        [[r["method"], r["num_sampled"] or "-", f"{r['ppl']:.1f}",
+        [[r["method"] + (f" (from {r['reused_from']})" if r.get("reused_from") else ""), r["num_sampled"] or "-",
+          f"{r['ppl']:.1f}",
           f"{r['ppl'] / full_ppl - 1:+.1%}" if full_ppl else "n/a (no full arm)", f"{r['head_ms']:.1f}",
           f"{r['peak_mb']:.0f}", f"{r['refresh_s']:.1f}", f"{r['wall_s']:.0f}", f"{r['gap']:+.3f}"] for r in rows])
     status = "" if done else "\n(unfinished: more arms were still training when this was written)"
     curves = {arm_name(r): r["curve"] for r in rows if r.get("curve")}
     curves = curve_lines(curves) if curves else []
-    emit("\n".join([environment(), "python " + " ".join(sys.argv), header, "", table] + curves) + status, args.out)
+    emit("\n".join([environment(), "python " + " ".join(sys.argv), settings_line(args, vocab), "", table] + curves) + status, args.out)
 
 
 if __name__ == "__main__":

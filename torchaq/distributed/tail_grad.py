@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchaq.distributed.mappings import parallel_logsumexp
-from torchaq.training.proposals import random_rows
+from torchaq.training.tail_grad import tail_rows
 
 
 def vp_tail_weight_gradient(layer, flat: Tensor, exact: Tensor, num_rows: int,
@@ -33,15 +33,11 @@ def vp_tail_weight_gradient(layer, flat: Tensor, exact: Tensor, num_rows: int,
     local = layer.local
     weight, bias = local.weight, local.bias
     batch, device = flat.shape[0], flat.device
-    needs = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    if batch == 0 or num_rows == 0 or not needs:
+    rows = tail_rows(batch, num_rows, weight, bias, generator, device)
+    if rows is None:
         return torch.zeros(batch, dtype=torch.float32, device=device)
-    if num_rows < batch:  # group rank 0 picks the rows
-        rows = random_rows(batch, num_rows, generator, device)
-        if layer.world_size > 1:
-            dist.broadcast(rows, src=layer.root, group=layer.group)
-    else:
-        rows = torch.arange(batch, device=device)
+    if num_rows < batch and layer.world_size > 1:  # group rank 0's draw of the rows
+        dist.broadcast(rows, src=layer.root, group=layer.group)
     logits = F.linear(flat.detach()[rows].to(weight.dtype), weight, bias).float()  # (R, V_r)
     with torch.no_grad():
         lse = parallel_logsumexp(torch.logsumexp(logits, dim=1), layer.group)

@@ -24,8 +24,8 @@ tensors when ``row_grad`` is None (and ``grad_bias`` when ``bias`` is None).
 ``class_block`` is the classes per tile, ``row_chunk`` the rows whose logits one pass holds
 (0: as many as fit a 128 MB buffer, and at least 64 and ``d / 2``). The reference walks the
 classes in blocks (twice when gradients are asked for: once for the log-sum-exp, once for the
-gradients); the C++ kernel (``torchaq/csrc/linear_ce.cpp``) computes each row chunk's logits once into an
-``(row_chunk, V)`` buffer and derives loss and gradients from it (three ``N V d`` products
+gradients); the C++ kernel (``torchaq/csrc/linear_ce.cpp``) computes each row chunk's logits
+once into an ``(row_chunk, V)`` buffer and derives loss and gradients from it (three ``N V d`` products
 instead of four); the Triton kernel (``triton_kernels/linear_ce.py``) keeps every tile on chip.
 """
 from __future__ import annotations

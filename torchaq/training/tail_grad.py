@@ -95,6 +95,17 @@ def exact_sets(target: Tensor, hard: Optional[Tensor], owned: Optional[Tensor] =
     return column if hard is None else torch.cat([hard, column], dim=1)
 
 
+def tail_rows(batch: int, num_rows: int, weight: Tensor, bias: Optional[Tensor],
+              generator: Optional[torch.Generator], device: torch.device) -> Optional[Tensor]:
+    """The ``R = num_rows`` rows of a batch of ``batch`` whose full softmax gives the tail
+    (:func:`~torchaq.training.proposals.random_rows`; all rows if ``R >= B``), or None where there is
+    nothing to do: an empty batch, ``R = 0``, or no gradient wanted in ``weight`` or ``bias``."""
+    needs = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    if batch == 0 or num_rows == 0 or not needs:
+        return None
+    return random_rows(batch, num_rows, generator, device) if num_rows < batch else torch.arange(batch, device=device)
+
+
 def tail_weight_gradient(h: Tensor, target: Tensor, weight: Tensor, bias: Optional[Tensor], exact: Tensor,
                          num_rows: int, generator: Optional[torch.Generator] = None,
                          scale: Optional[Tensor] = None) -> Tensor:
@@ -105,13 +116,9 @@ def tail_weight_gradient(h: Tensor, target: Tensor, weight: Tensor, bias: Option
     ``num_rows``: ``R`` (all rows if ``R >= B``); ``scale``: optional ``(B,)`` factor of each row's
     ``d loss_b / d log Z_b`` (``1 + 2 z log Z_b`` with a z-loss). ``h`` gets no gradient from it."""
     batch = h.shape[0]
-    needs = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    if batch == 0 or num_rows == 0 or not needs:
+    rows = tail_rows(batch, num_rows, weight, bias, generator, h.device)
+    if rows is None:
         return torch.zeros(batch, dtype=torch.float32, device=h.device)
-    if num_rows < batch:
-        rows = random_rows(batch, num_rows, generator, h.device)
-    else:
-        rows = torch.arange(batch, device=h.device)
     factor = torch.full((rows.numel(),), batch / rows.numel(), dtype=torch.float32, device=h.device)
     if scale is not None:
         factor = factor * scale.detach().float()[rows]
