@@ -124,7 +124,7 @@ def calibration_states(model, num_prompts: int = 8, length: int = 64, seed: int 
 
 
 @torch.no_grad()
-def _generate(model, ids, new_tokens):
+def greedy_generate(model, ids, new_tokens):
     return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, do_sample=False, use_cache=True)
 
@@ -162,7 +162,7 @@ def run_model(name, dtype, batches, threads, new_tokens, reps, fit_threads=2, de
                 for key, head in heads.items():
                     model.lm_head = head.module
                     head.calls = []
-                    outs[key] = _generate(model, ids, new_tokens)[:, ids.shape[1]:]
+                    outs[key] = greedy_generate(model, ids, new_tokens)[:, ids.shape[1]:]
                     st, hs = head.steps()
                     step_s[key] += st
                     head_s[key] += hs

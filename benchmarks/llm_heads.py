@@ -1,6 +1,6 @@
 """Where the head is the bottleneck: LLM-sized vocabularies, end to end (issue 23).
 
-Four parts, each selectable with ``--part`` (each full part can take longer than one sitting on
+Five parts, each selectable with ``--part`` (each full part can take longer than one sitting on
 a busy 2-core machine: run them one model / table at a time with ``--models`` / ``--tables``):
 
 1. ``generate`` -- Hugging Face ``generate()`` on a Gemma-3-270M-shaped and a Llama-3-shaped
@@ -18,12 +18,17 @@ a busy 2-core machine: run them one model / table at a time with ``--models`` / 
    (does the scan read each code block once for many queries? :mod:`benchmarks.llm_scan`);
 4. ``ann`` -- recall@10 vs queries/s at batch 1 and 64, one thread, against ScaNN's full pipeline
    and FAISS IVF-PQ fast-scan + refine, on the MiniLM table and the datastore, plotted to
-   ``<out>.png`` (:mod:`benchmarks.ann_curves`).
+   ``<out>.png`` (:mod:`benchmarks.ann_curves`);
+5. ``headroom`` -- for a ``generate`` model: the softmax its decode states give, the time the head
+   may take for ``generate`` to stay within 5% of the zero-head limit, the fast step and scan at
+   each code size, and what the fewer-bits and partition levers would need to keep every greedy
+   token (:mod:`benchmarks.llm_headroom`).
 
     python benchmarks/llm_heads.py --quick                              # a subset of everything
     python benchmarks/llm_heads.py --part generate --models gemma --dtypes fp32
     python benchmarks/llm_heads.py --part layer --tables llama
     python benchmarks/llm_heads.py --part ann --tables datastore
+    python benchmarks/llm_heads.py --part headroom --models gemma --dtypes fp32
     python benchmarks/llm_heads.py --device cuda --part layer            # on a GPU (not run here)
 
 Every run writes its table to ``--out`` (default ``benchmarks/results/llm_heads_<part>[_<what>][_quick].txt``).
@@ -41,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torchaq  # noqa: E402
-from benchmarks import ann_curves, llm_generate, llm_layer_ops, llm_scan, llm_tables  # noqa: E402
+from benchmarks import ann_curves, llm_generate, llm_headroom, llm_layer_ops, llm_scan, llm_tables  # noqa: E402
 from benchmarks.common import RESULTS, emit, environment  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -57,7 +62,7 @@ def _names(s: str):
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("generate", "layer", "scan", "ann", "all"), default="all")
+    ap.add_argument("--part", choices=("generate", "layer", "scan", "ann", "headroom", "all"), default="all")
     ap.add_argument("--quick", action="store_true", help="small subsets of every sweep (smoke test, a few minutes)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--out", default=None, help="results file ('' to print only)")
@@ -72,7 +77,8 @@ def parse(argv=None):
     ap.add_argument("--reps", type=int, default=2, help="generate: interleaved repeats (best kept)")
     ap.add_argument("--candidates", type=int, default=None, help="layer: topk's candidates (default: the layer's)")
     ap.add_argument("--no-refresh", action="store_true", help="layer: skip the refresh timings")
-    ap.add_argument("--eval", type=int, default=None, help="held-out queries for recall")
+    ap.add_argument("--eval", type=int, default=None, help="held-out queries for recall; headroom: decode states")
+    ap.add_argument("--nlist", type=int, default=1024, help="headroom: k-means lists of the partition lever")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device visible")
@@ -96,6 +102,15 @@ def part_generate(args) -> str:
     return (f"## generate(): greedy, prompts of 16 random tokens, {new_tokens} new tokens, decode tokens/s "
             f"(B / median step time over {new_tokens - 1} steps x {args.reps} interleaved repeats; 1 thread: process CPU "
             f"time, 2 threads: wall clock); device {args.device}\n" + llm_generate.generate_table(rows))
+
+
+def part_headroom(args) -> str:
+    q = args.quick
+    out = [llm_headroom.run(m, DTYPES[dt], _ints(args.batches or ("1,8" if q else "1,8,32")),
+                            _ints(args.variants or ("2,4" if q else "2,4,8")), args.eval or (64 if q else 256),
+                            args.nlist, 3 if q else 8, new_tokens=args.new_tokens or (8 if q else 16), reps=args.reps)
+           for m in _names(args.models or "gemma") for dt in _names(args.dtypes or "fp32")]
+    return "## Headroom of the head in generate(): budget, time, and what the levers would need\n" + "\n\n".join(out)
 
 
 def part_layer(args) -> str:
@@ -166,7 +181,7 @@ def main(argv=None) -> str:
     args = parse(argv)
     start = time.perf_counter()
     threads0 = torch.get_num_threads()
-    parts = ("generate", "layer", "scan", "ann") if args.part == "all" else (args.part,)
+    parts = ("generate", "layer", "scan", "ann", "headroom") if args.part == "all" else (args.part,)
     what = "_".join(_names(args.models or args.tables or "")) if args.part != "all" else ""
     out_file = args.out if args.out is not None else str(
         RESULTS / f"llm_heads_{args.part}{'_' + what if what else ''}{'_quick' if args.quick else ''}.txt")
@@ -179,6 +194,8 @@ def main(argv=None) -> str:
             text += ["", part_generate(args)]
         elif p == "layer":
             text += ["", part_layer(args)]
+        elif p == "headroom":
+            text += ["", part_headroom(args)]
         elif p == "scan":
             text += ["", llm_scan.run((65_536, 262_144), (160, 320) if args.quick else (96, 160, 320, 2048),
                                       _ints(args.batches or ("1,64" if args.quick else "1,4,16,64")))]

@@ -7,6 +7,7 @@ from_pretrained, safetensors, pickle and torch.save round trips.
 """
 import copy
 import io
+import math
 import pickle
 import warnings
 
@@ -121,10 +122,12 @@ GREEDY = [
     dict(repetition_penalty=1.3),
     dict(no_repeat_ngram_size=2),
     dict(min_new_tokens=5, bad_words_ids=[[7], [11]]),
+    dict(remove_invalid_values=True, repetition_penalty=1.3),
 ]
 
 
-@pytest.mark.parametrize("options", GREEDY, ids=["plain", "repetition_penalty", "no_repeat_ngram", "min_new_bad_words"])
+@pytest.mark.parametrize("options", GREEDY, ids=["plain", "repetition_penalty", "no_repeat_ngram", "min_new_bad_words",
+                                                 "remove_invalid_values"])
 def test_greedy_generation_is_fast_and_equals_dense(models, options, monkeypatch):
     dense, quantized = models
     head = quantized.get_output_embeddings()
@@ -209,6 +212,28 @@ def test_guard_falls_back_to_the_exact_path(fp32_tied):
     guard = FastStepGuard(quantized.get_output_embeddings())
     with pytest.raises(ExactStepNeeded):
         guard(prompt, torch.zeros(2, V))  # no fast step recorded
+
+
+def test_guard_reads_the_candidates(fp32_tied):
+    _, quantized = fp32_tied
+    head = quantized.get_output_embeddings()
+    h = torch.randn(3, 1, D, generator=torch.Generator().manual_seed(6))
+    guard = FastStepGuard(head)
+    with head.fast_steps():
+        scores = head(h)[:, -1, :].float()
+        classes = head.step_classes
+        assert classes.shape[0] == 3 and torch.isfinite(scores.gather(-1, classes)).all()
+        assert int(torch.isfinite(scores).sum()) == classes.numel()  # every other class is -inf
+        assert guard(None, scores) is scores
+        # remove_invalid_values turns the -inf into the lowest finite float: still below every candidate
+        assert guard(None, torch.nan_to_num(scores)) is not None
+        with pytest.raises(ExactStepNeeded):  # every candidate lowered below the floor
+            guard(None, scores - 1e3)
+        with pytest.raises(ExactStepNeeded):  # one row's candidates all suppressed
+            lowered = scores.clone()
+            lowered[1] = -math.inf
+            guard(None, lowered)
+    assert head.step_classes is None and head.step_floor is None  # cleared with the block
 
 
 def test_bound_guarantee_head_equals_dense(monkeypatch):

@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from benchmarks import ann_curves, llm_generate, llm_layer_ops, llm_tables
+import torchaq
+from benchmarks import ann_curves, llm_generate, llm_headroom, llm_layer_ops, llm_tables
+from torchaq import ops
 
 
 def test_llm_head_shape_norms_and_spectrum():
@@ -63,3 +65,26 @@ def test_zero_and_timed_heads():
 def test_build_model_rejects_unknown_name():
     with pytest.raises(ValueError, match="model"):
         llm_generate.build_model("gpt5", torch.float32)
+
+
+def test_kmeans_lists_assign_each_row_to_its_nearest_centroid():
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(300, 8, generator=gen)
+    centroids, lists = llm_headroom.kmeans_lists(rows, 6, iters=4, chunk=64)
+    assert centroids.shape == (6, 8) and lists.shape == (300,)
+    assert torch.equal(lists, torch.cdist(rows, centroids).argmin(1))
+
+
+def test_greedy_ranks_count_the_coded_classes_scanned_above_the_token():
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(512, 16, generator=gen)
+    rows[:4] *= 40  # outlier rows: the layer keeps them in its exact side list
+    layer = torchaq.QuantizedSoftmax(rows, num_subspaces=8, progress=False)
+    side = layer.side_rows
+    assert side.numel() > 0
+    states = torch.randn(6, 16, generator=gen)
+    score = ops.lut_score(layer.quantizer.lut(states), layer.packed_codes, 512, layer.scan_bias())
+    order = score.argsort(dim=1, descending=True)  # side rows last (the scan's bias excludes them)
+    for r in (0, 3, 100):
+        assert llm_headroom.greedy_ranks(layer, states, order[:, r], chunk=4).tolist() == [r] * 6
+    assert llm_headroom.greedy_ranks(layer, states, side[:1].expand(6)).tolist() == [0] * 6

@@ -107,6 +107,7 @@ class QuantizedLMHead(QuantizedSoftmax):
             out = self._step_scores(flat.shape[0], h.dtype, h.device, classes)
             bit_view(out).scatter_(1, classes, bit_view(logits))
             self.__dict__["step_floor"] = logits.float().min(dim=1).values.reshape(h.shape[:-1])[..., -1]
+            self.__dict__["step_classes"] = classes.reshape(h.shape[:-1] + classes.shape[-1:])[..., -1, :]
             return out.reshape(h.shape[:-1] + (self.num_classes,))
 
     def _step_scores(self, rows: int, dtype: torch.dtype, device: torch.device, classes: Tensor) -> Tensor:
@@ -138,12 +139,18 @@ class QuantizedLMHead(QuantizedSoftmax):
         finally:
             self.__dict__["fast"] = False
             self.__dict__.pop("step_floor", None)
+            self.__dict__.pop("step_classes", None)
             self.__dict__.pop("step_scores", None)
 
     @property
     def step_floor(self) -> Optional[Tensor]:
         """Per sequence, the lowest logit among the last fast step's candidates (None outside :meth:`fast_steps`)."""
         return self.__dict__.get("step_floor")
+
+    @property
+    def step_classes(self) -> Optional[Tensor]:
+        """Per sequence, the last fast step's candidate classes, ``(B, C)`` (None outside :meth:`fast_steps`)."""
+        return self.__dict__.get("step_classes")
 
 
 class FastStepGuard:
@@ -153,14 +160,24 @@ class FastStepGuard:
     its raw logit, which is at most the lowest candidate's (:attr:`QuantizedLMHead.step_floor`). If
     some row's best processed score is below that floor, a non-candidate might win: the guard raises
     :class:`ExactStepNeeded` and :func:`generate` re-runs the call on the exact path.
+
+    The best processed score is read at the candidates only: ``B C`` reads per step instead of a
+    pass over all ``B V`` scores, whose cost grows with the vocabulary. Every other class
+    entered as ``-inf`` and a lowering processor keeps it at ``-inf`` (``remove_invalid_values`` makes
+    it the dtype's lowest finite value, still below any candidate's logit), so the maximum over the
+    candidates passes the check exactly when the maximum over all classes does.
     """
 
     def __init__(self, head: QuantizedLMHead):
         self.head = head
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        floor = self.head.step_floor
-        if floor is None or not bool((scores.max(dim=-1).values >= floor.to(scores.device, scores.dtype)).all()):
+        floor, classes = self.head.step_floor, self.head.step_classes
+        shown = floor is not None and classes is not None and classes.shape[0] == scores.shape[0]
+        if shown:
+            best = scores.gather(-1, classes.to(scores.device)).max(dim=-1).values
+            shown = bool((best >= floor.to(scores.device, scores.dtype)).all())
+        if not shown:
             raise ExactStepNeeded("a fast generation step could not be shown to equal the dense one")
         return scores
 
