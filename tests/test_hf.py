@@ -9,6 +9,7 @@ import copy
 import io
 import math
 import pickle
+import types
 import warnings
 
 import pytest
@@ -26,6 +27,8 @@ IDS = ["tied-fp32", "untied-fp32", "tied-bf16", "untied-bf16"]
 
 
 def _build(tied: bool, dtype, **head_kwargs):
+    # the scan path at every fast step (the tests below count them); the "auto" choice has its own tests
+    head_kwargs.setdefault("fast_step", "scan")
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=D, n_layer=2, n_head=2,
                                      tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=1)
@@ -236,6 +239,59 @@ def test_guard_reads_the_candidates(fp32_tied):
     assert head.step_classes is None and head.step_floor is None  # cleared with the block
 
 
+def _timed_paths(head, monkeypatch, cost):
+    """Run the fast steps of ``head`` on a fake clock: each path advances it by ``cost[path]`` seconds."""
+    clock, ran = [0.0], []
+    for path in ("scan", "dense"):
+        step = getattr(head, f"_{path}_step")
+
+        def timed(h, step=step, path=path):
+            clock[0] += cost[path]
+            ran.append(path)
+            return step(h)
+
+        monkeypatch.setattr(head, f"_{path}_step", timed)
+    monkeypatch.setattr(torchaq.hf, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    return ran
+
+
+@pytest.mark.parametrize("faster", ["dense", "scan"])
+def test_auto_fast_step_times_both_paths_then_keeps_the_faster(faster, monkeypatch):
+    dense, quantized = _build(True, torch.float32, fast_step="auto")
+    head = quantized.get_output_embeddings()
+    ran = _timed_paths(head, monkeypatch, {"scan": 1.0, "dense": 1.0, faster: 0.1})
+    prompt = _prompt(3, 5, seed=7)
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(quantized.generate(prompt, **kwargs), dense.generate(prompt, **kwargs))
+    assert ran[:2] == ["scan", "dense"] and set(ran[2:]) == {faster}  # one timing each, then the faster
+    assert len(ran) == 6  # the prefill's step (logits of the last position only) and five decode steps
+    assert head.step_paths.choice((3, torch.float32, torch.get_num_threads(), None)) == faster
+    assert quantized.generate(prompt, **kwargs).equal(dense.generate(prompt, **kwargs))
+    assert set(ran[6:]) == {faster}  # the choice outlives the call
+
+
+def test_dense_fast_steps_are_exact_and_unguarded(fp32_tied):
+    _, quantized = fp32_tied
+    head = quantized.get_output_embeddings()
+    h = torch.randn(3, 1, D, generator=torch.Generator().manual_seed(8))
+    with head.fast_steps():
+        out = head._dense_step(h)
+        assert head.step_exact and head.step_classes is None
+        assert torch.equal(out, torch.nn.functional.linear(h, head.weight))
+        assert FastStepGuard(head)(None, out[:, -1]) is not None
+        head._scan_step(h)
+        assert not head.step_exact
+    assert not head.step_exact
+
+
+def test_scan_fast_step_is_never_timed(fp32_tied, monkeypatch):
+    dense, quantized = fp32_tied  # fast_step="scan"
+    head = quantized.get_output_embeddings()
+    ran = _timed_paths(head, monkeypatch, {"scan": 1.0, "dense": 0.1})
+    quantized.generate(_prompt(), max_new_tokens=4, do_sample=False)
+    assert ran == ["scan"] * 4 and head.step_paths.choice((3, torch.float32, torch.get_num_threads(), None)) is None
+
+
 def test_bound_guarantee_head_equals_dense(monkeypatch):
     dense, quantized = _build(False, torch.float32, guarantee="bound")
     prompt = _prompt(2, 5, seed=4)
@@ -256,6 +312,7 @@ def test_save_pretrained_from_pretrained_round_trip(models, tmp_path):
         assert head.weight is reloaded.transformer.wte.weight
     for name in ("packed_codes", "side_rows", "residual_norms"):
         assert torch.equal(getattr(head, name), getattr(old, name))
+    assert head.options["fast_step"] == old.options["fast_step"] == "scan"
     assert torch.equal(head.quantizer.codebooks, old.quantizer.codebooks)
     assert head.quantizer.rule == old.quantizer.rule and head.quantizer.fitted
     prompt = _prompt()
@@ -321,5 +378,7 @@ def test_quantize_lm_head_rejects_bad_arguments():
     dense, quantized = _build(True, torch.float32)
     with pytest.raises(ValueError, match="guarantee"):
         torchaq.hf.quantize_lm_head(dense, guarantee="exact")
+    with pytest.raises(ValueError, match="fast_step"):
+        torchaq.hf.quantize_lm_head(dense, fast_step="dense")
     with pytest.raises(TypeError, match="already"):
         torchaq.hf.quantize_lm_head(quantized)

@@ -24,6 +24,8 @@ processor, and only built-in processors that *lower* scores (``repetition_penalt
 ``suppress_tokens``, ``begin_suppress_tokens``, ``remove_invalid_values``). Inside such a call the
 head scores each step's last position by the LUT scan and the exact re-score of its candidates
 and fills the other classes with ``-inf``; only HF's argmax and those processors see that tensor.
+Where timing shows the dense matmul faster than the scan (large batches, fast bf16 matmuls), a
+fast step returns the dense logits instead (``fast_step="auto"``, the default, on CPU).
 Because they only lower scores, the argmax over the candidates is the argmax over all classes
 whenever the best processed candidate stays at or above the lowest candidate's raw logit; a
 last processor (:class:`FastStepGuard`) checks exactly that per step, and if it ever fails the
@@ -48,6 +50,7 @@ import functools
 import json
 import math
 import os
+import time
 from typing import Optional
 
 import torch
@@ -55,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchaq.layer.candidates import default_candidates
+from torchaq.layer.faster_path import FasterPath
 from torchaq.layer.softmax import QuantizedSoftmax
 
 CONFIG_KEY = "torchaq_lm_head"
@@ -86,8 +90,18 @@ class QuantizedLMHead(QuantizedSoftmax):
     """A :class:`torchaq.QuantizedSoftmax` used as a model's ``lm_head`` (module docstring).
 
     ``forward`` returns the exact dense logits, except inside :meth:`fast_steps` (entered only by
-    :func:`generate`), where it returns the candidates' logits in the model's dtype and ``-inf``
-    elsewhere, and records each row's lowest candidate logit in :attr:`step_floor`.
+    :func:`generate`), where a step is served by one of two paths:
+
+    * ``"scan"``: the candidates' logits in the model's dtype and ``-inf`` elsewhere, recording each
+      row's lowest candidate logit in :attr:`step_floor` and the candidates in :attr:`step_classes`;
+    * ``"dense"``: the dense logits themselves (:attr:`step_exact` is then True).
+
+    With the option ``fast_step="auto"`` (the default) on CPU, the first steps of every (rows,
+    dtype, threads) key time both paths and the faster one serves the rest
+    (:class:`torchaq.layer.faster_path.FasterPath`): the scan costs ``B V M`` look-ups and the matmul
+    ``B V d`` multiply-adds, and on a CPU with fast bf16 matmuls the dense head can win at large
+    batches. ``fast_step="scan"`` (and any other device) always scans. :attr:`step_paths` holds the
+    timings and choices.
     """
 
     #: options the layer was built with (saved to ``config.torchaq_lm_head``)
@@ -97,18 +111,50 @@ class QuantizedLMHead(QuantizedSoftmax):
         if not self.__dict__.get("fast", False):
             return F.linear(h, self.weight, self.bias)
         with torch.no_grad():
-            flat = h.reshape(-1, self.dim)
-            candidates = self.candidates or min(default_candidates(1, self.num_classes), self.num_classes)
-            if self.__dict__.get("guarantee") == "bound":
-                logits, classes = self.topk(flat, k=candidates, candidates=candidates, guarantee="bound")
-            else:
-                logits, classes, _ = self.candidate_logits(flat, candidates)
-            logits = logits.to(h.dtype)  # the dense layer's rounding
-            out = self._step_scores(flat.shape[0], h.dtype, h.device, classes)
-            bit_view(out).scatter_(1, classes, bit_view(logits))
-            self.__dict__["step_floor"] = logits.float().min(dim=1).values.reshape(h.shape[:-1])[..., -1]
-            self.__dict__["step_classes"] = classes.reshape(h.shape[:-1] + classes.shape[-1:])[..., -1, :]
-            return out.reshape(h.shape[:-1] + (self.num_classes,))
+            key = self._step_key(h)
+            if key is None:
+                return self._scan_step(h)
+            path = self.step_paths.next_path(key)
+            start = time.perf_counter()
+            out = self._dense_step(h) if path == "dense" else self._scan_step(h)
+            self.step_paths.record(key, path, time.perf_counter() - start)
+            return out
+
+    @property
+    def step_paths(self) -> FasterPath:
+        """The per-key timings and choices between the ``"scan"`` and ``"dense"`` fast steps (class docstring)."""
+        paths = self.__dict__.get("step_path_choice")
+        if paths is None:
+            paths = self.__dict__["step_path_choice"] = FasterPath(("scan", "dense"))
+        return paths
+
+    def _step_key(self, h: Tensor) -> Optional[tuple]:
+        """The key a fast step is timed under, or None where it always scans (``fast_step="scan"``,
+        off CPU, traced)."""
+        if self.options.get("fast_step", "auto") != "auto" or h.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        return (h.numel() // self.dim, h.dtype, torch.get_num_threads(), self.__dict__.get("guarantee"))
+
+    def _dense_step(self, h: Tensor) -> Tensor:
+        """A fast step served by the dense logits (complete: the guard has nothing to check)."""
+        self.__dict__.update(step_exact=True, step_floor=None, step_classes=None)
+        return F.linear(h, self.weight, self.bias)
+
+    def _scan_step(self, h: Tensor) -> Tensor:
+        """A fast step served by the scan and the exact logits of its candidates (``-inf`` elsewhere)."""
+        self.__dict__["step_exact"] = False
+        flat = h.reshape(-1, self.dim)
+        candidates = self.candidates or min(default_candidates(1, self.num_classes), self.num_classes)
+        if self.__dict__.get("guarantee") == "bound":
+            logits, classes = self.topk(flat, k=candidates, candidates=candidates, guarantee="bound")
+        else:
+            logits, classes, _ = self.candidate_logits(flat, candidates)
+        logits = logits.to(h.dtype)  # the dense layer's rounding
+        out = self._step_scores(flat.shape[0], h.dtype, h.device, classes)
+        bit_view(out).scatter_(1, classes, bit_view(logits))
+        self.__dict__["step_floor"] = logits.float().min(dim=1).values.reshape(h.shape[:-1])[..., -1]
+        self.__dict__["step_classes"] = classes.reshape(h.shape[:-1] + classes.shape[-1:])[..., -1, :]
+        return out.reshape(h.shape[:-1] + (self.num_classes,))
 
     def _step_scores(self, rows: int, dtype: torch.dtype, device: torch.device, classes: Tensor) -> Tensor:
         """The ``(rows, V)`` ``-inf`` tensor a fast step scatters its candidates into.
@@ -140,6 +186,7 @@ class QuantizedLMHead(QuantizedSoftmax):
             self.__dict__["fast"] = False
             self.__dict__.pop("step_floor", None)
             self.__dict__.pop("step_classes", None)
+            self.__dict__.pop("step_exact", None)
             self.__dict__.pop("step_scores", None)
 
     @property
@@ -151,6 +198,11 @@ class QuantizedLMHead(QuantizedSoftmax):
     def step_classes(self) -> Optional[Tensor]:
         """Per sequence, the last fast step's candidate classes, ``(B, C)`` (None outside :meth:`fast_steps`)."""
         return self.__dict__.get("step_classes")
+
+    @property
+    def step_exact(self) -> bool:
+        """Whether the last fast step returned the dense logits (the ``"dense"`` path)."""
+        return bool(self.__dict__.get("step_exact", False))
 
 
 class FastStepGuard:
@@ -172,6 +224,8 @@ class FastStepGuard:
         self.head = head
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.head.step_exact:  # the dense logits: every class was scored, the argmax is the dense one
+            return scores
         floor, classes = self.head.step_floor, self.head.step_classes
         shown = floor is not None and classes is not None and classes.shape[0] == scores.shape[0]
         if shown:
@@ -236,22 +290,26 @@ def _install(model: nn.Module, head: QuantizedLMHead, options: dict) -> None:
 
 
 def quantize_lm_head(model: nn.Module, candidates: Optional[int] = None, guarantee: Optional[str] = None,
-                     **layer_kwargs) -> nn.Module:
+                     fast_step: str = "auto", **layer_kwargs) -> nn.Module:
     """Replace a Hugging Face model's output ``nn.Linear`` by a :class:`QuantizedLMHead`; returns the model.
 
     The head shares the old layer's parameters (a tied embedding stays tied) and keeps their
     state-dict keys. ``layer_kwargs`` go to :class:`torchaq.QuantizedSoftmax` (``num_subspaces``,
     ``bits``, ``queries``, ``fit``, ...); ``candidates`` is the number re-scored per fast step;
-    ``guarantee="bound"`` makes each fast greedy step provably exact (a float LUT pass per step).
+    ``guarantee="bound"`` makes each fast greedy step provably exact (a float LUT pass per step);
+    ``fast_step="auto"`` lets a fast step on CPU run the dense matmul where timing shows it faster
+    than the scan, ``"scan"`` always scans (:class:`QuantizedLMHead`).
     """
     if guarantee not in (None, "bound"):
         raise ValueError(f'guarantee must be None or "bound", got {guarantee!r}')
+    if fast_step not in ("auto", "scan"):
+        raise ValueError(f'fast_step must be "auto" or "scan", got {fast_step!r}')
     linear = model.get_output_embeddings()
     if isinstance(linear, QuantizedLMHead):
         raise TypeError("the model's lm_head is already a torchaq QuantizedLMHead")
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"model.get_output_embeddings() must be an nn.Linear, got {type(linear).__name__}")
-    options = dict(layer_kwargs, candidates=candidates, guarantee=guarantee)
+    options = dict(layer_kwargs, candidates=candidates, guarantee=guarantee, fast_step=fast_step)
     head = QuantizedLMHead(linear.weight, bias=linear.bias, candidates=candidates,
                            **{k: v for k, v in layer_kwargs.items()})
     _install(model, head, options)
@@ -304,9 +362,10 @@ def from_pretrained(path: str, model_class=None, **kwargs) -> nn.Module:
     linear = model.get_output_embeddings()
     prefix = _head_prefix(model, linear)
     saved = _saved_tensors(path, prefix)
-    layer_kwargs = {k: v for k, v in options.items() if k not in ("candidates", "guarantee", "fit", "progress")}
-    quantize_lm_head(model, options.get("candidates"), options.get("guarantee"), fit=False, progress=False,
-                     **layer_kwargs)
+    layer_kwargs = {k: v for k, v in options.items()
+                    if k not in ("candidates", "guarantee", "fast_step", "fit", "progress")}
+    quantize_lm_head(model, options.get("candidates"), options.get("guarantee"), options.get("fast_step", "auto"),
+                     fit=False, progress=False, **layer_kwargs)
     head = model.get_output_embeddings()
     state = {k: v for k, v in saved.items() if k not in ("weight", "bias")}
     state["weight"] = head.weight.detach()

@@ -20,6 +20,7 @@ module                 what
 ``partition``          the log-partition estimate behind ``log_softmax_topk``
 ``incremental``        refresh re-encodes only the rows that moved
 ``refresher``          :class:`CodebookRefresher`: refresh / refit on a schedule while training
+``faster_path``        :class:`FasterPath`: the faster of two paths per call shape, from timed first calls
 =====================  ====================================================================
 """
 from torchaq.layer.candidates import default_candidates, default_shortlist
