@@ -105,6 +105,8 @@ def part_generate(args) -> str:
 
 
 def part_headroom(args) -> str:
+    if args.device != "cpu":  # the budget and the levers' timings are the CPU decoding path's
+        return f"## Headroom: CPU only, skipped on {args.device}"
     q = args.quick
     out = [llm_headroom.run(m, DTYPES[dt], _ints(args.batches or ("1,8" if q else "1,8,32")),
                             _ints(args.variants or ("2,4" if q else "2,4,8")), args.eval or (64 if q else 256),
