@@ -74,7 +74,7 @@ def parse(argv=None):
     ap.add_argument("--variants", default=None,
                     help="d / M ratios of the 4-bit codes, e.g. 2,4,8 (generate: the quantized head's, default 2)")
     ap.add_argument("--new-tokens", type=int, default=None, help="generate: tokens per sequence")
-    ap.add_argument("--reps", type=int, default=2, help="generate: interleaved repeats (best kept)")
+    ap.add_argument("--reps", type=int, default=2, help="generate: interleaved repeats (the median step over all of them is kept)")
     ap.add_argument("--candidates", type=int, default=None, help="layer: topk's candidates (default: the layer's)")
     ap.add_argument("--no-refresh", action="store_true", help="layer: skip the refresh timings")
     ap.add_argument("--eval", type=int, default=None, help="held-out queries for recall; headroom: decode states")
