@@ -296,9 +296,10 @@ def main(argv=None):
                         help="quantized sampler: exact LUT-top classes per row (the library's default)")
     parser.add_argument("--num-candidates", type=int, default=torchaq.training.proposals.CANDIDATES_PER_ROW,
                         help="quantized sampler: LUT-top classes per row read by the scan (the library's default)")
-    parser.add_argument("--tail-grad-rows", type=int, default=torchaq.training.tail_grad.TAIL_GRAD_ROWS,
+    parser.add_argument("--tail-grad-rows", type=int, default=None,
                         help="sampled arms: the weight gradient outside each row's exact set from the full softmax of "
-                        "this many rows of the batch (the library's default); 0: from the draws")
+                        "this many rows of the batch (default: the library's, max(64, tokens per step / 32)); "
+                        "0: from the draws")
     parser.add_argument("--proposal", choices=("lut", "candidates"), default="lut",
                         help="quantized sampler: whole-LUT mixture + LUT-sum control variate, or top candidates + floor")
     parser.add_argument("--lut-share", type=float, default=torchaq.training.lut_proposal.LUT_SHARE,
@@ -333,6 +334,8 @@ def main(argv=None):
         parser.error("--plot needs --eval-every N (the curve's points)")
     if args.quick:
         args.steps, args.batch, args.methods, args.num_sampled = 30, 4, "full,quantized", "1024"
+    if args.tail_grad_rows is None:  # the library's default for this batch, printed in the settings line
+        args.tail_grad_rows = torchaq.training.tail_grad.default_tail_rows(args.batch * 64)
     train_stream, val_stream, vocab = token_streams()
     print(f"corpus: {len(train_stream)} train / {len(val_stream)} validation tokens, V = {vocab}")
     args.class_counts = torch.bincount(train_stream, minlength=vocab).float() + 1  # unigram proposal

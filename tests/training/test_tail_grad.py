@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 import torchaq
 from conftest import clustered_softmax_data
-from torchaq.training.tail_grad import exact_sets, tail_weight_gradient
+from torchaq.training import sampled_softmax
+from torchaq.training.tail_grad import (check_tail_grad_rows, default_tail_rows, exact_sets,
+                                       tail_weight_gradient)
 
 V, D = 500, 16
 
@@ -142,7 +144,28 @@ def test_no_grad_and_compile(layer):
     torch.testing.assert_close(grads[1], grads[0])
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, True, "8", None])
+def test_default_tail_rows_grow_with_the_batch():
+    assert [default_tail_rows(b) for b in (1, 64, 2048, 2049, 4096, 8192)] == [64, 64, 64, 65, 128, 256]
+    assert check_tail_grad_rows(None, 8192) == 256 and check_tail_grad_rows(None) is None
+    assert check_tail_grad_rows(10, 8192) == 10 and check_tail_grad_rows(0, 8192) == 0
+
+
+@pytest.mark.parametrize("rows, expected", [(None, 65), (7, 7)])
+def test_sampled_loss_uses_the_default_tail_rows(layer, monkeypatch, rows, expected):
+    seen = []
+    original = sampled_softmax.tail_weight_gradient
+
+    def recording(h, target, weight, bias, exact, num_rows, *args, **kwargs):
+        seen.append(num_rows)
+        return original(h, target, weight, bias, exact, num_rows, *args, **kwargs)
+
+    monkeypatch.setattr(sampled_softmax, "tail_weight_gradient", recording)
+    _, _, h, target = clustered_softmax_data(V, D, 0, 2049)  # one row over 2,048: 65 rows by default
+    layer.sampled_softmax_loss(h, target, num_sampled=16, tail_grad_rows=rows).backward()
+    assert seen == [expected]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "8"])
 def test_bad_tail_grad_rows(layer, bad):
     _, _, h, target = clustered_softmax_data(V, D, 0, 4)
     with pytest.raises(ValueError, match="tail_grad_rows"):

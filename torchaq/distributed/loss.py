@@ -20,7 +20,7 @@ from torchaq.training.conventions import check_reduction, reduce_loss
 from torchaq.training.lut_proposal import LUT_ROWS, LUT_SHARE
 from torchaq.training.proposals import CANDIDATES_PER_ROW, HARD_PER_ROW
 from torchaq.training.sampled_softmax import SAMPLERS
-from torchaq.training.tail_grad import TAIL_GRAD_ROWS, check_tail_grad_rows, exact_sets
+from torchaq.training.tail_grad import check_tail_grad_rows, exact_sets
 
 # the vocabulary-parallel quantized proposal (its own stratified estimator, one proposal shared by
 # the batch): the mean LUT softmax of up to PROPOSAL_ROWS rows of the batch, mixed with
@@ -45,7 +45,7 @@ def vocab_parallel_sampled_softmax_loss(
     lut_share: Optional[float] = None,
     lut_rows: Optional[int] = LUT_ROWS,
     draws: Optional[Tuple[Tensor, Tensor]] = None,
-    tail_grad_rows: int = TAIL_GRAD_ROWS,
+    tail_grad_rows: Optional[int] = None,
 ) -> Tensor:
     """Sampled-softmax cross-entropy over the whole vocabulary (every rank returns the same loss).
 
@@ -86,7 +86,8 @@ def vocab_parallel_sampled_softmax_loss(
 
     ``tail_grad_rows`` (both proposals): as on one device, the weight gradient of each row's classes
     outside its exact set comes from the full softmax of that many random rows of the batch
-    (:mod:`torchaq.distributed.tail_grad`; ``0``: from the draws).
+    (:mod:`torchaq.distributed.tail_grad`; ``None``, the default: ``max(64, ceil(B / 32))`` rows;
+    ``0``: from the draws).
     """
     def check():
         if sampler not in SAMPLERS:
@@ -109,6 +110,7 @@ def vocab_parallel_sampled_softmax_loss(
                 raise ValueError("class_counts must be finite and > 0 for every class (add-one smoothing helps)")
 
     layer.begin("sampled_softmax_loss", h, target=target, check=check)
+    tail_grad_rows = check_tail_grad_rows(tail_grad_rows, target.numel())
     if sampler == "quantized" and proposal == "lut":
         flat = layer.local.flat_features(h)
         flat_target = target.reshape(-1).long().to(flat.device)

@@ -73,7 +73,7 @@ non-zero). ``benchmarks/sampled_softmax.py`` measures time, memory and gradient 
 and minimum over rows of ``(sum_c w_bc)^2 / sum_c w_bc^2`` with ``w_bc = e^{l_bc} / pi(c)`` over
 the row's kept draws.
 
-**Weight gradient** (``tail_grad_rows``, default :data:`torchaq.training.tail_grad.TAIL_GRAD_ROWS`).
+**Weight gradient** (``tail_grad_rows``, default :func:`torchaq.training.tail_grad.default_tail_rows`).
 Through its draws alone, a class gets a gradient only on the steps it is drawn, weighted ``1 /
 pi(c)``; Adam normalises those rare spikes into much smaller moves than the full softmax's small
 gradient at every step, and that, not the loss or the gradient in ``h``, is what kept the sampled
@@ -118,7 +118,7 @@ from torchaq.training.proposals import (
     shared_draws,
     unigram_proposal,
 )
-from torchaq.training.tail_grad import TAIL_GRAD_ROWS, check_tail_grad_rows, exact_sets, tail_weight_gradient
+from torchaq.training.tail_grad import check_tail_grad_rows, exact_sets, tail_weight_gradient
 
 logger = logging.getLogger("torchaq")
 
@@ -274,7 +274,7 @@ def layer_sampled_softmax_loss(
     softcap: Optional[float] = None,
     return_z_loss: bool = False,
     draws: Optional[Tuple[Tensor, Tensor]] = None,
-    tail_grad_rows: int = TAIL_GRAD_ROWS,
+    tail_grad_rows: Optional[int] = None,
 ):
     """Sampled-softmax cross-entropy of ``h`` ``(..., d)`` against ``target`` ``(...)``, for training.
 
@@ -335,8 +335,9 @@ def layer_sampled_softmax_loss(
             target and the hard set) comes from the full softmax of this many random rows of the batch
             (:mod:`torchaq.training.tail_grad`: unbiased, and every class gets a gradient at every step,
             which is what Adam needs), not from the draws; the draws still give the loss and the
-            gradient in ``h``. ``0``: the draws' own Horvitz-Thompson weight gradient. Cost ``3 R V d``
-            multiply-adds in the backward for ``R = min(tail_grad_rows, B)``.
+            gradient in ``h``. ``None`` (the default): ``max(64, ceil(B / 32))`` rows
+            (:func:`torchaq.training.tail_grad.default_tail_rows`). ``0``: the draws' own Horvitz-Thompson
+            weight gradient. Cost ``3 R V d`` multiply-adds in the backward for ``R = min(tail_grad_rows, B)``.
     """
     check_loss_options(softcap, label_smoothing, z_loss)
     if softcap is not None:
@@ -344,7 +345,7 @@ def layer_sampled_softmax_loss(
     if not is_int(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     check_sampled_args(h, target, layer.num_classes, num_sampled, sampler, reduction, ignore_index)
-    tail_grad_rows = check_tail_grad_rows(tail_grad_rows)
+    tail_grad_rows = check_tail_grad_rows(tail_grad_rows, target.numel())
     if getattr(layer, "exact_reason", None) is not None:
         # a table scored exactly (too few rows or columns for codes) has no quantized proposal: its
         # exact loss costs about what the sampled one would

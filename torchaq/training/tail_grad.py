@@ -42,14 +42,30 @@ from torchaq.ops.linear_ce import linear_ce
 from torchaq.ops.rescore import exact_logits
 from torchaq.training.proposals import random_rows
 
-# default number of rows of the batch whose full softmax gives the tail's weight gradient
+# the default number of rows whose full softmax gives the tail's weight gradient: at least
+# TAIL_GRAD_ROWS, and one in TAIL_ROWS_PER_BATCH of a larger batch (default_tail_rows)
 TAIL_GRAD_ROWS = 64
+TAIL_ROWS_PER_BATCH = 32
 
 
-def check_tail_grad_rows(tail_grad_rows) -> int:
+def default_tail_rows(batch: int) -> int:
+    """``R = max(64, ceil(B / 32))``: the rows of a batch of ``B`` whose full softmax gives the tail.
+
+    The estimate's variance grows with ``B / R`` (each sampled row stands for ``B / R`` rows), so
+    a fixed ``R`` gets noisier as the batch grows; one row in 32 keeps ``B / R`` at 32 beyond
+    2,048 rows, at about 1/32 of a full softmax's cost. ``benchmarks/results/linear_ce_tail_rows.txt``
+    has the weight gradient's error against ``R`` at 8,192 rows."""
+    return max(TAIL_GRAD_ROWS, -(-int(batch) // TAIL_ROWS_PER_BATCH))
+
+
+def check_tail_grad_rows(tail_grad_rows, batch: Optional[int] = None) -> Optional[int]:
+    """``tail_grad_rows`` checked: an integer >= 0 as given, or None for :func:`default_tail_rows` of
+    ``batch`` rows (None again when ``batch`` is not given: a check only)."""
+    if tail_grad_rows is None:
+        return None if batch is None else default_tail_rows(batch)
     if isinstance(tail_grad_rows, bool) or not is_int(tail_grad_rows) or tail_grad_rows < 0:
-        raise ValueError(f"tail_grad_rows must be an integer >= 0 (0: the draws' own weight gradient), "
-                         f"got {tail_grad_rows!r}")
+        raise ValueError(f"tail_grad_rows must be None (the default: max(64, B / 32) rows) or an integer >= 0 "
+                         f"(0: the draws' own weight gradient), got {tail_grad_rows!r}")
     return int(tail_grad_rows)
 
 
