@@ -268,6 +268,11 @@ def test_auto_fast_step_times_both_paths_then_keeps_the_faster(faster, monkeypat
     assert head.step_paths.choice((3, torch.float32, torch.get_num_threads(), None)) == faster
     assert quantized.generate(prompt, **kwargs).equal(dense.generate(prompt, **kwargs))
     assert set(ran[6:]) == {faster}  # the choice outlives the call
+    key = (3, torch.float32, torch.get_num_threads(), None)
+    monkeypatch.undo()  # the fake clock's closures do not pickle
+    for copy_ in (copy.deepcopy(quantized), pickle.loads(pickle.dumps(quantized))):  # this machine's timings stay here
+        assert copy_.get_output_embeddings().step_paths.choice(key) is None
+    assert head.step_paths.choice(key) == faster
 
 
 def test_dense_fast_steps_are_exact_and_unguarded(fp32_tied):

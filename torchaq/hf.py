@@ -122,11 +122,17 @@ class QuantizedLMHead(QuantizedSoftmax):
 
     @property
     def step_paths(self) -> FasterPath:
-        """The per-key timings and choices between the ``"scan"`` and ``"dense"`` fast steps (class docstring)."""
+        """The per-key timings and choices between the ``"scan"`` and ``"dense"`` fast steps (class docstring).
+        They describe this machine: a pickled or copied head starts without them."""
         paths = self.__dict__.get("step_path_choice")
         if paths is None:
             paths = self.__dict__["step_path_choice"] = FasterPath(("scan", "dense"))
         return paths
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("step_path_choice", None)  # timings of this machine, not of the one that loads it
+        return state
 
     def _step_key(self, h: Tensor) -> Optional[tuple]:
         """The key a fast step is timed under, or None where it always scans (``fast_step="scan"``,

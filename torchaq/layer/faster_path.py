@@ -61,6 +61,6 @@ class FasterPath:
             del self._seconds[key]
 
     def reset(self) -> None:
-        """Forget every timing and choice (the machine, thread count or weights changed)."""
+        """Forget every timing and choice (e.g. the machine got busier or quieter since they were taken)."""
         self._seconds.clear()
         self._chosen.clear()
