@@ -261,7 +261,7 @@ def reused_rows(path, args, header, full_only=False):
         text = Path(path).read_text()
     lines = text.splitlines()
     theirs = next((ln for ln in lines if ln.startswith("train_lm: ")), "")
-    prefix = f"train_lm: {args.steps} steps x {args.batch * 64} tokens, d = {args.dim}, V = "
+    prefix = header[:header.index(" V = ") + len(" V = ")]  # steps, batch and d of this run's settings line
     same = (theirs.startswith(prefix) and f"seed = {args.seed}," in theirs) if full_only else theirs == header
     if not same:
         raise ValueError(f"{path} is not a train_lm result with this run's settings:\n  {theirs!r}\n  {header!r}")
